@@ -1,0 +1,156 @@
+"""The broker's job operations on JetStream: enqueue, look up, cancel, follow.
+
+Enqueueing writes the job's QUEUED event first (so the job exists for GetJob
+and StreamResults the moment Submit returns), then the job itself, with the
+event's stream sequence in a header so the first worker can continue the log
+with compare-and-set. A job whose enqueue fails after its first event gets a
+FAILED event: nothing is left half-enqueued and silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from broker import topology as t
+from broker.events import EventConflict, EventLog, StoredEvent, first_event
+from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
+from broker.wire import encode_queued_job
+from laneway.errors import ApiError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+
+__all__ = ["JobStore", "Submitted"]
+
+_PUBLISH_ATTEMPTS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    job_id: str
+    duplicate: bool = False
+
+
+class JobStore:
+    """Stateless job operations; any broker replica can serve any call."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        js: JetStreamContext,
+        events: EventLog,
+        idempotency: KeyValue,
+        *,
+        max_payload_bytes: int,
+    ) -> None:
+        self._nc = nc
+        self._js = js
+        self.events = events
+        self._idempotency = idempotency
+        self._max_payload = max_payload_bytes
+
+    async def submit(self, spec: JobSpec, *, field: str = "job") -> Submitted:
+        job = QueuedJob(job_id=new_job_id(), spec=spec, enqueued_at=utcnow())
+        payload = encode_queued_job(job)
+        if len(payload) > self._max_payload:
+            raise ResourceExhausted(
+                f"{field}: job is {len(payload)} bytes, over the {self._max_payload}-byte limit "
+                "(broker.max_payload_bytes)",
+                field=field,
+                reason="PAYLOAD_TOO_LARGE",
+            )
+        if spec.idempotency_key:
+            original = await self._claim_key(spec, job.job_id)
+            if original is not None:
+                return Submitted(original, duplicate=True)
+        event_seq = await self.events.append(first_event(job), expect_last=0)
+        try:
+            await self._publish_job(job, payload, event_seq)
+        except Unavailable as err:
+            failed = first_event(job).next(
+                JobState.FAILED,
+                error=JobError("enqueue_failed", str(err), ErrorClass.TRANSIENT),
+            )
+            try:
+                await self.events.append(failed, expect_last=event_seq)
+            except (EventConflict, Unavailable):
+                pass
+            raise
+        return Submitted(job.job_id)
+
+    async def submit_many(self, specs: Sequence[JobSpec | ApiError]) -> list[Submitted | ApiError]:
+        """Submit each valid spec concurrently; errors pass through in place."""
+
+        async def one(i: int, spec: JobSpec | ApiError) -> Submitted | ApiError:
+            if isinstance(spec, ApiError):
+                return spec
+            try:
+                return await self.submit(spec, field=f"jobs[{i}]")
+            except ApiError as err:
+                return err
+
+        return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))
+
+    async def _publish_job(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
+        headers = {"Nats-Msg-Id": job.job_id, t.HDR_EVENT_SEQ: str(event_seq)}
+        subject = t.job_subject(job.spec.route, job.spec.lane)
+        delay = 0.05
+        for attempt in range(_PUBLISH_ATTEMPTS):
+            try:
+                # Same Nats-Msg-Id on every try: a retry after a lost ack stores nothing twice.
+                await self._js.publish(subject, payload, headers=headers)
+                return
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
+                if attempt == _PUBLISH_ATTEMPTS - 1:
+                    raise Unavailable("job queue did not accept the job in time") from err
+            except APIError as err:
+                raise Unavailable(f"job queue rejected the job: {err.description}") from err
+            await asyncio.sleep(delay)
+            delay *= 4
+
+    async def _claim_key(self, spec: JobSpec, job_id: str) -> str | None:
+        """Claim the idempotency key for ``job_id``; the original job id if it was taken."""
+        digest = hashlib.sha256(f"{spec.route}\0{spec.idempotency_key}".encode()).hexdigest()
+        try:
+            await self._idempotency.create(digest, job_id.encode())
+            return None
+        except KeyWrongLastSequenceError:
+            entry = await self._idempotency.get(digest)
+            assert entry.value is not None
+            return entry.value.decode()
+
+    async def get(self, job_id: str) -> StoredEvent:
+        latest = await self.events.last(job_id)
+        if latest is None:
+            raise NotFound(f"job {job_id} not found", field="job_id", reason="UNKNOWN_JOB")
+        return latest
+
+    async def cancel(self, job_id: str, reason: str) -> tuple[JobState, bool]:
+        """Cancel unless final. Returns (state after the call, whether this call cancelled)."""
+        for _ in range(8):
+            latest = await self.get(job_id)
+            current = latest.decode()
+            if current.state.is_final:
+                return current.state, False
+            cancelled = current.next(
+                JobState.CANCELLED,
+                error=JobError("cancelled", reason or "cancelled by request", ErrorClass.PERMANENT),
+            )
+            try:
+                await self.events.append(cancelled, expect_last=latest.stream_seq)
+            except EventConflict:
+                continue  # a worker moved the job on; look again
+            # Running workers abort the provider call; a queued job is dropped
+            # by the worker that pulls it (its RUNNING append fails the CAS).
+            await self._nc.publish(t.cancel_subject(job_id), b"")
+            return JobState.CANCELLED, True
+        raise FailedPrecondition(f"job {job_id} kept changing; try again", reason="CONTENDED")
+
+    def watch(self, job_ids: Sequence[str], resume_after: Mapping[str, int]) -> AsyncIterator[StoredEvent]:
+        return self.events.watch(job_ids, resume_after)

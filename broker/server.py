@@ -1,0 +1,119 @@
+"""The broker process: NATS connection, JetStream topology, gRPC server."""
+
+from __future__ import annotations
+
+from types import TracebackType
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NatsClient
+
+from broker import topology as t
+from broker.config import LanewayConfig
+from broker.connection import connect_nats
+from broker.events import EventLog
+from broker.jobs import JobStore
+from broker.service import BrokerServicer
+from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
+
+__all__ = ["BrokerServer"]
+
+log = structlog.get_logger("laneway.broker")
+
+_SERVICE_NAME = broker_service_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
+
+
+class BrokerServer:
+    """A running broker. ``async with BrokerServer(...) as b:`` serves until exit."""
+
+    def __init__(
+        self,
+        config: LanewayConfig,
+        *,
+        nats_url: str,
+        grpc_addr: str | None = None,
+        reuse_port: bool = True,
+        shutdown_grace_s: float = 5.0,
+    ) -> None:
+        self.config = config
+        self.nats_url = nats_url
+        self.grpc_addr = grpc_addr or config.broker.grpc_addr
+        self._reuse_port = reuse_port
+        self._grace = shutdown_grace_s
+        self._nc: NatsClient | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self.port = 0
+
+    async def __aenter__(self) -> BrokerServer:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        self._nc = await connect_nats(
+            self.nats_url, name="laneway-broker", connect_timeout=self.config.nats.connect_timeout_s
+        )
+        js = self._nc.jetstream()
+        await t.ensure_topology(js, t.TopologySettings.from_config(self.config))
+        events = EventLog(self._nc, js)
+        store = JobStore(
+            self._nc,
+            js,
+            events,
+            await js.key_value(t.IDEMPOTENCY_BUCKET),
+            max_payload_bytes=self.config.broker.max_payload_bytes,
+        )
+        # Room for a full batch of maximum-size jobs; each job's own limit is checked with a clear message.
+        max_message = max(64 * 1024 * 1024, 2 * self.config.broker.max_payload_bytes)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        broker_service_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerServicer(store, self.config), self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port = self._server.add_insecure_port(self.grpc_addr)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.grpc_addr}")
+        await self._server.start()
+        for name in ("", _SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("broker serving", grpc_addr=self.address, nats_url=self.nats_url)
+
+    @property
+    def address(self) -> str:
+        host = self.grpc_addr.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await self._health.enter_graceful_shutdown()
+            await server.stop(self._grace)
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            await nc.close()

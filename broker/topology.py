@@ -1,0 +1,264 @@
+"""The one place that names Laneway's JetStream topology and creates it.
+
+Streams:
+
+- ``LANEWAY_JOBS`` (work-queue retention): ``laneway.jobs.<route>.<lane>``. One
+  durable pull consumer per route and lane, shared by every worker process
+  serving the route; an acked job is deleted.
+- ``LANEWAY_EVENTS`` (limits retention, ``max_age``): ``laneway.events.<job_id>``.
+  A job's events are its state log: the latest event is the job's state, and the
+  whole subject replays to late subscribers.
+
+Key-value:
+
+- ``laneway_idempotency``: idempotency key digest -> job id, kept 24 h.
+
+Nobody else spells a subject, stream, consumer or bucket name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from broker.model import LANES
+from laneway.errors import TopologyError
+
+if TYPE_CHECKING:
+    from broker.config import LanewayConfig
+
+__all__ = [
+    "CANCEL_PREFIX",
+    "EVENTS_PREFIX",
+    "EVENTS_STREAM",
+    "HDR_EVENT_SEQ",
+    "HDR_JOB_SEQ",
+    "HDR_JOB_STATE",
+    "IDEMPOTENCY_BUCKET",
+    "JOBS_PREFIX",
+    "JOBS_STREAM",
+    "MIN_SERVER_VERSION",
+    "LaneConsumer",
+    "TopologySettings",
+    "cancel_subject",
+    "check_server_version",
+    "consumer_name",
+    "ensure_topology",
+    "event_subject",
+    "job_subject",
+]
+
+JOBS_STREAM = "LANEWAY_JOBS"
+EVENTS_STREAM = "LANEWAY_EVENTS"
+IDEMPOTENCY_BUCKET = "laneway_idempotency"
+
+JOBS_PREFIX = "laneway.jobs"
+EVENTS_PREFIX = "laneway.events"
+# Core NATS (not stored): cancellation requests that running workers act on.
+CANCEL_PREFIX = "laneway.control.cancel"
+
+# Header on a queued job: stream sequence of the job's last event when it was
+# enqueued, so the first worker can append to the job's event log with
+# compare-and-set (Nats-Expected-Last-Subject-Sequence) without a lookup.
+HDR_EVENT_SEQ = "Laneway-Event-Seq"
+# Headers on an event, so readers can order and finish streams without parsing bodies.
+HDR_JOB_SEQ = "Laneway-Seq"
+HDR_JOB_STATE = "Laneway-State"
+
+# Work-queue consumers, Nats-Expected-Last-Subject-Sequence, batched direct get
+# and message schedules (used for delayed jobs) all exist from 2.12 on.
+MIN_SERVER_VERSION = (2, 12, 0)
+
+_IDEMPOTENCY_TTL_S = 24 * 3600
+_DUPLICATE_WINDOW_S = 120
+
+
+def job_subject(route: str, lane: str) -> str:
+    return f"{JOBS_PREFIX}.{route}.{lane}"
+
+
+def event_subject(job_id: str) -> str:
+    return f"{EVENTS_PREFIX}.{job_id}"
+
+
+def cancel_subject(job_id: str) -> str:
+    return f"{CANCEL_PREFIX}.{job_id}"
+
+
+def consumer_name(route: str, lane: str) -> str:
+    return f"jobs_{route}_{lane}"
+
+
+@dataclass(frozen=True)
+class LaneConsumer:
+    """A durable pull consumer for one route's lane."""
+
+    route: str
+    lane: str
+
+    @property
+    def name(self) -> str:
+        return consumer_name(self.route, self.lane)
+
+    @property
+    def subject(self) -> str:
+        return job_subject(self.route, self.lane)
+
+
+@dataclass(frozen=True)
+class TopologySettings:
+    """What the topology depends on, taken from the config."""
+
+    routes: tuple[str, ...]
+    """Route names; each gets one consumer per lane."""
+    lanes: tuple[str, ...]
+    """Lane names in priority order."""
+    events_max_age_s: int
+    """How long job events are kept."""
+    replicas: int
+    """Stream replicas (1 on a single server, 3 on a cluster)."""
+    ack_wait_s: float
+    """Lease length of a delivered job."""
+    max_deliver: int
+    """Deliveries before JetStream gives a job up."""
+    max_payload_bytes: int
+    """Largest job message accepted by the jobs stream."""
+
+    @classmethod
+    def from_config(cls, config: LanewayConfig) -> TopologySettings:
+        return cls(
+            routes=tuple(config.routes),
+            lanes=LANES,
+            events_max_age_s=config.queue.events_max_age_s,
+            replicas=config.queue.replicas,
+            ack_wait_s=config.queue.ack_wait_s,
+            max_deliver=config.queue.max_deliver,
+            max_payload_bytes=config.broker.max_payload_bytes,
+        )
+
+    def lane_consumers(self) -> tuple[LaneConsumer, ...]:
+        return tuple(LaneConsumer(r, lane) for r in self.routes for lane in self.lanes)
+
+
+def _version_tuple(version: str) -> tuple[int, int, int]:
+    core = version.lstrip("v").split("-", 1)[0]
+    parts = [int(p) for p in core.split(".")[:3] if p.isdigit()]
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+def check_server_version(version: str) -> None:
+    """Raise TopologyError naming what is missing when the server is too old."""
+    if _version_tuple(version) < MIN_SERVER_VERSION:
+        need = ".".join(map(str, MIN_SERVER_VERSION))
+        raise TopologyError(
+            f"nats-server {version} is too old: Laneway needs {need} or newer "
+            "(work-queue consumers with compare-and-set event logs, batched direct get, "
+            "message schedules). Upgrade the server or run `laneway up` for the embedded one."
+        )
+
+
+def _jobs_stream(s: TopologySettings) -> StreamConfig:
+    return StreamConfig(
+        name=JOBS_STREAM,
+        subjects=[f"{JOBS_PREFIX}.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=s.replicas,
+        max_msg_size=s.max_payload_bytes + 4096,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        discard=DiscardPolicy.NEW,
+    )
+
+
+def _events_stream(s: TopologySettings) -> StreamConfig:
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=[f"{EVENTS_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=s.replicas,
+        max_age=float(s.events_max_age_s),
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        allow_direct=True,
+        discard=DiscardPolicy.OLD,
+    )
+
+
+def _lane_consumer(c: LaneConsumer, s: TopologySettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=c.name,
+        filter_subject=c.subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=s.ack_wait_s,
+        max_deliver=s.max_deliver,
+        # Leases are bounded by worker concurrency, not by the server.
+        max_ack_pending=-1,
+        max_waiting=512,
+    )
+
+
+_STREAM_FIELDS = ("subjects", "retention", "num_replicas", "max_age", "max_msg_size", "allow_direct")
+_CONSUMER_FIELDS = ("filter_subject", "ack_wait", "max_deliver")
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    assert cfg.name is not None
+    try:
+        info = await js.stream_info(cfg.name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(cfg)
+        return
+    current = info.config
+    if any(getattr(current, f) != getattr(cfg, f) for f in _STREAM_FIELDS):
+        await js.update_stream(cfg)
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig) -> None:
+    assert cfg.durable_name is not None
+    try:
+        info = await js.consumer_info(stream, cfg.durable_name)
+    except nats.js.errors.NotFoundError:
+        await js.add_consumer(stream, cfg)
+        return
+    if any(getattr(info.config, f) != getattr(cfg, f) for f in _CONSUMER_FIELDS):
+        await js.add_consumer(stream, cfg)
+
+
+async def ensure_topology(js: JetStreamContext, settings: TopologySettings) -> None:
+    """Create or update streams, consumers and buckets. Idempotent: a second
+    call against the same settings sends only reads."""
+    await _ensure_stream(js, _jobs_stream(settings))
+    await _ensure_stream(js, _events_stream(settings))
+    for consumer in settings.lane_consumers():
+        await _ensure_consumer(js, JOBS_STREAM, _lane_consumer(consumer, settings))
+    await _ensure_bucket(js, settings.replicas)
+
+
+async def _ensure_bucket(js: JetStreamContext, replicas: int) -> None:
+    try:
+        await js.key_value(IDEMPOTENCY_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=IDEMPOTENCY_BUCKET,
+                ttl=float(_IDEMPOTENCY_TTL_S),
+                replicas=replicas,
+                storage=StorageType.FILE,
+            )
+        )

@@ -1,0 +1,323 @@
+"""Protobuf <-> domain conversion and request validation. Pure: no IO.
+
+Validation errors are ``InvalidArgument`` naming the request field
+(``job.input.chat.messages[0].content``), so callers know exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker.model import (
+    ChatInput,
+    ChatMessage,
+    ChatOutput,
+    ClassificationInput,
+    ClassificationOutput,
+    EmbeddingInput,
+    EmbeddingOutput,
+    ErrorClass,
+    GenerationParams,
+    JobError,
+    JobEvent,
+    JobInput,
+    JobResult,
+    JobSpec,
+    JobState,
+    QueuedJob,
+    TokenUsage,
+)
+from laneway.errors import InvalidArgument
+from laneway.v1 import job_pb2, queue_pb2
+
+__all__ = [
+    "LANE_FROM_PB",
+    "LANE_TO_PB",
+    "NAME_RE",
+    "decode_event",
+    "decode_queued_job",
+    "encode_event",
+    "encode_queued_job",
+    "event_from_pb",
+    "event_to_pb",
+    "spec_from_pb",
+    "spec_to_pb",
+]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+LANE_FROM_PB = {job_pb2.LANE_HIGH: "high", job_pb2.LANE_NORMAL: "normal", job_pb2.LANE_LOW: "low"}
+LANE_TO_PB = {v: k for k, v in LANE_FROM_PB.items()}
+_ROLE_FROM_PB = {
+    job_pb2.CHAT_ROLE_UNSPECIFIED: "user",
+    job_pb2.CHAT_ROLE_SYSTEM: "system",
+    job_pb2.CHAT_ROLE_USER: "user",
+    job_pb2.CHAT_ROLE_ASSISTANT: "assistant",
+}
+_ROLE_TO_PB = {"system": job_pb2.CHAT_ROLE_SYSTEM, "user": job_pb2.CHAT_ROLE_USER,
+               "assistant": job_pb2.CHAT_ROLE_ASSISTANT}
+_FINISH_TO_PB = {
+    "stop": job_pb2.FINISH_REASON_STOP,
+    "length": job_pb2.FINISH_REASON_LENGTH,
+    "content_filter": job_pb2.FINISH_REASON_CONTENT_FILTER,
+    "tool_calls": job_pb2.FINISH_REASON_TOOL_CALLS,
+}
+_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+
+_MAX_METADATA = 64
+_MAX_METADATA_KEY = 128
+_MAX_METADATA_VALUE = 1024
+_MAX_IDEMPOTENCY_KEY = 256
+
+
+def _bad(field: str, message: str) -> InvalidArgument:
+    return InvalidArgument(f"{field}: {message}", field=field, reason="INVALID_FIELD")
+
+
+def _ts(dt: datetime | None, out: Timestamp) -> None:
+    if dt is not None:
+        out.FromDatetime(dt)
+
+
+def _dt(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+# --- JobSpec -------------------------------------------------------------------------
+
+
+def spec_from_pb(pb: job_pb2.JobSpec, *, field: str, default_lane: str) -> JobSpec:
+    """Validate and convert a submitted JobSpec. Route existence is the caller's check."""
+    if not pb.route:
+        raise _bad(f"{field}.route", "required")
+    if not NAME_RE.match(pb.route):
+        raise _bad(f"{field}.route", f"{pb.route!r} is not a route name (letters, digits, '-', '_')")
+    if pb.lane == job_pb2.LANE_UNSPECIFIED:
+        lane = default_lane
+    elif pb.lane in LANE_FROM_PB:
+        lane = LANE_FROM_PB[pb.lane]
+    else:
+        raise _bad(f"{field}.lane", f"unknown lane {pb.lane} (use LANE_HIGH, LANE_NORMAL or LANE_LOW)")
+    if len(pb.metadata) > _MAX_METADATA:
+        raise _bad(f"{field}.metadata", f"at most {_MAX_METADATA} entries")
+    for key, value in pb.metadata.items():
+        if not key or len(key) > _MAX_METADATA_KEY:
+            raise _bad(f"{field}.metadata", f"keys must be 1-{_MAX_METADATA_KEY} characters")
+        if len(value) > _MAX_METADATA_VALUE:
+            raise _bad(f"{field}.metadata[{key}]", f"at most {_MAX_METADATA_VALUE} characters")
+    if len(pb.idempotency_key) > _MAX_IDEMPOTENCY_KEY:
+        raise _bad(f"{field}.idempotency_key", f"at most {_MAX_IDEMPOTENCY_KEY} characters")
+    deadline = _dt(pb.deadline) if pb.HasField("deadline") else None
+    return JobSpec(
+        route=pb.route,
+        lane=lane,
+        input=_input_from_pb(pb, field),
+        metadata=dict(pb.metadata),
+        idempotency_key=pb.idempotency_key,
+        deadline=deadline,
+    )
+
+
+def _input_from_pb(pb: job_pb2.JobSpec, field: str) -> JobInput:
+    kind = pb.WhichOneof("input")
+    if kind is None:
+        raise _bad(f"{field}.input", "required: set one of chat, embedding, classification")
+    if kind == "chat":
+        return _chat_from_pb(pb.chat, f"{field}.chat")
+    if kind == "embedding":
+        f = f"{field}.embedding.texts"
+        if not pb.embedding.texts:
+            raise _bad(f, "at least one text is required")
+        for i, text in enumerate(pb.embedding.texts):
+            if not text.strip():
+                raise _bad(f"{f}[{i}]", "empty text")
+        return EmbeddingInput(texts=tuple(pb.embedding.texts))
+    c = pb.classification
+    f = f"{field}.classification"
+    if not c.text.strip():
+        raise _bad(f"{f}.text", "empty text")
+    if len(c.labels) < 2:
+        raise _bad(f"{f}.labels", "at least two labels are required")
+    if len(set(c.labels)) != len(c.labels) or any(not label.strip() for label in c.labels):
+        raise _bad(f"{f}.labels", "labels must be distinct and non-empty")
+    return ClassificationInput(text=c.text, labels=tuple(c.labels))
+
+
+def _chat_from_pb(chat: job_pb2.ChatInput, f: str) -> ChatInput:
+    if not chat.messages:
+        raise _bad(f"{f}.messages", "at least one message is required")
+    messages = []
+    for i, m in enumerate(chat.messages):
+        if m.role not in _ROLE_FROM_PB:
+            raise _bad(f"{f}.messages[{i}].role", f"unknown role {m.role}")
+        if not m.content.strip():
+            raise _bad(f"{f}.messages[{i}].content", "empty content")
+        messages.append(ChatMessage(role=_ROLE_FROM_PB[m.role], content=m.content))
+    p = chat.params
+    if p.HasField("max_tokens") and p.max_tokens == 0:
+        raise _bad(f"{f}.params.max_tokens", "must be at least 1")
+    if p.HasField("temperature") and not 0.0 <= p.temperature <= 2.0:
+        raise _bad(f"{f}.params.temperature", "must be between 0 and 2")
+    if p.HasField("top_p") and not 0.0 < p.top_p <= 1.0:
+        raise _bad(f"{f}.params.top_p", "must be in (0, 1]")
+    params = GenerationParams(
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
+        temperature=p.temperature if p.HasField("temperature") else None,
+        top_p=p.top_p if p.HasField("top_p") else None,
+        stop=tuple(p.stop),
+    )
+    return ChatInput(messages=tuple(messages), params=params, stream=chat.stream)
+
+
+def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
+    out.route = spec.route
+    out.lane = LANE_TO_PB[spec.lane]  # type: ignore[assignment]
+    out.metadata.update(spec.metadata)
+    out.idempotency_key = spec.idempotency_key
+    _ts(spec.deadline, out.deadline)
+    inp = spec.input
+    if isinstance(inp, ChatInput):
+        for m in inp.messages:
+            out.chat.messages.add(role=_ROLE_TO_PB[m.role], content=m.content)  # type: ignore[arg-type]
+        params = out.chat.params
+        if inp.params.max_tokens is not None:
+            params.max_tokens = inp.params.max_tokens
+        if inp.params.temperature is not None:
+            params.temperature = inp.params.temperature
+        if inp.params.top_p is not None:
+            params.top_p = inp.params.top_p
+        params.stop.extend(inp.params.stop)
+        out.chat.stream = inp.stream
+    elif isinstance(inp, EmbeddingInput):
+        out.embedding.texts.extend(inp.texts)
+    else:
+        out.classification.text = inp.text
+        out.classification.labels.extend(inp.labels)
+
+
+def _spec_from_trusted_pb(pb: job_pb2.JobSpec) -> JobSpec:
+    # Queued jobs were validated on submit; a lane is always set by then.
+    return spec_from_pb(pb, field="job", default_lane="normal")
+
+
+# --- Queued job ----------------------------------------------------------------------
+
+
+def encode_queued_job(job: QueuedJob) -> bytes:
+    pb = queue_pb2.QueuedJob(job_id=job.job_id)
+    spec_to_pb(job.spec, pb.spec)
+    pb.enqueued_at.FromDatetime(job.enqueued_at)
+    return pb.SerializeToString()
+
+
+def decode_queued_job(data: bytes) -> QueuedJob:
+    pb = queue_pb2.QueuedJob.FromString(data)
+    return QueuedJob(job_id=pb.job_id, spec=_spec_from_trusted_pb(pb.spec), enqueued_at=_dt(pb.enqueued_at))
+
+
+# --- Results and events --------------------------------------------------------------
+
+
+def _usage_to_pb(u: TokenUsage, out: job_pb2.TokenUsage) -> None:
+    out.input_tokens = u.input_tokens
+    out.output_tokens = u.output_tokens
+
+
+def _usage_from_pb(pb: job_pb2.TokenUsage) -> TokenUsage:
+    return TokenUsage(input_tokens=pb.input_tokens, output_tokens=pb.output_tokens)
+
+
+def _result_to_pb(r: JobResult, out: job_pb2.JobResult) -> None:
+    if isinstance(r, ChatOutput):
+        out.chat.text = r.text
+        out.chat.finish_reason = _FINISH_TO_PB.get(r.finish_reason, job_pb2.FINISH_REASON_UNSPECIFIED)  # type: ignore[assignment]
+        _usage_to_pb(r.usage, out.chat.usage)
+    elif isinstance(r, EmbeddingOutput):
+        for vec in r.vectors:
+            out.embedding.embeddings.add(values=vec)
+        _usage_to_pb(r.usage, out.embedding.usage)
+    else:
+        out.classification.label = r.label
+        _usage_to_pb(r.usage, out.classification.usage)
+
+
+def _result_from_pb(pb: job_pb2.JobResult) -> JobResult:
+    kind = pb.WhichOneof("output")
+    if kind == "chat":
+        return ChatOutput(
+            text=pb.chat.text,
+            finish_reason=_FINISH_FROM_PB.get(pb.chat.finish_reason, "stop"),
+            usage=_usage_from_pb(pb.chat.usage),
+        )
+    if kind == "embedding":
+        return EmbeddingOutput(
+            vectors=tuple(tuple(e.values) for e in pb.embedding.embeddings),
+            usage=_usage_from_pb(pb.embedding.usage),
+        )
+    return ClassificationOutput(label=pb.classification.label, usage=_usage_from_pb(pb.classification.usage))
+
+
+def event_to_pb(e: JobEvent) -> job_pb2.JobEvent:
+    pb = job_pb2.JobEvent(
+        job_id=e.job_id,
+        seq=e.seq,
+        state=int(e.state),  # type: ignore[arg-type]
+        attempt=e.attempt,
+        provider=e.provider,
+        model=e.model,
+        route=e.route,
+        lane=LANE_TO_PB[e.lane],
+        metadata=e.metadata,
+    )
+    pb.time.FromDatetime(e.time)
+    pb.enqueued_at.FromDatetime(e.enqueued_at)
+    _ts(e.started_at, pb.started_at)
+    _ts(e.finished_at, pb.finished_at)
+    if e.result is not None:
+        _result_to_pb(e.result, pb.result)
+    elif e.error is not None:
+        pb.error.code = e.error.code
+        pb.error.message = e.error.message
+        pb.error.error_class = int(e.error.error_class)  # type: ignore[assignment]
+        pb.error.retryable = e.error.retryable
+        pb.error.http_status = e.error.http_status
+    return pb
+
+
+def event_from_pb(pb: job_pb2.JobEvent) -> JobEvent:
+    error = None
+    if pb.HasField("error"):
+        error = JobError(
+            code=pb.error.code,
+            message=pb.error.message,
+            error_class=ErrorClass(pb.error.error_class or ErrorClass.TRANSIENT),
+            http_status=pb.error.http_status,
+        )
+    return JobEvent(
+        job_id=pb.job_id,
+        seq=pb.seq,
+        state=JobState(pb.state),
+        route=pb.route,
+        lane=LANE_FROM_PB.get(pb.lane, "normal"),
+        time=_dt(pb.time),
+        enqueued_at=_dt(pb.enqueued_at),
+        attempt=pb.attempt,
+        provider=pb.provider,
+        model=pb.model,
+        started_at=_dt(pb.started_at) if pb.HasField("started_at") else None,
+        finished_at=_dt(pb.finished_at) if pb.HasField("finished_at") else None,
+        result=_result_from_pb(pb.result) if pb.HasField("result") else None,
+        error=error,
+        metadata=dict(pb.metadata),
+    )
+
+
+def encode_event(e: JobEvent) -> bytes:
+    return event_to_pb(e).SerializeToString()
+
+
+def decode_event(data: bytes) -> JobEvent:
+    return event_from_pb(job_pb2.JobEvent.FromString(data))

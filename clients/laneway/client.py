@@ -1,0 +1,356 @@
+"""Laneway's Python client: ``AsyncClient`` (asyncio) and ``Client`` (blocking).
+
+    import laneway
+
+    async with laneway.AsyncClient("127.0.0.1:50051") as client:
+        final = await client.run("chat", laneway.chat("hello"))
+        print(final.result.chat.text)
+
+Errors are ``laneway.errors`` exceptions mapped from the gRPC status (with the
+field at fault and a reason). ``stream_results`` resumes by sequence number
+when the broker goes away mid-stream, so callers see every event exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import TypeVar
+
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from laneway.errors import ApiError, Unavailable, error_for_code
+from laneway.v1 import broker_service_pb2 as pb
+from laneway.v1 import broker_service_pb2_grpc as pb_grpc
+from laneway.v1 import job_pb2
+
+__all__ = [
+    "FINAL_STATES",
+    "AsyncClient",
+    "CancelOutcome",
+    "Client",
+    "JobInput",
+    "Submitted",
+    "chat",
+    "classification",
+    "embedding",
+    "job",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+FINAL_STATES = frozenset(
+    {
+        job_pb2.JOB_STATE_SUCCEEDED,
+        job_pb2.JOB_STATE_FAILED,
+        job_pb2.JOB_STATE_CANCELLED,
+        job_pb2.JOB_STATE_EXPIRED,
+    }
+)
+_LANES = {"high": job_pb2.LANE_HIGH, "normal": job_pb2.LANE_NORMAL, "low": job_pb2.LANE_LOW, "": job_pb2.LANE_UNSPECIFIED}
+_ROLES = {"system": job_pb2.CHAT_ROLE_SYSTEM, "user": job_pb2.CHAT_ROLE_USER, "assistant": job_pb2.CHAT_ROLE_ASSISTANT}
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+JobInput = job_pb2.ChatInput | job_pb2.EmbeddingInput | job_pb2.ClassificationInput
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    state: job_pb2.JobState.ValueType
+    cancelled: bool
+
+
+# --- building jobs -------------------------------------------------------------------
+
+
+def chat(
+    prompt: str | Sequence[tuple[str, str]],
+    *,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    stream: bool = False,
+) -> job_pb2.ChatInput:
+    """A chat input: a user prompt, or ``[(role, content), ...]``."""
+    out = job_pb2.ChatInput(stream=stream)
+    if system:
+        out.messages.add(role=job_pb2.CHAT_ROLE_SYSTEM, content=system)
+    if isinstance(prompt, str):
+        out.messages.add(role=job_pb2.CHAT_ROLE_USER, content=prompt)
+    else:
+        for role, content in prompt:
+            out.messages.add(role=_ROLES.get(role, job_pb2.CHAT_ROLE_UNSPECIFIED), content=content)
+    if max_tokens is not None:
+        out.params.max_tokens = max_tokens
+    if temperature is not None:
+        out.params.temperature = temperature
+    return out
+
+
+def embedding(texts: str | Iterable[str]) -> job_pb2.EmbeddingInput:
+    return job_pb2.EmbeddingInput(texts=[texts] if isinstance(texts, str) else list(texts))
+
+
+def classification(text: str, labels: Iterable[str]) -> job_pb2.ClassificationInput:
+    return job_pb2.ClassificationInput(text=text, labels=list(labels))
+
+
+def job(
+    route: str,
+    input: JobInput,
+    *,
+    lane: str = "",
+    metadata: Mapping[str, str] | None = None,
+    idempotency_key: str = "",
+    deadline: datetime | None = None,
+) -> job_pb2.JobSpec:
+    """A job spec; ``lane`` is "high", "normal", "low" or "" for the broker's default."""
+    spec = job_pb2.JobSpec(route=route, metadata=dict(metadata or {}), idempotency_key=idempotency_key)
+    # An unknown lane name goes over the wire as an invalid number: the broker names the field.
+    spec.lane = _LANES.get(lane, 99)  # type: ignore[assignment]
+    if isinstance(input, job_pb2.ChatInput):
+        spec.chat.CopyFrom(input)
+    elif isinstance(input, job_pb2.EmbeddingInput):
+        spec.embedding.CopyFrom(input)
+    else:
+        spec.classification.CopyFrom(input)
+    if deadline is not None:
+        spec.deadline.FromDatetime(deadline)
+    return spec
+
+
+# --- errors --------------------------------------------------------------------------
+
+
+def _map_error(err: grpc.RpcError) -> ApiError:
+    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
+    message = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+    field = reason = ""
+    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                if bad.field_violations:
+                    field = bad.field_violations[0].field
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason = info.reason
+    return error_for_code(code)(message, field=field, reason=reason)
+
+
+def _outcomes(response: pb.SubmitBatchResponse) -> list[Submitted | ApiError]:
+    out: list[Submitted | ApiError] = []
+    for item in response.outcomes:
+        if item.HasField("error"):
+            code = next((c for c in grpc.StatusCode if c.value[0] == item.error.code), grpc.StatusCode.UNKNOWN)
+            out.append(error_for_code(code)(item.error.message, field=item.error.field))
+        else:
+            out.append(Submitted(item.job_id, item.duplicate))
+    return out
+
+
+class _Cursor:
+    """Last sequence seen per job, for resuming a broken stream."""
+
+    def __init__(self, job_ids: Sequence[str], resume_after: Mapping[str, int] | None) -> None:
+        self.job_ids = list(dict.fromkeys(job_ids))
+        self.last = dict(resume_after or {})
+        self.open = set(self.job_ids)
+
+    def request(self) -> pb.StreamResultsRequest:
+        ids = [j for j in self.job_ids if j in self.open]
+        return pb.StreamResultsRequest(job_ids=ids, resume_after={j: self.last[j] for j in ids if j in self.last})
+
+    def accept(self, event: job_pb2.JobEvent) -> bool:
+        if event.seq <= self.last.get(event.job_id, 0):
+            return False
+        self.last[event.job_id] = event.seq
+        if event.state in FINAL_STATES:
+            self.open.discard(event.job_id)
+        return True
+
+
+class AsyncClient:
+    """Asyncio client. ``async with AsyncClient(target) as client: ...``"""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, resume_attempts: int = 5) -> None:
+        self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.BrokerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._timeout = timeout
+        self._resume_attempts = resume_attempts
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def submit(self, route: str, input: JobInput, **options: object) -> Submitted:
+        """Enqueue one job (options as for ``laneway.job``)."""
+        return await self.submit_spec(job(route, input, **options))  # type: ignore[arg-type]
+
+    async def submit_spec(self, spec: job_pb2.JobSpec) -> Submitted:
+        try:
+            r = await self._stub.Submit(pb.SubmitRequest(job=spec), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return Submitted(r.job_id, r.duplicate)
+
+    async def submit_batch(self, specs: Iterable[job_pb2.JobSpec]) -> list[Submitted | ApiError]:
+        """Enqueue many jobs in one call; one outcome per job, in order."""
+        try:
+            r = await self._stub.SubmitBatch(pb.SubmitBatchRequest(jobs=list(specs)), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return _outcomes(r)
+
+    async def stream_results(
+        self, job_ids: str | Sequence[str], *, resume_after: Mapping[str, int] | None = None
+    ) -> AsyncIterator[job_pb2.JobEvent]:
+        """Events of the jobs until each is final; resumes transparently after a broker restart."""
+        cursor = _Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after)
+        failures = 0
+        while cursor.open:
+            try:
+                async for response in self._stub.StreamResults(cursor.request()):
+                    failures = 0
+                    if cursor.accept(response.event):
+                        yield response.event
+                return
+            except grpc.RpcError as err:
+                mapped = _map_error(err)
+                failures += 1
+                if not isinstance(mapped, Unavailable) or failures > self._resume_attempts:
+                    raise mapped from None
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))  # backoff before resuming
+
+    async def wait(self, job_id: str) -> job_pb2.JobEvent:
+        """The job's final event."""
+        last: job_pb2.JobEvent | None = None
+        async for event in self.stream_results(job_id):
+            last = event
+        assert last is not None
+        return last
+
+    async def run(self, route: str, input: JobInput, **options: object) -> job_pb2.JobEvent:
+        """Submit and wait for the final event."""
+        return await self.wait((await self.submit(route, input, **options)).job_id)
+
+    async def get_job(self, job_id: str) -> job_pb2.JobEvent:
+        """The job's latest event (a full snapshot of its state)."""
+        try:
+            r = await self._stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return r.job
+
+    async def cancel_job(self, job_id: str, reason: str = "") -> CancelOutcome:
+        try:
+            r = await self._stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return CancelOutcome(r.state, r.cancelled)
+
+
+class Client:
+    """Blocking client with the same methods as ``AsyncClient``."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, resume_attempts: int = 5) -> None:
+        self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.BrokerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._timeout = timeout
+        self._resume_attempts = resume_attempts
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def submit(self, route: str, input: JobInput, **options: object) -> Submitted:
+        return self.submit_spec(job(route, input, **options))  # type: ignore[arg-type]
+
+    def submit_spec(self, spec: job_pb2.JobSpec) -> Submitted:
+        try:
+            r = self._stub.Submit(pb.SubmitRequest(job=spec), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return Submitted(r.job_id, r.duplicate)
+
+    def submit_batch(self, specs: Iterable[job_pb2.JobSpec]) -> list[Submitted | ApiError]:
+        try:
+            r = self._stub.SubmitBatch(pb.SubmitBatchRequest(jobs=list(specs)), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return _outcomes(r)
+
+    def stream_results(
+        self, job_ids: str | Sequence[str], *, resume_after: Mapping[str, int] | None = None
+    ) -> Iterator[job_pb2.JobEvent]:
+        cursor = _Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after)
+        failures = 0
+        while cursor.open:
+            try:
+                for response in self._stub.StreamResults(cursor.request()):
+                    failures = 0
+                    if cursor.accept(response.event):
+                        yield response.event
+                return
+            except grpc.RpcError as err:
+                mapped = _map_error(err)
+                failures += 1
+                if not isinstance(mapped, Unavailable) or failures > self._resume_attempts:
+                    raise mapped from None
+                time.sleep(min(2.0, 0.1 * 2**failures))  # backoff before resuming
+
+    def wait(self, job_id: str) -> job_pb2.JobEvent:
+        last: job_pb2.JobEvent | None = None
+        for event in self.stream_results(job_id):
+            last = event
+        assert last is not None
+        return last
+
+    def run(self, route: str, input: JobInput, **options: object) -> job_pb2.JobEvent:
+        return self.wait(self.submit(route, input, **options).job_id)
+
+    def get_job(self, job_id: str) -> job_pb2.JobEvent:
+        try:
+            return self._stub.GetJob(pb.GetJobRequest(job_id=job_id), timeout=self._timeout).job
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+
+    def cancel_job(self, job_id: str, reason: str = "") -> CancelOutcome:
+        try:
+            r = self._stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return CancelOutcome(r.state, r.cancelled)

@@ -1,0 +1,135 @@
+"""A worker process: provider pools pulling their routes' lanes.
+
+Each provider gets its own slots (its ``concurrency``) and pulls the lanes of
+the routes whose primary target it is, high lanes before low. Multi-target
+routing (overflow, failover) builds on this in the limiter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import TracebackType
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from broker import topology as t
+from broker.config import LanewayConfig
+from broker.connection import connect_nats
+from broker.events import EventLog
+from broker.model import LANES
+from laneway.errors import ConfigError
+from workers.provider import Provider, build_provider
+from workers.puller import LanePuller
+from workers.runner import JobRunner, RetryPolicy, Target
+
+__all__ = ["WorkerPool"]
+
+log = structlog.get_logger("laneway.worker")
+
+
+class WorkerPool:
+    """``async with WorkerPool(config, nats_url=...)``: pulls and runs jobs until exit.
+
+    Exit is graceful: stop pulling, let running jobs finish within
+    ``workers.shutdown_grace_s``, hand the rest back to the queue at once.
+    """
+
+    def __init__(
+        self,
+        config: LanewayConfig,
+        *,
+        nats_url: str,
+        providers: Sequence[str] | None = None,
+        name: str = "laneway-worker",
+    ) -> None:
+        self.config = config
+        self.nats_url = nats_url
+        self._name = name
+        unknown = sorted(set(providers or ()) - set(config.providers))
+        if unknown:
+            raise ConfigError(f"--provider: unknown provider(s) {unknown} (configured: {sorted(config.providers)})")
+        self._provider_names = list(providers or config.providers)
+        self._nc: NatsClient | None = None
+        self._cancel_sub: Subscription | None = None
+        self._providers: list[Provider] = []
+        self._pullers: list[LanePuller] = []
+        self._runner: JobRunner | None = None
+
+    async def __aenter__(self) -> WorkerPool:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(p.in_flight for p in self._pullers)
+
+    async def _start(self) -> None:
+        cfg = self.config
+        self._nc = await connect_nats(self.nats_url, name=self._name, connect_timeout=cfg.nats.connect_timeout_s)
+        js = self._nc.jetstream()
+        await t.ensure_topology(js, t.TopologySettings.from_config(cfg))
+        targets: dict[str, Target] = {}
+        lanes_by_provider: dict[str, list[t.LaneConsumer]] = {}
+        for name in self._provider_names:
+            provider = build_provider(name, cfg.providers[name])
+            self._providers.append(provider)
+            routes = [r for r in cfg.routes if cfg.route_primary(r).provider == name]
+            for route in routes:
+                targets[route] = Target(provider, cfg.route_primary(route).model)
+            # Lane-major order: every route's high lane before any normal lane.
+            lanes_by_provider[name] = [t.LaneConsumer(r, lane) for lane in LANES for r in routes]
+        retry = RetryPolicy(
+            max_attempts=cfg.workers.max_attempts,
+            backoff_s=cfg.workers.retry_backoff_s,
+            backoff_max_s=cfg.workers.retry_backoff_max_s,
+        )
+        self._runner = JobRunner(EventLog(self._nc, js), targets, retry, ack_wait_s=cfg.queue.ack_wait_s)
+        self._cancel_sub = await self._nc.subscribe(f"{t.CANCEL_PREFIX}.*", cb=self._on_cancel)
+        for name, consumers in lanes_by_provider.items():
+            if not consumers:
+                log.warning("provider is no route's primary target; it pulls nothing", provider=name)
+                continue
+            puller = LanePuller(
+                self._nc,
+                consumers,
+                capacity=cfg.providers[name].concurrency,
+                handler=self._runner.handle,
+            )
+            puller.start()
+            self._pullers.append(puller)
+        log.info("worker pulling", providers=self._provider_names, routes=sorted(targets))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        if self._runner is not None:
+            self._runner.cancel_running(msg.subject.rsplit(".", 1)[-1])
+
+    async def close(self) -> None:
+        for puller in self._pullers:
+            await puller.stop_pulling()
+        if self._runner is not None:
+            self._runner.closing = True
+        for puller in self._pullers:
+            await puller.drain(self.config.workers.shutdown_grace_s)
+        self._pullers.clear()
+        for provider in self._providers:
+            await provider.aclose()
+        self._providers.clear()
+        if self._cancel_sub is not None and self._nc is not None and not self._nc.is_closed:
+            await self._cancel_sub.unsubscribe()
+        self._cancel_sub = None
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            await nc.flush()  # acks and naks of the last jobs reach the server before we leave
+            await nc.close()

@@ -1,0 +1,224 @@
+"""Pulling jobs from priority lanes into a bounded number of slots.
+
+Raw JetStream pull requests (``$JS.API.CONSUMER.MSG.NEXT``) rather than
+nats-py's ``fetch``: we need no-wait sweeps across several consumers in priority
+order, long-polls that do not block each other, and exact control over how many
+jobs are leased (nats-py #504/#986 and its missing priority-group fields would
+stand in the way later too).
+
+Two modes:
+
+- sweep: while slots are free, ask each lane in priority order for up to the
+  free slot count with ``no_wait``; higher lanes fill the slots first.
+- park: when every lane was empty, leave one ``batch: 1`` long-poll on each
+  lane. Whichever lane gets work first wakes the loop, which sweeps again.
+
+A parked pull holds a slot, so the process never leases more jobs than its
+capacity: work waits in the durable queue, not in worker memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from broker.inbox import reply_inbox, status_of, unsubscribe_quietly
+from broker.topology import JOBS_STREAM, LaneConsumer
+
+__all__ = ["JobHandler", "LanePuller"]
+
+log = structlog.get_logger("laneway.worker")
+
+JobHandler = Callable[[Msg, LaneConsumer], Awaitable[None]]
+
+
+@dataclass
+class _Park:
+    consumer: str
+    deadline: float
+    sub: Subscription
+
+
+class LanePuller:
+    """Leases jobs from ``consumers`` (highest priority first) into ``capacity`` slots."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        consumers: Sequence[LaneConsumer],
+        *,
+        capacity: int,
+        handler: JobHandler,
+        park_s: float = 5.0,
+        request_timeout_s: float = 5.0,
+    ) -> None:
+        self._nc = nc
+        self._consumers = tuple(consumers)
+        self._capacity = capacity
+        self._handler = handler
+        self._park_s = park_s
+        self._timeout = request_timeout_s
+        # Refill in chunks under load so a busy pool does not send a pull per finished job.
+        self._refill = max(1, min(capacity // 4, 16))
+        self._busy = 0
+        self._parks: dict[str, _Park] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._jobs: set[asyncio.Task[None]] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._busy
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._run(), name="laneway-puller")
+
+    async def stop_pulling(self) -> None:
+        """Stop leasing new jobs; running jobs go on."""
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            await self._loop_task
+            self._loop_task = None
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for running jobs, then cancel the rest (they hand their jobs back)."""
+        if self._jobs:
+            _done, pending = await asyncio.wait(set(self._jobs), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        for park in self._parks.values():
+            await unsubscribe_quietly(park.sub)
+        self._parks.clear()
+
+    def _free(self) -> int:
+        return self._capacity - self._busy - len(self._parks)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            self._wake.clear()
+            free = self._free()
+            if free >= self._refill or (free > 0 and self._busy == 0):
+                try:
+                    got = await self._sweep()
+                except Exception:
+                    log.exception("pull sweep failed")
+                    got = 0
+                    await asyncio.sleep(0.5)  # back off from a failing server, then sweep again
+                if got:
+                    continue
+                await self._park_idle_lanes(loop.time())
+            timeout = self._next_park_deadline(loop.time())
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                await self._expire_parks(loop.time())
+
+    async def _sweep(self) -> int:
+        total = 0
+        for consumer in self._consumers:
+            free = self._free()
+            if free <= 0 or self._stopping:
+                break
+            msgs = await self._pull_now(consumer, free)
+            for msg in msgs:
+                self._dispatch(msg, consumer)
+            total += len(msgs)
+        return total
+
+    async def _pull_now(self, consumer: LaneConsumer, batch: int) -> list[Msg]:
+        replies: asyncio.Queue[Msg] = asyncio.Queue()
+        got: list[Msg] = []
+        async with reply_inbox(self._nc, replies.put) as reply:
+            await self._request(consumer, {"batch": batch, "no_wait": True}, reply)
+            while len(got) < batch:
+                try:
+                    msg = await asyncio.wait_for(replies.get(), self._timeout)
+                except TimeoutError:
+                    log.warning("pull request unanswered", consumer=consumer.name)
+                    break
+                status = status_of(msg)
+                if not status:
+                    got.append(msg)
+                elif status in ("404", "408"):  # lane empty / fewer than asked
+                    break
+                elif status != "100":
+                    description = (msg.headers or {}).get("Description", "")
+                    log.warning("pull refused", consumer=consumer.name, status=status, description=description)
+                    break
+        # A delivery that raced our unsubscribe is still ours: run it.
+        while not replies.empty():
+            late = replies.get_nowait()
+            if not status_of(late):
+                got.append(late)
+        return got
+
+    async def _park_idle_lanes(self, now: float) -> None:
+        parked = {p.consumer for p in self._parks.values()}
+        for consumer in self._consumers:
+            if self._stopping or self._free() <= 0:
+                return
+            if consumer.name in parked:
+                continue
+            inbox = self._nc.new_inbox()
+            callback = functools.partial(self._on_park_reply, consumer=consumer, inbox=inbox)
+            sub = await self._nc.subscribe(inbox, cb=callback)
+            self._parks[inbox] = _Park(consumer.name, now + self._park_s + 2.0, sub)
+            await self._request(consumer, {"batch": 1, "expires": int(self._park_s * 1e9)}, inbox)
+
+    async def _on_park_reply(self, msg: Msg, *, consumer: LaneConsumer, inbox: str) -> None:
+        status = status_of(msg)
+        if status == "100":
+            return
+        park = self._parks.pop(inbox, None)
+        if park is not None:
+            await unsubscribe_quietly(park.sub)
+        if not status:
+            # Even while stopping: the handler sees the pool is closing and hands the job back.
+            self._dispatch(msg, consumer)
+        self._wake.set()
+
+    def _next_park_deadline(self, now: float) -> float | None:
+        if not self._parks:
+            return None
+        return max(0.0, min(p.deadline for p in self._parks.values()) - now)
+
+    async def _expire_parks(self, now: float) -> None:
+        # A park whose expiry notice never came (lost across a reconnect) frees its slot.
+        for reply, park in list(self._parks.items()):
+            if park.deadline <= now:
+                del self._parks[reply]
+                await unsubscribe_quietly(park.sub)
+
+    async def _request(self, consumer: LaneConsumer, body: dict[str, object], reply: str) -> None:
+        subject = f"$JS.API.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumer.name}"
+        await self._nc.publish(subject, json.dumps(body).encode(), reply=reply)
+
+    def _dispatch(self, msg: Msg, consumer: LaneConsumer) -> None:
+        self._busy += 1
+        task = asyncio.create_task(self._handle(msg, consumer))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+
+    async def _handle(self, msg: Msg, consumer: LaneConsumer) -> None:
+        try:
+            await self._handler(msg, consumer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("job handler failed", consumer=consumer.name)
+        finally:
+            self._busy -= 1
+            self._wake.set()
