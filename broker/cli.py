@@ -1,0 +1,295 @@
+"""The ``laneway`` command line.
+
+``up`` runs the whole stack on one machine (embedded nats-server, a broker
+process, worker processes); ``broker`` and ``worker`` run one part each, for
+multi-process and multi-machine deployments; the rest are client commands that
+talk to a broker through the Python client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from google.protobuf.json_format import MessageToDict
+
+import laneway
+from broker.config import LanewayConfig, config_json_schema, default_config, load_config
+from broker.logs import configure_logging
+from laneway.errors import ApiError, LanewayError
+from laneway.v1 import job_pb2
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Laneway: a gRPC broker for AI work.")
+config_app = typer.Typer(no_args_is_help=True, help="Check and describe config files.")
+app.add_typer(config_app, name="config")
+
+DEFAULT_CONFIG = "laneway.example.yaml"
+DEFAULT_ADDR = os.environ.get("LANEWAY_ADDR", "127.0.0.1:50051")
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help=f"YAML config file (default: ./{DEFAULT_CONFIG} if present)."),
+]
+NatsOpt = Annotated[
+    str | None, typer.Option("--nats-url", help="NATS server URL (default: $NATS_URL, then nats.url).")
+]
+AddrOpt = Annotated[str, typer.Option("--addr", help="Broker address (default: $LANEWAY_ADDR or 127.0.0.1:50051).")]
+
+
+def _load(path: Path | None) -> tuple[LanewayConfig, Path | None]:
+    if path is None and Path(DEFAULT_CONFIG).exists():
+        path = Path(DEFAULT_CONFIG)
+    return (load_config(path), path) if path else (default_config(), None)
+
+
+def _nats_url(flag: str | None, config: LanewayConfig) -> str:
+    return flag or os.environ.get("NATS_URL") or config.nats.url
+
+
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _run(coro: object) -> None:
+    try:
+        asyncio.run(coro)  # type: ignore[arg-type]
+    except LanewayError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+
+
+# --- server commands -----------------------------------------------------------------
+
+
+@app.command()
+def broker(
+    config: ConfigOpt = None,
+    nats_url: NatsOpt = None,
+    grpc_addr: Annotated[str | None, typer.Option(help="Listen address (default: broker.grpc_addr).")] = None,
+) -> None:
+    """Run a broker: the gRPC API in front of JetStream."""
+    from broker.server import BrokerServer
+
+    configure_logging()
+    cfg, _ = _load(config)
+    url = _nats_url(nats_url, cfg)
+    if not url:
+        raise typer.BadParameter("no NATS URL: pass --nats-url, set NATS_URL or nats.url (or use `laneway up`)")
+
+    async def serve() -> None:
+        async with BrokerServer(cfg, nats_url=url, grpc_addr=grpc_addr):
+            await _until_signalled()
+
+    _run(serve())
+
+
+@app.command()
+def worker(
+    config: ConfigOpt = None,
+    nats_url: NatsOpt = None,
+    provider: Annotated[list[str] | None, typer.Option(help="Serve only these providers (repeatable).")] = None,
+) -> None:
+    """Run a worker process: provider pools pulling their routes' lanes."""
+    from workers.pool import WorkerPool
+
+    configure_logging()
+    cfg, _ = _load(config)
+    url = _nats_url(nats_url, cfg)
+    if not url:
+        raise typer.BadParameter("no NATS URL: pass --nats-url, set NATS_URL or nats.url (or use `laneway up`)")
+
+    async def serve() -> None:
+        async with WorkerPool(cfg, nats_url=url, providers=provider):
+            await _until_signalled()
+
+    _run(serve())
+
+
+@app.command()
+def up(
+    config: ConfigOpt = None,
+    grpc_addr: Annotated[str | None, typer.Option(help="Broker listen address.")] = None,
+    nats_url: NatsOpt = None,
+    data_dir: Annotated[Path, typer.Option(help="Embedded NATS data directory.")] = Path(".laneway"),
+    workers: Annotated[int, typer.Option(help="Worker processes to start.", min=1)] = 1,
+) -> None:
+    """Run the whole stack: embedded nats-server (unless a URL is given), a broker, workers."""
+    from broker.stack import run_stack
+
+    configure_logging()
+    cfg, path = _load(config)
+    _run(
+        run_stack(
+            cfg,
+            config_path=path,
+            nats_url=_nats_url(nats_url, cfg),
+            grpc_addr=grpc_addr or cfg.broker.grpc_addr,
+            data_dir=data_dir,
+            workers=workers,
+        )
+    )
+
+
+# --- client commands -----------------------------------------------------------------
+
+_LANES = {"high": "high", "normal": "normal", "low": "low"}
+
+
+def _event_line(event: job_pb2.JobEvent) -> str:
+    state = job_pb2.JobState.Name(event.state).removeprefix("JOB_STATE_")
+    parts = [f"{event.job_id}", f"seq={event.seq}", state, f"attempt={event.attempt}"]
+    if event.provider:
+        parts.append(f"provider={event.provider}")
+    if event.HasField("error"):
+        parts.append(f"error={event.error.code}: {event.error.message}")
+    kind = event.result.WhichOneof("output") if event.HasField("result") else None
+    if kind == "chat":
+        parts.append(f"text={event.result.chat.text!r}")
+    elif kind == "embedding":
+        parts.append(f"embeddings={len(event.result.embedding.embeddings)}")
+    elif kind == "classification":
+        parts.append(f"label={event.result.classification.label!r}")
+    return " ".join(parts)
+
+
+def _print_event(event: job_pb2.JobEvent, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(MessageToDict(event), separators=(",", ":")))
+    else:
+        typer.echo(_event_line(event))
+
+
+async def _watch(client: laneway.AsyncClient, job_ids: list[str], as_json: bool) -> bool:
+    ok = True
+    async for event in client.stream_results(job_ids):
+        _print_event(event, as_json)
+        if event.state in laneway.FINAL_STATES and event.state != job_pb2.JOB_STATE_SUCCEEDED:
+            ok = False
+    return ok
+
+
+def _client_call(coro: object) -> None:
+    try:
+        ok = asyncio.run(coro)  # type: ignore[arg-type]
+    except ApiError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if ok is False:
+        raise typer.Exit(1)
+
+
+@app.command()
+def submit(
+    route: Annotated[str, typer.Option(help="Route name from the config.")],
+    text: Annotated[list[str], typer.Option(help="Input text (repeat for several embedding texts).")],
+    priority: Annotated[str, typer.Option(help="Lane: high, normal or low.")] = "normal",
+    kind: Annotated[str, typer.Option(help="chat, embedding or classification.")] = "chat",
+    label: Annotated[list[str] | None, typer.Option(help="Classification label (repeatable).")] = None,
+    idempotency_key: Annotated[str, typer.Option(help="Submit at most once per key.")] = "",
+    wait: Annotated[bool, typer.Option("--wait", help="Stream events until the final one.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
+    addr: AddrOpt = DEFAULT_ADDR,
+) -> None:
+    """Submit a job; prints its id (with --wait, its events until the final one)."""
+    if priority not in _LANES:
+        raise typer.BadParameter(f"--priority must be high, normal or low, not {priority!r}")
+    if kind == "chat":
+        job_input: laneway.JobInput = laneway.chat(" ".join(text))
+    elif kind == "embedding":
+        job_input = laneway.embedding(text)
+    elif kind == "classification":
+        job_input = laneway.classification(" ".join(text), label or [])
+    else:
+        raise typer.BadParameter(f"--kind must be chat, embedding or classification, not {kind!r}")
+
+    async def go() -> bool:
+        async with laneway.AsyncClient(addr) as client:
+            done = await client.submit(route, job_input, lane=priority, idempotency_key=idempotency_key)
+            typer.echo(done.job_id + (" (duplicate)" if done.duplicate else ""))
+            return await _watch(client, [done.job_id], as_json) if wait else True
+
+    _client_call(go())
+
+
+@app.command()
+def watch(
+    job_ids: Annotated[list[str], typer.Argument(help="Job ids.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
+    addr: AddrOpt = DEFAULT_ADDR,
+) -> None:
+    """Stream the events of jobs until each is final (from their first event)."""
+
+    async def go() -> bool:
+        async with laneway.AsyncClient(addr) as client:
+            return await _watch(client, job_ids, as_json)
+
+    _client_call(go())
+
+
+@app.command()
+def get(
+    job_id: str,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    addr: AddrOpt = DEFAULT_ADDR,
+) -> None:
+    """Show a job's current state."""
+
+    async def go() -> bool:
+        async with laneway.AsyncClient(addr) as client:
+            _print_event(await client.get_job(job_id), as_json)
+        return True
+
+    _client_call(go())
+
+
+@app.command()
+def cancel(job_id: str, reason: str = "", addr: AddrOpt = DEFAULT_ADDR) -> None:
+    """Cancel a job that has not finished."""
+
+    async def go() -> bool:
+        async with laneway.AsyncClient(addr) as client:
+            outcome = await client.cancel_job(job_id, reason)
+        state = job_pb2.JobState.Name(outcome.state).removeprefix("JOB_STATE_")
+        typer.echo(f"{job_id} {state}" + ("" if outcome.cancelled else " (already final)"))
+        return True
+
+    _client_call(go())
+
+
+@config_app.command("check")
+def config_check(path: Path) -> None:
+    """Validate a config file; errors name the line and key."""
+    try:
+        cfg = load_config(path)
+    except LanewayError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.routes)} routes)")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the config file's JSON Schema (for editor validation)."""
+    typer.echo(json.dumps(config_json_schema(), indent=2))
+
+
+def main() -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
