@@ -13,18 +13,17 @@ import contextlib
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Annotated
 
+import laneway
 import typer
 from google.protobuf.json_format import MessageToDict
-
-import laneway
-from broker.config import LanewayConfig, config_json_schema, default_config, load_config
-from broker.logs import configure_logging
 from laneway.errors import ApiError, LanewayError
 from laneway.v1 import job_pb2
+
+from broker.config import LanewayConfig, config_json_schema, default_config, load_config
+from broker.logs import configure_logging
 
 __all__ = ["app", "main"]
 
@@ -42,7 +41,9 @@ ConfigOpt = Annotated[
 NatsOpt = Annotated[
     str | None, typer.Option("--nats-url", help="NATS server URL (default: $NATS_URL, then nats.url).")
 ]
-AddrOpt = Annotated[str, typer.Option("--addr", help="Broker address (default: $LANEWAY_ADDR or 127.0.0.1:50051).")]
+AddrOpt = Annotated[
+    str, typer.Option("--addr", help="Broker address (default: $LANEWAY_ADDR or 127.0.0.1:50051).")
+]
 
 
 def _load(path: Path | None) -> tuple[LanewayConfig, Path | None]:
@@ -87,7 +88,9 @@ def broker(
     cfg, _ = _load(config)
     url = _nats_url(nats_url, cfg)
     if not url:
-        raise typer.BadParameter("no NATS URL: pass --nats-url, set NATS_URL or nats.url (or use `laneway up`)")
+        raise typer.BadParameter(
+            "no NATS URL: pass --nats-url, set NATS_URL or nats.url (or use `laneway up`)"
+        )
 
     async def serve() -> None:
         async with BrokerServer(cfg, nats_url=url, grpc_addr=grpc_addr):
@@ -100,7 +103,9 @@ def broker(
 def worker(
     config: ConfigOpt = None,
     nats_url: NatsOpt = None,
-    provider: Annotated[list[str] | None, typer.Option(help="Serve only these providers (repeatable).")] = None,
+    provider: Annotated[
+        list[str] | None, typer.Option(help="Serve only these providers (repeatable).")
+    ] = None,
 ) -> None:
     """Run a worker process: provider pools pulling their routes' lanes."""
     from workers.pool import WorkerPool
@@ -109,7 +114,9 @@ def worker(
     cfg, _ = _load(config)
     url = _nats_url(nats_url, cfg)
     if not url:
-        raise typer.BadParameter("no NATS URL: pass --nats-url, set NATS_URL or nats.url (or use `laneway up`)")
+        raise typer.BadParameter(
+            "no NATS URL: pass --nats-url, set NATS_URL or nats.url (or use `laneway up`)"
+        )
 
     async def serve() -> None:
         async with WorkerPool(cfg, nats_url=url, providers=provider):
@@ -183,7 +190,7 @@ async def _watch(client: laneway.AsyncClient, job_ids: list[str], as_json: bool)
 
 def _client_call(coro: object) -> None:
     try:
-        ok = asyncio.run(coro)  # type: ignore[arg-type]
+        ok: object = asyncio.run(coro)  # type: ignore[arg-type]
     except ApiError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
@@ -292,4 +299,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -16,7 +16,6 @@ from pathlib import Path
 from types import TracebackType
 
 import nats
-
 from laneway.errors import TopologyError
 
 __all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
@@ -103,7 +102,11 @@ class EmbeddedNats:
                 break
             try:
                 nc = await nats.connect(
-                    self.url, connect_timeout=1, allow_reconnect=False, max_reconnect_attempts=0, error_cb=_quiet
+                    self.url,
+                    connect_timeout=1,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    error_cb=_quiet,
                 )
             except Exception as err:  # not listening yet
                 last_error = err

@@ -8,6 +8,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
 from nats.aio.client import Client as NatsClient
 
 from broker import topology as t
@@ -16,7 +17,6 @@ from broker.connection import connect_nats
 from broker.events import EventLog
 from broker.jobs import JobStore
 from broker.service import BrokerServicer
-from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
 
 __all__ = ["BrokerServer"]
 
@@ -44,7 +44,7 @@ class BrokerServer:
         self._grace = shutdown_grace_s
         self._nc: NatsClient | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
 
     async def __aenter__(self) -> BrokerServer:
@@ -87,7 +87,9 @@ class BrokerServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        broker_service_pb2_grpc.add_BrokerServiceServicer_to_server(BrokerServicer(store, self.config), self._server)
+        broker_service_pb2_grpc.add_BrokerServiceServicer_to_server(
+            BrokerServicer(store, self.config), self._server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             (_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

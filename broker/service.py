@@ -8,24 +8,25 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+from laneway.errors import ApiError, InvalidArgument, ResourceExhausted
+from laneway.v1 import broker_service_pb2 as pb
+from laneway.v1 import broker_service_pb2_grpc as pb_grpc
+from laneway.v1 import job_pb2
 
 from broker.config import LanewayConfig
 from broker.jobs import JobStore, Submitted
 from broker.model import JobSpec, utcnow
 from broker.status import stream_errors, unary_errors
 from broker.wire import NAME_RE, spec_from_pb
-from laneway.errors import ApiError, InvalidArgument, ResourceExhausted
-from laneway.v1 import broker_service_pb2 as pb
-from laneway.v1 import broker_service_pb2_grpc as pb_grpc
-from laneway.v1 import job_pb2
 
 __all__ = ["BrokerServicer"]
 
 _MAX_WATCH_IDS = 10_000
 
-Ctx = grpc.aio.ServicerContext
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class BrokerServicer(pb_grpc.BrokerServiceServicer):
@@ -49,16 +50,14 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         return spec
 
     @unary_errors
-    async def Submit(self, request: pb.SubmitRequest, context: Ctx) -> pb.SubmitResponse:  # type: ignore[override]
+    async def Submit(self, request: pb.SubmitRequest, context: Ctx) -> pb.SubmitResponse:
         if not request.HasField("job"):
             raise InvalidArgument("job: required", field="job")
         done = await self._store.submit(self._spec(request.job, "job"))
         return pb.SubmitResponse(job_id=done.job_id, duplicate=done.duplicate)
 
     @unary_errors
-    async def SubmitBatch(  # type: ignore[override]
-        self, request: pb.SubmitBatchRequest, context: Ctx
-    ) -> pb.SubmitBatchResponse:
+    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Ctx) -> pb.SubmitBatchResponse:
         limit = self._config.broker.max_batch_jobs
         if not request.jobs:
             raise InvalidArgument("jobs: at least one job is required", field="jobs")
@@ -89,7 +88,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         return response
 
     @stream_errors
-    async def StreamResults(  # type: ignore[override]
+    async def StreamResults(
         self, request: pb.StreamResultsRequest, context: Ctx
     ) -> AsyncIterator[pb.StreamResultsResponse]:
         if not request.job_ids:
@@ -110,7 +109,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             yield response
 
     @unary_errors
-    async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:  # type: ignore[override]
+    async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
         _check_job_id(request.job_id, "job_id")
         stored = await self._store.get(request.job_id)
         response = pb.GetJobResponse()
@@ -118,9 +117,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         return response
 
     @unary_errors
-    async def CancelJob(  # type: ignore[override]
-        self, request: pb.CancelJobRequest, context: Ctx
-    ) -> pb.CancelJobResponse:
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
         _check_job_id(request.job_id, "job_id")
         state, cancelled = await self._store.cancel(request.job_id, request.reason)
         return pb.CancelJobResponse(state=int(state), cancelled=cancelled)  # type: ignore[arg-type]

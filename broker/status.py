@@ -12,7 +12,6 @@ import structlog
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-
 from laneway.errors import ApiError, InternalError
 
 __all__ = ["ERROR_DOMAIN", "status_for", "stream_errors", "unary_errors"]
@@ -63,7 +62,7 @@ def unary_errors(
         try:
             return await fn(self, request, context)
         except Exception as exc:
-            await context.abort_with_status(status_for(_to_api_error(exc, fn.__name__)))
+            await context.abort_with_status(status_for(_to_api_error(exc, fn.__name__)))  # type: ignore[attr-defined]
             raise  # abort_with_status raises; this keeps type checkers honest
 
     return wrapper
@@ -73,11 +72,13 @@ def stream_errors(
     fn: Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]],
 ) -> Callable[[Self, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]:
     @functools.wraps(fn)
-    async def wrapper(self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> AsyncIterator[Resp]:
+    async def wrapper(
+        self: Self, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> AsyncIterator[Resp]:
         try:
             async for item in fn(self, request, context):
                 yield item
         except Exception as exc:
-            await context.abort_with_status(status_for(_to_api_error(exc, fn.__name__)))
+            await context.abort_with_status(status_for(_to_api_error(exc, fn.__name__)))  # type: ignore[attr-defined]
 
     return wrapper

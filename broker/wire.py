@@ -10,6 +10,8 @@ import re
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
+from laneway.errors import InvalidArgument
+from laneway.v1 import job_pb2, queue_pb2
 
 from broker.model import (
     ChatInput,
@@ -30,8 +32,6 @@ from broker.model import (
     QueuedJob,
     TokenUsage,
 )
-from laneway.errors import InvalidArgument
-from laneway.v1 import job_pb2, queue_pb2
 
 __all__ = [
     "LANE_FROM_PB",
@@ -57,8 +57,11 @@ _ROLE_FROM_PB = {
     job_pb2.CHAT_ROLE_USER: "user",
     job_pb2.CHAT_ROLE_ASSISTANT: "assistant",
 }
-_ROLE_TO_PB = {"system": job_pb2.CHAT_ROLE_SYSTEM, "user": job_pb2.CHAT_ROLE_USER,
-               "assistant": job_pb2.CHAT_ROLE_ASSISTANT}
+_ROLE_TO_PB = {
+    "system": job_pb2.CHAT_ROLE_SYSTEM,
+    "user": job_pb2.CHAT_ROLE_USER,
+    "assistant": job_pb2.CHAT_ROLE_ASSISTANT,
+}
 _FINISH_TO_PB = {
     "stop": job_pb2.FINISH_REASON_STOP,
     "length": job_pb2.FINISH_REASON_LENGTH,
@@ -174,14 +177,14 @@ def _chat_from_pb(chat: job_pb2.ChatInput, f: str) -> ChatInput:
 
 def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
     out.route = spec.route
-    out.lane = LANE_TO_PB[spec.lane]  # type: ignore[assignment]
+    out.lane = LANE_TO_PB[spec.lane]
     out.metadata.update(spec.metadata)
     out.idempotency_key = spec.idempotency_key
     _ts(spec.deadline, out.deadline)
     inp = spec.input
     if isinstance(inp, ChatInput):
         for m in inp.messages:
-            out.chat.messages.add(role=_ROLE_TO_PB[m.role], content=m.content)  # type: ignore[arg-type]
+            out.chat.messages.add(role=_ROLE_TO_PB[m.role], content=m.content)
         params = out.chat.params
         if inp.params.max_tokens is not None:
             params.max_tokens = inp.params.max_tokens
@@ -233,7 +236,7 @@ def _usage_from_pb(pb: job_pb2.TokenUsage) -> TokenUsage:
 def _result_to_pb(r: JobResult, out: job_pb2.JobResult) -> None:
     if isinstance(r, ChatOutput):
         out.chat.text = r.text
-        out.chat.finish_reason = _FINISH_TO_PB.get(r.finish_reason, job_pb2.FINISH_REASON_UNSPECIFIED)  # type: ignore[assignment]
+        out.chat.finish_reason = _FINISH_TO_PB.get(r.finish_reason, job_pb2.FINISH_REASON_UNSPECIFIED)
         _usage_to_pb(r.usage, out.chat.usage)
     elif isinstance(r, EmbeddingOutput):
         for vec in r.vectors:

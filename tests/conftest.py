@@ -4,13 +4,13 @@ broker on a free loopback port, worker pools, clients. No mocks of NATS or gRPC.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import laneway
 import pytest
 
-import laneway
 from broker.config import LanewayConfig, parse_config
 from broker.natsd import EmbeddedNats
 from broker.server import BrokerServer
@@ -80,7 +80,9 @@ async def broker(nats_server: EmbeddedNats, config: LanewayConfig) -> AsyncItera
 
 
 @pytest.fixture
-async def worker(nats_server: EmbeddedNats, config: LanewayConfig, broker: BrokerServer) -> AsyncIterator[WorkerPool]:
+async def worker(
+    nats_server: EmbeddedNats, config: LanewayConfig, broker: BrokerServer
+) -> AsyncIterator[WorkerPool]:
     async with WorkerPool(config, nats_url=nats_server.url) as pool:
         yield pool
 
@@ -91,7 +93,9 @@ async def client(broker: BrokerServer) -> AsyncIterator[laneway.AsyncClient]:
         yield c
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.02) -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.02
+) -> None:
     """Poll ``check`` until true or fail at the deadline."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -83,7 +83,7 @@ async def test_node_client_submit_stream_get(node_client, worker, broker) -> Non
     assert [e["seq"] for e in events] == [1, 2, 3]
     assert {e["job_id"] for e in events} == {job_id}
     assert events[-1]["result"] == "hello from node"
-    assert "result" not in events[0] and "result" not in events[1]
+    assert all("result" not in e for e in events[:-1])
 
     assert re.search(r"^get_job state=JOB_STATE_SUCCEEDED seq=3$", out, re.MULTILINE), out
 

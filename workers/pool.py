@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from types import TracebackType
 
 import structlog
+from laneway.errors import ConfigError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -20,7 +21,6 @@ from broker.config import LanewayConfig
 from broker.connection import connect_nats
 from broker.events import EventLog
 from broker.model import LANES
-from laneway.errors import ConfigError
 from workers.provider import Provider, build_provider
 from workers.puller import LanePuller
 from workers.runner import JobRunner, RetryPolicy, Target
@@ -50,7 +50,9 @@ class WorkerPool:
         self._name = name
         unknown = sorted(set(providers or ()) - set(config.providers))
         if unknown:
-            raise ConfigError(f"--provider: unknown provider(s) {unknown} (configured: {sorted(config.providers)})")
+            raise ConfigError(
+                f"--provider: unknown provider(s) {unknown} (configured: {sorted(config.providers)})"
+            )
         self._provider_names = list(providers or config.providers)
         self._nc: NatsClient | None = None
         self._cancel_sub: Subscription | None = None
@@ -77,7 +79,9 @@ class WorkerPool:
 
     async def _start(self) -> None:
         cfg = self.config
-        self._nc = await connect_nats(self.nats_url, name=self._name, connect_timeout=cfg.nats.connect_timeout_s)
+        self._nc = await connect_nats(
+            self.nats_url, name=self._name, connect_timeout=cfg.nats.connect_timeout_s
+        )
         js = self._nc.jetstream()
         await t.ensure_topology(js, t.TopologySettings.from_config(cfg))
         targets: dict[str, Target] = {}

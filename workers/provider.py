@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
+from laneway.errors import ConfigError, LanewayError
+
 from broker.model import (
     ChatInput,
     ChatOutput,
@@ -22,7 +24,6 @@ from broker.model import (
     JobInput,
     JobResult,
 )
-from laneway.errors import ConfigError, LanewayError
 
 __all__ = ["Provider", "ProviderError", "build_provider", "call_provider", "register_provider_type"]
 
@@ -75,5 +76,7 @@ def build_provider(name: str, config: Any) -> Provider:
         from workers import mock  # noqa: F401  (registers the built-in types)
     factory = _TYPES.get(config.type)
     if factory is None:
-        raise ConfigError(f"providers.{name}.type: unknown provider type {config.type!r} (known: {sorted(_TYPES)})")
+        raise ConfigError(
+            f"providers.{name}.type: unknown provider type {config.type!r} (known: {sorted(_TYPES)})"
+        )
     return factory(name, config)

@@ -156,7 +156,9 @@ class LanePuller:
                     break
                 elif status != "100":
                     description = (msg.headers or {}).get("Description", "")
-                    log.warning("pull refused", consumer=consumer.name, status=status, description=description)
+                    log.warning(
+                        "pull refused", consumer=consumer.name, status=status, description=description
+                    )
                     break
         # A delivery that raced our unsubscribe is still ours: run it.
         while not replies.empty():

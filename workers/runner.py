@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
+from laneway.errors import Unavailable
 from nats.aio.msg import Msg
 
 from broker import topology as t
 from broker.events import EventConflict, EventLog, first_event
 from broker.model import ErrorClass, JobError, JobEvent, JobState, QueuedJob, utcnow
 from broker.wire import decode_queued_job
-from laneway.errors import Unavailable
 from workers.provider import Provider, ProviderError, call_provider
 
 __all__ = ["JobRunner", "RetryPolicy", "Target"]
@@ -125,7 +125,9 @@ class JobRunner:
         prev, seq = previous
         deadline = job.spec.deadline
         if deadline is not None and deadline <= utcnow():
-            err = JobError("deadline_exceeded", "job deadline passed before it could run", ErrorClass.PERMANENT)
+            err = JobError(
+                "deadline_exceeded", "job deadline passed before it could run", ErrorClass.PERMANENT
+            )
             await self._append(prev.next(JobState.EXPIRED, error=err), seq)
             await msg.ack()
             return
@@ -167,7 +169,9 @@ class JobRunner:
         if error.retryable and running.attempt < self._retry.max_attempts:
             delay = self._retry.delay(running.attempt, err.retry_after_s)
             await self._append(running.next(JobState.RETRYING, error=error), seq)
-            bound.info("attempt failed; retrying", attempt=running.attempt, code=error.code, delay_s=round(delay, 3))
+            bound.info(
+                "attempt failed; retrying", attempt=running.attempt, code=error.code, delay_s=round(delay, 3)
+            )
             # Durable retry: the queue holds the job until the delay passes.
             await msg.nak(delay=delay)
             return

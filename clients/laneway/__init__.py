@@ -1,10 +1,10 @@
 """Laneway: a gRPC broker for AI work. This package is its Python client.
 
-    import laneway
+import laneway
 
-    with laneway.Client("127.0.0.1:50051") as client:
-        final = client.run("chat", laneway.chat("hello"), lane="high")
-        print(final.result.chat.text)
+with laneway.Client("127.0.0.1:50051") as client:
+    final = client.run("chat", laneway.chat("hello"), lane="high")
+    print(final.result.chat.text)
 """
 
 from laneway.client import (

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import grpc
 from google.rpc import error_details_pb2
@@ -52,8 +52,17 @@ FINAL_STATES = frozenset(
         job_pb2.JOB_STATE_EXPIRED,
     }
 )
-_LANES = {"high": job_pb2.LANE_HIGH, "normal": job_pb2.LANE_NORMAL, "low": job_pb2.LANE_LOW, "": job_pb2.LANE_UNSPECIFIED}
-_ROLES = {"system": job_pb2.CHAT_ROLE_SYSTEM, "user": job_pb2.CHAT_ROLE_USER, "assistant": job_pb2.CHAT_ROLE_ASSISTANT}
+_LANES = {
+    "high": job_pb2.LANE_HIGH,
+    "normal": job_pb2.LANE_NORMAL,
+    "low": job_pb2.LANE_LOW,
+    "": job_pb2.LANE_UNSPECIFIED,
+}
+_ROLES = {
+    "system": job_pb2.CHAT_ROLE_SYSTEM,
+    "user": job_pb2.CHAT_ROLE_USER,
+    "assistant": job_pb2.CHAT_ROLE_ASSISTANT,
+}
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -125,7 +134,7 @@ def job(
     """A job spec; ``lane`` is "high", "normal", "low" or "" for the broker's default."""
     spec = job_pb2.JobSpec(route=route, metadata=dict(metadata or {}), idempotency_key=idempotency_key)
     # An unknown lane name goes over the wire as an invalid number: the broker names the field.
-    spec.lane = _LANES.get(lane, 99)  # type: ignore[assignment]
+    spec.lane = cast(job_pb2.Lane.ValueType, _LANES.get(lane, 99))
     if isinstance(input, job_pb2.ChatInput):
         spec.chat.CopyFrom(input)
     elif isinstance(input, job_pb2.EmbeddingInput):
@@ -163,7 +172,9 @@ def _outcomes(response: pb.SubmitBatchResponse) -> list[Submitted | ApiError]:
     out: list[Submitted | ApiError] = []
     for item in response.outcomes:
         if item.HasField("error"):
-            code = next((c for c in grpc.StatusCode if c.value[0] == item.error.code), grpc.StatusCode.UNKNOWN)
+            code = next(
+                (c for c in grpc.StatusCode if c.value[0] == item.error.code), grpc.StatusCode.UNKNOWN
+            )
             out.append(error_for_code(code)(item.error.message, field=item.error.field))
         else:
             out.append(Submitted(item.job_id, item.duplicate))
@@ -180,7 +191,9 @@ class _Cursor:
 
     def request(self) -> pb.StreamResultsRequest:
         ids = [j for j in self.job_ids if j in self.open]
-        return pb.StreamResultsRequest(job_ids=ids, resume_after={j: self.last[j] for j in ids if j in self.last})
+        return pb.StreamResultsRequest(
+            job_ids=ids, resume_after={j: self.last[j] for j in ids if j in self.last}
+        )
 
     def accept(self, event: job_pb2.JobEvent) -> bool:
         if event.seq <= self.last.get(event.job_id, 0):
@@ -194,9 +207,11 @@ class _Cursor:
 class AsyncClient:
     """Asyncio client. ``async with AsyncClient(target) as client: ...``"""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, resume_attempts: int = 5) -> None:
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, resume_attempts: int = 5
+    ) -> None:
         self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        self._stub = pb_grpc.BrokerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = pb_grpc.BrokerServiceStub(self._channel)
         self._timeout = timeout
         self._resume_attempts = resume_attempts
 
@@ -209,7 +224,7 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def submit(self, route: str, input: JobInput, **options: object) -> Submitted:
         """Enqueue one job (options as for ``laneway.job``)."""
@@ -272,7 +287,9 @@ class AsyncClient:
 
     async def cancel_job(self, job_id: str, reason: str = "") -> CancelOutcome:
         try:
-            r = await self._stub.CancelJob(pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=self._timeout)
+            r = await self._stub.CancelJob(
+                pb.CancelJobRequest(job_id=job_id, reason=reason), timeout=self._timeout
+            )
         except grpc.RpcError as err:
             raise _map_error(err) from None
         return CancelOutcome(r.state, r.cancelled)
@@ -281,16 +298,20 @@ class AsyncClient:
 class Client:
     """Blocking client with the same methods as ``AsyncClient``."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, resume_attempts: int = 5) -> None:
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, resume_attempts: int = 5
+    ) -> None:
         self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
-        self._stub = pb_grpc.BrokerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = pb_grpc.BrokerServiceStub(self._channel)
         self._timeout = timeout
         self._resume_attempts = resume_attempts
 
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def close(self) -> None:

@@ -1,0 +1,70 @@
+# Laneway: `make run` starts the whole stack, `make test` checks everything.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PROTO_FILES := $(wildcard protos/laneway/v1/*.proto)
+PROTOC := $(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients --grpc_python_out=clients \
+	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	--mypy_out=clients --mypy_grpc_out=clients
+
+.PHONY: help venv run test lint format typecheck buf-lint proto proto-check pytest bench node-deps clean
+
+help:
+	@echo "make run    - create .venv, install, start nats + broker + workers (laneway up)"
+	@echo "make test   - lint, type-check, buf lint, generated-code drift check, pytest"
+	@echo "make bench  - throughput and latency against raw nats-py and grpc.aio baselines"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(BIN)/laneway up
+
+test: venv lint typecheck buf-lint proto-check node-deps pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: venv
+	$(BIN)/mypy broker workers clients/laneway bench
+
+buf-lint: venv
+	$(BIN)/buf lint
+
+proto: venv
+	$(PROTOC) $(PROTO_FILES)
+
+# Generated code is committed (so `pip install` needs no protoc); this fails when it drifts from protos/.
+proto-check: venv
+	@rm -rf build/proto-check && mkdir -p build/proto-check
+	@$(BIN)/python -m grpc_tools.protoc -I protos --python_out=build/proto-check --grpc_python_out=build/proto-check \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+		--mypy_out=build/proto-check --mypy_grpc_out=build/proto-check $(PROTO_FILES) 2>&1 | grep -v "^Writing mypy" || true
+	@diff -r -x __init__.py -x py.typed -x '*.pyc' -x __pycache__ build/proto-check/laneway/v1 clients/laneway/v1 \
+		|| (echo "generated code is stale: run 'make proto' and commit"; exit 1)
+	@echo "generated code matches protos/"
+
+# The Node example is tested when node and npm are present.
+node-deps:
+	@if command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then \
+		cd clients/node && npm ci --no-audit --no-fund --silent || echo "npm ci failed: node tests will skip"; fi
+
+pytest: venv
+	$(BIN)/pytest
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf build .laneway .pytest_cache .mypy_cache .ruff_cache
