@@ -101,6 +101,10 @@ class EmbeddedNats:
             if self._proc.returncode is not None:
                 break
             try:
+                # Probe the port first: a refused nats.connect waits its reconnect delay.
+                _reader, writer = await asyncio.open_connection(self.host, self.port)
+                writer.close()
+                await writer.wait_closed()
                 nc = await nats.connect(
                     self.url,
                     connect_timeout=1,
@@ -110,7 +114,7 @@ class EmbeddedNats:
                 )
             except Exception as err:  # not listening yet
                 last_error = err
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.02)
                 continue
             try:
                 await nc.jetstream().account_info()

@@ -150,10 +150,12 @@ def job(
 
 
 def _map_error(err: grpc.RpcError) -> ApiError:
-    code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
-    message = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
+    # Sync errors are grpc.Call objects, asyncio ones are AioRpcError: both have these methods.
+    call = cast(grpc.Call, err)
+    code = call.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message = (call.details() if hasattr(err, "details") else None) or str(err)
     field = reason = ""
-    status = rpc_status.from_call(err) if isinstance(err, grpc.Call) else None
+    status = rpc_status.from_call(call) if hasattr(err, "trailing_metadata") else None
     if status is not None:
         for detail in status.details:
             if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
