@@ -1,0 +1,78 @@
+"""What one bench run does: sizes, concurrency, pacing, and the job payload."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import laneway
+
+__all__ = ["PROMPT", "ROUTE", "Settings", "chat_input", "raw_payload"]
+
+ROUTE = "chat"
+# A short chat prompt: its queued job on the wire is about 200 bytes.
+PROMPT = "Summarise in one sentence: " + "the quick brown fox jumps over the lazy dog " * 3
+
+
+@dataclass(frozen=True)
+class Settings:
+    jobs: int
+    """Jobs per measured throughput phase."""
+    quick: bool
+    paced_rate: float = 100.0
+    """Jobs per second in the open-loop latency phases."""
+    paced_seconds: float = 10.0
+    warmup_jobs: int = 300
+    nats_concurrency: int = 200
+    grpc_concurrency: int = 50
+    grpc_calls: int = 6000
+    grpc_sequential: int = 2000
+    unary_concurrency: int = 64
+    batch_size: int = 100
+    batches_in_flight: int = 6
+    op_timeout_s: float = 60.0
+    """Longest one job (or one batch) may take before it counts as failed."""
+
+    @classmethod
+    def build(
+        cls, *, jobs: int | None, quick: bool, unary_concurrency: int, batches_in_flight: int
+    ) -> Settings:
+        n = jobs if jobs is not None else (600 if quick else 3000)
+        if quick:
+            return cls(
+                jobs=n,
+                quick=True,
+                paced_seconds=3.0,
+                warmup_jobs=100,
+                grpc_calls=2000,
+                grpc_sequential=500,
+                unary_concurrency=unary_concurrency,
+                batches_in_flight=batches_in_flight,
+                op_timeout_s=30.0,
+            )
+        return cls(
+            jobs=n,
+            quick=False,
+            grpc_calls=max(2 * n, 2000),
+            unary_concurrency=unary_concurrency,
+            batches_in_flight=batches_in_flight,
+        )
+
+    @property
+    def paced_jobs(self) -> int:
+        return max(2, round(self.paced_rate * self.paced_seconds))
+
+
+def chat_input() -> laneway.JobInput:
+    return laneway.chat(PROMPT)
+
+
+@functools.cache
+def raw_payload() -> bytes:
+    """Bytes of the size a Laneway broker puts on the queue for one bench chat job."""
+    from broker.model import QueuedJob, new_job_id, utcnow
+    from broker.wire import encode_queued_job, spec_from_pb
+
+    spec = spec_from_pb(laneway.job(ROUTE, chat_input()), field="job", default_lane="normal")
+    size = len(encode_queued_job(QueuedJob(new_job_id(), spec, utcnow())))
+    return b"x" * size

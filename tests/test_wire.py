@@ -1,0 +1,124 @@
+"""Pure wire code: protobuf <-> domain, validation, ids, topology names. No server."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker import topology as t
+from broker.events import first_event
+from broker.model import (
+    ChatInput,
+    ChatMessage,
+    ChatOutput,
+    EmbeddingOutput,
+    ErrorClass,
+    JobError,
+    JobSpec,
+    JobState,
+    QueuedJob,
+    TokenUsage,
+    new_job_id,
+    utcnow,
+)
+from broker.wire import (
+    NAME_RE,
+    decode_event,
+    decode_queued_job,
+    encode_event,
+    encode_queued_job,
+    spec_from_pb,
+)
+from laneway.errors import InvalidArgument, TopologyError
+from laneway.v1 import job_pb2
+
+
+def _job() -> QueuedJob:
+    spec = JobSpec(
+        route="chat",
+        lane="high",
+        input=ChatInput((ChatMessage("system", "be brief"), ChatMessage("user", "hi"))),
+        metadata={"tenant": "a"},
+        idempotency_key="k1",
+        deadline=utcnow(),
+    )
+    return QueuedJob(job_id=new_job_id(), spec=spec, enqueued_at=utcnow())
+
+
+def test_queued_job_round_trip() -> None:
+    job = _job()
+    assert decode_queued_job(encode_queued_job(job)) == job
+
+
+def test_event_round_trip_with_result_and_error() -> None:
+    base = first_event(_job())
+    running = base.next(JobState.RUNNING, attempt=1, provider="p", model="m", started_at=utcnow())
+    done = running.next(JobState.SUCCEEDED, result=ChatOutput("hello", "length", TokenUsage(3, 1)))
+    assert decode_event(encode_event(done)) == done
+    assert done.seq == 3
+    assert done.finished_at is not None
+    failed = running.next(JobState.FAILED, error=JobError("bad", "nope", ErrorClass.PERMANENT, 400))
+    assert decode_event(encode_event(failed)) == failed
+    embedded = running.next(JobState.SUCCEEDED, result=EmbeddingOutput(((0.5, -0.25),), TokenUsage(2, 0)))
+    assert decode_event(encode_event(embedded)).result == embedded.result
+
+
+def test_unspecified_lane_takes_the_default() -> None:
+    pb = job_pb2.JobSpec(route="chat", chat=job_pb2.ChatInput(messages=[job_pb2.ChatMessage(content="x")]))
+    spec = spec_from_pb(pb, field="job", default_lane="low")
+    assert spec.lane == "low"
+    assert spec.input == ChatInput((ChatMessage("user", "x"),))
+
+
+@pytest.mark.parametrize(
+    ("pb", "field"),
+    [
+        (job_pb2.JobSpec(), "job.route"),
+        (job_pb2.JobSpec(route="a b"), "job.route"),
+        (job_pb2.JobSpec(route="r", lane=9), "job.lane"),
+        (job_pb2.JobSpec(route="r", metadata={"k": "v" * 2000}), "job.metadata[k]"),
+        (job_pb2.JobSpec(route="r", idempotency_key="k" * 300), "job.idempotency_key"),
+        (job_pb2.JobSpec(route="r", embedding=job_pb2.EmbeddingInput(texts=["ok", ""])), "job.embedding.texts[1]"),
+        (
+            job_pb2.JobSpec(route="r", classification=job_pb2.ClassificationInput(text="t", labels=["a", "a"])),
+            "job.classification.labels",
+        ),
+        (
+            job_pb2.JobSpec(
+                route="r",
+                chat=job_pb2.ChatInput(
+                    messages=[job_pb2.ChatMessage(content="x")], params=job_pb2.GenerationParams(max_tokens=0)
+                ),
+            ),
+            "job.chat.params.max_tokens",
+        ),
+    ],
+)
+def test_validation_names_the_field(pb: job_pb2.JobSpec, field: str) -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        spec_from_pb(pb, field="job", default_lane="normal")
+    assert caught.value.field == field
+    assert caught.value.message.startswith(field + ":")
+
+
+def test_job_ids_are_subject_safe_sortable_and_unique() -> None:
+    ids = [new_job_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(NAME_RE.match(i) and len(i) == 26 for i in ids)
+    assert ids[0][:10] <= ids[-1][:10]  # millisecond time prefix
+
+
+def test_subjects_and_names() -> None:
+    assert t.job_subject("chat", "high") == "laneway.jobs.chat.high"
+    assert t.event_subject("abc") == "laneway.events.abc"
+    assert t.LaneConsumer("chat", "low").name == "jobs_chat_low"
+
+
+@pytest.mark.parametrize("version", ["2.10.22", "2.11.9", "v2.9.0"])
+def test_old_servers_are_refused_with_a_reason(version: str) -> None:
+    with pytest.raises(TopologyError, match="too old"):
+        t.check_server_version(version)
+
+
+@pytest.mark.parametrize("version", ["2.12.0", "2.15.1", "3.0.0-beta"])
+def test_current_servers_pass(version: str) -> None:
+    t.check_server_version(version)
