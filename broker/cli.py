@@ -16,14 +16,14 @@ import signal
 from pathlib import Path
 from typing import Annotated
 
-import laneway
 import typer
 from google.protobuf.json_format import MessageToDict
-from laneway.errors import ApiError, LanewayError
-from laneway.v1 import job_pb2
 
+import laneway
 from broker.config import LanewayConfig, config_json_schema, default_config, load_config
 from broker.logs import configure_logging
+from laneway.errors import ApiError, LanewayError
+from laneway.v1 import job_pb2
 
 __all__ = ["app", "main"]
 

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from laneway.errors import ConfigError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -39,6 +38,7 @@ from broker.config_errors import (
     problems_from_validation_error,
     suggest,
 )
+from laneway.errors import ConfigError
 
 __all__ = [
     "LANES",

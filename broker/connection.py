@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import nats
 import structlog
-from laneway.errors import TopologyError
 from nats.aio.client import Client as NatsClient
 
 from broker.topology import check_server_version
+from laneway.errors import TopologyError
 
 __all__ = ["connect_nats"]
 

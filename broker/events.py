@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 import nats.errors
-from laneway.errors import LanewayError, NotFound, Unavailable
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -26,6 +25,7 @@ from broker import topology as t
 from broker.inbox import reply_inbox, status_of, unsubscribe_quietly
 from broker.model import FINAL_STATES, JobEvent, JobState, QueuedJob
 from broker.wire import decode_event, encode_event
+from laneway.errors import LanewayError, NotFound, Unavailable
 
 __all__ = ["EventConflict", "EventLog", "StoredEvent", "first_event"]
 

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import nats.errors
-from laneway.errors import ApiError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyWrongLastSequenceError
@@ -25,6 +24,7 @@ from broker import topology as t
 from broker.events import EventConflict, EventLog, StoredEvent, first_event
 from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.wire import encode_queued_job
+from laneway.errors import ApiError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
 __all__ = ["JobStore", "Submitted"]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 
 import nats
+
 from laneway.errors import TopologyError
 
 __all__ = ["EmbeddedNats", "find_nats_server", "free_port"]

@@ -8,7 +8,6 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
 from nats.aio.client import Client as NatsClient
 
 from broker import topology as t
@@ -17,6 +16,7 @@ from broker.connection import connect_nats
 from broker.events import EventLog
 from broker.jobs import JobStore
 from broker.service import BrokerServicer
+from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
 
 __all__ = ["BrokerServer"]
 

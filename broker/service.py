@@ -11,16 +11,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from laneway.errors import ApiError, InvalidArgument, ResourceExhausted
-from laneway.v1 import broker_service_pb2 as pb
-from laneway.v1 import broker_service_pb2_grpc as pb_grpc
-from laneway.v1 import job_pb2
 
 from broker.config import LanewayConfig
 from broker.jobs import JobStore, Submitted
 from broker.model import JobSpec, utcnow
 from broker.status import stream_errors, unary_errors
 from broker.wire import NAME_RE, spec_from_pb
+from laneway.errors import ApiError, InvalidArgument, ResourceExhausted
+from laneway.v1 import broker_service_pb2 as pb
+from laneway.v1 import broker_service_pb2_grpc as pb_grpc
+from laneway.v1 import job_pb2
 
 __all__ = ["BrokerServicer"]
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from laneway.errors import TopologyError
 
 from broker import topology as t
 from broker.config import LanewayConfig
 from broker.connection import connect_nats
 from broker.natsd import EmbeddedNats, free_port
+from laneway.errors import TopologyError
 
 __all__ = ["run_stack"]
 

@@ -12,6 +12,7 @@ import structlog
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from laneway.errors import ApiError, InternalError
 
 __all__ = ["ERROR_DOMAIN", "status_for", "stream_errors", "unary_errors"]

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import nats.js.errors
-from laneway.errors import TopologyError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -36,6 +35,7 @@ from nats.js.api import (
 )
 
 from broker.model import LANES
+from laneway.errors import TopologyError
 
 if TYPE_CHECKING:
     from broker.config import LanewayConfig

@@ -10,8 +10,6 @@ import re
 from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from laneway.errors import InvalidArgument
-from laneway.v1 import job_pb2, queue_pb2
 
 from broker.model import (
     ChatInput,
@@ -32,6 +30,8 @@ from broker.model import (
     QueuedJob,
     TokenUsage,
 )
+from laneway.errors import InvalidArgument
+from laneway.v1 import job_pb2, queue_pb2
 
 __all__ = [
     "LANE_FROM_PB",

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import laneway
 import pytest
 
+import laneway
 from broker.config import LanewayConfig, parse_config
 from broker.natsd import EmbeddedNats
 from broker.server import BrokerServer

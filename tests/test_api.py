@@ -6,14 +6,14 @@ import asyncio
 from datetime import timedelta
 
 import grpc
-import laneway
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from laneway.v1 import job_pb2
 
+import laneway
 from broker import topology as t
 from broker.model import utcnow
+from laneway.v1 import job_pb2
 
 from .conftest import eventually
 

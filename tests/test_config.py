@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, get_args
 
 import pytest
-from laneway.errors import ConfigError
 from pydantic import BaseModel, ValidationError
 
 from broker.config import (
@@ -25,6 +24,7 @@ from broker.config import (
     load_config,
     parse_config,
 )
+from laneway.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "laneway.example.yaml"
 

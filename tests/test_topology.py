@@ -12,8 +12,10 @@ async def _snapshot(url: str) -> dict[str, object]:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        streams = {s.config.name: (s.config.subjects, s.config.retention, s.state.consumer_count)
-                   for s in await js.streams_info()}
+        streams = {
+            s.config.name: (s.config.subjects, s.config.retention, s.state.consumer_count)
+            for s in await js.streams_info()
+        }
         consumers = sorted(c.name for c in await js.consumers_info(t.JOBS_STREAM))
         created = {c.name: c.created for c in await js.consumers_info(t.JOBS_STREAM)}
         return {"streams": streams, "consumers": consumers, "created": created}

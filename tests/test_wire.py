@@ -77,9 +77,14 @@ def test_unspecified_lane_takes_the_default() -> None:
         (job_pb2.JobSpec(route="r", lane=9), "job.lane"),
         (job_pb2.JobSpec(route="r", metadata={"k": "v" * 2000}), "job.metadata[k]"),
         (job_pb2.JobSpec(route="r", idempotency_key="k" * 300), "job.idempotency_key"),
-        (job_pb2.JobSpec(route="r", embedding=job_pb2.EmbeddingInput(texts=["ok", ""])), "job.embedding.texts[1]"),
         (
-            job_pb2.JobSpec(route="r", classification=job_pb2.ClassificationInput(text="t", labels=["a", "a"])),
+            job_pb2.JobSpec(route="r", embedding=job_pb2.EmbeddingInput(texts=["ok", ""])),
+            "job.embedding.texts[1]",
+        ),
+        (
+            job_pb2.JobSpec(
+                route="r", classification=job_pb2.ClassificationInput(text="t", labels=["a", "a"])
+            ),
             "job.classification.labels",
         ),
         (

@@ -81,9 +81,13 @@ async def test_graceful_shutdown_finishes_in_flight_jobs(broker, client, nats_se
     assert (await client.get_job(job_id)).state == SUCCEEDED
 
 
-async def test_worker_killed_mid_job_completes_elsewhere_once(broker, client, nats_server, tmp_path: Path) -> None:
+async def test_worker_killed_mid_job_completes_elsewhere_once(
+    broker, client, nats_server, tmp_path: Path
+) -> None:
     # A provider slow enough to kill the worker mid-call; a 1 s lease so redelivery is quick.
-    yaml = TEST_CONFIG.replace("ack_wait_s: 2", "ack_wait_s: 1").replace("latency_ms: 300", "latency_ms: 1500")
+    yaml = TEST_CONFIG.replace("ack_wait_s: 2", "ack_wait_s: 1").replace(
+        "latency_ms: 300", "latency_ms: 1500"
+    )
     config_file = tmp_path / "laneway.yaml"
     config_file.write_text(yaml)
     child = await asyncio.create_subprocess_exec(

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from types import TracebackType
 
 import structlog
-from laneway.errors import ConfigError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -21,6 +20,7 @@ from broker.config import LanewayConfig
 from broker.connection import connect_nats
 from broker.events import EventLog
 from broker.model import LANES
+from laneway.errors import ConfigError
 from workers.provider import Provider, build_provider
 from workers.puller import LanePuller
 from workers.runner import JobRunner, RetryPolicy, Target

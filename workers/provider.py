@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from laneway.errors import ConfigError, LanewayError
-
 from broker.model import (
     ChatInput,
     ChatOutput,
@@ -24,6 +22,7 @@ from broker.model import (
     JobInput,
     JobResult,
 )
+from laneway.errors import ConfigError, LanewayError
 
 __all__ = ["Provider", "ProviderError", "build_provider", "call_provider", "register_provider_type"]
 

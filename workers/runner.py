@@ -15,13 +15,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import structlog
-from laneway.errors import Unavailable
 from nats.aio.msg import Msg
 
 from broker import topology as t
 from broker.events import EventConflict, EventLog, first_event
 from broker.model import ErrorClass, JobError, JobEvent, JobState, QueuedJob, utcnow
 from broker.wire import decode_queued_job
+from laneway.errors import Unavailable
 from workers.provider import Provider, ProviderError, call_provider
 
 __all__ = ["JobRunner", "RetryPolicy", "Target"]

@@ -1,0 +1,184 @@
+"""Laneway end to end: an embedded nats-server, a broker process and a worker
+process, driven through the Python client.
+
+- unary: ``submit`` then ``stream_results`` until the final event, per job;
+- batch: ``submit_batch`` of 100 jobs, then one ``stream_results`` over their ids;
+- latency: unary jobs started at a fixed rate (open loop), submit to final event.
+
+Every job must end SUCCEEDED with the echoed prompt, and the job queue must be
+empty afterwards; anything else is counted and printed as a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import sys
+from typing import Any
+
+import laneway
+import nats
+from laneway.v1 import job_pb2
+
+from bench.measure import Latency, Throughput, closed_loop, paced
+from bench.report import progress
+from bench.settings import PROMPT, ROUTE, Settings, chat_input
+from bench.stack import Child, Workspace, wait_grpc_health, wait_pull_waiting
+from broker import topology as topo
+from broker.config import load_config
+from broker.natsd import free_port
+
+__all__ = ["run_laneway"]
+
+Results = dict[str, Throughput | Latency]
+
+CONFIG = """\
+broker:
+  grpc_addr: "127.0.0.1:{port}"
+queue:
+  ack_wait_s: 30
+workers:
+  shutdown_grace_s: 2
+providers:
+  mock:
+    type: mock
+    concurrency: 256
+    latency_ms: 0
+    latency_jitter_ms: 0
+routes:
+  {route}:
+    targets: [{{provider: mock, model: mock-chat}}]
+"""
+
+
+async def _start_stack(ws: Workspace) -> tuple[str, Any, dict[str, int | None]]:
+    """Start nats, broker, worker; return the broker address, a NATS connection and pids."""
+    server = await ws.start_nats()
+    port = free_port()
+    config = ws.dir / "laneway.yaml"
+    config.write_text(CONFIG.format(port=port, route=ROUTE))
+    load_config(config)  # fail here, with the config error, rather than in a child
+    addr = f"127.0.0.1:{port}"
+    cli = [sys.executable, "-m", "broker.cli"]
+    common = ["--config", str(config), "--nats-url", server.url]
+    broker = await ws.spawn("broker", [*cli, "broker", *common, "--grpc-addr", addr])
+    await wait_grpc_health(addr, broker)
+    # The broker created the topology; the worker only checks it.
+    worker = await ws.spawn("worker", [*cli, "worker", *common])
+    nc = await nats.connect(server.url, name="bench-observer")
+    try:
+        await wait_pull_waiting(nc.jetstream(), topo.JOBS_STREAM, topo.consumer_name(ROUTE, "normal"), worker)
+    except BaseException:
+        await nc.close()
+        raise
+    pids = {"bench": os.getpid(), "nats-server": ws.nats_pid, "broker": broker.pid, "worker": worker.pid}
+    return addr, nc, pids
+
+
+def _check_finals(job_ids: list[str], finals: dict[str, job_pb2.JobEvent]) -> list[str]:
+    failures: list[str] = []
+    for job_id in job_ids:
+        event = finals.get(job_id)
+        if event is None:
+            failures.append("stream ended without a final event")
+        elif event.state != job_pb2.JOB_STATE_SUCCEEDED:
+            state = job_pb2.JobState.Name(event.state)
+            failures.append(f"{state}: {event.error.code} {event.error.message}".strip())
+        elif event.result.chat.text != PROMPT:
+            failures.append("SUCCEEDED with a wrong result")
+    return failures
+
+
+async def _follow(client: laneway.AsyncClient, job_ids: list[str]) -> list[str]:
+    finals: dict[str, job_pb2.JobEvent] = {}
+    async for event in client.stream_results(job_ids):
+        if event.state in laneway.FINAL_STATES:
+            finals[event.job_id] = event
+    return _check_finals(job_ids, finals)
+
+
+class Jobs:
+    """The operations the load patterns run."""
+
+    def __init__(self, client: laneway.AsyncClient, batch_size: int) -> None:
+        self._client = client
+        self._input = chat_input()
+        self._batch = [laneway.job(ROUTE, self._input) for _ in range(batch_size)]
+
+    async def unary(self) -> list[str]:
+        done = await self._client.submit(ROUTE, self._input)
+        return await _follow(self._client, [done.job_id])
+
+    async def batch(self) -> list[str]:
+        outcomes = await self._client.submit_batch(self._batch)
+        failures: list[str] = []
+        ids: list[str] = []
+        for outcome in outcomes:
+            if isinstance(outcome, laneway.Submitted):
+                ids.append(outcome.job_id)
+            else:
+                failures.append(f"rejected: {type(outcome).__name__}: {outcome}")
+        if ids:
+            failures.extend(await _follow(self._client, ids))
+        return failures
+
+
+async def _queue_drained(nc: Any, timeout: float = 10.0) -> int:
+    """Jobs still on the work queue once acks have landed (0 when all were acked)."""
+    js = nc.jetstream()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        left = int((await js.stream_info(topo.JOBS_STREAM)).state.messages)
+        if left == 0 or loop.time() >= deadline:
+            return left
+        await asyncio.sleep(0.1)  # acks follow the final event: poll under a deadline
+
+
+def _alive(children: list[Child]) -> None:
+    for child in children:
+        child.check_alive()
+
+
+async def run_laneway(s: Settings) -> Results:
+    results: Results = {}
+    async with Workspace("laneway") as ws:
+        addr, nc, pids = await _start_stack(ws)
+        try:
+            async with laneway.AsyncClient(addr, timeout=30.0) as client:
+                jobs = Jobs(client, s.batch_size)
+                t = s.op_timeout_s
+                c = s.unary_concurrency
+                progress(f"Laneway: warm-up, unary ({ws.dir})")
+                results["laneway.unary.warmup"] = await closed_loop(
+                    jobs.unary, ops=s.warmup_jobs, concurrency=c, timeout=t
+                )
+                progress(f"Laneway: paced {s.paced_rate:.0f}/s for {s.paced_seconds:.0f}s, unary")
+                results["laneway.unary.latency"] = await paced(
+                    jobs.unary, rate=s.paced_rate, count=s.paced_jobs, timeout=t, pids=pids
+                )
+                progress(f"Laneway: {s.jobs} jobs, unary, {c} in flight")
+                results["laneway.unary.throughput"] = await closed_loop(
+                    jobs.unary, ops=s.jobs, concurrency=c, timeout=t, pids=pids
+                )
+                _alive(ws.children)
+                b, inflight = s.batch_size, s.batches_in_flight
+                progress("Laneway: warm-up, batch")
+                results["laneway.batch.warmup"] = await closed_loop(
+                    jobs.batch, ops=inflight, concurrency=inflight, jobs_per_op=b, timeout=t
+                )
+                ops = math.ceil(s.jobs / b)
+                progress(f"Laneway: {ops * b} jobs, SubmitBatch of {b}, {inflight} batches in flight")
+                results["laneway.batch.throughput"] = await closed_loop(
+                    jobs.batch, ops=ops, concurrency=inflight, jobs_per_op=b, timeout=t, pids=pids
+                )
+            _alive(ws.children)
+            left = await _queue_drained(nc)
+            if left:
+                results["laneway.batch.throughput"].failures.add(f"{left} jobs left on {topo.JOBS_STREAM}", 0)
+                ws.failed = True
+        finally:
+            await nc.close()
+        ws.failed = ws.failed or any(r.failures.count for r in results.values())
+    return results

@@ -1,0 +1,157 @@
+"""Printing the figures: progress lines, the comparison table, per-phase details, JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.measure import Latency, Throughput
+
+__all__ = ["Row", "comparison_rows", "print_report", "progress", "write_json"]
+
+Results = Mapping[str, Throughput | Latency]
+_T0 = time.perf_counter()
+
+
+def progress(message: str) -> None:
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Row:
+    metric: str
+    laneway: float | None
+    baseline_name: str
+    baseline: float | None
+    latency: bool
+    """Latency rows compare by difference (ms), throughput rows by ratio."""
+    target: float | None = None
+    """>= for throughput, <= for latency (on Laneway's own figure)."""
+
+    @property
+    def compared(self) -> float | None:
+        if self.laneway is None or self.baseline is None:
+            return None
+        if self.latency:
+            return self.laneway - self.baseline
+        return self.laneway / self.baseline if self.baseline else None
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None:
+            return "info"
+        if self.laneway is None:
+            return "n/a"
+        ok = self.laneway <= self.target if self.latency else self.laneway >= self.target
+        return "PASS" if ok else "FAIL"
+
+    def cells(self) -> list[str]:
+        def num(v: float | None) -> str:
+            if v is None:
+                return "-"
+            return f"{v:,.2f}" if self.latency else f"{v:,.0f}"
+
+        c = self.compared
+        if c is None:
+            compared = "-"
+        else:
+            compared = f"{c:+,.2f} ms" if self.latency else f"{c:.2f}x"
+        target = "-"
+        if self.target is not None:
+            target = f"<= {self.target:g} ms" if self.latency else f">= {self.target:,.0f}/s"
+        return [self.metric, num(self.laneway), self.baseline_name, num(self.baseline), compared, target]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "metric": self.metric,
+            "laneway": self.laneway,
+            "baseline_name": self.baseline_name,
+            "baseline": self.baseline,
+            "compared": self.compared,
+            "compared_as": "laneway - baseline (ms)" if self.latency else "laneway / baseline",
+            "target": self.target,
+            "verdict": self.verdict,
+        }
+
+
+def _rate(results: Results, key: str) -> float | None:
+    r = results.get(key)
+    return r.rate if isinstance(r, Throughput) else None
+
+
+def _pct(results: Results, key: str, p: int) -> float | None:
+    r = results.get(key)
+    if not isinstance(r, Latency):
+        return None
+    return r.p50 if p == 50 else r.p99
+
+
+def comparison_rows(results: Results) -> list[Row]:
+    nats_rate = _rate(results, "raw_nats.throughput")
+    grpc_rate = _rate(results, "grpc_echo.throughput")
+    lat = "laneway.unary.latency"
+    raw = "raw_nats.latency"
+    return [
+        Row("e2e jobs/s, SubmitBatch x100", _rate(results, "laneway.batch.throughput"), "raw NATS loop",
+            nats_rate, latency=False, target=2000),
+        Row("e2e jobs/s, unary Submit", _rate(results, "laneway.unary.throughput"), "raw NATS loop",
+            nats_rate, latency=False, target=1200),
+        Row("e2e jobs/s, unary Submit", _rate(results, "laneway.unary.throughput"), "gRPC echo rps",
+            grpc_rate, latency=False),
+        Row("latency p50 @100/s (ms)", _pct(results, lat, 50), "raw NATS loop", _pct(results, raw, 50),
+            latency=True, target=3),
+        Row("latency p99 @100/s (ms)", _pct(results, lat, 99), "raw NATS loop", _pct(results, raw, 99),
+            latency=True, target=10),
+        Row("latency p50 @100/s (ms)", _pct(results, lat, 50), "gRPC echo seq.",
+            _pct(results, "grpc_echo.sequential", 50), latency=True),
+    ]  # fmt: skip
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _detail(name: str, r: Throughput | Latency) -> str:
+    if isinstance(r, Throughput):
+        text = f"{r.jobs} jobs in {r.seconds:.2f}s = {r.rate:,.0f}/s, {r.concurrency} in flight"
+    else:
+        head = f"paced {r.rate:.0f}/s" if r.rate else "sequential"
+        j = r.to_json()
+        text = (
+            f"{head}, {len(r.samples_ms)} ok: p50 {r.p50:.2f} ms, p90 {j['p90_ms']} ms, p99 {r.p99:.2f} ms, "
+            f"max {j['max_ms']} ms"
+        )
+        if r.rate:
+            text += f", worst schedule lag {r.max_lag_ms:.1f} ms"
+    if r.failures.count or r.failures.kinds:
+        text += f"\n      FAILURES: {r.failures.count}: {r.failures.summary()}"
+    if r.cpu:
+        text += "\n      cpu % of one core: " + ", ".join(f"{k} {v:.0f}" for k, v in r.cpu.items())
+    return f"  {name:26} {text}"
+
+
+def print_report(results: Results, rows: list[Row], *, header: str) -> None:
+    print()
+    print(header)
+    print()
+    if any(r.laneway is not None for r in rows):
+        cols = ["metric", "Laneway", "baseline", "baseline value", "vs baseline", "target", "result"]
+        print(_table(cols, [[*r.cells(), r.verdict] for r in rows]))
+        print()
+    print("phases:")
+    for name, r in results.items():
+        print(_detail(name, r))
+    failed = sum(r.failures.count for r in results.values())
+    print(f"\nfailed or lost jobs: {failed}")
+
+
+def write_json(path: Path, payload: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,0 +1,100 @@
+"""The command line, including the README's examples, against a real stack."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from broker.natsd import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def laneway(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker.cli", *args,
+        cwd=ROOT, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+def readme_commands() -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- cli-example")[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    return [line.split()[1:] for line in block.strip().splitlines()]
+
+
+async def test_readme_examples_run(worker, broker) -> None:
+    commands = readme_commands()
+    assert commands[0][0] == "submit"
+    for args in commands:
+        code, out, err = await laneway(*args, env={"LANEWAY_ADDR": broker.address})
+        assert code == 0, err
+        if args[0] == "submit":
+            lines = out.strip().splitlines()
+            job_id = lines[0]
+            assert re.fullmatch(r"[0-9a-z]{26}", job_id)
+            assert lines[1:] == [
+                f"{job_id} seq=1 QUEUED attempt=0",
+                f"{job_id} seq=2 RUNNING attempt=1 provider=mock",
+                f"{job_id} seq=3 SUCCEEDED attempt=1 provider=mock text='hello'",
+            ]
+        else:
+            assert out.strip() == "laneway.example.yaml: ok (2 providers, 3 routes)"
+
+
+async def test_submit_errors_exit_2_with_the_reason(broker) -> None:
+    code, _, err = await laneway("submit", "--route", "nope", "--text", "x", "--addr", broker.address)
+    assert code == 2
+    assert "INVALID_ARGUMENT" in err
+    assert "unknown route 'nope'" in err
+
+
+async def test_config_check_names_line_and_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "providers:\n  m:\n    type: mock\n    latncy_ms: 3\n"
+        "routes:\n  r:\n    targets: [{provider: m, model: x}]\n"
+    )
+    code, _, err = await laneway("config", "check", str(bad))
+    assert code == 1
+    assert f"{bad}:4: providers.m.latncy_ms: unknown key 'latncy_ms' (did you mean 'latency_ms'?)" in err
+
+
+async def test_up_runs_the_stack_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    addr = f"127.0.0.1:{free_port()}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "broker.cli", "up", "--grpc-addr", addr, "--data-dir", str(tmp_path / "data"),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        banner = await asyncio.wait_for(proc.stdout.readuntil(b"Ctrl-C stops everything."), 60)
+        assert b"Laneway is up" in banner
+        code, out, err = await laneway(
+            "submit", "--route", "chat", "--text", "via up", "--wait", "--addr", addr
+        )
+        assert code == 0, err
+        assert out.strip().endswith("SUCCEEDED attempt=1 provider=mock text='via up'")
+        proc.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["config", "schema"]])
+async def test_help_and_schema(args: list[str]) -> None:
+    code, out, _ = await laneway(*args)
+    assert code == 0
+    assert out
