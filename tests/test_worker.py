@@ -120,3 +120,15 @@ async def test_worker_killed_mid_job_completes_elsewhere_once(
     replay = [e async for e in client.stream_results(job_id)]
     assert [e.state for e in replay].count(SUCCEEDED) == 1
     assert replay[-1].result.chat.text == "survive"
+
+
+async def test_idle_worker_with_one_slot_still_watches_every_lane(broker, client, nats_server) -> None:
+    config = make_config("providers: {mock: {type: mock, concurrency: 1}, slow: {type: mock}}")
+    async with WorkerPool(config, nats_url=nats_server.url):
+        loop = asyncio.get_running_loop()
+        for lane in ("low", "high", "normal"):
+            start = loop.time()
+            final = await client.run("chat", laneway.chat(lane), lane=lane)
+            assert final.state == SUCCEEDED
+            # Served by a parked pull, not by the next 5 s park renewal.
+            assert loop.time() - start < 1.0

@@ -13,8 +13,10 @@ Two modes:
 - park: when every lane was empty, leave one ``batch: 1`` long-poll on each
   lane. Whichever lane gets work first wakes the loop, which sweeps again.
 
-A parked pull holds a slot, so the process never leases more jobs than its
-capacity: work waits in the durable queue, not in worker memory.
+Parked pulls do not hold slots (a provider with 2 slots still watches all its
+lanes); a parked delivery that finds every slot taken is handed back at once
+(nak), so the process never runs more jobs than its capacity and work waits in
+the durable queue, not in worker memory.
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class LanePuller:
         self._parks.clear()
 
     def _free(self) -> int:
-        return self._capacity - self._busy - len(self._parks)
+        return self._capacity - self._busy
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -170,7 +172,7 @@ class LanePuller:
     async def _park_idle_lanes(self, now: float) -> None:
         parked = {p.consumer for p in self._parks.values()}
         for consumer in self._consumers:
-            if self._stopping or self._free() <= 0:
+            if self._stopping:
                 return
             if consumer.name in parked:
                 continue
@@ -209,8 +211,12 @@ class LanePuller:
         await self._nc.publish(subject, json.dumps(body).encode(), reply=reply)
 
     def _dispatch(self, msg: Msg, consumer: LaneConsumer) -> None:
-        self._busy += 1
-        task = asyncio.create_task(self._handle(msg, consumer))
+        if self._busy >= self._capacity:
+            # A parked pull delivered while the slots filled up: hand the job back at once.
+            task = asyncio.create_task(msg.nak())
+        else:
+            self._busy += 1
+            task = asyncio.create_task(self._handle(msg, consumer))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
 
