@@ -38,6 +38,7 @@ from broker.config_errors import (
     problems_from_validation_error,
     suggest,
 )
+from broker.model import LANES
 from laneway.errors import ConfigError
 
 __all__ = [
@@ -63,8 +64,6 @@ __all__ = [
 ]
 
 Lane = Literal["high", "normal", "low"]
-LANES: tuple[str, ...] = ("high", "normal", "low")
-"""Lane names, highest priority first."""
 
 NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 """Provider and route names end up as NATS subject tokens, so no dots, spaces or wildcards."""

@@ -17,7 +17,11 @@ log = structlog.get_logger("laneway.nats")
 async def connect_nats(url: str, *, name: str, connect_timeout: float = 5.0) -> NatsClient:
     """Connect, then refuse servers too old for Laneway or without JetStream."""
 
+    clients: list[NatsClient] = []
+
     async def on_disconnect() -> None:
+        if clients and clients[0].is_closed:
+            return  # our own close, not an outage
         log.warning("nats disconnected", url=url)
 
     async def on_reconnect() -> None:
@@ -40,6 +44,7 @@ async def connect_nats(url: str, *, name: str, connect_timeout: float = 5.0) -> 
         )
     except Exception as err:
         raise TopologyError(f"cannot connect to NATS at {url}: {err}") from err
+    clients.append(nc)
     try:
         v = nc.connected_server_version
         check_server_version(f"{v.major}.{v.minor}.{v.patch}")
