@@ -13,6 +13,8 @@ import contextlib
 import json
 import os
 import signal
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Annotated
 
@@ -75,15 +77,12 @@ def _run(coro: object) -> None:
 # --- server commands -----------------------------------------------------------------
 
 
-@app.command()
-def broker(
-    config: ConfigOpt = None,
-    nats_url: NatsOpt = None,
-    grpc_addr: Annotated[str | None, typer.Option(help="Listen address (default: broker.grpc_addr).")] = None,
+def _serve(
+    config: Path | None,
+    nats_url: str | None,
+    part: Callable[[LanewayConfig, str], AbstractAsyncContextManager[object]],
 ) -> None:
-    """Run a broker: the gRPC API in front of JetStream."""
-    from broker.server import BrokerServer
-
+    """Run one part of the stack until SIGINT/SIGTERM, then close it gracefully."""
     configure_logging()
     cfg, _ = _load(config)
     url = _nats_url(nats_url, cfg)
@@ -93,10 +92,22 @@ def broker(
         )
 
     async def serve() -> None:
-        async with BrokerServer(cfg, nats_url=url, grpc_addr=grpc_addr):
+        async with part(cfg, url):
             await _until_signalled()
 
     _run(serve())
+
+
+@app.command()
+def broker(
+    config: ConfigOpt = None,
+    nats_url: NatsOpt = None,
+    grpc_addr: Annotated[str | None, typer.Option(help="Listen address (default: broker.grpc_addr).")] = None,
+) -> None:
+    """Run a broker: the gRPC API in front of JetStream."""
+    from broker.server import BrokerServer
+
+    _serve(config, nats_url, lambda cfg, url: BrokerServer(cfg, nats_url=url, grpc_addr=grpc_addr))
 
 
 @app.command()
@@ -110,19 +121,7 @@ def worker(
     """Run a worker process: provider pools pulling their routes' lanes."""
     from workers.pool import WorkerPool
 
-    configure_logging()
-    cfg, _ = _load(config)
-    url = _nats_url(nats_url, cfg)
-    if not url:
-        raise typer.BadParameter(
-            "no NATS URL: pass --nats-url, set NATS_URL or nats.url (or use `laneway up`)"
-        )
-
-    async def serve() -> None:
-        async with WorkerPool(cfg, nats_url=url, providers=provider):
-            await _until_signalled()
-
-    _run(serve())
+    _serve(config, nats_url, lambda cfg, url: WorkerPool(cfg, nats_url=url, providers=provider))
 
 
 @app.command()
