@@ -155,6 +155,19 @@ class EventLog:
                 if len(out) == _HISTORY_BATCH:
                     return out
 
+    async def _fill_gap(self, job_id: str, last: int, seen: StoredEvent) -> list[StoredEvent]:
+        """Events after ``last`` up to and including ``seen``, which arrived live
+        ahead of events we have not seen: they were published before our
+        subscription existed but not yet stored when we read the history (core
+        delivery can precede storage). Re-read until the run is contiguous."""
+        for attempt in range(50):
+            stored = [e for e in await self.history(job_id, last) if e.job_seq < seen.job_seq]
+            run = [*stored, seen]
+            if [e.job_seq for e in run] == list(range(last + 1, seen.job_seq + 1)):
+                return run
+            await asyncio.sleep(0.002 * (attempt + 1))  # storage lags delivery by microseconds
+        raise Unavailable(f"job {job_id}: events {last + 1}..{seen.job_seq - 1} missing from the store")
+
     async def watch(
         self, job_ids: Iterable[str], resume_after: Mapping[str, int]
     ) -> AsyncIterator[StoredEvent]:
@@ -190,10 +203,9 @@ class EventLog:
                 event = StoredEvent.from_msg(msg, stream_seq=-1)
                 if job_id not in pending or event.job_seq <= last[job_id]:
                     continue
-                # A gap means live delivery lost something: refill from the store.
                 batch = [event]
                 if event.job_seq > last[job_id] + 1:
-                    batch = await self.history(job_id, last[job_id])
+                    batch = await self._fill_gap(job_id, last[job_id], event)
                 for e in batch:
                     last[job_id] = e.job_seq
                     yield e
