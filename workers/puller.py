@@ -130,10 +130,14 @@ class LanePuller:
 
     async def _sweep(self) -> int:
         total = 0
+        parked = {p.consumer for p in self._parks.values()}
         for consumer in self._consumers:
             free = self._free()
             if free <= 0 or self._stopping:
                 break
+            if consumer.name in parked:
+                # A waiting pull means the lane had nothing; the server hands it the next job itself.
+                continue
             msgs = await self._pull_now(consumer, free)
             for msg in msgs:
                 self._dispatch(msg, consumer)
