@@ -19,10 +19,10 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import APIError
 
 from broker import topology as t
 from broker.inbox import reply_inbox, status_of, unsubscribe_quietly
+from broker.jspub import PublishRejected, PublishUnanswered, publish_acked
 from broker.model import FINAL_STATES, JobEvent, JobState, QueuedJob
 from broker.wire import decode_event, encode_event
 from laneway.errors import LanewayError, NotFound, Unavailable
@@ -97,16 +97,16 @@ class EventLog:
             "Nats-Expected-Last-Subject-Sequence": str(expect_last),
         }
         try:
-            ack = await self._js.publish(
-                t.event_subject(event.job_id), encode_event(event), headers=headers, timeout=self._timeout
+            seq, _duplicate = await publish_acked(
+                self._nc, t.event_subject(event.job_id), encode_event(event), headers, timeout=self._timeout
             )
-        except APIError as err:
+        except PublishRejected as err:
             if err.err_code == _WRONG_LAST_SEQUENCE:
                 raise EventConflict(f"job {event.job_id}: event log moved on") from err
             raise Unavailable(f"event store rejected the write: {err.description}") from err
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
+        except PublishUnanswered as err:
             raise Unavailable("event store did not answer in time") from err
-        return int(ack.seq)
+        return seq
 
     async def last(self, job_id: str) -> StoredEvent | None:
         """The job's latest event, None when the job is unknown (or expired)."""

@@ -14,14 +14,14 @@ import hashlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
-import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from broker import topology as t
 from broker.events import EventConflict, EventLog, StoredEvent, first_event
+from broker.jspub import PublishRejected, PublishUnanswered, publish_acked
 from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.wire import encode_queued_job
 from laneway.errors import ApiError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
@@ -104,14 +104,14 @@ class JobStore:
         for attempt in range(_PUBLISH_ATTEMPTS):
             try:
                 # Same Nats-Msg-Id on every try: a retry after a lost ack stores nothing twice.
-                await self._js.publish(subject, payload, headers=headers)
+                await publish_acked(self._nc, subject, payload, headers, timeout=5.0)
                 return
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
+            except PublishUnanswered as err:
                 if attempt == _PUBLISH_ATTEMPTS - 1:
                     raise Unavailable("job queue did not accept the job in time") from err
-            except APIError as err:
+            except PublishRejected as err:
                 raise Unavailable(f"job queue rejected the job: {err.description}") from err
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # back off while a JetStream leader election settles
             delay *= 4
 
     async def _claim_key(self, spec: JobSpec, job_id: str) -> str | None:
