@@ -23,7 +23,7 @@ from bench.measure import Latency, Throughput, closed_loop, paced, sequential
 from bench.nats_worker import HDR_ID, HDR_REPLY
 from bench.report import progress
 from bench.settings import Settings, raw_payload
-from bench.stack import BenchError, Workspace, wait_grpc_health, wait_pull_waiting
+from bench.stack import Workspace, wait_grpc_health, wait_pull_waiting, wait_stream_empty
 from broker.natsd import free_port
 
 __all__ = ["run_baselines", "run_grpc_echo", "run_raw_nats"]
@@ -96,17 +96,18 @@ async def run_raw_nats(s: Settings) -> Results:
             caller = RawCaller(nc, js)
             await caller.start()
             pids = {"bench": os.getpid(), "nats-server": ws.nats_pid, "worker": worker.pid}
-            t = s.op_timeout_s
+            t = s.follow_timeout_s
             progress("raw NATS: warm-up")
             await closed_loop(caller.one, ops=s.warmup_jobs, concurrency=s.nats_concurrency, timeout=t)
             progress(f"raw NATS: paced {s.paced_rate:.0f}/s for {s.paced_seconds:.0f}s")
             lat = await paced(caller.one, rate=s.paced_rate, count=s.paced_jobs, timeout=t, pids=pids)
-            progress(f"raw NATS: {s.jobs} jobs, {s.nats_concurrency} in flight")
-            thr = await closed_loop(caller.one, ops=s.jobs, concurrency=s.nats_concurrency, timeout=t, pids=pids)
+            n, c = s.baseline_jobs, s.nats_concurrency
+            progress(f"raw NATS: {n} jobs, {c} in flight")
+            thr = await closed_loop(caller.one, ops=n, concurrency=c, timeout=t, pids=pids)
             worker.check_alive()
-            left = (await js.stream_info(STREAM)).state.messages
+            left = await wait_stream_empty(js, STREAM)
             if left:
-                thr.failures.add(f"{left} messages left unacked in {STREAM}", 0)
+                thr.failures.add(f"left unacked on {STREAM}", left)
         finally:
             with contextlib.suppress(Exception):
                 await js.delete_stream(STREAM)
@@ -129,11 +130,13 @@ async def run_grpc_echo(s: Settings) -> Results:
                 reply = await echo(payload, timeout=10.0)
                 return [] if reply == payload else ["echo reply differs from the request"]
 
-            t = s.op_timeout_s
+            t = s.follow_timeout_s
             progress("gRPC echo: warm-up")
             await closed_loop(one, ops=s.warmup_jobs * 2, concurrency=s.grpc_concurrency, timeout=t)
             progress(f"gRPC echo: {s.grpc_calls} calls, {s.grpc_concurrency} in flight")
-            thr = await closed_loop(one, ops=s.grpc_calls, concurrency=s.grpc_concurrency, timeout=t, pids=pids)
+            thr = await closed_loop(
+                one, ops=s.grpc_calls, concurrency=s.grpc_concurrency, timeout=t, pids=pids
+            )
             progress(f"gRPC echo: {s.grpc_sequential} sequential calls")
             seq = await sequential(one, count=s.grpc_sequential, timeout=t, pids=pids)
         server.check_alive()
@@ -142,11 +145,6 @@ async def run_grpc_echo(s: Settings) -> Results:
 
 
 async def run_baselines(s: Settings) -> Results:
-    results: Results = {}
-    for run in (run_raw_nats, run_grpc_echo):
-        try:
-            results.update(await run(s))
-        except BenchError as err:
-            progress(f"baseline failed: {err}")
-            raise
+    results = await run_raw_nats(s)
+    results.update(await run_grpc_echo(s))
     return results

@@ -15,19 +15,20 @@ import asyncio
 import math
 import os
 import sys
+import time
 from typing import Any
 
-import laneway
 import nats
-from laneway.v1 import job_pb2
 
-from bench.measure import Latency, Throughput, closed_loop, paced
+import laneway
+from bench.measure import Failures, Latency, Throughput, closed_loop, paced
 from bench.report import progress
 from bench.settings import PROMPT, ROUTE, Settings, chat_input
-from bench.stack import Child, Workspace, wait_grpc_health, wait_pull_waiting
+from bench.stack import Child, Workspace, wait_grpc_health, wait_pull_waiting, wait_stream_empty
 from broker import topology as topo
 from broker.config import load_config
 from broker.natsd import free_port
+from laneway.v1 import job_pb2
 
 __all__ = ["run_laneway"]
 
@@ -79,10 +80,8 @@ async def _start_stack(ws: Workspace) -> tuple[str, Any, dict[str, int | None]]:
 def _check_finals(job_ids: list[str], finals: dict[str, job_pb2.JobEvent]) -> list[str]:
     failures: list[str] = []
     for job_id in job_ids:
-        event = finals.get(job_id)
-        if event is None:
-            failures.append("stream ended without a final event")
-        elif event.state != job_pb2.JOB_STATE_SUCCEEDED:
+        event = finals[job_id]
+        if event.state != job_pb2.JOB_STATE_SUCCEEDED:
             state = job_pb2.JobState.Name(event.state)
             failures.append(f"{state}: {event.error.code} {event.error.message}".strip())
         elif event.result.chat.text != PROMPT:
@@ -90,25 +89,48 @@ def _check_finals(job_ids: list[str], finals: dict[str, job_pb2.JobEvent]) -> li
     return failures
 
 
-async def _follow(client: laneway.AsyncClient, job_ids: list[str]) -> list[str]:
+async def _diagnose(client: laneway.AsyncClient, job_id: str, why: str) -> str:
+    """Why a job has no final event in its stream, with its state according to GetJob."""
+    try:
+        state = job_pb2.JobState.Name((await client.get_job(job_id)).state)
+    except Exception as err:
+        state = f"GetJob failed: {type(err).__name__}"
+    return f"{why} (GetJob says {state})"
+
+
+async def _follow(client: laneway.AsyncClient, job_ids: list[str], timeout: float) -> list[str]:
+    """Stream the jobs' events until all are final; failure descriptions of the others."""
     finals: dict[str, job_pb2.JobEvent] = {}
-    async for event in client.stream_results(job_ids):
-        if event.state in laneway.FINAL_STATES:
-            finals[event.job_id] = event
-    return _check_finals(job_ids, finals)
+    why = "stream ended without a final event"
+    try:
+        async with asyncio.timeout(timeout):
+            async for event in client.stream_results(job_ids):
+                if event.state in laneway.FINAL_STATES:
+                    finals[event.job_id] = event
+    except TimeoutError:
+        why = f"no final event streamed within {timeout:.0f}s"
+    missing = [j for j in job_ids if j not in finals]
+    failures = _check_finals([j for j in job_ids if j in finals], finals)
+    failures.extend(await asyncio.gather(*(_diagnose(client, j, why) for j in missing)))
+    return failures
 
 
 class Jobs:
     """The operations the load patterns run."""
 
-    def __init__(self, client: laneway.AsyncClient, batch_size: int) -> None:
+    def __init__(self, client: laneway.AsyncClient, batch_size: int, timeout: float) -> None:
         self._client = client
+        self._timeout = timeout
         self._input = chat_input()
         self._batch = [laneway.job(ROUTE, self._input) for _ in range(batch_size)]
+        self.submit_ms: list[float] = []
+        """Duration of each unary Submit call (the broker's enqueue), for the latency breakdown."""
 
     async def unary(self) -> list[str]:
+        t0 = time.perf_counter()
         done = await self._client.submit(ROUTE, self._input)
-        return await _follow(self._client, [done.job_id])
+        self.submit_ms.append((time.perf_counter() - t0) * 1000.0)
+        return await _follow(self._client, [done.job_id], self._timeout)
 
     async def batch(self) -> list[str]:
         outcomes = await self._client.submit_batch(self._batch)
@@ -120,20 +142,8 @@ class Jobs:
             else:
                 failures.append(f"rejected: {type(outcome).__name__}: {outcome}")
         if ids:
-            failures.extend(await _follow(self._client, ids))
+            failures.extend(await _follow(self._client, ids, self._timeout))
         return failures
-
-
-async def _queue_drained(nc: Any, timeout: float = 10.0) -> int:
-    """Jobs still on the work queue once acks have landed (0 when all were acked)."""
-    js = nc.jetstream()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        left = int((await js.stream_info(topo.JOBS_STREAM)).state.messages)
-        if left == 0 or loop.time() >= deadline:
-            return left
-        await asyncio.sleep(0.1)  # acks follow the final event: poll under a deadline
 
 
 def _alive(children: list[Child]) -> None:
@@ -147,16 +157,21 @@ async def run_laneway(s: Settings) -> Results:
         addr, nc, pids = await _start_stack(ws)
         try:
             async with laneway.AsyncClient(addr, timeout=30.0) as client:
-                jobs = Jobs(client, s.batch_size)
-                t = s.op_timeout_s
+                jobs = Jobs(client, s.batch_size, s.follow_timeout_s)
+                t = s.follow_timeout_s + 10.0  # the ops time out first, with a diagnosis
                 c = s.unary_concurrency
                 progress(f"Laneway: warm-up, unary ({ws.dir})")
                 results["laneway.unary.warmup"] = await closed_loop(
                     jobs.unary, ops=s.warmup_jobs, concurrency=c, timeout=t
                 )
                 progress(f"Laneway: paced {s.paced_rate:.0f}/s for {s.paced_seconds:.0f}s, unary")
+                jobs.submit_ms.clear()
                 results["laneway.unary.latency"] = await paced(
                     jobs.unary, rate=s.paced_rate, count=s.paced_jobs, timeout=t, pids=pids
+                )
+                # The Submit calls of those jobs alone: how much of the latency is enqueueing.
+                results["laneway.unary.latency.submit"] = Latency(
+                    s.paced_rate, list(jobs.submit_ms), Failures(), {}
                 )
                 progress(f"Laneway: {s.jobs} jobs, unary, {c} in flight")
                 results["laneway.unary.throughput"] = await closed_loop(
@@ -174,10 +189,10 @@ async def run_laneway(s: Settings) -> Results:
                     jobs.batch, ops=ops, concurrency=inflight, jobs_per_op=b, timeout=t, pids=pids
                 )
             _alive(ws.children)
-            left = await _queue_drained(nc)
+            left = await wait_stream_empty(nc.jetstream(), topo.JOBS_STREAM)
             if left:
-                results["laneway.batch.throughput"].failures.add(f"{left} jobs left on {topo.JOBS_STREAM}", 0)
-                ws.failed = True
+                # Finished but never acked (or never run): JetStream would deliver them again.
+                results["laneway.batch.throughput"].failures.add(f"left unacked on {topo.JOBS_STREAM}", left)
         finally:
             await nc.close()
         ws.failed = ws.failed or any(r.failures.count for r in results.values())

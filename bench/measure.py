@@ -75,21 +75,32 @@ def percentile(values: list[float], pct: int) -> float:
 class Throughput:
     jobs: int
     seconds: float
+    """Wall time of the phase, including any wait for jobs that never finished."""
     concurrency: int
     failures: Failures
     cpu: dict[str, float]
+    active_seconds: float = 0.0
+    """Time until the last call whose jobs all succeeded: the wall time when nothing
+    failed; without the timeout waits when jobs were lost."""
 
     @property
     def rate(self) -> float:
-        """Successful jobs per second."""
+        """Successful jobs per second, over ``active_seconds``."""
+        seconds = self.active_seconds or self.seconds
+        return (self.jobs - self.failures.count) / seconds if seconds > 0 else 0.0
+
+    @property
+    def wall_rate(self) -> float:
         return (self.jobs - self.failures.count) / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, object]:
         return {
             "jobs": self.jobs,
             "seconds": round(self.seconds, 3),
+            "active_seconds": round(self.active_seconds, 3),
             "concurrency": self.concurrency,
             "jobs_per_s": round(self.rate, 1),
+            "jobs_per_s_wall": round(self.wall_rate, 1),
             "failures": self.failures.to_json(),
             "cpu_percent": self.cpu,
         }
@@ -140,18 +151,22 @@ async def closed_loop(
     """``concurrency`` tasks run ``op`` back to back until ``ops`` calls are done."""
     remaining = ops
     failures = Failures()
+    last_ok = 0.0
 
     async def runner() -> None:
-        nonlocal remaining
+        nonlocal remaining, last_ok
         while remaining > 0:
             remaining -= 1
-            await _guarded(op, jobs_per_op, timeout, failures)
+            if await _guarded(op, jobs_per_op, timeout, failures):
+                last_ok = time.perf_counter()
 
     meter = CpuMeter(pids or {}).start()
     t0 = time.perf_counter()
     await asyncio.gather(*(runner() for _ in range(min(concurrency, ops))))
     seconds = time.perf_counter() - t0
-    return Throughput(ops * jobs_per_op, seconds, concurrency, failures, meter.stop())
+    active = last_ok - t0 if last_ok else seconds
+    cpu = meter.stop(seconds=active)
+    return Throughput(ops * jobs_per_op, seconds, concurrency, failures, cpu, active)
 
 
 async def paced(
@@ -166,11 +181,14 @@ async def paced(
     not earlier calls finished; latency is from each call's start to its return."""
     failures = Failures()
     samples: list[float] = []
+    last_ok = 0.0
 
     async def timed() -> None:
+        nonlocal last_ok
         t0 = time.perf_counter()
         if await _guarded(op, 1, timeout, failures):
-            samples.append((time.perf_counter() - t0) * 1000.0)
+            last_ok = time.perf_counter()
+            samples.append((last_ok - t0) * 1000.0)
 
     meter = CpuMeter(pids or {}).start()
     tasks: list[asyncio.Task[None]] = []
@@ -184,7 +202,8 @@ async def paced(
         max_lag = max(max_lag, time.perf_counter() - due)
         tasks.append(asyncio.create_task(timed()))
     await asyncio.gather(*tasks)
-    return Latency(rate, samples, failures, meter.stop(), max_lag * 1000.0)
+    cpu = meter.stop(seconds=max(last_ok - start, count / rate) if last_ok else None)
+    return Latency(rate, samples, failures, cpu, max_lag * 1000.0)
 
 
 async def sequential(

@@ -41,12 +41,12 @@ class Puller:
         self._batch = batch
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._inbox = ""
-        self.done = 0
+        self.stopping = False
 
     async def run(self) -> None:
         sub = await self._nc.subscribe(self._nc.new_inbox(), cb=self._queue.put)
         self._inbox = sub.subject
-        while True:
+        while not self.stopping:
             msgs = await self._pull({"batch": self._batch, "no_wait": True}, self._batch, 5.0)
             if not msgs:
                 msgs = await self._pull({"batch": 1, "expires": int(_PARK_S * 1e9)}, 1, _PARK_S + 1.0)
@@ -54,14 +54,15 @@ class Puller:
                 await msg.ack()
                 headers = msg.headers or {}
                 await self._nc.publish(headers[HDR_REPLY], headers[HDR_ID].encode())
-            self.done += len(msgs)
 
     async def _pull(self, body: dict[str, object], want: int, timeout: float) -> list[Any]:
         await self._nc.publish(self._subject, json.dumps(body).encode(), reply=self._inbox)
         got: list[Any] = []
         while len(got) < want:
             try:
-                msg = await asyncio.wait_for(self._queue.get(), timeout)
+                # Not wait_for: on 3.11 it can swallow a cancellation that races a message.
+                async with asyncio.timeout(timeout):
+                    msg = await self._queue.get()
             except TimeoutError:
                 break
             status = _status(msg)
@@ -87,9 +88,11 @@ async def serve(url: str, stream: str, consumer: str, loops: int, batch: int) ->
             if task is not stopper:
                 task.result()  # a puller died: raise its error
     finally:
+        for puller in pullers:
+            puller.stopping = True
         for task in [stopper, *tasks]:
             task.cancel()
-        await asyncio.gather(stopper, *tasks, return_exceptions=True)
+        await asyncio.wait([stopper, *tasks], timeout=5.0)
         with contextlib.suppress(Exception):
             await nc.flush()
         await nc.close()

@@ -60,8 +60,10 @@ class CpuMeter:
                 self._start[name] = used
         return self
 
-    def stop(self) -> dict[str, float]:
-        wall = max(time.perf_counter() - self._t0, 1e-9)
+    def stop(self, *, seconds: float | None = None) -> dict[str, float]:
+        """Percentages over ``seconds`` (default: the time since ``start``): a phase
+        that ended with idle waits for lost jobs passes the time it was busy."""
+        wall = max(seconds if seconds else time.perf_counter() - self._t0, 1e-9)
         out: dict[str, float] = {}
         for name, before in self._start.items():
             after = cpu_seconds(self._pids[name])

@@ -31,6 +31,8 @@ class Row:
     """Latency rows compare by difference (ms), throughput rows by ratio."""
     target: float | None = None
     """>= for throughput, <= for latency (on Laneway's own figure)."""
+    lost: int = 0
+    """Failed or lost jobs in the phase behind Laneway's figure."""
 
     @property
     def compared(self) -> float | None:
@@ -56,14 +58,19 @@ class Row:
             return f"{v:,.2f}" if self.latency else f"{v:,.0f}"
 
         c = self.compared
-        if c is None:
-            compared = "-"
-        else:
-            compared = f"{c:+,.2f} ms" if self.latency else f"{c:.2f}x"
+        compared = "-" if c is None else (f"{c:+,.2f} ms" if self.latency else f"{c:.2f}x")
         target = "-"
         if self.target is not None:
             target = f"<= {self.target:g} ms" if self.latency else f">= {self.target:,.0f}/s"
-        return [self.metric, num(self.laneway), self.baseline_name, num(self.baseline), compared, target]
+        mark = f" ({self.lost} lost)" if self.lost else ""
+        return [
+            self.metric,
+            num(self.laneway) + mark,
+            self.baseline_name,
+            num(self.baseline),
+            compared,
+            target,
+        ]
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -75,6 +82,7 @@ class Row:
             "compared_as": "laneway - baseline (ms)" if self.latency else "laneway / baseline",
             "target": self.target,
             "verdict": self.verdict,
+            "laneway_failed_jobs": self.lost,
         }
 
 
@@ -90,24 +98,30 @@ def _pct(results: Results, key: str, p: int) -> float | None:
     return r.p50 if p == 50 else r.p99
 
 
+def _lost(results: Results, key: str) -> int:
+    r = results.get(key)
+    return r.failures.count if r is not None else 0
+
+
 def comparison_rows(results: Results) -> list[Row]:
     nats_rate = _rate(results, "raw_nats.throughput")
     grpc_rate = _rate(results, "grpc_echo.throughput")
-    lat = "laneway.unary.latency"
+    batch, unary, lat = "laneway.batch.throughput", "laneway.unary.throughput", "laneway.unary.latency"
     raw = "raw_nats.latency"
+    lb, lu, ll = _lost(results, batch), _lost(results, unary), _lost(results, lat)
     return [
-        Row("e2e jobs/s, SubmitBatch x100", _rate(results, "laneway.batch.throughput"), "raw NATS loop",
-            nats_rate, latency=False, target=2000),
-        Row("e2e jobs/s, unary Submit", _rate(results, "laneway.unary.throughput"), "raw NATS loop",
-            nats_rate, latency=False, target=1200),
-        Row("e2e jobs/s, unary Submit", _rate(results, "laneway.unary.throughput"), "gRPC echo rps",
-            grpc_rate, latency=False),
+        Row("e2e jobs/s, SubmitBatch x100", _rate(results, batch), "raw NATS loop", nats_rate,
+            latency=False, target=2000, lost=lb),
+        Row("e2e jobs/s, unary Submit", _rate(results, unary), "raw NATS loop", nats_rate,
+            latency=False, target=1200, lost=lu),
+        Row("e2e jobs/s, unary Submit", _rate(results, unary), "gRPC echo rps", grpc_rate,
+            latency=False, lost=lu),
         Row("latency p50 @100/s (ms)", _pct(results, lat, 50), "raw NATS loop", _pct(results, raw, 50),
-            latency=True, target=3),
+            latency=True, target=3, lost=ll),
         Row("latency p99 @100/s (ms)", _pct(results, lat, 99), "raw NATS loop", _pct(results, raw, 99),
-            latency=True, target=10),
+            latency=True, target=10, lost=ll),
         Row("latency p50 @100/s (ms)", _pct(results, lat, 50), "gRPC echo seq.",
-            _pct(results, "grpc_echo.sequential", 50), latency=True),
+            _pct(results, "grpc_echo.sequential", 50), latency=True, lost=ll),
     ]  # fmt: skip
 
 
@@ -120,7 +134,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def _detail(name: str, r: Throughput | Latency) -> str:
     if isinstance(r, Throughput):
-        text = f"{r.jobs} jobs in {r.seconds:.2f}s = {r.rate:,.0f}/s, {r.concurrency} in flight"
+        text = f"{r.jobs} jobs in {r.seconds:.2f}s = {r.wall_rate:,.0f}/s, {r.concurrency} in flight"
+        if r.active_seconds and abs(r.active_seconds - r.seconds) > 0.01:
+            text += f"; {r.rate:,.0f}/s until the last clean call at {r.active_seconds:.2f}s"
     else:
         head = f"paced {r.rate:.0f}/s" if r.rate else "sequential"
         j = r.to_json()
@@ -128,7 +144,7 @@ def _detail(name: str, r: Throughput | Latency) -> str:
             f"{head}, {len(r.samples_ms)} ok: p50 {r.p50:.2f} ms, p90 {j['p90_ms']} ms, p99 {r.p99:.2f} ms, "
             f"max {j['max_ms']} ms"
         )
-        if r.rate:
+        if r.rate and r.max_lag_ms:
             text += f", worst schedule lag {r.max_lag_ms:.1f} ms"
     if r.failures.count or r.failures.kinds:
         text += f"\n      FAILURES: {r.failures.count}: {r.failures.summary()}"
@@ -144,6 +160,12 @@ def print_report(results: Results, rows: list[Row], *, header: str) -> None:
     if any(r.laneway is not None for r in rows):
         cols = ["metric", "Laneway", "baseline", "baseline value", "vs baseline", "target", "result"]
         print(_table(cols, [[*r.cells(), r.verdict] for r in rows]))
+        if any(r.lost for r in rows):
+            print(
+                "(N lost): jobs of that phase failed or never reached a final event (see phases below); "
+                "its rate counts successful jobs up to the last clean call, not the time spent waiting "
+                "for lost jobs."
+            )
         print()
     print("phases:")
     for name, r in results.items():

@@ -19,6 +19,8 @@ class Settings:
     jobs: int
     """Jobs per measured throughput phase."""
     quick: bool
+    baseline_jobs: int = 15000
+    """Jobs in the raw NATS throughput phase (it is fast: more jobs, steadier figure)."""
     paced_rate: float = 100.0
     """Jobs per second in the open-loop latency phases."""
     paced_seconds: float = 10.0
@@ -30,8 +32,8 @@ class Settings:
     unary_concurrency: int = 64
     batch_size: int = 100
     batches_in_flight: int = 6
-    op_timeout_s: float = 60.0
-    """Longest one job (or one batch) may take before it counts as failed."""
+    follow_timeout_s: float = 20.0
+    """Longest a job (or batch) may take to reach its final event before it counts as lost."""
 
     @classmethod
     def build(
@@ -42,17 +44,19 @@ class Settings:
             return cls(
                 jobs=n,
                 quick=True,
+                baseline_jobs=3 * n,
                 paced_seconds=3.0,
                 warmup_jobs=100,
                 grpc_calls=2000,
                 grpc_sequential=500,
                 unary_concurrency=unary_concurrency,
                 batches_in_flight=batches_in_flight,
-                op_timeout_s=30.0,
+                follow_timeout_s=8.0,
             )
         return cls(
             jobs=n,
             quick=False,
+            baseline_jobs=5 * n,
             grpc_calls=max(2 * n, 2000),
             unary_concurrency=unary_concurrency,
             batches_in_flight=batches_in_flight,

@@ -25,7 +25,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from bench.procstat import child_pid
 from broker.natsd import EmbeddedNats
 
-__all__ = ["REPO", "BenchError", "Child", "Workspace", "wait_grpc_health", "wait_pull_waiting"]
+__all__ = [
+    "REPO",
+    "BenchError",
+    "Child",
+    "Workspace",
+    "wait_grpc_health",
+    "wait_pull_waiting",
+    "wait_stream_empty",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +48,16 @@ def _tail(path: Path, lines: int) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
+
+
+def _problems(path: Path, lines: int = 30) -> str:
+    """The [WRN] and [ERR] lines of a nats-server log (its tail is mostly the start banner)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    found = [line for line in text.splitlines() if "[WRN]" in line or "[ERR]" in line or "[FTL]" in line]
+    return "\n".join(found[-lines:]) or "(none)"
 
 
 class Child:
@@ -83,7 +101,10 @@ class Child:
                 try:
                     await asyncio.wait_for(proc.wait(), timeout)
                 except TimeoutError:
-                    print(f"bench: {self.name} ignored SIGTERM for {timeout:.0f}s; killing it", file=sys.stderr)
+                    print(
+                        f"bench: {self.name} ignored SIGTERM for {timeout:.0f}s; killing it\n{self.tail()}",
+                        file=sys.stderr,
+                    )
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()
                     await proc.wait()
@@ -133,9 +154,13 @@ class Workspace:
         return child
 
     def tails(self, lines: int = 30) -> str:
-        parts = [f"--- {c.name} ({c.log_path}), last {lines} lines ---\n{c.tail(lines)}" for c in self.children]
+        parts = [
+            f"--- {c.name} ({c.log_path}), last {lines} lines ---\n{c.tail(lines)}" for c in self.children
+        ]
         if self.nats is not None:
-            parts.append(f"--- nats-server, last {lines} lines ---\n{_tail(self.dir / 'nats-server.log', lines)}")
+            parts.append(
+                f"--- nats-server, last {lines} lines ---\n{_tail(self.dir / 'nats-server.log', lines)}"
+            )
         return "\n".join(parts)
 
     async def close(self) -> None:
@@ -176,3 +201,14 @@ async def wait_pull_waiting(js: Any, stream: str, consumer: str, child: Child, t
                 return
         await asyncio.sleep(0.05)  # poll interval under a deadline
     raise BenchError(f"{child.name} did not pull from {stream}/{consumer} within {timeout:.0f}s")
+
+
+async def wait_stream_empty(js: Any, stream: str, timeout: float = 10.0) -> int:
+    """Messages left on a work-queue stream once acks have landed (0: every job was acked)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        left = int((await js.stream_info(stream)).state.messages)
+        if left == 0 or loop.time() >= deadline:
+            return left
+        await asyncio.sleep(0.1)  # acks are applied asynchronously: poll under a deadline
