@@ -1,22 +1,27 @@
-"""Private reply inboxes for JetStream requests answered by several messages
-(pull requests, batched direct gets).
+"""Private reply inboxes for JetStream requests answered by several messages.
 
-Deliveries arrive with the stored message's own subject, not the inbox's, so
-replies are told apart by subscription, one per request; a SUB and an UNSUB
-are two protocol lines without a round trip.
+Two kinds, because deliveries and API replies arrive differently:
+
+- ``reply_inbox``: one subscription per request. Pull-request deliveries carry
+  the stored message's own subject, not the inbox's, so they can only be told
+  apart by subscription (a SUB and an UNSUB: two protocol lines, no round trip).
+- ``ReplyMux``: one wildcard subscription for many requests, routed by the last
+  subject token. Direct-get replies arrive on the reply subject itself, so a
+  batched read costs no subscription of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["reply_inbox", "status_of", "unsubscribe_quietly"]
+__all__ = ["ReplyMux", "reply_inbox", "status_of", "unsubscribe_quietly"]
 
 
 def status_of(msg: Msg) -> str:
@@ -39,3 +44,38 @@ async def reply_inbox(nc: NatsClient, callback: Callable[[Msg], Awaitable[None]]
         yield sub.subject
     finally:
         await unsubscribe_quietly(sub)
+
+
+class ReplyMux:
+    """Routes replies on ``<prefix>.<token>`` to the callback registered for the token."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._routes: dict[str, Callable[[Msg], None]] = {}
+        self._tokens = itertools.count()
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        self._routes.clear()
+        if sub is not None:
+            await unsubscribe_quietly(sub)
+
+    @contextlib.contextmanager
+    def route(self, callback: Callable[[Msg], None]) -> Iterator[str]:
+        """A reply subject whose messages go to ``callback`` until the block exits."""
+        token = str(next(self._tokens))
+        self._routes[token] = callback
+        try:
+            yield f"{self._prefix}.{token}"
+        finally:
+            self._routes.pop(token, None)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        callback = self._routes.get(msg.subject.rsplit(".", 1)[-1])
+        if callback is not None:
+            callback(msg)

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from nats.aio.client import Client as NatsClient
-from nats.js import JetStreamContext
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
@@ -23,6 +22,7 @@ from broker import topology as t
 from broker.events import EventConflict, EventLog, StoredEvent, first_event
 from broker.jspub import PublishRejected, PublishUnanswered, publish_acked
 from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
+from broker.watch import EventFeed
 from broker.wire import encode_queued_job
 from laneway.errors import ApiError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
 
@@ -43,15 +43,15 @@ class JobStore:
     def __init__(
         self,
         nc: NatsClient,
-        js: JetStreamContext,
         events: EventLog,
+        feed: EventFeed,
         idempotency: KeyValue,
         *,
         max_payload_bytes: int,
     ) -> None:
         self._nc = nc
-        self._js = js
         self.events = events
+        self._feed = feed
         self._idempotency = idempotency
         self._max_payload = max_payload_bytes
 
@@ -153,4 +153,4 @@ class JobStore:
         raise FailedPrecondition(f"job {job_id} kept changing; try again", reason="CONTENDED")
 
     def watch(self, job_ids: Sequence[str], resume_after: Mapping[str, int]) -> AsyncIterator[StoredEvent]:
-        return self.events.watch(job_ids, resume_after)
+        return self._feed.watch(job_ids, resume_after)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from types import TracebackType
 
 import grpc
@@ -16,6 +17,7 @@ from broker.connection import connect_nats
 from broker.events import EventLog
 from broker.jobs import JobStore
 from broker.service import BrokerServicer
+from broker.watch import EventFeed
 from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
 
 __all__ = ["BrokerServer"]
@@ -44,6 +46,7 @@ class BrokerServer:
         self._grace = shutdown_grace_s
         self._nc: NatsClient | None = None
         self._server: grpc.aio.Server | None = None
+        self._exit = contextlib.AsyncExitStack()
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
 
@@ -66,11 +69,12 @@ class BrokerServer:
         )
         js = self._nc.jetstream()
         await t.ensure_topology(js, t.TopologySettings.from_config(self.config))
-        events = EventLog(self._nc, js)
+        events = await self._exit.enter_async_context(EventLog(self._nc))
+        feed = await self._exit.enter_async_context(EventFeed(self._nc, events))
         store = JobStore(
             self._nc,
-            js,
             events,
+            feed,
             await js.key_value(t.IDEMPOTENCY_BUCKET),
             max_payload_bytes=self.config.broker.max_payload_bytes,
         )
@@ -116,6 +120,7 @@ class BrokerServer:
         if server is not None:
             await self._health.enter_graceful_shutdown()
             await server.stop(self._grace)
+        await self._exit.aclose()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             await nc.close()

@@ -7,7 +7,10 @@ Streams:
   serving the route; an acked job is deleted.
 - ``LANEWAY_EVENTS`` (limits retention, ``max_age``): ``laneway.events.<job_id>``.
   A job's events are its state log: the latest event is the job's state, and the
-  whole subject replays to late subscribers.
+  whole subject replays to late subscribers. The stream republishes each event,
+  once stored, on ``laneway.live.<job_id>`` (core NATS): watchers follow that,
+  never the publish itself, because a publish that fails its compare-and-set is
+  still delivered to plain subscribers but never stored.
 
 Key-value:
 
@@ -29,6 +32,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -50,6 +54,7 @@ __all__ = [
     "IDEMPOTENCY_BUCKET",
     "JOBS_PREFIX",
     "JOBS_STREAM",
+    "LIVE_PREFIX",
     "MIN_SERVER_VERSION",
     "LaneConsumer",
     "TopologySettings",
@@ -67,6 +72,7 @@ IDEMPOTENCY_BUCKET = "laneway_idempotency"
 
 JOBS_PREFIX = "laneway.jobs"
 EVENTS_PREFIX = "laneway.events"
+LIVE_PREFIX = "laneway.live"
 # Core NATS (not stored): cancellation requests that running workers act on.
 CANCEL_PREFIX = "laneway.control.cancel"
 
@@ -196,6 +202,7 @@ def _events_stream(s: TopologySettings) -> StreamConfig:
         duplicate_window=_DUPLICATE_WINDOW_S,
         allow_direct=True,
         discard=DiscardPolicy.OLD,
+        republish=RePublish(src=f"{EVENTS_PREFIX}.>", dest=f"{LIVE_PREFIX}.>"),
     )
 
 
@@ -213,7 +220,15 @@ def _lane_consumer(c: LaneConsumer, s: TopologySettings) -> ConsumerConfig:
     )
 
 
-_STREAM_FIELDS = ("subjects", "retention", "num_replicas", "max_age", "max_msg_size", "allow_direct")
+_STREAM_FIELDS = (
+    "subjects",
+    "retention",
+    "num_replicas",
+    "max_age",
+    "max_msg_size",
+    "allow_direct",
+    "republish",
+)
 _CONSUMER_FIELDS = ("filter_subject", "ack_wait", "max_deliver")
 
 

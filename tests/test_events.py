@@ -1,6 +1,8 @@
-"""The event log against a real nats-server: compare-and-set appends and gap repair."""
+"""The event log and live feed against a real nats-server."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -8,12 +10,18 @@ import pytest
 from broker.events import EventConflict, EventLog, StoredEvent, first_event
 from broker.model import ChatInput, ChatMessage, ChatOutput, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.server import BrokerServer
+from broker.watch import EventFeed
 from broker.wire import encode_event
 
 
-async def _log(url: str) -> tuple[nats.aio.client.Client, EventLog]:
-    nc = await nats.connect(url)
-    return nc, EventLog(nc, nc.jetstream())
+@pytest.fixture
+async def log(broker: BrokerServer, nats_server) -> AsyncIterator[EventLog]:
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with EventLog(nc) as event_log:
+            yield event_log
+    finally:
+        await nc.close()
 
 
 def _job() -> QueuedJob:
@@ -21,37 +29,70 @@ def _job() -> QueuedJob:
     return QueuedJob(new_job_id(), spec, utcnow())
 
 
-async def test_appends_are_compare_and_set(broker: BrokerServer, nats_server) -> None:
-    nc, log = await _log(nats_server.url)
+async def test_appends_are_compare_and_set(log: EventLog) -> None:
+    first = first_event(_job())
+    seq1 = await log.append(first, expect_last=0)
+    seq2 = await log.append(first.next(JobState.RUNNING, attempt=1), expect_last=seq1)
+    # A rival writer still holding seq1 loses.
+    with pytest.raises(EventConflict):
+        await log.append(first.next(JobState.CANCELLED), expect_last=seq1)
+    latest = await log.last(first.job_id)
+    assert latest is not None
+    assert (latest.stream_seq, latest.job_seq, latest.final) == (seq2, 2, False)
+    assert [e.job_seq for e in await log.history(first.job_id)] == [1, 2]
+    assert [e.job_seq for e in await log.history(first.job_id, after_job_seq=1)] == [2]
+    assert await log.last(new_job_id()) is None
+
+
+async def test_latest_of_many_jobs_in_one_read(log: EventLog) -> None:
+    jobs = [first_event(_job()) for _ in range(300)]  # more than one batch
+    for event in jobs:
+        seq = await log.append(event, expect_last=0)
+        if event.job_id.endswith(("0", "5")):
+            await log.append(event.next(JobState.RUNNING, attempt=1), expect_last=seq)
+    unknown = new_job_id()
+    latest = await log.latest([e.job_id for e in jobs] + [unknown])
+    assert unknown not in latest
+    assert len(latest) == 300
+    for event in jobs:
+        assert latest[event.job_id].job_seq == (2 if event.job_id.endswith(("0", "5")) else 1)
+
+
+async def test_rejected_appends_never_reach_watchers(log: EventLog, nats_server) -> None:
+    nc = await nats.connect(nats_server.url)
     try:
-        first = first_event(_job())
-        seq1 = await log.append(first, expect_last=0)
-        running = first.next(JobState.RUNNING, attempt=1)
-        seq2 = await log.append(running, expect_last=seq1)
-        # A rival writer still holding seq1 loses.
-        with pytest.raises(EventConflict):
-            await EventLog(nc, nc.jetstream()).append(first.next(JobState.CANCELLED), expect_last=seq1)
-        latest = await log.last(first.job_id)
-        assert latest is not None
-        assert (latest.stream_seq, latest.job_seq, latest.final) == (seq2, 2, False)
-        assert [e.job_seq for e in await log.history(first.job_id)] == [1, 2]
-        assert [e.job_seq for e in await log.history(first.job_id, after_job_seq=1)] == [2]
+        async with EventFeed(nc, log) as feed:
+            first = first_event(_job())
+            seq = await log.append(first, expect_last=0)
+            running = first.next(JobState.RUNNING, attempt=1)
+            stream = feed.watch([first.job_id], {})
+            assert (await anext(stream)).job_seq == 1
+            seq = await log.append(running, expect_last=seq)
+            # A stale writer's final event fails its compare-and-set: watchers must not see it.
+            with pytest.raises(EventConflict):
+                await log.append(running.next(JobState.SUCCEEDED, result=ChatOutput("stale")), expect_last=1)
+            await log.append(running.next(JobState.CANCELLED), expect_last=seq)
+            rest = [e async for e in stream]
+            assert [(e.job_seq, e.decode().state) for e in rest] == [
+                (2, JobState.RUNNING),
+                (3, JobState.CANCELLED),
+            ]
     finally:
         await nc.close()
 
 
-async def test_fill_gap_returns_the_contiguous_run(broker: BrokerServer, nats_server) -> None:
-    nc, log = await _log(nats_server.url)
+async def test_fill_gap_returns_the_contiguous_run(log: EventLog, nats_server) -> None:
+    first = first_event(_job())
+    seq = await log.append(first, expect_last=0)
+    running = first.next(JobState.RUNNING, attempt=1)
+    await log.append(running, expect_last=seq)
+    done = running.next(JobState.SUCCEEDED, result=ChatOutput("ok"))
+    # The final event as delivered live, ahead of the RUNNING event it skipped.
+    seen = StoredEvent(job_id=first.job_id, job_seq=3, final=True, data=encode_event(done))
+    nc = await nats.connect(nats_server.url)
     try:
-        first = first_event(_job())
-        seq = await log.append(first, expect_last=0)
-        running = first.next(JobState.RUNNING, attempt=1)
-        seq = await log.append(running, expect_last=seq)
-        done = running.next(JobState.SUCCEEDED, result=ChatOutput("ok"))
-        # The final event as delivered live, before (in this test: without) being stored.
-        seen = StoredEvent(stream_seq=-1, job_seq=3, final=True, data=encode_event(done))
-        run = await log._fill_gap(first.job_id, 1, seen)
-        assert [e.job_seq for e in run] == [2, 3]
-        assert run[-1] is seen
+        run = await EventFeed(nc, log)._fill_gap(first.job_id, 1, seen)
     finally:
         await nc.close()
+    assert [e.job_seq for e in run] == [2, 3]
+    assert run[-1] is seen

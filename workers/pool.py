@@ -59,6 +59,7 @@ class WorkerPool:
         self._providers: list[Provider] = []
         self._pullers: list[LanePuller] = []
         self._runner: JobRunner | None = None
+        self._events: EventLog | None = None
 
     async def __aenter__(self) -> WorkerPool:
         try:
@@ -99,7 +100,8 @@ class WorkerPool:
             backoff_s=cfg.workers.retry_backoff_s,
             backoff_max_s=cfg.workers.retry_backoff_max_s,
         )
-        self._runner = JobRunner(EventLog(self._nc, js), targets, retry, ack_wait_s=cfg.queue.ack_wait_s)
+        self._events = await EventLog(self._nc).__aenter__()
+        self._runner = JobRunner(self._events, targets, retry, ack_wait_s=cfg.queue.ack_wait_s)
         self._cancel_sub = await self._nc.subscribe(f"{t.CANCEL_PREFIX}.*", cb=self._on_cancel)
         for name, consumers in lanes_by_provider.items():
             if not consumers:
@@ -133,6 +135,9 @@ class WorkerPool:
         if self._cancel_sub is not None and self._nc is not None and not self._nc.is_closed:
             await self._cancel_sub.unsubscribe()
         self._cancel_sub = None
+        if self._events is not None:
+            await self._events.__aexit__(None, None, None)
+            self._events = None
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:
             await nc.flush()  # acks and naks of the last jobs reach the server before we leave

@@ -124,7 +124,8 @@ class LanePuller:
                 await self._park_idle_lanes(loop.time())
             timeout = self._next_park_deadline(loop.time())
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 await self._expire_parks(loop.time())
 
@@ -149,23 +150,24 @@ class LanePuller:
         got: list[Msg] = []
         async with reply_inbox(self._nc, replies.put) as reply:
             await self._request(consumer, {"batch": batch, "no_wait": True}, reply)
-            while len(got) < batch:
-                try:
-                    msg = await asyncio.wait_for(replies.get(), self._timeout)
-                except TimeoutError:
-                    log.warning("pull request unanswered", consumer=consumer.name)
-                    break
-                status = status_of(msg)
-                if not status:
-                    got.append(msg)
-                elif status in ("404", "408"):  # lane empty / fewer than asked
-                    break
-                elif status != "100":
-                    description = (msg.headers or {}).get("Description", "")
-                    log.warning(
-                        "pull refused", consumer=consumer.name, status=status, description=description
-                    )
-                    break
+            try:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
+                async with asyncio.timeout(self._timeout):
+                    while len(got) < batch:
+                        msg = await replies.get()
+                        status = status_of(msg)
+                        if not status:
+                            got.append(msg)
+                        elif status in ("404", "408"):  # lane empty / fewer than asked
+                            break
+                        elif status != "100":
+                            description = (msg.headers or {}).get("Description", "")
+                            log.warning(
+                                "pull refused", consumer=consumer.name, status=status, description=description
+                            )
+                            break
+            except TimeoutError:
+                log.warning("pull request unanswered", consumer=consumer.name)
         # A delivery that raced our unsubscribe is still ours: run it.
         while not replies.empty():
             late = replies.get_nowait()

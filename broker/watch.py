@@ -1,0 +1,125 @@
+"""Following jobs' events for StreamResults: stored history, then live events.
+
+Live events come from the stream's republish of stored events
+(``laneway.live.<job_id>``), through ONE wildcard subscription per broker
+process that hands each event to the streams watching its job: no subscription
+per stream or per job. Each broker sees every event; a broker fleet that
+outgrows that would shard the live subject space.
+
+Order of operations makes the hand-over gap-free: a watcher registers for live
+events before it reads the store, so an event is either already stored when the
+store is read or republished (after storing) to a registered watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from broker import topology as t
+from broker.events import EventLog, StoredEvent
+from broker.inbox import unsubscribe_quietly
+from laneway.errors import NotFound, Unavailable
+
+__all__ = ["EventFeed"]
+
+_GAP_RETRIES = 50
+
+
+class EventFeed:
+    """Live events of watched jobs, and ``watch`` built on them and the log."""
+
+    def __init__(self, nc: NatsClient, log: EventLog) -> None:
+        self._nc = nc
+        self._log = log
+        self._watchers: dict[str, set[asyncio.Queue[StoredEvent]]] = {}
+        self._sub: Subscription | None = None
+
+    async def __aenter__(self) -> EventFeed:
+        self._sub = await self._nc.subscribe(f"{t.LIVE_PREFIX}.>", cb=self._on_msg)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await unsubscribe_quietly(sub)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        queues = self._watchers.get(msg.subject[len(t.LIVE_PREFIX) + 1 :])
+        if queues:
+            event = StoredEvent.from_msg(msg)
+            for queue in queues:
+                queue.put_nowait(event)
+
+    async def watch(
+        self, job_ids: Iterable[str], resume_after: Mapping[str, int]
+    ) -> AsyncIterator[StoredEvent]:
+        """Every event of the jobs (after their resume points), in per-job order,
+        until each job's final event. Raises NotFound for an unknown job."""
+        ids = list(dict.fromkeys(job_ids))
+        last = {j: resume_after.get(j, 0) for j in ids}
+        live: asyncio.Queue[StoredEvent] = asyncio.Queue()
+        for job_id in ids:
+            self._watchers.setdefault(job_id, set()).add(live)
+        pending = set(ids)
+        try:
+            latest = await self._log.latest(ids)
+            for job_id in ids:
+                top = latest.get(job_id)
+                if top is None:
+                    raise NotFound(f"job {job_id} not found", field="job_ids", reason="UNKNOWN_JOB")
+                if top.job_seq <= last[job_id]:
+                    events = []
+                elif top.job_seq == last[job_id] + 1:
+                    events = [top]  # the common case: one new event, no history read
+                else:
+                    events = await self._log.history(job_id, last[job_id])
+                for event in events:
+                    last[job_id] = event.job_seq
+                    yield event
+                if events[-1].final if events else top.final:
+                    self._forget(job_id, live)
+                    pending.discard(job_id)
+            while pending:
+                event = await live.get()
+                job_id = event.job_id
+                if job_id not in pending or event.job_seq <= last[job_id]:
+                    continue
+                batch = [event]
+                if event.job_seq > last[job_id] + 1:
+                    batch = await self._fill_gap(job_id, last[job_id], event)
+                for e in batch:
+                    last[job_id] = e.job_seq
+                    yield e
+                if event.final:
+                    self._forget(job_id, live)
+                    pending.discard(job_id)
+        finally:
+            for job_id in pending:
+                self._forget(job_id, live)
+
+    def _forget(self, job_id: str, queue: asyncio.Queue[StoredEvent]) -> None:
+        queues = self._watchers.get(job_id)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self._watchers[job_id]
+
+    async def _fill_gap(self, job_id: str, last: int, seen: StoredEvent) -> list[StoredEvent]:
+        """Events after ``last`` up to ``seen``, when live delivery skipped some
+        (a slow-consumer drop, or an event stored between our read and our
+        registration's effect). Every live event is stored, so a re-read finds them."""
+        for attempt in range(_GAP_RETRIES):
+            stored = [e for e in await self._log.history(job_id, last) if e.job_seq < seen.job_seq]
+            run = [*stored, seen]
+            if [e.job_seq for e in run] == list(range(last + 1, seen.job_seq + 1)):
+                return run
+            await asyncio.sleep(0.002 * (attempt + 1))  # replica catch-up: poll with a deadline
+        raise Unavailable(f"job {job_id}: events {last + 1}..{seen.job_seq - 1} missing from the store")
