@@ -13,10 +13,10 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from google.protobuf.json_format import MessageToDict
@@ -66,9 +66,19 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-def _run(coro: object) -> None:
+def _event_loop_runner() -> asyncio.Runner:
+    """uvloop where installed: the broker's NATS and gRPC IO runs measurably faster on it."""
     try:
-        asyncio.run(coro)  # type: ignore[arg-type]
+        import uvloop
+    except ImportError:
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    try:
+        with _event_loop_runner() as runner:
+            runner.run(coro)
     except LanewayError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
