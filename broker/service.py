@@ -103,6 +103,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                     f"resume_after[{job_id}]: not one of job_ids", field=f"resume_after[{job_id}]"
                 )
         async for stored in self._store.watch(list(request.job_ids), dict(request.resume_after)):
+            if request.final_only and not stored.final:
+                continue
             response = pb.StreamResultsResponse()
             # The stored bytes are a serialized JobEvent: merge them, no domain round trip.
             response.event.MergeFromString(stored.data)

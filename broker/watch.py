@@ -70,17 +70,9 @@ class EventFeed:
             self._watchers.setdefault(job_id, set()).add(live)
         pending = set(ids)
         try:
-            latest = await self._log.latest(ids)
+            initial = await self._initial(ids, last)
             for job_id in ids:
-                top = latest.get(job_id)
-                if top is None:
-                    raise NotFound(f"job {job_id} not found", field="job_ids", reason="UNKNOWN_JOB")
-                if top.job_seq <= last[job_id]:
-                    events = []
-                elif top.job_seq == last[job_id] + 1:
-                    events = [top]  # the common case: one new event, no history read
-                else:
-                    events = await self._log.history(job_id, last[job_id])
+                events, top = initial[job_id]
                 for event in events:
                     last[job_id] = event.job_seq
                     yield event
@@ -105,6 +97,32 @@ class EventFeed:
             for job_id in pending:
                 self._forget(job_id, live)
 
+    async def _initial(
+        self, ids: list[str], last: dict[str, int]
+    ) -> dict[str, tuple[list[StoredEvent], StoredEvent]]:
+        """Per job: its stored events after the resume point, and its latest event."""
+        if len(ids) == 1:
+            # One job (the unary Submit-then-watch path, often finished by now): its
+            # whole history in one request rather than latest, then history.
+            job_id = ids[0]
+            events = await self._log.history(job_id)
+            if not events:
+                raise _unknown(job_id)
+            return {job_id: ([e for e in events if e.job_seq > last[job_id]], events[-1])}
+        latest = await self._log.latest(ids)
+        out: dict[str, tuple[list[StoredEvent], StoredEvent]] = {}
+        for job_id in ids:
+            top = latest.get(job_id)
+            if top is None:
+                raise _unknown(job_id)
+            if top.job_seq <= last[job_id]:
+                out[job_id] = ([], top)
+            elif top.job_seq == last[job_id] + 1:
+                out[job_id] = ([top], top)  # one new event: no history read
+            else:
+                out[job_id] = (await self._log.history(job_id, last[job_id]), top)
+        return out
+
     def _forget(self, job_id: str, queue: asyncio.Queue[StoredEvent]) -> None:
         queues = self._watchers.get(job_id)
         if queues is not None:
@@ -123,3 +141,7 @@ class EventFeed:
                 return run
             await asyncio.sleep(0.002 * (attempt + 1))  # replica catch-up: poll with a deadline
         raise Unavailable(f"job {job_id}: events {last + 1}..{seen.job_seq - 1} missing from the store")
+
+
+def _unknown(job_id: str) -> NotFound:
+    return NotFound(f"job {job_id} not found", field="job_ids", reason="UNKNOWN_JOB")

@@ -246,3 +246,11 @@ async def _stored(nats_server) -> tuple[int, int]:
         return jobs, events
     finally:
         await nc.close()
+
+
+async def test_final_only_stream_sends_just_the_result(worker, client) -> None:
+    ids = [(await client.submit("chat", laneway.chat(f"f{i}"))).job_id for i in range(5)]
+    events = [e async for e in client.stream_results(ids, final_only=True)]
+    assert sorted(e.job_id for e in events) == sorted(ids)
+    assert {e.state for e in events} == {SUCCEEDED}
+    assert {e.seq for e in events} == {3}

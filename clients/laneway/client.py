@@ -186,8 +186,11 @@ def _outcomes(response: pb.SubmitBatchResponse) -> list[Submitted | ApiError]:
 class _Cursor:
     """Last sequence seen per job, for resuming a broken stream."""
 
-    def __init__(self, job_ids: Sequence[str], resume_after: Mapping[str, int] | None) -> None:
+    def __init__(
+        self, job_ids: Sequence[str], resume_after: Mapping[str, int] | None, final_only: bool
+    ) -> None:
         self.job_ids = list(dict.fromkeys(job_ids))
+        self.final_only = final_only
         self.last = dict(resume_after or {})
         self.open = set(self.job_ids)
 
@@ -248,10 +251,15 @@ class AsyncClient:
         return _outcomes(r)
 
     async def stream_results(
-        self, job_ids: str | Sequence[str], *, resume_after: Mapping[str, int] | None = None
+        self,
+        job_ids: str | Sequence[str],
+        *,
+        resume_after: Mapping[str, int] | None = None,
+        final_only: bool = False,
     ) -> AsyncIterator[job_pb2.JobEvent]:
-        """Events of the jobs until each is final; resumes transparently after a broker restart."""
-        cursor = _Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after)
+        """Events of the jobs until each is final (only the final ones with ``final_only``);
+        resumes transparently after a broker restart."""
+        cursor = _Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after, final_only)
         failures = 0
         while cursor.open:
             try:
@@ -270,7 +278,7 @@ class AsyncClient:
     async def wait(self, job_id: str) -> job_pb2.JobEvent:
         """The job's final event."""
         last: job_pb2.JobEvent | None = None
-        async for event in self.stream_results(job_id):
+        async for event in self.stream_results(job_id, final_only=True):
             last = event
         assert last is not None
         return last
@@ -337,9 +345,13 @@ class Client:
         return _outcomes(r)
 
     def stream_results(
-        self, job_ids: str | Sequence[str], *, resume_after: Mapping[str, int] | None = None
+        self,
+        job_ids: str | Sequence[str],
+        *,
+        resume_after: Mapping[str, int] | None = None,
+        final_only: bool = False,
     ) -> Iterator[job_pb2.JobEvent]:
-        cursor = _Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after)
+        cursor = _Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after, final_only)
         failures = 0
         while cursor.open:
             try:
@@ -357,7 +369,7 @@ class Client:
 
     def wait(self, job_id: str) -> job_pb2.JobEvent:
         last: job_pb2.JobEvent | None = None
-        for event in self.stream_results(job_id):
+        for event in self.stream_results(job_id, final_only=True):
             last = event
         assert last is not None
         return last
