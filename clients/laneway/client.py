@@ -197,7 +197,9 @@ class _Cursor:
     def request(self) -> pb.StreamResultsRequest:
         ids = [j for j in self.job_ids if j in self.open]
         return pb.StreamResultsRequest(
-            job_ids=ids, resume_after={j: self.last[j] for j in ids if j in self.last}
+            job_ids=ids,
+            resume_after={j: self.last[j] for j in ids if j in self.last},
+            final_only=self.final_only,
         )
 
     def accept(self, event: job_pb2.JobEvent) -> bool:
