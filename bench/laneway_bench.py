@@ -1,8 +1,8 @@
 """Laneway end to end: an embedded nats-server, a broker process and a worker
 process, driven through the Python client.
 
-- unary: ``submit`` then ``stream_results`` until the final event, per job;
-- batch: ``submit_batch`` of 100 jobs, then one ``stream_results`` over their ids;
+- unary: ``submit`` then ``stream_results(final_only=True)`` until the final event, per job;
+- batch: ``submit_batch`` of 100 jobs, then one ``stream_results(final_only=True)`` over their ids;
 - latency: unary jobs started at a fixed rate (open loop), submit to final event.
 
 Every job must end SUCCEEDED with the echoed prompt, and the job queue must be
@@ -104,7 +104,8 @@ async def _follow(client: laneway.AsyncClient, job_ids: list[str], timeout: floa
     why = "stream ended without a final event"
     try:
         async with asyncio.timeout(timeout):
-            async for event in client.stream_results(job_ids):
+            # Results, not progress: the final event of each job is what a caller waits for.
+            async for event in client.stream_results(job_ids, final_only=True):
                 if event.state in laneway.FINAL_STATES:
                     finals[event.job_id] = event
     except TimeoutError:
