@@ -56,6 +56,30 @@ class JobStore:
         self._max_payload = max_payload_bytes
 
     async def submit(self, spec: JobSpec, *, field: str = "job") -> Submitted:
+        job, payload = self._prepare(spec, field)
+        if spec.idempotency_key:
+            original = await self._claim_key(spec, job.job_id)
+            if original is not None:
+                return Submitted(original, duplicate=True)
+        await self._enqueue(job, payload)
+        return Submitted(job.job_id)
+
+    async def run(self, spec: JobSpec) -> AsyncIterator[tuple[Submitted, StoredEvent]]:
+        """Submit and follow: the job's events from QUEUED to final, read live only
+        (the watcher exists before the job does, so nothing is read back)."""
+        job, payload = self._prepare(spec, "job")
+        if spec.idempotency_key:
+            original = await self._claim_key(spec, job.job_id)
+            if original is not None:
+                done = Submitted(original, duplicate=True)
+                async for event in self._feed.watch([original], {}):
+                    yield done, event
+                return
+        done = Submitted(job.job_id)
+        async for event in self._feed.watch([job.job_id], {}, create=lambda: self._enqueue(job, payload)):
+            yield done, event
+
+    def _prepare(self, spec: JobSpec, field: str) -> tuple[QueuedJob, bytes]:
         job = QueuedJob(job_id=new_job_id(), spec=spec, enqueued_at=utcnow())
         payload = encode_queued_job(job)
         if len(payload) > self._max_payload:
@@ -65,10 +89,9 @@ class JobStore:
                 field=field,
                 reason="PAYLOAD_TOO_LARGE",
             )
-        if spec.idempotency_key:
-            original = await self._claim_key(spec, job.job_id)
-            if original is not None:
-                return Submitted(original, duplicate=True)
+        return job, payload
+
+    async def _enqueue(self, job: QueuedJob, payload: bytes) -> None:
         event_seq = await self.events.append(first_event(job), expect_last=0)
         try:
             await self._publish_job(job, payload, event_seq)
@@ -82,7 +105,6 @@ class JobStore:
             except (EventConflict, Unavailable):
                 pass
             raise
-        return Submitted(job.job_id)
 
     async def submit_many(self, specs: Sequence[JobSpec | ApiError]) -> list[Submitted | ApiError]:
         """Submit each valid spec concurrently; errors pass through in place."""

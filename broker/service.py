@@ -110,6 +110,17 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             response.event.MergeFromString(stored.data)
             yield response
 
+    @stream_errors
+    async def Run(self, request: pb.RunRequest, context: Ctx) -> AsyncIterator[pb.RunResponse]:
+        if not request.HasField("job"):
+            raise InvalidArgument("job: required", field="job")
+        async for done, stored in self._store.run(self._spec(request.job, "job")):
+            if request.final_only and not stored.final:
+                continue
+            response = pb.RunResponse(duplicate=done.duplicate)
+            response.event.MergeFromString(stored.data)
+            yield response
+
     @unary_errors
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
         _check_job_id(request.job_id, "job_id")

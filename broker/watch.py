@@ -14,7 +14,7 @@ store is read or republished (after storing) to a registered watcher.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 
 from nats.aio.client import Client as NatsClient
@@ -59,10 +59,18 @@ class EventFeed:
                 queue.put_nowait(event)
 
     async def watch(
-        self, job_ids: Iterable[str], resume_after: Mapping[str, int]
+        self,
+        job_ids: Iterable[str],
+        resume_after: Mapping[str, int],
+        *,
+        create: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[StoredEvent]:
         """Every event of the jobs (after their resume points), in per-job order,
-        until each job's final event. Raises NotFound for an unknown job."""
+        until each job's final event. Raises NotFound for an unknown job.
+
+        With ``create``, the jobs do not exist yet: ``create`` makes them once the
+        watcher is registered, so every event arrives live and the store is not read.
+        """
         ids = list(dict.fromkeys(job_ids))
         last = {j: resume_after.get(j, 0) for j in ids}
         live: asyncio.Queue[StoredEvent] = asyncio.Queue()
@@ -70,8 +78,12 @@ class EventFeed:
             self._watchers.setdefault(job_id, set()).add(live)
         pending = set(ids)
         try:
-            initial = await self._initial(ids, last)
-            for job_id in ids:
+            if create is not None:
+                await create()
+                initial = {}
+            else:
+                initial = await self._initial(ids, last)
+            for job_id in initial:
                 events, top = initial[job_id]
                 for event in events:
                     last[job_id] = event.job_seq

@@ -254,3 +254,25 @@ async def test_final_only_stream_sends_just_the_result(worker, client) -> None:
     assert sorted(e.job_id for e in events) == sorted(ids)
     assert {e.state for e in events} == {SUCCEEDED}
     assert {e.seq for e in events} == {3}
+
+
+async def test_run_submits_and_streams_in_one_call(worker, client) -> None:
+    events = [e async for e in client.run_stream(laneway.job("chat", laneway.chat("one call")))]
+    assert [(e.seq, e.state) for e in events] == [(1, QUEUED), (2, RUNNING), (3, SUCCEEDED)]
+    assert events[-1].result.chat.text == "one call"
+    # The job is an ordinary job afterwards.
+    assert (await client.get_job(events[0].job_id)).state == SUCCEEDED
+
+
+async def test_run_with_a_seen_idempotency_key_follows_the_original(worker, client) -> None:
+    first = await client.submit("chat", laneway.chat("original"), idempotency_key="run-1")
+    spec = laneway.job("chat", laneway.chat("original"), idempotency_key="run-1")
+    events = [e async for e in client.run_stream(spec, final_only=True)]
+    assert [(e.job_id, e.state) for e in events] == [(first.job_id, SUCCEEDED)]
+
+
+async def test_run_rejects_bad_input_before_enqueueing(broker, client, nats_server) -> None:
+    with pytest.raises(laneway.InvalidArgument) as caught:
+        await client.run("nope", laneway.chat("x"))
+    assert caught.value.field == "job.route"
+    assert await _stored(nats_server) == (0, 0)

@@ -286,8 +286,33 @@ class AsyncClient:
         return last
 
     async def run(self, route: str, input: JobInput, **options: object) -> job_pb2.JobEvent:
-        """Submit and wait for the final event."""
-        return await self.wait((await self.submit(route, input, **options)).job_id)
+        """Submit and wait for the final event, in one call (options as for ``laneway.job``)."""
+        last: job_pb2.JobEvent | None = None
+        async for event in self.run_stream(job(route, input, **options), final_only=True):  # type: ignore[arg-type]
+            last = event
+        assert last is not None
+        return last
+
+    async def run_stream(
+        self, spec: job_pb2.JobSpec, *, final_only: bool = False
+    ) -> AsyncIterator[job_pb2.JobEvent]:
+        """Submit and stream the job's events; if the stream breaks, resumes with
+        ``stream_results`` after the last event seen."""
+        seen: job_pb2.JobEvent | None = None
+        try:
+            async for response in self._stub.Run(pb.RunRequest(job=spec, final_only=final_only)):
+                seen = response.event
+                yield response.event
+            return
+        except grpc.RpcError as err:
+            mapped = _map_error(err)
+            if seen is None or not isinstance(mapped, Unavailable):
+                raise mapped from None
+        if seen.state in FINAL_STATES:
+            return
+        resume = {seen.job_id: seen.seq}
+        async for event in self.stream_results(seen.job_id, resume_after=resume, final_only=final_only):
+            yield event
 
     async def get_job(self, job_id: str) -> job_pb2.JobEvent:
         """The job's latest event (a full snapshot of its state)."""
@@ -377,7 +402,16 @@ class Client:
         return last
 
     def run(self, route: str, input: JobInput, **options: object) -> job_pb2.JobEvent:
-        return self.wait(self.submit(route, input, **options).job_id)
+        """Submit and wait for the final event, in one call."""
+        spec = job(route, input, **options)  # type: ignore[arg-type]
+        last: job_pb2.JobEvent | None = None
+        try:
+            for response in self._stub.Run(pb.RunRequest(job=spec, final_only=True)):
+                last = response.event
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        assert last is not None
+        return last
 
     def get_job(self, job_id: str) -> job_pb2.JobEvent:
         try:

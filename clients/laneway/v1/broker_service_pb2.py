@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from laneway.v1 import job_pb2 as laneway_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flaneway/v1/broker_service.proto\x12\nlaneway.v1\x1a\x14laneway/v1/job.proto\"1\n\rSubmitRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\"3\n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"7\n\x12SubmitBatchRequest\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.laneway.v1.JobSpec\">\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"]\n\rSubmitOutcome\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemError\"B\n\x13SubmitBatchResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.laneway.v1.SubmitOutcome\"\xb8\x01\n\x14StreamResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12G\n\x0cresume_after\x18\x02 \x03(\x0b\x32\x31.laneway.v1.StreamResultsRequest.ResumeAfterEntry\x12\x12\n\nfinal_only\x18\x03 \x01(\x08\x1a\x32\n\x10ResumeAfterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"<\n\x15StreamResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"K\n\x11\x43\x61ncelJobResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x11\n\tcancelled\x18\x02 \x01(\x08\x32\x83\x03\n\rBrokerService\x12?\n\x06Submit\x12\x19.laneway.v1.SubmitRequest\x1a\x1a.laneway.v1.SubmitResponse\x12N\n\x0bSubmitBatch\x12\x1e.laneway.v1.SubmitBatchRequest\x1a\x1f.laneway.v1.SubmitBatchResponse\x12V\n\rStreamResults\x12 .laneway.v1.StreamResultsRequest\x1a!.laneway.v1.StreamResultsResponse0\x01\x12?\n\x06GetJob\x12\x19.laneway.v1.GetJobRequest\x1a\x1a.laneway.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.laneway.v1.CancelJobRequest\x1a\x1d.laneway.v1.CancelJobResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flaneway/v1/broker_service.proto\x12\nlaneway.v1\x1a\x14laneway/v1/job.proto\"1\n\rSubmitRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\"3\n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"7\n\x12SubmitBatchRequest\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.laneway.v1.JobSpec\">\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"]\n\rSubmitOutcome\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemError\"B\n\x13SubmitBatchResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.laneway.v1.SubmitOutcome\"\xb8\x01\n\x14StreamResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12G\n\x0cresume_after\x18\x02 \x03(\x0b\x32\x31.laneway.v1.StreamResultsRequest.ResumeAfterEntry\x12\x12\n\nfinal_only\x18\x03 \x01(\x08\x1a\x32\n\x10ResumeAfterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"<\n\x15StreamResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"B\n\nRunRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12\x12\n\nfinal_only\x18\x02 \x01(\x08\"E\n\x0bRunResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"K\n\x11\x43\x61ncelJobResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x11\n\tcancelled\x18\x02 \x01(\x08\x32\xbd\x03\n\rBrokerService\x12?\n\x06Submit\x12\x19.laneway.v1.SubmitRequest\x1a\x1a.laneway.v1.SubmitResponse\x12N\n\x0bSubmitBatch\x12\x1e.laneway.v1.SubmitBatchRequest\x1a\x1f.laneway.v1.SubmitBatchResponse\x12V\n\rStreamResults\x12 .laneway.v1.StreamResultsRequest\x1a!.laneway.v1.StreamResultsResponse0\x01\x12\x38\n\x03Run\x12\x16.laneway.v1.RunRequest\x1a\x17.laneway.v1.RunResponse0\x01\x12?\n\x06GetJob\x12\x19.laneway.v1.GetJobRequest\x1a\x1a.laneway.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.laneway.v1.CancelJobRequest\x1a\x1d.laneway.v1.CancelJobResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,14 +52,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_end=642
   _globals['_STREAMRESULTSRESPONSE']._serialized_start=644
   _globals['_STREAMRESULTSRESPONSE']._serialized_end=704
-  _globals['_GETJOBREQUEST']._serialized_start=706
-  _globals['_GETJOBREQUEST']._serialized_end=737
-  _globals['_GETJOBRESPONSE']._serialized_start=739
-  _globals['_GETJOBRESPONSE']._serialized_end=790
-  _globals['_CANCELJOBREQUEST']._serialized_start=792
-  _globals['_CANCELJOBREQUEST']._serialized_end=842
-  _globals['_CANCELJOBRESPONSE']._serialized_start=844
-  _globals['_CANCELJOBRESPONSE']._serialized_end=919
-  _globals['_BROKERSERVICE']._serialized_start=922
-  _globals['_BROKERSERVICE']._serialized_end=1309
+  _globals['_RUNREQUEST']._serialized_start=706
+  _globals['_RUNREQUEST']._serialized_end=772
+  _globals['_RUNRESPONSE']._serialized_start=774
+  _globals['_RUNRESPONSE']._serialized_end=843
+  _globals['_GETJOBREQUEST']._serialized_start=845
+  _globals['_GETJOBREQUEST']._serialized_end=876
+  _globals['_GETJOBRESPONSE']._serialized_start=878
+  _globals['_GETJOBRESPONSE']._serialized_end=929
+  _globals['_CANCELJOBREQUEST']._serialized_start=931
+  _globals['_CANCELJOBREQUEST']._serialized_end=981
+  _globals['_CANCELJOBRESPONSE']._serialized_start=983
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1058
+  _globals['_BROKERSERVICE']._serialized_start=1061
+  _globals['_BROKERSERVICE']._serialized_end=1506
 # @@protoc_insertion_point(module_scope)

@@ -50,6 +50,11 @@ class BrokerServiceStub:
                 request_serializer=laneway_dot_v1_dot_broker__service__pb2.StreamResultsRequest.SerializeToString,
                 response_deserializer=laneway_dot_v1_dot_broker__service__pb2.StreamResultsResponse.FromString,
                 _registered_method=True)
+        self.Run = channel.unary_stream(
+                '/laneway.v1.BrokerService/Run',
+                request_serializer=laneway_dot_v1_dot_broker__service__pb2.RunRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_broker__service__pb2.RunResponse.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/laneway.v1.BrokerService/GetJob',
                 request_serializer=laneway_dot_v1_dot_broker__service__pb2.GetJobRequest.SerializeToString,
@@ -88,6 +93,14 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Run(self, request, context):
+        """Submit one job and stream its events until the final one, in one call:
+        the lowest-latency way to get a result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetJob(self, request, context):
         """The job's latest state.
         """
@@ -119,6 +132,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.StreamResults,
                     request_deserializer=laneway_dot_v1_dot_broker__service__pb2.StreamResultsRequest.FromString,
                     response_serializer=laneway_dot_v1_dot_broker__service__pb2.StreamResultsResponse.SerializeToString,
+            ),
+            'Run': grpc.unary_stream_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=laneway_dot_v1_dot_broker__service__pb2.RunRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_broker__service__pb2.RunResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
@@ -213,6 +231,33 @@ class BrokerService:
             '/laneway.v1.BrokerService/StreamResults',
             laneway_dot_v1_dot_broker__service__pb2.StreamResultsRequest.SerializeToString,
             laneway_dot_v1_dot_broker__service__pb2.StreamResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/laneway.v1.BrokerService/Run',
+            laneway_dot_v1_dot_broker__service__pb2.RunRequest.SerializeToString,
+            laneway_dot_v1_dot_broker__service__pb2.RunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,10 @@ class BrokerServiceStub:
     """Events of one or more jobs, from the first (or after a resume point) until
     every job has reached a final state.
     """
+    Run: _grpc.UnaryStreamMultiCallable[_broker_service_pb2.RunRequest, _broker_service_pb2.RunResponse]
+    """Submit one job and stream its events until the final one, in one call:
+    the lowest-latency way to get a result.
+    """
     GetJob: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.GetJobRequest, _broker_service_pb2.GetJobResponse]
     """The job's latest state."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.CancelJobRequest, _broker_service_pb2.CancelJobResponse]
@@ -58,6 +62,10 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     StreamResults: _aio.UnaryStreamMultiCallable[_broker_service_pb2.StreamResultsRequest, _broker_service_pb2.StreamResultsResponse]  # type: ignore[assignment]
     """Events of one or more jobs, from the first (or after a resume point) until
     every job has reached a final state.
+    """
+    Run: _aio.UnaryStreamMultiCallable[_broker_service_pb2.RunRequest, _broker_service_pb2.RunResponse]  # type: ignore[assignment]
+    """Submit one job and stream its events until the final one, in one call:
+    the lowest-latency way to get a result.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.GetJobRequest, _broker_service_pb2.GetJobResponse]  # type: ignore[assignment]
     """The job's latest state."""
@@ -91,6 +99,16 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_broker_service_pb2.StreamResultsResponse], _abc.AsyncIterator[_broker_service_pb2.StreamResultsResponse]]:
         """Events of one or more jobs, from the first (or after a resume point) until
         every job has reached a final state.
+        """
+
+    @_abc_1.abstractmethod
+    def Run(
+        self,
+        request: _broker_service_pb2.RunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_service_pb2.RunResponse], _abc.AsyncIterator[_broker_service_pb2.RunResponse]]:
+        """Submit one job and stream its events until the final one, in one call:
+        the lowest-latency way to get a result.
         """
 
     @_abc_1.abstractmethod
