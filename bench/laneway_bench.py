@@ -3,7 +3,8 @@ process, driven through the Python client.
 
 - unary: ``submit`` then ``stream_results(final_only=True)`` until the final event, per job;
 - batch: ``submit_batch`` of 100 jobs, then one ``stream_results(final_only=True)`` over their ids;
-- latency: unary jobs started at a fixed rate (open loop), submit to final event.
+- latency: unary jobs started at a fixed rate (open loop), submit to final event;
+- run: the ``Run`` RPC (submit and stream in one call), paced and closed loop.
 
 Every job must end SUCCEEDED with the echoed prompt, and the job queue must be
 empty afterwards; anything else is counted and printed as a failure.
@@ -133,6 +134,11 @@ class Jobs:
         self.submit_ms.append((time.perf_counter() - t0) * 1000.0)
         return await _follow(self._client, [done.job_id], self._timeout)
 
+    async def run(self) -> list[str]:
+        """The Run RPC: submit and stream the final event in one call."""
+        final = await self._client.run(ROUTE, self._input)
+        return _check_finals([final.job_id], {final.job_id: final})
+
     async def batch(self) -> list[str]:
         outcomes = await self._client.submit_batch(self._batch)
         failures: list[str] = []
@@ -177,6 +183,14 @@ async def run_laneway(s: Settings) -> Results:
                 progress(f"Laneway: {s.jobs} jobs, unary, {c} in flight")
                 results["laneway.unary.throughput"] = await closed_loop(
                     jobs.unary, ops=s.jobs, concurrency=c, timeout=t, pids=pids
+                )
+                progress(f"Laneway: paced {s.paced_rate:.0f}/s for {s.paced_seconds:.0f}s, Run")
+                results["laneway.run.latency"] = await paced(
+                    jobs.run, rate=s.paced_rate, count=s.paced_jobs, timeout=t, pids=pids
+                )
+                progress(f"Laneway: {s.jobs} jobs, Run, {c} in flight")
+                results["laneway.run.throughput"] = await closed_loop(
+                    jobs.run, ops=s.jobs, concurrency=c, timeout=t, pids=pids
                 )
                 _alive(ws.children)
                 b, inflight = s.batch_size, s.batches_in_flight

@@ -109,6 +109,8 @@ def comparison_rows(results: Results) -> list[Row]:
     batch, unary, lat = "laneway.batch.throughput", "laneway.unary.throughput", "laneway.unary.latency"
     raw = "raw_nats.latency"
     lb, lu, ll = _lost(results, batch), _lost(results, unary), _lost(results, lat)
+    run, run_lat = "laneway.run.throughput", "laneway.run.latency"
+    lr, lrl = _lost(results, run), _lost(results, run_lat)
     return [
         Row("e2e jobs/s, SubmitBatch x100", _rate(results, batch), "raw NATS loop", nats_rate,
             latency=False, target=2000, lost=lb),
@@ -122,6 +124,12 @@ def comparison_rows(results: Results) -> list[Row]:
             latency=True, target=10, lost=ll),
         Row("latency p50 @100/s (ms)", _pct(results, lat, 50), "gRPC echo seq.",
             _pct(results, "grpc_echo.sequential", 50), latency=True, lost=ll),
+        Row("e2e jobs/s, Run RPC", _rate(results, run), "gRPC echo rps", grpc_rate,
+            latency=False, target=1200, lost=lr),
+        Row("Run latency p50 @100/s (ms)", _pct(results, run_lat, 50), "raw NATS loop", _pct(results, raw, 50),
+            latency=True, target=3, lost=lrl),
+        Row("Run latency p99 @100/s (ms)", _pct(results, run_lat, 99), "raw NATS loop", _pct(results, raw, 99),
+            latency=True, target=10, lost=lrl),
     ]  # fmt: skip
 
 

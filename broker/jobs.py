@@ -10,6 +10,7 @@ FAILED event: nothing is left half-enqueued and silent.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class JobStore:
         await self._enqueue(job, payload)
         return Submitted(job.job_id)
 
-    async def run(self, spec: JobSpec) -> AsyncIterator[tuple[Submitted, StoredEvent]]:
+    async def run(self, spec: JobSpec, *, final_only: bool) -> AsyncIterator[tuple[Submitted, StoredEvent]]:
         """Submit and follow: the job's events from QUEUED to final, read live only
         (the watcher exists before the job does, so nothing is read back)."""
         job, payload = self._prepare(spec, "job")
@@ -72,11 +73,12 @@ class JobStore:
             original = await self._claim_key(spec, job.job_id)
             if original is not None:
                 done = Submitted(original, duplicate=True)
-                async for event in self._feed.watch([original], {}):
+                async for event in self._feed.watch([original], {}, final_only=final_only):
                     yield done, event
                 return
         done = Submitted(job.job_id)
-        async for event in self._feed.watch([job.job_id], {}, create=lambda: self._enqueue(job, payload)):
+        create = functools.partial(self._enqueue, job, payload)
+        async for event in self._feed.watch([job.job_id], {}, create=create, final_only=final_only):
             yield done, event
 
     def _prepare(self, spec: JobSpec, field: str) -> tuple[QueuedJob, bytes]:
@@ -174,5 +176,7 @@ class JobStore:
             return JobState.CANCELLED, True
         raise FailedPrecondition(f"job {job_id} kept changing; try again", reason="CONTENDED")
 
-    def watch(self, job_ids: Sequence[str], resume_after: Mapping[str, int]) -> AsyncIterator[StoredEvent]:
-        return self._feed.watch(job_ids, resume_after)
+    def watch(
+        self, job_ids: Sequence[str], resume_after: Mapping[str, int], *, final_only: bool = False
+    ) -> AsyncIterator[StoredEvent]:
+        return self._feed.watch(job_ids, resume_after, final_only=final_only)

@@ -102,9 +102,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 raise InvalidArgument(
                     f"resume_after[{job_id}]: not one of job_ids", field=f"resume_after[{job_id}]"
                 )
-        async for stored in self._store.watch(list(request.job_ids), dict(request.resume_after)):
-            if request.final_only and not stored.final:
-                continue
+        ids, resume = list(request.job_ids), dict(request.resume_after)
+        async for stored in self._store.watch(ids, resume, final_only=request.final_only):
             response = pb.StreamResultsResponse()
             # The stored bytes are a serialized JobEvent: merge them, no domain round trip.
             response.event.MergeFromString(stored.data)
@@ -114,9 +113,9 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
     async def Run(self, request: pb.RunRequest, context: Ctx) -> AsyncIterator[pb.RunResponse]:
         if not request.HasField("job"):
             raise InvalidArgument("job: required", field="job")
-        async for done, stored in self._store.run(self._spec(request.job, "job")):
-            if request.final_only and not stored.final:
-                continue
+        async for done, stored in self._store.run(
+            self._spec(request.job, "job"), final_only=request.final_only
+        ):
             response = pb.RunResponse(duplicate=done.duplicate)
             response.event.MergeFromString(stored.data)
             yield response

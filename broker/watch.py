@@ -64,12 +64,14 @@ class EventFeed:
         resume_after: Mapping[str, int],
         *,
         create: Callable[[], Awaitable[None]] | None = None,
+        final_only: bool = False,
     ) -> AsyncIterator[StoredEvent]:
         """Every event of the jobs (after their resume points), in per-job order,
         until each job's final event. Raises NotFound for an unknown job.
 
         With ``create``, the jobs do not exist yet: ``create`` makes them once the
         watcher is registered, so every event arrives live and the store is not read.
+        With ``final_only``, only final events are yielded, and no history is read.
         """
         ids = list(dict.fromkeys(job_ids))
         last = {j: resume_after.get(j, 0) for j in ids}
@@ -82,7 +84,7 @@ class EventFeed:
                 await create()
                 initial = {}
             else:
-                initial = await self._initial(ids, last)
+                initial = await self._initial(ids, last, final_only)
             for job_id in initial:
                 events, top = initial[job_id]
                 for event in events:
@@ -97,7 +99,10 @@ class EventFeed:
                 if job_id not in pending or event.job_seq <= last[job_id]:
                     continue
                 batch = [event]
-                if event.job_seq > last[job_id] + 1:
+                if final_only:
+                    if not event.final:
+                        continue
+                elif event.job_seq > last[job_id] + 1:
                     batch = await self._fill_gap(job_id, last[job_id], event)
                 for e in batch:
                     last[job_id] = e.job_seq
@@ -110,10 +115,10 @@ class EventFeed:
                 self._forget(job_id, live)
 
     async def _initial(
-        self, ids: list[str], last: dict[str, int]
+        self, ids: list[str], last: dict[str, int], final_only: bool
     ) -> dict[str, tuple[list[StoredEvent], StoredEvent]]:
-        """Per job: its stored events after the resume point, and its latest event."""
-        if len(ids) == 1:
+        """Per job: its stored events to send now, and its latest event."""
+        if len(ids) == 1 and not final_only:
             # One job (the unary Submit-then-watch path, often finished by now): its
             # whole history in one request rather than latest, then history.
             job_id = ids[0]
@@ -127,9 +132,9 @@ class EventFeed:
             top = latest.get(job_id)
             if top is None:
                 raise _unknown(job_id)
-            if top.job_seq <= last[job_id]:
+            if top.job_seq <= last[job_id] or (final_only and not top.final):
                 out[job_id] = ([], top)
-            elif top.job_seq == last[job_id] + 1:
+            elif top.job_seq == last[job_id] + 1 or final_only:
                 out[job_id] = ([top], top)  # one new event: no history read
             else:
                 out[job_id] = (await self._log.history(job_id, last[job_id]), top)

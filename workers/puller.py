@@ -193,12 +193,12 @@ class LanePuller:
         if status == "100":
             return
         park = self._parks.pop(inbox, None)
-        if park is not None:
-            await unsubscribe_quietly(park.sub)
         if not status:
             # Even while stopping: the handler sees the pool is closing and hands the job back.
             self._dispatch(msg, consumer)
         self._wake.set()
+        if park is not None:
+            await unsubscribe_quietly(park.sub)
 
     def _next_park_deadline(self, now: float) -> float | None:
         if not self._parks:
