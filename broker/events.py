@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -91,9 +90,6 @@ class EventLog:
         self._nc = nc
         self._timeout = timeout
         self._mux = ReplyMux(nc)
-        # Writer identity in Nats-Msg-Id: a retried publish of ours dedupes,
-        # while a rival writer's event with the same job seq fails the CAS.
-        self._writer = os.urandom(6).hex()
 
     async def __aenter__(self) -> EventLog:
         await self._mux.start()
@@ -107,10 +103,11 @@ class EventLog:
     async def append(self, event: JobEvent, *, expect_last: int) -> int:
         """Append ``event`` if the subject's last stream sequence is ``expect_last``
         (0: the subject must be empty). Returns the new stream sequence."""
+        # No Nats-Msg-Id: the compare-and-set already makes each log position
+        # writable once, and the server need not remember ids of every event.
         headers = {
             t.HDR_JOB_SEQ: str(event.seq),
             t.HDR_JOB_STATE: event.state.name,
-            "Nats-Msg-Id": f"{event.job_id}.{event.seq}.{self._writer}",
             "Nats-Expected-Last-Subject-Sequence": str(expect_last),
         }
         try:
