@@ -47,6 +47,7 @@ class BrokerServer:
         self._nc: NatsClient | None = None
         self._server: grpc.aio.Server | None = None
         self._exit = contextlib.AsyncExitStack()
+        self._feed: EventFeed | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
 
@@ -70,7 +71,7 @@ class BrokerServer:
         js = self._nc.jetstream()
         await t.ensure_topology(js, t.TopologySettings.from_config(self.config))
         events = await self._exit.enter_async_context(EventLog(self._nc))
-        feed = await self._exit.enter_async_context(EventFeed(self._nc, events))
+        feed = self._feed = await self._exit.enter_async_context(EventFeed(self._nc, events))
         store = JobStore(
             self._nc,
             events,
@@ -119,6 +120,10 @@ class BrokerServer:
         server, self._server = self._server, None
         if server is not None:
             await self._health.enter_graceful_shutdown()
+            if self._feed is not None:
+                # Streams end now with UNAVAILABLE (clients resume elsewhere by sequence);
+                # unary calls get the grace period to finish.
+                self._feed.end_watches()
             await server.stop(self._grace)
         await self._exit.aclose()
         nc, self._nc = self._nc, None

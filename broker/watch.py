@@ -37,8 +37,9 @@ class EventFeed:
     def __init__(self, nc: NatsClient, log: EventLog) -> None:
         self._nc = nc
         self._log = log
-        self._watchers: dict[str, set[asyncio.Queue[StoredEvent]]] = {}
+        self._watchers: dict[str, set[asyncio.Queue[StoredEvent | None]]] = {}
         self._sub: Subscription | None = None
+        self._closing = False
 
     async def __aenter__(self) -> EventFeed:
         self._sub = await self._nc.subscribe(f"{t.LIVE_PREFIX}.>", cb=self._on_msg)
@@ -47,9 +48,17 @@ class EventFeed:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self.end_watches()
         sub, self._sub = self._sub, None
         if sub is not None:
             await unsubscribe_quietly(sub)
+
+    def end_watches(self) -> None:
+        """End every watch with Unavailable (shutdown): callers resume on another broker."""
+        self._closing = True
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(None)
 
     async def _on_msg(self, msg: Msg) -> None:
         queues = self._watchers.get(msg.subject[len(t.LIVE_PREFIX) + 1 :])
@@ -75,7 +84,9 @@ class EventFeed:
         """
         ids = list(dict.fromkeys(job_ids))
         last = {j: resume_after.get(j, 0) for j in ids}
-        live: asyncio.Queue[StoredEvent] = asyncio.Queue()
+        if self._closing:
+            raise Unavailable("broker is shutting down; retry on another broker", reason="SHUTTING_DOWN")
+        live: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
         for job_id in ids:
             self._watchers.setdefault(job_id, set()).add(live)
         pending = set(ids)
@@ -94,7 +105,12 @@ class EventFeed:
                     self._forget(job_id, live)
                     pending.discard(job_id)
             while pending:
-                event = await live.get()
+                got = await live.get()
+                if got is None:
+                    raise Unavailable(
+                        "broker is shutting down; resume after the last seq seen", reason="SHUTTING_DOWN"
+                    )
+                event = got
                 job_id = event.job_id
                 if job_id not in pending or event.job_seq <= last[job_id]:
                     continue
@@ -140,7 +156,7 @@ class EventFeed:
                 out[job_id] = (await self._log.history(job_id, last[job_id]), top)
         return out
 
-    def _forget(self, job_id: str, queue: asyncio.Queue[StoredEvent]) -> None:
+    def _forget(self, job_id: str, queue: asyncio.Queue[StoredEvent | None]) -> None:
         queues = self._watchers.get(job_id)
         if queues is not None:
             queues.discard(queue)

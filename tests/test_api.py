@@ -276,3 +276,37 @@ async def test_run_rejects_bad_input_before_enqueueing(broker, client, nats_serv
         await client.run("nope", laneway.chat("x"))
     assert caught.value.field == "job.route"
     assert await _stored(nats_server) == (0, 0)
+
+
+async def test_broker_shutdown_ends_streams_retryably_and_clients_resume(nats_server, config) -> None:
+    from broker.server import BrokerServer
+    from workers.pool import WorkerPool
+
+    async def serve() -> BrokerServer:
+        server = BrokerServer(config, nats_url=nats_server.url, grpc_addr="127.0.0.1:0", reuse_port=False)
+        return await server.__aenter__()
+
+    first = await serve()
+    async with laneway.AsyncClient(first.address, resume_attempts=1) as c1:
+        job_id = (await c1.submit("slow", laneway.chat("outlive the broker"))).job_id
+        stream = c1.stream_results(job_id)
+        seen = [await anext(stream)]
+        closing = asyncio.create_task(first.close())
+
+        async def drain() -> None:
+            async for event in stream:
+                seen.append(event)
+
+        # No broker left at that address: the client's resume attempt fails too.
+        with pytest.raises(laneway.Unavailable):
+            await drain()
+        await closing
+    assert [e.seq for e in seen] == [1]
+    # Another broker (any replica) serves the rest, from where the caller left off.
+    second = await serve()
+    try:
+        async with laneway.AsyncClient(second.address) as c2, WorkerPool(config, nats_url=nats_server.url):
+            rest = [e async for e in c2.stream_results(job_id, resume_after={job_id: 1})]
+    finally:
+        await second.close()
+    assert [e.seq for e in rest] == [2, 3]
