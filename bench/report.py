@@ -126,9 +126,9 @@ def comparison_rows(results: Results) -> list[Row]:
             _pct(results, "grpc_echo.sequential", 50), latency=True, lost=ll),
         Row("e2e jobs/s, Run RPC", _rate(results, run), "gRPC echo rps", grpc_rate,
             latency=False, target=1200, lost=lr),
-        Row("Run latency p50 @100/s (ms)", _pct(results, run_lat, 50), "raw NATS loop", _pct(results, raw, 50),
+        Row("Run p50 @100/s (ms)", _pct(results, run_lat, 50), "raw NATS loop", _pct(results, raw, 50),
             latency=True, target=3, lost=lrl),
-        Row("Run latency p99 @100/s (ms)", _pct(results, run_lat, 99), "raw NATS loop", _pct(results, raw, 99),
+        Row("Run p99 @100/s (ms)", _pct(results, run_lat, 99), "raw NATS loop", _pct(results, raw, 99),
             latency=True, target=10, lost=lrl),
     ]  # fmt: skip
 
