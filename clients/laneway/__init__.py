@@ -7,18 +7,7 @@ with laneway.Client("127.0.0.1:50051") as client:
     print(final.result.chat.text)
 """
 
-from laneway.client import (
-    FINAL_STATES,
-    AsyncClient,
-    CancelOutcome,
-    Client,
-    JobInput,
-    Submitted,
-    chat,
-    classification,
-    embedding,
-    job,
-)
+from laneway.client import FINAL_STATES, AsyncClient, CancelOutcome, Client, Submitted
 from laneway.errors import (
     ApiError,
     InvalidArgument,
@@ -27,6 +16,7 @@ from laneway.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from laneway.inputs import JobInput, chat, classification, embedding, job
 from laneway.v1.job_pb2 import JobEvent, JobState
 
 __all__ = [

@@ -17,15 +17,15 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import cast
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from laneway.errors import ApiError, Unavailable, error_for_code
+from laneway.inputs import JobInput, job
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
 from laneway.v1 import job_pb2
@@ -35,12 +35,7 @@ __all__ = [
     "AsyncClient",
     "CancelOutcome",
     "Client",
-    "JobInput",
     "Submitted",
-    "chat",
-    "classification",
-    "embedding",
-    "job",
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
@@ -52,17 +47,6 @@ FINAL_STATES = frozenset(
         job_pb2.JOB_STATE_EXPIRED,
     }
 )
-_LANES = {
-    "high": job_pb2.LANE_HIGH,
-    "normal": job_pb2.LANE_NORMAL,
-    "low": job_pb2.LANE_LOW,
-    "": job_pb2.LANE_UNSPECIFIED,
-}
-_ROLES = {
-    "system": job_pb2.CHAT_ROLE_SYSTEM,
-    "user": job_pb2.CHAT_ROLE_USER,
-    "assistant": job_pb2.CHAT_ROLE_ASSISTANT,
-}
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -70,9 +54,6 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
-
-JobInput = job_pb2.ChatInput | job_pb2.EmbeddingInput | job_pb2.ClassificationInput
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -85,65 +66,6 @@ class Submitted:
 class CancelOutcome:
     state: job_pb2.JobState.ValueType
     cancelled: bool
-
-
-# --- building jobs -------------------------------------------------------------------
-
-
-def chat(
-    prompt: str | Sequence[tuple[str, str]],
-    *,
-    system: str | None = None,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    stream: bool = False,
-) -> job_pb2.ChatInput:
-    """A chat input: a user prompt, or ``[(role, content), ...]``."""
-    out = job_pb2.ChatInput(stream=stream)
-    if system:
-        out.messages.add(role=job_pb2.CHAT_ROLE_SYSTEM, content=system)
-    if isinstance(prompt, str):
-        out.messages.add(role=job_pb2.CHAT_ROLE_USER, content=prompt)
-    else:
-        for role, content in prompt:
-            out.messages.add(role=_ROLES.get(role, job_pb2.CHAT_ROLE_UNSPECIFIED), content=content)
-    if max_tokens is not None:
-        out.params.max_tokens = max_tokens
-    if temperature is not None:
-        out.params.temperature = temperature
-    return out
-
-
-def embedding(texts: str | Iterable[str]) -> job_pb2.EmbeddingInput:
-    return job_pb2.EmbeddingInput(texts=[texts] if isinstance(texts, str) else list(texts))
-
-
-def classification(text: str, labels: Iterable[str]) -> job_pb2.ClassificationInput:
-    return job_pb2.ClassificationInput(text=text, labels=list(labels))
-
-
-def job(
-    route: str,
-    input: JobInput,
-    *,
-    lane: str = "",
-    metadata: Mapping[str, str] | None = None,
-    idempotency_key: str = "",
-    deadline: datetime | None = None,
-) -> job_pb2.JobSpec:
-    """A job spec; ``lane`` is "high", "normal", "low" or "" for the broker's default."""
-    spec = job_pb2.JobSpec(route=route, metadata=dict(metadata or {}), idempotency_key=idempotency_key)
-    # An unknown lane name goes over the wire as an invalid number: the broker names the field.
-    spec.lane = cast(job_pb2.Lane.ValueType, _LANES.get(lane, 99))
-    if isinstance(input, job_pb2.ChatInput):
-        spec.chat.CopyFrom(input)
-    elif isinstance(input, job_pb2.EmbeddingInput):
-        spec.embedding.CopyFrom(input)
-    else:
-        spec.classification.CopyFrom(input)
-    if deadline is not None:
-        spec.deadline.FromDatetime(deadline)
-    return spec
 
 
 # --- errors --------------------------------------------------------------------------
