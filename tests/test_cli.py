@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+import nats
 import pytest
 
 from broker.natsd import free_port
@@ -70,11 +71,13 @@ async def test_config_check_names_line_and_key(tmp_path: Path) -> None:
     assert f"{bad}:4: providers.m.latncy_ms: unknown key 'latncy_ms' (did you mean 'latency_ms'?)" in err
 
 
-async def test_up_runs_the_stack_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+async def _up(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    """Run `laneway up`, submit through it, stop it with Ctrl-C (SIGINT)."""
     addr = f"127.0.0.1:{free_port()}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker.cli", "up", "--grpc-addr", addr, "--data-dir", str(tmp_path / "data"),
-        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        *extra, cwd=ROOT, env={**os.environ, **(env or {})},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -91,6 +94,22 @@ async def test_up_runs_the_stack_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_up_runs_the_stack_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    await _up(tmp_path)
+    assert (tmp_path / "data" / "nats").is_dir()  # the embedded server's store
+
+
+async def test_up_uses_an_existing_nats_server_from_nats_url(tmp_path: Path, nats_server) -> None:
+    await _up(tmp_path, env={"NATS_URL": nats_server.url})
+    assert not (tmp_path / "data").exists()  # no embedded server was started
+    nc = await nats.connect(nats_server.url)
+    try:
+        info = await nc.jetstream().stream_info("LANEWAY_JOBS")
+    finally:
+        await nc.close()
+    assert info.state.consumer_count > 0
 
 
 @pytest.mark.parametrize("args", [["--help"], ["config", "schema"]])
