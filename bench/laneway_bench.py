@@ -4,7 +4,9 @@ process, driven through the Python client.
 - unary: ``submit`` then ``stream_results(final_only=True)`` until the final event, per job;
 - batch: ``submit_batch`` of 100 jobs, then one ``stream_results(final_only=True)`` over their ids;
 - latency: unary jobs started at a fixed rate (open loop), submit to final event;
-- run: the ``Run`` RPC (submit and stream in one call), paced and closed loop.
+- run: the ``Run`` RPC (submit and stream in one call), paced and closed loop;
+- unary grouped: unary ``submit`` calls in groups of 100 in flight, each group's
+  results followed by one ``stream_results(final_only=True)``.
 
 Every job must end SUCCEEDED with the echoed prompt, and the job queue must be
 empty afterwards; anything else is counted and printed as a failure.
@@ -139,6 +141,21 @@ class Jobs:
         final = await self._client.run(ROUTE, self._input)
         return _check_finals([final.job_id], {final.job_id: final})
 
+    async def unary_grouped(self) -> list[str]:
+        """Unary Submit calls (one per job, all in flight at once), their results then
+        followed by one final-only stream per group: a producer that submits job by
+        job and a consumer that collects results in bulk."""
+        outcomes = await asyncio.gather(
+            *(self._client.submit(ROUTE, self._input) for _ in self._batch), return_exceptions=True
+        )
+        ids = [o.job_id for o in outcomes if isinstance(o, laneway.Submitted)]
+        failures = [
+            f"rejected: {type(o).__name__}: {o}" for o in outcomes if not isinstance(o, laneway.Submitted)
+        ]
+        if ids:
+            failures.extend(await _follow(self._client, ids, self._timeout))
+        return failures
+
     async def batch(self) -> list[str]:
         outcomes = await self._client.submit_batch(self._batch)
         failures: list[str] = []
@@ -199,6 +216,12 @@ async def run_laneway(s: Settings) -> Results:
                     jobs.batch, ops=inflight, concurrency=inflight, jobs_per_op=b, timeout=t
                 )
                 ops = math.ceil(s.jobs / b)
+                progress(
+                    f"Laneway: {ops * b} jobs, unary Submit in groups of {b}, {inflight} groups in flight"
+                )
+                results["laneway.unary_grouped.throughput"] = await closed_loop(
+                    jobs.unary_grouped, ops=ops, concurrency=inflight, jobs_per_op=b, timeout=t, pids=pids
+                )
                 progress(f"Laneway: {ops * b} jobs, SubmitBatch of {b}, {inflight} batches in flight")
                 results["laneway.batch.throughput"] = await closed_loop(
                     jobs.batch, ops=ops, concurrency=inflight, jobs_per_op=b, timeout=t, pids=pids

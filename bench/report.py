@@ -110,6 +110,8 @@ def comparison_rows(results: Results) -> list[Row]:
     raw = "raw_nats.latency"
     lb, lu, ll = _lost(results, batch), _lost(results, unary), _lost(results, lat)
     run, run_lat = "laneway.run.throughput", "laneway.run.latency"
+    grouped = "laneway.unary_grouped.throughput"
+    lg = _lost(results, grouped)
     lr, lrl = _lost(results, run), _lost(results, run_lat)
     return [
         Row("e2e jobs/s, SubmitBatch x100", _rate(results, batch), "raw NATS loop", nats_rate,
@@ -118,6 +120,8 @@ def comparison_rows(results: Results) -> list[Row]:
             latency=False, target=1200, lost=lu),
         Row("e2e jobs/s, unary Submit", _rate(results, unary), "gRPC echo rps", grpc_rate,
             latency=False, lost=lu),
+        Row("e2e jobs/s, unary, bulk follow", _rate(results, grouped), "gRPC echo rps", grpc_rate,
+            latency=False, target=1200, lost=lg),
         Row("latency p50 @100/s (ms)", _pct(results, lat, 50), "raw NATS loop", _pct(results, raw, 50),
             latency=True, target=3, lost=ll),
         Row("latency p99 @100/s (ms)", _pct(results, lat, 99), "raw NATS loop", _pct(results, raw, 99),
