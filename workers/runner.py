@@ -152,7 +152,11 @@ class JobRunner:
         except asyncio.CancelledError:
             if self.closing:
                 raise
-            # CancelJob stored CANCELLED already; our log view is stale.
+            # CancelJob stored CANCELLED already; our log view is stale. The cancel was
+            # ours to consume, so the task carries on (to ack) as if never cancelled.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
             raise _Lost from None
         await self._append(running.next(JobState.SUCCEEDED, result=result), seq)
         await msg.ack()
