@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 
 from broker import topology as t
 from broker.inbox import ReplyMux, status_of
-from broker.jspub import PublishRejected, PublishUnanswered, publish_acked
+from broker.jspub import PublishRejected, PublishUnanswered, publish_acked, publish_many
 from broker.model import FINAL_STATES, JobEvent, JobState, QueuedJob
 from broker.wire import decode_event, encode_event
 from laneway.errors import LanewayError, Unavailable
@@ -103,24 +103,28 @@ class EventLog:
     async def append(self, event: JobEvent, *, expect_last: int) -> int:
         """Append ``event`` if the subject's last stream sequence is ``expect_last``
         (0: the subject must be empty). Returns the new stream sequence."""
-        # No Nats-Msg-Id: the compare-and-set already makes each log position
-        # writable once, and the server need not remember ids of every event.
-        headers = {
-            t.HDR_JOB_SEQ: str(event.seq),
-            t.HDR_JOB_STATE: event.state.name,
-            "Nats-Expected-Last-Subject-Sequence": str(expect_last),
-        }
         try:
             seq, _duplicate = await publish_acked(
-                self._nc, t.event_subject(event.job_id), encode_event(event), headers, timeout=self._timeout
+                self._nc, *_append_message(event, expect_last), timeout=self._timeout
             )
-        except PublishRejected as err:
-            if err.err_code == _WRONG_LAST_SEQUENCE:
-                raise EventConflict(f"job {event.job_id}: event log moved on") from err
-            raise Unavailable(f"event store rejected the write: {err.description}") from err
-        except PublishUnanswered as err:
-            raise Unavailable("event store did not answer in time") from err
+        except (PublishRejected, PublishUnanswered) as err:
+            raise _append_error(event, err) from err
         return seq
+
+    async def append_many(self, appends: Sequence[tuple[JobEvent, int]]) -> list[int | LanewayError]:
+        """``append`` for many jobs' logs in one round trip; each result is the new
+        stream sequence or the error that ``append`` would have raised."""
+        items = [_append_message(event, expect_last) for event, expect_last in appends]
+        results = await publish_many(self._nc, self._mux, items, timeout=self._timeout)
+        return [
+            r if isinstance(r, int) else _append_error(e, r)
+            for (e, _), r in zip(appends, results, strict=True)
+        ]
+
+    @property
+    def mux(self) -> ReplyMux:
+        """The log's shared reply inbox, for other pipelined requests on this connection."""
+        return self._mux
 
     async def last(self, job_id: str) -> StoredEvent | None:
         """The job's latest event, None when the job is unknown (or expired)."""
@@ -177,3 +181,22 @@ class EventLog:
             except TimeoutError as err:
                 raise Unavailable("event store did not answer in time") from err
         return out
+
+
+def _append_message(event: JobEvent, expect_last: int) -> tuple[str, bytes, dict[str, str]]:
+    # No Nats-Msg-Id: the compare-and-set already makes each log position
+    # writable once, and the server need not remember ids of every event.
+    headers = {
+        t.HDR_JOB_SEQ: str(event.seq),
+        t.HDR_JOB_STATE: event.state.name,
+        "Nats-Expected-Last-Subject-Sequence": str(expect_last),
+    }
+    return t.event_subject(event.job_id), encode_event(event), headers
+
+
+def _append_error(event: JobEvent, err: PublishRejected | PublishUnanswered) -> LanewayError:
+    if isinstance(err, PublishUnanswered):
+        return Unavailable("event store did not answer in time")
+    if err.err_code == _WRONG_LAST_SEQUENCE:
+        return EventConflict(f"job {event.job_id}: event log moved on")
+    return Unavailable(f"event store rejected the write: {err.description}")

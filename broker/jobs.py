@@ -21,11 +21,18 @@ from nats.js.kv import KeyValue
 
 from broker import topology as t
 from broker.events import EventConflict, EventLog, StoredEvent, first_event
-from broker.jspub import PublishRejected, PublishUnanswered, publish_acked
+from broker.jspub import PublishRejected, PublishUnanswered, publish_acked, publish_many
 from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.watch import EventFeed
 from broker.wire import encode_queued_job
-from laneway.errors import ApiError, FailedPrecondition, NotFound, ResourceExhausted, Unavailable
+from laneway.errors import (
+    ApiError,
+    FailedPrecondition,
+    InternalError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 __all__ = ["JobStore", "Submitted"]
 
@@ -95,6 +102,10 @@ class JobStore:
 
     async def _enqueue(self, job: QueuedJob, payload: bytes) -> None:
         event_seq = await self.events.append(first_event(job), expect_last=0)
+        await self._publish_or_fail(job, payload, event_seq)
+
+    async def _publish_or_fail(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
+        """Publish the job (with retries); if it cannot be queued, end its log FAILED."""
         try:
             await self._publish_job(job, payload, event_seq)
         except Unavailable as err:
@@ -109,20 +120,58 @@ class JobStore:
             raise
 
     async def submit_many(self, specs: Sequence[JobSpec | ApiError]) -> list[Submitted | ApiError]:
-        """Submit each valid spec concurrently; errors pass through in place."""
+        """Submit every valid spec; errors pass through in place.
 
-        async def one(i: int, spec: JobSpec | ApiError) -> Submitted | ApiError:
+        Pipelined: all QUEUED events in one round trip, then all jobs in one, instead
+        of two round trips (and a task) per job. A job whose publish fails takes the
+        single-job path, with its retries and its FAILED event.
+        """
+        out: list[Submitted | ApiError | None] = [s if isinstance(s, ApiError) else None for s in specs]
+        fresh: list[tuple[int, QueuedJob, bytes]] = []
+        for i, spec in enumerate(specs):
             if isinstance(spec, ApiError):
-                return spec
+                continue
             try:
-                return await self.submit(spec, field=f"jobs[{i}]")
+                job, payload = self._prepare(spec, f"jobs[{i}]")
+                original = await self._claim_key(spec, job.job_id) if spec.idempotency_key else None
+            except ApiError as err:
+                out[i] = err
+                continue
+            if original is not None:
+                out[i] = Submitted(original, duplicate=True)
+            else:
+                fresh.append((i, job, payload))
+        seqs = await self.events.append_many([(first_event(job), 0) for _, job, _ in fresh])
+        queued = []
+        for (i, job, payload), seq in zip(fresh, seqs, strict=True):
+            if isinstance(seq, int):
+                queued.append((i, job, payload, seq))
+            else:
+                out[i] = seq if isinstance(seq, ApiError) else Unavailable(str(seq))
+        items = [(t.job_subject(j.spec.route, j.spec.lane), p, _job_headers(j, s)) for _, j, p, s in queued]
+        acks = await publish_many(self._nc, self.events.mux, items, timeout=5.0)
+        retry = []
+        for (i, job, payload, seq), ack in zip(queued, acks, strict=True):
+            if isinstance(ack, int):
+                out[i] = Submitted(job.job_id)
+            else:
+                retry.append((i, job, payload, seq))
+
+        async def again(job: QueuedJob, payload: bytes, seq: int) -> Submitted | ApiError:
+            try:
+                await self._publish_or_fail(job, payload, seq)
             except ApiError as err:
                 return err
+            return Submitted(job.job_id)
 
-        return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(specs))))
+        for (i, *_), result in zip(
+            retry, await asyncio.gather(*(again(j, p, s) for _, j, p, s in retry)), strict=True
+        ):
+            out[i] = result
+        return [o if o is not None else InternalError("job not submitted") for o in out]
 
     async def _publish_job(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
-        headers = {"Nats-Msg-Id": job.job_id, t.HDR_EVENT_SEQ: str(event_seq)}
+        headers = _job_headers(job, event_seq)
         subject = t.job_subject(job.spec.route, job.spec.lane)
         delay = 0.05
         for attempt in range(_PUBLISH_ATTEMPTS):
@@ -180,3 +229,8 @@ class JobStore:
         self, job_ids: Sequence[str], resume_after: Mapping[str, int], *, final_only: bool = False
     ) -> AsyncIterator[StoredEvent]:
         return self._feed.watch(job_ids, resume_after, final_only=final_only)
+
+
+def _job_headers(job: QueuedJob, event_seq: int) -> dict[str, str]:
+    # Nats-Msg-Id: a retried publish after a lost ack stores the job only once.
+    return {"Nats-Msg-Id": job.job_id, t.HDR_EVENT_SEQ: str(event_seq)}

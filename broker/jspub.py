@@ -7,12 +7,19 @@ the broker's CPU. Here the ack JSON is read directly.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import json
+from collections.abc import Sequence
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
-__all__ = ["PublishRejected", "PublishUnanswered", "publish_acked"]
+from broker.inbox import ReplyMux, status_of
+
+__all__ = ["PublishRejected", "PublishUnanswered", "publish_acked", "publish_many"]
 
 
 class PublishRejected(Exception):
@@ -41,3 +48,37 @@ async def publish_acked(
     if error is not None:
         raise PublishRejected(int(error.get("err_code", 0)), str(error.get("description", "")))
     return int(ack["seq"]), bool(ack.get("duplicate", False))
+
+
+async def publish_many(
+    nc: NatsClient, mux: ReplyMux, items: Sequence[tuple[str, bytes, dict[str, str]]], *, timeout: float
+) -> list[int | PublishRejected | PublishUnanswered]:
+    """Publish all, then wait for all acks: one round trip for a whole batch, and no
+    task or request future per message. Returns each message's stream sequence or error."""
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[Msg]] = [loop.create_future() for _ in items]
+    with contextlib.ExitStack() as routes:
+        replies = [routes.enter_context(mux.route(functools.partial(_resolve, f))) for f in futures]
+        for (subject, payload, headers), reply in zip(items, replies, strict=True):
+            await nc.publish(subject, payload, reply=reply, headers=headers)
+        await asyncio.wait(futures, timeout=timeout)
+    return [_ack(f) for f in futures]
+
+
+def _resolve(future: asyncio.Future[Msg], msg: Msg) -> None:
+    if not future.done():
+        future.set_result(msg)
+
+
+def _ack(future: asyncio.Future[Msg]) -> int | PublishRejected | PublishUnanswered:
+    if not future.done():
+        future.cancel()
+        return PublishUnanswered("no ack in time")
+    msg = future.result()
+    if status_of(msg) == "503":
+        return PublishUnanswered("no stream for the subject")
+    ack = json.loads(msg.data)
+    error = ack.get("error")
+    if error is not None:
+        return PublishRejected(int(error.get("err_code", 0)), str(error.get("description", "")))
+    return int(ack["seq"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import nats
@@ -96,3 +97,29 @@ async def test_fill_gap_returns_the_contiguous_run(log: EventLog, nats_server) -
         await nc.close()
     assert [e.job_seq for e in run] == [2, 3]
     assert run[-1] is seen
+
+
+async def test_append_many_reports_each_result_in_place(log: EventLog, nats_server) -> None:
+    from broker.jspub import PublishUnanswered, publish_many
+
+    a, b = first_event(_job()), first_event(_job())
+    seq_b = await log.append(b, expect_last=0)
+    results = await log.append_many(
+        [(a, 0), (b.next(JobState.RUNNING), seq_b + 1000), (b.next(JobState.RUNNING), seq_b)]
+    )
+    assert isinstance(results[0], int)
+    assert isinstance(results[1], EventConflict)
+    assert isinstance(results[2], int)
+    assert results[2] > results[0]
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with EventLog(nc) as own:
+            # No stream listens on this subject: the server answers 503 at once.
+            started = asyncio.get_running_loop().time()
+            (unanswered,) = await publish_many(nc, own.mux, [("nobody.listens", b"x", {})], timeout=5)
+            elapsed = asyncio.get_running_loop().time() - started
+    finally:
+        await nc.close()
+    assert isinstance(unanswered, PublishUnanswered)
+    assert str(unanswered) == "no stream for the subject"
+    assert elapsed < 1
