@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import nats
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -14,7 +16,13 @@ __all__ = ["connect_nats"]
 log = structlog.get_logger("laneway.nats")
 
 
-async def connect_nats(url: str, *, name: str, connect_timeout: float = 5.0) -> NatsClient:
+async def connect_nats(
+    url: str,
+    *,
+    name: str,
+    connect_timeout: float = 5.0,
+    on_reconnected: Callable[[], None] | None = None,
+) -> NatsClient:
     """Connect, then refuse servers too old for Laneway or without JetStream."""
 
     clients: list[NatsClient] = []
@@ -26,6 +34,8 @@ async def connect_nats(url: str, *, name: str, connect_timeout: float = 5.0) -> 
 
     async def on_reconnect() -> None:
         log.info("nats reconnected", url=url)
+        if on_reconnected is not None:
+            on_reconnected()
 
     async def on_error(err: Exception) -> None:
         log.warning("nats error", error=str(err))

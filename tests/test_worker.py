@@ -132,3 +132,28 @@ async def test_idle_worker_with_one_slot_still_watches_every_lane(broker, client
             assert final.state == SUCCEEDED
             # Served by a parked pull, not by the next 5 s park renewal.
             assert loop.time() - start < 1.0
+
+
+async def test_nats_restart_loses_nothing_and_idle_workers_wake(broker, worker, client, nats_server) -> None:
+    # A job waiting in a lane across the restart, and an idle worker parked on every lane.
+    before = (await client.submit("chat", laneway.chat("before"))).job_id
+    await client.wait(before)
+    await nats_server.stop()
+    await nats_server.start()  # same port and store: JetStream state survives
+
+    async def submitted() -> bool:
+        try:
+            ids.append((await client.submit("chat", laneway.chat("after restart"))).job_id)
+        except laneway.Unavailable:
+            return False  # broker still reconnecting
+        return True
+
+    ids: list[str] = []
+    await eventually(submitted, timeout=15)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    final = await client.wait(ids[0])
+    assert final.state == SUCCEEDED
+    # Re-parked on reconnect, not at the 5 s park expiry.
+    assert loop.time() - start < 3
+    assert (await client.get_job(before)).state == SUCCEEDED

@@ -117,6 +117,11 @@ class WorkerPool:
             self._pullers.append(puller)
         log.info("worker pulling", providers=self._provider_names, routes=sorted(targets))
 
+    def _on_reconnected(self) -> None:
+        # Waiting pull requests die with the old connection (the server forgets them).
+        for puller in self._pullers:
+            puller.forget_parks()
+
     async def _on_cancel(self, msg: Msg) -> None:
         if self._runner is not None:
             self._runner.cancel_running(msg.subject.rsplit(".", 1)[-1])

@@ -13,6 +13,8 @@ Two modes:
 - park: when every lane was empty, leave one ``batch: 1`` long-poll on each
   lane. Whichever lane gets work first wakes the loop, which sweeps again.
 
+Parked pulls ask for idle heartbeats, so a pull the server lost (nats.py does
+not re-send pulls after a reconnect, #504) is replaced within two missed beats.
 Parked pulls do not hold slots (a provider with 2 slots still watches all its
 lanes); a parked delivery that finds every slot taken is handed back at once
 (nak), so the process never runs more jobs than its capacity and work waits in
@@ -24,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -40,6 +42,10 @@ __all__ = ["JobHandler", "LanePuller"]
 log = structlog.get_logger("laneway.worker")
 
 JobHandler = Callable[[Msg, LaneConsumer], Awaitable[None]]
+
+# Idle heartbeat of parked pulls: a pull the server lost (a reconnect, a consumer
+# moving) is noticed after two missed beats instead of at its expiry.
+_HEARTBEAT_S = 1.0
 
 
 @dataclass
@@ -60,7 +66,7 @@ class LanePuller:
         capacity: int,
         handler: JobHandler,
         park_s: float = 5.0,
-        request_timeout_s: float = 5.0,
+        request_timeout_s: float = 1.0,
     ) -> None:
         self._nc = nc
         self._consumers = tuple(consumers)
@@ -104,6 +110,13 @@ class LanePuller:
             await unsubscribe_quietly(park.sub)
         self._parks.clear()
 
+    def forget_parks(self) -> None:
+        """After a reconnect: parked pulls are gone server-side, so re-park now rather
+        than at their local expiry (nats.py does not re-send pull requests, #504)."""
+        for park in self._parks.values():
+            park.deadline = 0.0
+        self._wake.set()
+
     def _free(self) -> int:
         return self._capacity - self._busy
 
@@ -111,6 +124,7 @@ class LanePuller:
         loop = asyncio.get_running_loop()
         while not self._stopping:
             self._wake.clear()
+            await self._expire_parks(loop.time())
             free = self._free()
             if free >= self._refill or (free > 0 and self._busy == 0):
                 try:
@@ -185,12 +199,16 @@ class LanePuller:
             inbox = self._nc.new_inbox()
             callback = functools.partial(self._on_park_reply, consumer=consumer, inbox=inbox)
             sub = await self._nc.subscribe(inbox, cb=callback)
-            self._parks[inbox] = _Park(consumer.name, now + self._park_s + 2.0, sub)
-            await self._request(consumer, {"batch": 1, "expires": int(self._park_s * 1e9)}, inbox)
+            self._parks[inbox] = _Park(consumer.name, now + 2 * _HEARTBEAT_S, sub)
+            body = {"batch": 1, "expires": int(self._park_s * 1e9), "idle_heartbeat": int(_HEARTBEAT_S * 1e9)}
+            await self._request(consumer, body, inbox)
 
     async def _on_park_reply(self, msg: Msg, *, consumer: LaneConsumer, inbox: str) -> None:
         status = status_of(msg)
         if status == "100":
+            # The server still holds our pull; without these, it is presumed lost.
+            if (alive := self._parks.get(inbox)) is not None:
+                alive.deadline = asyncio.get_running_loop().time() + 2 * _HEARTBEAT_S
             return
         park = self._parks.pop(inbox, None)
         if not status:
@@ -206,13 +224,13 @@ class LanePuller:
         return max(0.0, min(p.deadline for p in self._parks.values()) - now)
 
     async def _expire_parks(self, now: float) -> None:
-        # A park whose expiry notice never came (lost across a reconnect) frees its slot.
+        # A park whose heartbeats stopped (lost across a reconnect) is dropped and re-parked.
         for reply, park in list(self._parks.items()):
             if park.deadline <= now:
                 del self._parks[reply]
                 await unsubscribe_quietly(park.sub)
 
-    async def _request(self, consumer: LaneConsumer, body: dict[str, object], reply: str) -> None:
+    async def _request(self, consumer: LaneConsumer, body: Mapping[str, object], reply: str) -> None:
         subject = f"$JS.API.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumer.name}"
         await self._nc.publish(subject, json.dumps(body).encode(), reply=reply)
 
