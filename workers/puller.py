@@ -157,6 +157,10 @@ class LanePuller:
             for msg in msgs:
                 self._dispatch(msg, consumer)
             total += len(msgs)
+            if len(msgs) == free:
+                # The lane may hold more. Slots freed meanwhile go to it (or a higher
+                # lane) on the next sweep, never to a lower lane.
+                break
         return total
 
     async def _pull_now(self, consumer: LaneConsumer, batch: int) -> list[Msg]:
