@@ -81,7 +81,10 @@ class WorkerPool:
     async def _start(self) -> None:
         cfg = self.config
         self._nc = await connect_nats(
-            self.nats_url, name=self._name, connect_timeout=cfg.nats.connect_timeout_s
+            self.nats_url,
+            name=self._name,
+            connect_timeout=cfg.nats.connect_timeout_s,
+            on_reconnected=self._on_reconnected,
         )
         js = self._nc.jetstream()
         await t.ensure_topology(js, t.TopologySettings.from_config(cfg))
