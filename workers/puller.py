@@ -24,6 +24,7 @@ the durable queue, not in worker memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -121,27 +122,26 @@ class LanePuller:
         return self._capacity - self._busy
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while not self._stopping:
-            self._wake.clear()
-            await self._expire_parks(loop.time())
-            free = self._free()
-            if free >= self._refill or (free > 0 and self._busy == 0):
-                try:
-                    got = await self._sweep()
-                except Exception:
-                    log.exception("pull sweep failed")
-                    got = 0
-                    await asyncio.sleep(0.5)  # back off from a failing server, then sweep again
-                if got:
-                    continue
-                await self._park_idle_lanes(loop.time())
-            timeout = self._next_park_deadline(loop.time())
             try:
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
-            except TimeoutError:
-                await self._expire_parks(loop.time())
+                await self._step()
+            except Exception:
+                # Never let a NATS hiccup end pulling for the life of the process.
+                log.exception("pull loop failed; retrying")
+                await asyncio.sleep(0.5)  # back off from a failing server
+
+    async def _step(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake.clear()
+        await self._expire_parks(loop.time())
+        free = self._free()
+        if free >= self._refill or (free > 0 and self._busy == 0):
+            if await self._sweep():
+                return
+            await self._park_idle_lanes(loop.time())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._next_park_deadline(loop.time())):
+                await self._wake.wait()
 
     async def _sweep(self) -> int:
         total = 0
