@@ -38,7 +38,7 @@ from broker.config_errors import (
     problems_from_validation_error,
     suggest,
 )
-from broker.model import LANES
+from broker.model import LANES, NAME_PATTERN
 from laneway.errors import ConfigError
 
 __all__ = [
@@ -64,9 +64,6 @@ __all__ = [
 ]
 
 Lane = Literal["high", "normal", "low"]
-
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-"""Provider and route names end up as NATS subject tokens, so no dots, spaces or wildcards."""
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]

@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 __all__ = [
     "FINAL_STATES",
     "LANES",
+    "NAME_PATTERN",
     "ChatInput",
     "ChatMessage",
     "ChatOutput",
@@ -39,6 +40,9 @@ __all__ = [
 
 # Priority order: a worker takes waiting work from an earlier lane first.
 LANES: tuple[str, ...] = ("high", "normal", "low")
+
+# Provider, route and job ids end up as NATS subject tokens: no dots, spaces or wildcards.
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 class JobState(enum.IntEnum):

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.model import (
+    NAME_PATTERN,
     ChatInput,
     ChatMessage,
     ChatOutput,
@@ -47,7 +48,7 @@ __all__ = [
     "spec_to_pb",
 ]
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_RE = re.compile(NAME_PATTERN)
 
 LANE_FROM_PB = {job_pb2.LANE_HIGH: "high", job_pb2.LANE_NORMAL: "normal", job_pb2.LANE_LOW: "low"}
 LANE_TO_PB = {v: k for k, v in LANE_FROM_PB.items()}
