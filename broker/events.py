@@ -34,7 +34,6 @@ __all__ = ["EventConflict", "EventLog", "StoredEvent", "first_event"]
 _WRONG_LAST_SEQUENCE = 10071
 _BATCH = 256
 _FINAL_NAMES = frozenset(s.name for s in FINAL_STATES)
-_DIRECT_GET = f"$JS.API.DIRECT.GET.{t.EVENTS_STREAM}"
 
 
 class EventConflict(LanewayError):
@@ -60,7 +59,7 @@ class StoredEvent:
         headers = msg.headers or {}
         subject = headers.get("Nats-Subject", "")
         return cls(
-            job_id=subject[len(t.EVENTS_PREFIX) + 1 :],
+            job_id=t.job_id_of(subject),
             job_seq=int(headers.get(t.HDR_JOB_SEQ, 0)),
             final=headers.get(t.HDR_JOB_STATE, "") in _FINAL_NAMES,
             data=msg.data,
@@ -130,7 +129,7 @@ class EventLog:
         """The job's latest event, None when the job is unknown (or expired)."""
         try:
             msg = await self._nc.request(
-                f"{_DIRECT_GET}.{t.event_subject(job_id)}", b"", timeout=self._timeout
+                f"{t.EVENTS_DIRECT_GET}.{t.event_subject(job_id)}", b"", timeout=self._timeout
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
             raise Unavailable("event store did not answer in time") from err
@@ -167,7 +166,7 @@ class EventLog:
         out: list[StoredEvent] = []
         limit = int(request["batch"])  # type: ignore[call-overload]
         with self._mux.route(replies.put_nowait) as reply:
-            await self._nc.publish(_DIRECT_GET, json.dumps(request).encode(), reply=reply)
+            await self._nc.publish(t.EVENTS_DIRECT_GET, json.dumps(request).encode(), reply=reply)
             try:
                 async with asyncio.timeout(self._timeout):
                     while len(out) < limit:

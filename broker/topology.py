@@ -45,7 +45,9 @@ if TYPE_CHECKING:
     from broker.config import LanewayConfig
 
 __all__ = [
+    "CANCEL_ALL",
     "CANCEL_PREFIX",
+    "EVENTS_DIRECT_GET",
     "EVENTS_PREFIX",
     "EVENTS_STREAM",
     "HDR_EVENT_SEQ",
@@ -54,6 +56,7 @@ __all__ = [
     "IDEMPOTENCY_BUCKET",
     "JOBS_PREFIX",
     "JOBS_STREAM",
+    "LIVE_ALL",
     "LIVE_PREFIX",
     "MIN_SERVER_VERSION",
     "LaneConsumer",
@@ -63,7 +66,9 @@ __all__ = [
     "consumer_name",
     "ensure_topology",
     "event_subject",
+    "job_id_of",
     "job_subject",
+    "pull_subject",
 ]
 
 JOBS_STREAM = "LANEWAY_JOBS"
@@ -106,6 +111,22 @@ def cancel_subject(job_id: str) -> str:
 
 def consumer_name(route: str, lane: str) -> str:
     return f"jobs_{route}_{lane}"
+
+
+# Wildcards for the per-process subscriptions.
+LIVE_ALL = f"{LIVE_PREFIX}.>"
+CANCEL_ALL = f"{CANCEL_PREFIX}.*"
+# JetStream API: batched/last-by-subject reads of the event log, pull requests.
+EVENTS_DIRECT_GET = f"$JS.API.DIRECT.GET.{EVENTS_STREAM}"
+
+
+def pull_subject(consumer: str) -> str:
+    return f"$JS.API.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumer}"
+
+
+def job_id_of(subject: str) -> str:
+    """The job id of an event, live or cancel subject (its last token)."""
+    return subject.rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True)

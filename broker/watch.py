@@ -42,7 +42,7 @@ class EventFeed:
         self._closing = False
 
     async def __aenter__(self) -> EventFeed:
-        self._sub = await self._nc.subscribe(f"{t.LIVE_PREFIX}.>", cb=self._on_msg)
+        self._sub = await self._nc.subscribe(t.LIVE_ALL, cb=self._on_msg)
         return self
 
     async def __aexit__(
@@ -61,7 +61,7 @@ class EventFeed:
                 queue.put_nowait(None)
 
     async def _on_msg(self, msg: Msg) -> None:
-        queues = self._watchers.get(msg.subject[len(t.LIVE_PREFIX) + 1 :])
+        queues = self._watchers.get(t.job_id_of(msg.subject))
         if queues:
             event = StoredEvent.from_msg(msg)
             for queue in queues:

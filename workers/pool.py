@@ -105,7 +105,7 @@ class WorkerPool:
         )
         self._events = await EventLog(self._nc).__aenter__()
         self._runner = JobRunner(self._events, targets, retry, ack_wait_s=cfg.queue.ack_wait_s)
-        self._cancel_sub = await self._nc.subscribe(f"{t.CANCEL_PREFIX}.*", cb=self._on_cancel)
+        self._cancel_sub = await self._nc.subscribe(t.CANCEL_ALL, cb=self._on_cancel)
         for name, consumers in lanes_by_provider.items():
             if not consumers:
                 log.warning("provider is no route's primary target; it pulls nothing", provider=name)
@@ -127,7 +127,7 @@ class WorkerPool:
 
     async def _on_cancel(self, msg: Msg) -> None:
         if self._runner is not None:
-            self._runner.cancel_running(msg.subject.rsplit(".", 1)[-1])
+            self._runner.cancel_running(t.job_id_of(msg.subject))
 
     async def close(self) -> None:
         for puller in self._pullers:

@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from broker.inbox import reply_inbox, status_of, unsubscribe_quietly
-from broker.topology import JOBS_STREAM, LaneConsumer
+from broker.topology import LaneConsumer, pull_subject
 
 __all__ = ["JobHandler", "LanePuller"]
 
@@ -235,8 +235,7 @@ class LanePuller:
                 await unsubscribe_quietly(park.sub)
 
     async def _request(self, consumer: LaneConsumer, body: Mapping[str, object], reply: str) -> None:
-        subject = f"$JS.API.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumer.name}"
-        await self._nc.publish(subject, json.dumps(body).encode(), reply=reply)
+        await self._nc.publish(pull_subject(consumer.name), json.dumps(body).encode(), reply=reply)
 
     def _dispatch(self, msg: Msg, consumer: LaneConsumer) -> None:
         if self._busy >= self._capacity:
