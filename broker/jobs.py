@@ -65,10 +65,9 @@ class JobStore:
 
     async def submit(self, spec: JobSpec, *, field: str = "job") -> Submitted:
         job, payload = self._prepare(spec, field)
-        if spec.idempotency_key:
-            original = await self._claim_key(spec, job.job_id)
-            if original is not None:
-                return Submitted(original, duplicate=True)
+        original = await self._claim_key(spec, job.job_id)
+        if original is not None:
+            return Submitted(original, duplicate=True)
         await self._enqueue(job, payload)
         return Submitted(job.job_id)
 
@@ -76,13 +75,12 @@ class JobStore:
         """Submit and follow: the job's events from QUEUED to final, read live only
         (the watcher exists before the job does, so nothing is read back)."""
         job, payload = self._prepare(spec, "job")
-        if spec.idempotency_key:
-            original = await self._claim_key(spec, job.job_id)
-            if original is not None:
-                done = Submitted(original, duplicate=True)
-                async for event in self._feed.watch([original], {}, final_only=final_only):
-                    yield done, event
-                return
+        original = await self._claim_key(spec, job.job_id)
+        if original is not None:
+            done = Submitted(original, duplicate=True)
+            async for event in self._feed.watch([original], {}, final_only=final_only):
+                yield done, event
+            return
         done = Submitted(job.job_id)
         create = functools.partial(self._enqueue, job, payload)
         async for event in self._feed.watch([job.job_id], {}, create=create, final_only=final_only):
@@ -133,7 +131,7 @@ class JobStore:
                 continue
             try:
                 job, payload = self._prepare(spec, f"jobs[{i}]")
-                original = await self._claim_key(spec, job.job_id) if spec.idempotency_key else None
+                original = await self._claim_key(spec, job.job_id)
             except ApiError as err:
                 out[i] = err
                 continue
@@ -188,7 +186,10 @@ class JobStore:
             delay *= 4
 
     async def _claim_key(self, spec: JobSpec, job_id: str) -> str | None:
-        """Claim the idempotency key for ``job_id``; the original job id if it was taken."""
+        """Claim the idempotency key for ``job_id``; the original job id if it was taken
+        (None, without a round trip, for a job without a key)."""
+        if not spec.idempotency_key:
+            return None
         digest = hashlib.sha256(f"{spec.route}\0{spec.idempotency_key}".encode()).hexdigest()
         try:
             await self._idempotency.create(digest, job_id.encode())

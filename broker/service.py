@@ -34,6 +34,11 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         self._store = store
         self._config = config
 
+    def _requested(self, request: pb.SubmitRequest | pb.RunRequest) -> JobSpec:
+        if not request.HasField("job"):
+            raise InvalidArgument("job: required", field="job")
+        return self._spec(request.job, "job")
+
     def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
         spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default)
         if spec.route not in self._config.routes:
@@ -51,9 +56,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
 
     @unary_errors
     async def Submit(self, request: pb.SubmitRequest, context: Ctx) -> pb.SubmitResponse:
-        if not request.HasField("job"):
-            raise InvalidArgument("job: required", field="job")
-        done = await self._store.submit(self._spec(request.job, "job"))
+        done = await self._store.submit(self._requested(request))
         return pb.SubmitResponse(job_id=done.job_id, duplicate=done.duplicate)
 
     @unary_errors
@@ -111,11 +114,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
 
     @stream_errors
     async def Run(self, request: pb.RunRequest, context: Ctx) -> AsyncIterator[pb.RunResponse]:
-        if not request.HasField("job"):
-            raise InvalidArgument("job: required", field="job")
-        async for done, stored in self._store.run(
-            self._spec(request.job, "job"), final_only=request.final_only
-        ):
+        spec = self._requested(request)
+        async for done, stored in self._store.run(spec, final_only=request.final_only):
             response = pb.RunResponse(duplicate=done.duplicate)
             response.event.MergeFromString(stored.data)
             yield response
