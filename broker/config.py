@@ -15,6 +15,7 @@ the ``ProviderConfig`` union; loading and error reporting pick it up from there.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "BrokerConfig",
     "ConfigProblem",
     "ConfigValidationError",
+    "DeadLetterConfig",
     "Lane",
     "LanesConfig",
     "LanewayConfig",
@@ -122,25 +124,63 @@ class QueueConfig(_Model):
     """JetStream stream replicas (1-5); use 3 on a cluster so a node loss loses no jobs."""
     ack_wait_s: PositiveSeconds = 30.0
     """Lease in seconds: a job whose worker stops heartbeating is redelivered after this."""
-    max_deliver: Annotated[int, Field(ge=1)] = 10
-    """JetStream deliveries of one job (crashes and lease expiries included) before it is
-    given up as failed."""
+    max_deliver: Annotated[int, Field(ge=2)] = 50
+    """Safety net: JetStream deliveries of one job (retries, rate-limit waits, crashes,
+    lease expiries and hand-backs all count) before the server gives it up; such a job
+    is moved to dead letters with reason ``max_deliveries``. Attempt budgets are
+    ``max_attempts``; keep this well above them."""
 
 
 class LanesConfig(_Model):
-    """Priority lanes: high is served before normal, normal before low."""
+    """Priority lanes: high is served before normal, normal before low, except that a
+    lane with waiting work still gets its guaranteed share of job starts."""
 
     default: Lane = "normal"
     """Lane for a job that does not name one: high, normal or low."""
+    guaranteed_share: dict[Lane, Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]] = {
+        "high": 0.0,
+        "normal": 0.1,
+        "low": 0.05,
+    }
+    """Least fraction (0 to below 1) of each worker pool's job starts a lane gets while it
+    has waiting work, even when higher lanes are saturated; 0 means strict priority for
+    that lane. Lanes left out get 0; the shares must add up to less than 1. Measured over
+    roughly the last thousand starts, so shares below 0.001 act as 0. Default: high 0,
+    normal 0.1, low 0.05."""
+
+    @field_validator("guaranteed_share")
+    @classmethod
+    def _check_share_sum(cls, value: dict[Lane, float]) -> dict[Lane, float]:
+        # fsum: a plain sum makes 0.7 + 0.2 + 0.1 come out just under 1.
+        total = math.fsum(value.values())
+        if total >= 1:
+            # Some starts must be left to strict priority, or the high lane could be starved.
+            parts = " + ".join(f"{lane} {value[lane]:g}" for lane in LANES if lane in value)
+            raise ValueError(f"shares must add up to less than 1, got {total:g} ({parts})")
+        return value
+
+
+class DeadLetterConfig(_Model):
+    """The dead-letter queue: jobs that failed permanently or ran out of attempts."""
+
+    max_age_s: PositiveInt = 1_209_600
+    """Seconds a dead letter is kept (default 14 days) before JetStream discards it."""
+    redrive_rate_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10.0
+    """Default pace of a redrive, in jobs per second, so redriving thousands of dead
+    letters does not flood a provider (a request may ask for another rate)."""
 
 
 class WorkersConfig(_Model):
     """Behaviour of provider worker processes."""
 
     max_attempts: Annotated[int, Field(ge=1)] = 3
-    """Attempts per job for retryable provider errors (timeouts, 429, 5xx); 1 disables retries."""
+    """Attempts per job (default for every route). Transient errors (network, timeouts,
+    5xx, a worker lost mid-call) spend one; rate-limited ones (429, overloaded) do not;
+    permanent ones (400, 401/403, content policy, context length) go straight to dead
+    letters. 1 disables retries."""
     retry_backoff_s: PositiveSeconds = 0.5
-    """Seconds before the first retry; doubles each attempt, with jitter."""
+    """Seconds before the first retry of a transient error; doubles each attempt, with
+    jitter. A rate-limited retry waits for the provider's Retry-After instead."""
     retry_backoff_max_s: Annotated[float, Field(allow_inf_nan=False, validate_default=True)] = 30.0
     """Cap on the retry delay in seconds; at least ``retry_backoff_s``."""
     shutdown_grace_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
@@ -170,10 +210,24 @@ class MockProviderConfig(_Model):
     """Uniform +/- jitter added to ``latency_ms``, in milliseconds."""
     failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
     """Share of calls (0-1) that fail with a retryable 503, to exercise retries."""
+    rate_limit_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
+    """Share of calls (0-1) answered 429, to exercise rate-limit waits (which spend no
+    attempt). ``failure_rate + rate_limit_rate`` must be at most 1."""
+    retry_after_s: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    """Retry-After, in seconds, sent with simulated 429s and 503s; unset sends none."""
+    call_log: str = ""
+    """File to append one JSON line per call to (job id, attempt, input), to see exactly
+    which calls a provider got; empty disables it."""
     output: str = "echo"
     """Chat output: ``echo`` repeats the last user message; any other string is returned as-is."""
     embedding_dim: Annotated[int, Field(ge=1, le=4096)] = 8
     """Length of the vectors returned for embedding jobs."""
+
+    @model_validator(mode="after")
+    def _check_rates(self) -> Self:
+        if self.failure_rate + self.rate_limit_rate > 1:
+            raise ValueError("failure_rate + rate_limit_rate must be at most 1")
+        return self
 
 
 # A discriminated union on `type` with one member for now; add models with `|`.
@@ -196,6 +250,12 @@ class RouteConfig(_Model):
 
     targets: Annotated[tuple[RouteTarget, ...], Field(min_length=1)]
     """Targets in preference order; the first is the primary."""
+    max_attempts: Annotated[int | None, Field(ge=1)] = None
+    """Attempts per job on this route; unset uses ``workers.max_attempts``."""
+    retry_backoff_s: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+    """First retry delay on this route; unset uses ``workers.retry_backoff_s``."""
+    retry_backoff_max_s: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
+    """Retry delay cap on this route; unset uses ``workers.retry_backoff_max_s``."""
 
 
 class LanewayConfig(_Model):
@@ -211,6 +271,8 @@ class LanewayConfig(_Model):
     """Priority lanes."""
     workers: WorkersConfig = Field(default_factory=WorkersConfig)
     """Worker retries and shutdown."""
+    dlq: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    """Dead-letter retention and redrive pace."""
     providers: Annotated[dict[Name, ProviderConfig], Field(min_length=1)]
     """Provider instances by name (1-64 of A-Z a-z 0-9 _ -); each runs its own worker pool."""
     routes: Annotated[dict[Name, RouteConfig], Field(min_length=1)]

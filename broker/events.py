@@ -12,8 +12,6 @@ one job, the latest of many jobs in one batched request, or a job's history.
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,13 +21,13 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from broker import topology as t
-from broker.inbox import ReplyMux, status_of
+from broker.inbox import ReplyMux, direct_get, status_of
 from broker.jspub import PublishRejected, PublishUnanswered, publish_acked, publish_many
 from broker.model import FINAL_STATES, JobEvent, JobState, QueuedJob
 from broker.wire import decode_event, encode_event
 from laneway.errors import LanewayError, Unavailable
 
-__all__ = ["EventConflict", "EventLog", "StoredEvent", "first_event"]
+__all__ = ["EventConflict", "EventLog", "StoredEvent", "first_event", "is_scheduled"]
 
 _WRONG_LAST_SEQUENCE = 10071
 _BATCH = 256
@@ -67,13 +65,20 @@ class StoredEvent:
         )
 
 
+def is_scheduled(job: QueuedJob) -> bool:
+    """Whether the job waits for its not_before time rather than going straight to work."""
+    return job.spec.not_before is not None and job.spec.not_before > job.enqueued_at
+
+
 def first_event(job: QueuedJob) -> JobEvent:
-    """The QUEUED event every job's log starts with (the broker writes it; a
-    worker rebuilds it from the queued job instead of reading it back)."""
+    """The QUEUED (or SCHEDULED) event every job's log starts with (the broker
+    writes it; a worker rebuilds it from the queued job instead of reading it back)."""
+    scheduled = is_scheduled(job)
     return JobEvent(
         job_id=job.job_id,
         seq=1,
-        state=JobState.QUEUED,
+        state=JobState.SCHEDULED if scheduled else JobState.QUEUED,
+        not_before=job.spec.not_before if scheduled else None,
         route=job.spec.route,
         lane=job.spec.lane,
         time=job.enqueued_at,
@@ -162,24 +167,8 @@ class EventLog:
             start = batch[-1].stream_seq + 1
 
     async def _get_batch(self, request: dict[str, object]) -> list[StoredEvent]:
-        replies: asyncio.Queue[Msg] = asyncio.Queue()
-        out: list[StoredEvent] = []
-        limit = int(request["batch"])  # type: ignore[call-overload]
-        with self._mux.route(replies.put_nowait) as reply:
-            await self._nc.publish(t.EVENTS_DIRECT_GET, json.dumps(request).encode(), reply=reply)
-            try:
-                async with asyncio.timeout(self._timeout):
-                    while len(out) < limit:
-                        msg = await replies.get()
-                        status = status_of(msg)
-                        if status in ("404", "204"):  # nothing / end of batch
-                            break
-                        if status:
-                            raise Unavailable(f"event store answered {status}")
-                        out.append(StoredEvent.from_msg(msg))
-            except TimeoutError as err:
-                raise Unavailable("event store did not answer in time") from err
-        return out
+        msgs = await direct_get(self._nc, self._mux, t.EVENTS_DIRECT_GET, request, timeout=self._timeout)
+        return [StoredEvent.from_msg(m) for m in msgs]
 
 
 def _append_message(event: JobEvent, expect_last: int) -> tuple[str, bytes, dict[str, str]]:

@@ -12,16 +12,20 @@ Two kinds, because deliveries and API replies arrive differently:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-__all__ = ["ReplyMux", "reply_inbox", "status_of", "unsubscribe_quietly"]
+from laneway.errors import Unavailable
+
+__all__ = ["ReplyMux", "direct_get", "reply_inbox", "status_of", "unsubscribe_quietly"]
 
 
 def status_of(msg: Msg) -> str:
@@ -79,3 +83,30 @@ class ReplyMux:
         callback = self._routes.get(msg.subject.rsplit(".", 1)[-1])
         if callback is not None:
             callback(msg)
+
+
+async def direct_get(
+    nc: NatsClient, mux: ReplyMux, api_subject: str, request: Mapping[str, object], *, timeout: float
+) -> list[Msg]:
+    """A batched direct get (``batch`` messages at most): the stored messages, in order.
+
+    Raises Unavailable when the stream does not answer in time or refuses.
+    """
+    replies: asyncio.Queue[Msg] = asyncio.Queue()
+    out: list[Msg] = []
+    limit = int(request["batch"])  # type: ignore[call-overload]
+    with mux.route(replies.put_nowait) as reply:
+        await nc.publish(api_subject, json.dumps(request).encode(), reply=reply)
+        try:
+            async with asyncio.timeout(timeout):
+                while len(out) < limit:
+                    msg = await replies.get()
+                    status = status_of(msg)
+                    if status in ("404", "204"):  # nothing / end of batch
+                        break
+                    if status:
+                        raise Unavailable(f"stream answered {status} to a read")
+                    out.append(msg)
+        except TimeoutError as err:
+            raise Unavailable("stream did not answer a read in time") from err
+    return out

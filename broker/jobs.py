@@ -1,10 +1,16 @@
 """The broker's job operations on JetStream: enqueue, look up, cancel, follow.
 
-Enqueueing writes the job's QUEUED event first (so the job exists for GetJob
-and StreamResults the moment Submit returns), then the job itself, with the
-event's stream sequence in a header so the first worker can continue the log
-with compare-and-set. A job whose enqueue fails after its first event gets a
-FAILED event: nothing is left half-enqueued and silent.
+Enqueueing writes the job's QUEUED (or SCHEDULED) event first (so the job
+exists for GetJob and StreamResults the moment Submit returns), then the job
+itself, with the event's stream sequence in a header so the first worker can
+continue the log with compare-and-set. A job whose enqueue fails after its
+first event gets a FAILED event: nothing is left half-enqueued and silent.
+
+A delayed job is published as a JetStream message schedule that the server
+moves onto the job's lane at ``not_before``. Debounced jobs share one schedule
+subject per route and key: a new submission replaces the pending schedule
+(compare-and-set on the subject, so concurrent brokers serialise) and the job it
+replaced ends SUPERSEDED, naming its successor.
 """
 
 from __future__ import annotations
@@ -12,15 +18,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC
 
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from broker import topology as t
-from broker.events import EventConflict, EventLog, StoredEvent, first_event
+from broker.events import EventConflict, EventLog, StoredEvent, first_event, is_scheduled
 from broker.jspub import PublishRejected, PublishUnanswered, publish_acked, publish_many
 from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.watch import EventFeed
@@ -29,6 +39,7 @@ from laneway.errors import (
     ApiError,
     FailedPrecondition,
     InternalError,
+    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
@@ -37,6 +48,10 @@ from laneway.errors import (
 __all__ = ["JobStore", "Submitted"]
 
 _PUBLISH_ATTEMPTS = 4
+_WRONG_LAST_SEQUENCE = 10071
+# An idempotency claim this old whose job has no event was left by a broker that
+# died between claiming and enqueueing: the next submission takes the key over.
+_STALE_CLAIM_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,12 +71,14 @@ class JobStore:
         idempotency: KeyValue,
         *,
         max_payload_bytes: int,
+        max_schedule_ahead_s: float,
     ) -> None:
         self._nc = nc
         self.events = events
         self._feed = feed
         self._idempotency = idempotency
         self._max_payload = max_payload_bytes
+        self._max_ahead = max_schedule_ahead_s
 
     async def submit(self, spec: JobSpec, *, field: str = "job") -> Submitted:
         job, payload = self._prepare(spec, field)
@@ -88,6 +105,16 @@ class JobStore:
 
     def _prepare(self, spec: JobSpec, field: str) -> tuple[QueuedJob, bytes]:
         job = QueuedJob(job_id=new_job_id(), spec=spec, enqueued_at=utcnow())
+        if (
+            spec.not_before is not None
+            and (spec.not_before - job.enqueued_at).total_seconds() > self._max_ahead
+        ):
+            # Its events would expire before it runs, leaving callers nothing to follow.
+            raise InvalidArgument(
+                f"{field}: the job would become visible more than {self._max_ahead:.0f} s from now "
+                "(queue.events_max_age_s)",
+                field=field,
+            )
         payload = encode_queued_job(job)
         if len(payload) > self._max_payload:
             raise ResourceExhausted(
@@ -105,7 +132,10 @@ class JobStore:
     async def _publish_or_fail(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
         """Publish the job (with retries); if it cannot be queued, end its log FAILED."""
         try:
-            await self._publish_job(job, payload, event_seq)
+            if job.spec.debounce_key:
+                await self._debounce(job, payload, event_seq)
+            else:
+                await self._publish_job(job, payload, event_seq)
         except Unavailable as err:
             failed = first_event(job).next(
                 JobState.FAILED,
@@ -146,10 +176,12 @@ class JobStore:
                 queued.append((i, job, payload, seq))
             else:
                 out[i] = seq if isinstance(seq, ApiError) else Unavailable(str(seq))
-        items = [(t.job_subject(j.spec.route, j.spec.lane), p, _job_headers(j, s)) for _, j, p, s in queued]
+        # Debounced jobs need their compare-and-set loop: they take the single-job path.
+        retry = [q for q in queued if q[1].spec.debounce_key]
+        plain = [q for q in queued if not q[1].spec.debounce_key]
+        items = [(_queue_subject(j), p, _job_headers(j, s)) for _, j, p, s in plain]
         acks = await publish_many(self._nc, self.events.mux, items, timeout=5.0)
-        retry = []
-        for (i, job, payload, seq), ack in zip(queued, acks, strict=True):
+        for (i, job, payload, seq), ack in zip(plain, acks, strict=True):
             if isinstance(ack, int):
                 out[i] = Submitted(job.job_id)
             else:
@@ -170,7 +202,7 @@ class JobStore:
 
     async def _publish_job(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
         headers = _job_headers(job, event_seq)
-        subject = t.job_subject(job.spec.route, job.spec.lane)
+        subject = _queue_subject(job)
         delay = 0.05
         for attempt in range(_PUBLISH_ATTEMPTS):
             try:
@@ -185,19 +217,76 @@ class JobStore:
             await asyncio.sleep(delay)  # back off while a JetStream leader election settles
             delay *= 4
 
+    async def _debounce(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
+        """Replace the key's pending schedule with this job's; supersede the one replaced."""
+        digest = hashlib.sha256(job.spec.debounce_key.encode()).hexdigest()[:32]
+        subject = t.debounce_subject(job.spec.route, digest)
+        headers = _job_headers(job, event_seq)
+        js = self._nc.jetstream()
+        for _ in range(16):
+            try:
+                pending = await js.get_last_msg(t.JOBS_STREAM, subject)
+                replaced, last_seq = (pending.headers or {}).get(t.HDR_JOB_ID, ""), pending.seq or 0
+            except nats.js.errors.NotFoundError:
+                replaced, last_seq = "", 0  # nothing pending (or it already ran)
+            expect = {**headers, "Nats-Expected-Last-Subject-Sequence": str(last_seq)}
+            try:
+                await publish_acked(self._nc, subject, payload, expect, timeout=5.0)
+            except PublishUnanswered as err:
+                raise Unavailable("job queue did not accept the job in time") from err
+            except PublishRejected as err:
+                if err.err_code == _WRONG_LAST_SEQUENCE:
+                    continue  # another submission with the key came first: look again
+                raise Unavailable(f"job queue rejected the job: {err.description}") from err
+            if replaced and replaced != job.job_id:
+                await self._supersede(replaced, job.job_id)
+            return
+        raise Unavailable(f"debounce key {job.spec.debounce_key!r} is too contended; try again")
+
+    async def _supersede(self, job_id: str, by: str) -> None:
+        """End a still-scheduled job SUPERSEDED; one already released to workers runs."""
+        latest = await self.events.last(job_id)
+        if latest is None or latest.final:
+            return
+        current = latest.decode()
+        if current.state is not JobState.SCHEDULED:
+            return
+        try:
+            await self.events.append(
+                current.next(JobState.SUPERSEDED, superseded_by=by), expect_last=latest.stream_seq
+            )
+        except EventConflict:
+            pass  # a worker took it or it was cancelled: its own ending stands
+
     async def _claim_key(self, spec: JobSpec, job_id: str) -> str | None:
         """Claim the idempotency key for ``job_id``; the original job id if it was taken
         (None, without a round trip, for a job without a key)."""
         if not spec.idempotency_key:
             return None
         digest = hashlib.sha256(f"{spec.route}\0{spec.idempotency_key}".encode()).hexdigest()
+        claim = f"{job_id} {time.time():.3f}".encode()
         try:
-            await self._idempotency.create(digest, job_id.encode())
+            await self._idempotency.create(digest, claim)
             return None
         except KeyWrongLastSequenceError:
+            pass
+        for _ in range(4):
             entry = await self._idempotency.get(digest)
             assert entry.value is not None
-            return entry.value.decode()
+            original, _, claimed_at = entry.value.decode().partition(" ")
+            age = time.time() - float(claimed_at or 0)
+            if age < _STALE_CLAIM_S or await self.events.last(original) is not None:
+                return original
+            # The claim's broker died before the job's first event: take the key over.
+            try:
+                await self._idempotency.update(digest, claim, last=entry.revision)
+                return None
+            except KeyWrongLastSequenceError:
+                continue  # another submission took it over first: read it again
+        raise FailedPrecondition(
+            f"idempotency key {spec.idempotency_key!r} is being claimed concurrently; try again",
+            reason="CONTENDED",
+        )
 
     async def get(self, job_id: str) -> StoredEvent:
         latest = await self.events.last(job_id)
@@ -223,8 +312,18 @@ class JobStore:
             # Running workers abort the provider call; a queued job is dropped
             # by the worker that pulls it (its RUNNING append fails the CAS).
             await self._nc.publish(t.cancel_subject(job_id), b"")
+            if current.state is JobState.SCHEDULED:
+                # A delayed job's schedule goes now rather than firing into a no-op later.
+                # (A debounced job's schedule is shared by its key; its worker drops it.)
+                await self._drop_schedule(job_id)
             return JobState.CANCELLED, True
         raise FailedPrecondition(f"job {job_id} kept changing; try again", reason="CONTENDED")
+
+    async def _drop_schedule(self, job_id: str) -> None:
+        try:
+            await self._nc.jetstream().purge_stream(t.JOBS_STREAM, subject=t.delay_subject(job_id))
+        except nats.errors.Error:
+            pass  # it fires into a no-op instead: the worker sees the job is final
 
     def watch(
         self, job_ids: Sequence[str], resume_after: Mapping[str, int], *, final_only: bool = False
@@ -232,6 +331,22 @@ class JobStore:
         return self._feed.watch(job_ids, resume_after, final_only=final_only)
 
 
+def _queue_subject(job: QueuedJob) -> str:
+    """Where a job is published: its lane, or its schedule when it is delayed."""
+    return t.delay_subject(job.job_id) if is_scheduled(job) else t.job_subject(job.spec.route, job.spec.lane)
+
+
 def _job_headers(job: QueuedJob, event_seq: int) -> dict[str, str]:
     # Nats-Msg-Id: a retried publish after a lost ack stores the job only once.
-    return {"Nats-Msg-Id": job.job_id, t.HDR_EVENT_SEQ: str(event_seq)}
+    headers = {"Nats-Msg-Id": job.job_id, t.HDR_EVENT_SEQ: str(event_seq)}
+    if is_scheduled(job):
+        assert job.spec.not_before is not None
+        at = job.spec.not_before.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        headers.update(
+            {
+                "Nats-Schedule": f"@at {at}",
+                "Nats-Schedule-Target": t.job_subject(job.spec.route, job.spec.lane),
+                t.HDR_JOB_ID: job.job_id,
+            }
+        )
+    return headers

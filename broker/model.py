@@ -55,13 +55,25 @@ class JobState(enum.IntEnum):
     FAILED = 5
     CANCELLED = 6
     EXPIRED = 7
+    DEAD_LETTERED = 8
+    SUPERSEDED = 9
+    SCHEDULED = 10
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.EXPIRED})
+FINAL_STATES = frozenset(
+    {
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.CANCELLED,
+        JobState.EXPIRED,
+        JobState.DEAD_LETTERED,
+        JobState.SUPERSEDED,
+    }
+)
 
 
 class ErrorClass(enum.IntEnum):
@@ -115,6 +127,9 @@ class JobSpec:
     metadata: Mapping[str, str] = field(default_factory=dict)
     idempotency_key: str = ""
     deadline: datetime | None = None
+    # Absolute: the broker turns a submitted delay or debounce window into this instant.
+    not_before: datetime | None = None
+    debounce_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +200,8 @@ class JobEvent:
     result: JobResult | None = None
     error: JobError | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    not_before: datetime | None = None
+    superseded_by: str = ""
 
     def next(self, state: JobState, **changes: object) -> JobEvent:
         """The following event: seq + 1, stamped now, payload cleared unless given."""

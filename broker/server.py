@@ -14,9 +14,11 @@ from nats.aio.client import Client as NatsClient
 from broker import topology as t
 from broker.config import LanewayConfig
 from broker.connection import connect_nats
+from broker.deadletters import DeadLetterStore
 from broker.events import EventLog
 from broker.jobs import JobStore
 from broker.service import BrokerServicer
+from broker.sweeper import MaxDeliverySweeper
 from broker.watch import EventFeed
 from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
 
@@ -78,7 +80,10 @@ class BrokerServer:
             feed,
             await js.key_value(t.IDEMPOTENCY_BUCKET),
             max_payload_bytes=self.config.broker.max_payload_bytes,
+            max_schedule_ahead_s=self.config.queue.events_max_age_s,
         )
+        dead_letters = DeadLetterStore(self._nc, events)
+        await self._exit.enter_async_context(MaxDeliverySweeper(self._nc, events, dead_letters))
         # Room for a full batch of maximum-size jobs; each job's own limit is checked with a clear message.
         max_message = max(64 * 1024 * 1024, 2 * self.config.broker.max_payload_bytes)
         self._server = grpc.aio.server(
@@ -93,7 +98,7 @@ class BrokerServer:
             ]
         )
         broker_service_pb2_grpc.add_BrokerServiceServicer_to_server(
-            BrokerServicer(store, self.config), self._server
+            BrokerServicer(store, dead_letters, self.config), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

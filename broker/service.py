@@ -8,30 +8,37 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import AsyncIterator
+from datetime import UTC
 from typing import Any
 
 import grpc
 
 from broker.config import LanewayConfig
+from broker.deadletters import DeadLetterFilter, DeadLetterStore
+from broker.dlq_wire import dead_letter_to_pb
 from broker.jobs import JobStore, Submitted
 from broker.model import JobSpec, utcnow
+from broker.redrive import redrive
 from broker.status import stream_errors, unary_errors
-from broker.wire import NAME_RE, spec_from_pb
+from broker.wire import LANE_FROM_PB, NAME_RE, spec_from_pb
 from laneway.errors import ApiError, InvalidArgument, ResourceExhausted
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
-from laneway.v1 import job_pb2
+from laneway.v1 import dead_letter_pb2, job_pb2
 
 __all__ = ["BrokerServicer"]
 
 _MAX_WATCH_IDS = 10_000
+_DEFAULT_PAGE = 50
+_MAX_PAGE = 1000
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class BrokerServicer(pb_grpc.BrokerServiceServicer):
-    def __init__(self, store: JobStore, config: LanewayConfig) -> None:
+    def __init__(self, store: JobStore, dead_letters: DeadLetterStore, config: LanewayConfig) -> None:
         self._store = store
+        self._dead_letters = dead_letters
         self._config = config
 
     def _requested(self, request: pb.SubmitRequest | pb.RunRequest) -> JobSpec:
@@ -39,17 +46,18 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             raise InvalidArgument("job: required", field="job")
         return self._spec(request.job, "job")
 
-    def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
-        spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default)
-        if spec.route not in self._config.routes:
+    def _check_route(self, route: str, field: str) -> None:
+        if route not in self._config.routes:
             known = sorted(self._config.routes)
-            close = difflib.get_close_matches(spec.route, known, n=1)
+            close = difflib.get_close_matches(route, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known routes: {', '.join(known)})"
             raise InvalidArgument(
-                f"{field}.route: unknown route {spec.route!r}{hint}",
-                field=f"{field}.route",
-                reason="UNKNOWN_ROUTE",
+                f"{field}: unknown route {route!r}{hint}", field=field, reason="UNKNOWN_ROUTE"
             )
+
+    def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
+        spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default)
+        self._check_route(spec.route, f"{field}.route")
         if spec.deadline is not None and spec.deadline <= utcnow():
             raise InvalidArgument(f"{field}.deadline: already passed", field=f"{field}.deadline")
         return spec
@@ -133,6 +141,90 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         _check_job_id(request.job_id, "job_id")
         state, cancelled = await self._store.cancel(request.job_id, request.reason)
         return pb.CancelJobResponse(state=int(state), cancelled=cancelled)  # type: ignore[arg-type]
+
+    @unary_errors
+    async def ListDeadLetters(
+        self, request: pb.ListDeadLettersRequest, context: Ctx
+    ) -> pb.ListDeadLettersResponse:
+        where = _filter(request.filter, "filter")
+        size = request.page_size or _DEFAULT_PAGE
+        if size > _MAX_PAGE:
+            raise InvalidArgument(f"page_size: at most {_MAX_PAGE}", field="page_size")
+        after = 0
+        if request.page_token:
+            if not request.page_token.isdigit():
+                raise InvalidArgument(
+                    "page_token: not a next_page_token from ListDeadLetters", field="page_token"
+                )
+            after = int(request.page_token)
+        found, next_after = await self._dead_letters.page(where, size=size, after_seq=after)
+        response = pb.ListDeadLettersResponse(next_page_token=str(next_after) if next_after else "")
+        response.dead_letters.extend(dead_letter_to_pb(s.dead_letter) for s in found)
+        return response
+
+    @unary_errors
+    async def RedriveDeadLetters(
+        self, request: pb.RedriveDeadLettersRequest, context: Ctx
+    ) -> pb.RedriveDeadLettersResponse:
+        where = _filter(request.filter, "filter")
+        if where.empty and not request.all:
+            raise InvalidArgument(
+                "filter: empty; name job_ids, route, reason or a time range "
+                "(or set all to redrive everything)",
+                field="filter",
+            )
+        if request.route:
+            self._check_route(request.route, "route")
+        lane = ""
+        if request.lane != job_pb2.LANE_UNSPECIFIED:
+            if request.lane not in LANE_FROM_PB:
+                raise InvalidArgument(f"lane: unknown lane {request.lane}", field="lane")
+            lane = LANE_FROM_PB[request.lane]
+        rate = request.rate_per_second or self._config.dlq.redrive_rate_per_s
+        if not rate > 0 or rate == float("inf"):
+            raise InvalidArgument("rate_per_second: must be a positive number", field="rate_per_second")
+        limit = request.limit or _MAX_PAGE
+        if limit > _MAX_PAGE:
+            raise InvalidArgument(f"limit: at most {_MAX_PAGE} per call", field="limit")
+        done = await redrive(
+            self._store,
+            self._dead_letters,
+            where,
+            limit=limit,
+            rate_per_s=rate,
+            route=request.route,
+            lane=lane,
+        )
+        response = pb.RedriveDeadLettersResponse()
+        for job_id, outcome in done:
+            item = response.redriven.add(job_id=job_id)
+            if isinstance(outcome, Submitted):
+                item.new_job_id = outcome.job_id
+            else:
+                item.error.code = outcome.code.value[0]
+                item.error.message = outcome.message
+                item.error.field = outcome.field
+        return response
+
+
+def _filter(pb_filter: dead_letter_pb2.DeadLetterFilter, field: str) -> DeadLetterFilter:
+    for i, job_id in enumerate(pb_filter.job_ids):
+        _check_job_id(job_id, f"{field}.job_ids[{i}]")
+    if pb_filter.route and not NAME_RE.match(pb_filter.route):
+        raise InvalidArgument(
+            f"{field}.route: {pb_filter.route!r} is not a route name", field=f"{field}.route"
+        )
+    since = pb_filter.since.ToDatetime(tzinfo=UTC) if pb_filter.HasField("since") else None
+    until = pb_filter.until.ToDatetime(tzinfo=UTC) if pb_filter.HasField("until") else None
+    if since is not None and until is not None and until <= since:
+        raise InvalidArgument(f"{field}.until: must be after since", field=f"{field}.until")
+    return DeadLetterFilter(
+        job_ids=tuple(pb_filter.job_ids),
+        route=pb_filter.route,
+        reason=pb_filter.reason,
+        since=since,
+        until=until,
+    )
 
 
 def _check_job_id(job_id: str, field: str) -> None:

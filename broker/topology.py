@@ -4,7 +4,17 @@ Streams:
 
 - ``LANEWAY_JOBS`` (work-queue retention): ``laneway.jobs.<route>.<lane>``. One
   durable pull consumer per route and lane, shared by every worker process
-  serving the route; an acked job is deleted.
+  serving the route; an acked job is deleted. The same stream holds message
+  schedules (``laneway.sched.at.<job_id>`` for delayed jobs,
+  ``laneway.sched.debounce.<route>.<key digest>`` for debounced ones): the server
+  publishes each to its lane subject when due, durably; publishing again to a
+  debounce subject replaces the pending schedule. No consumer reads them.
+- ``LANEWAY_DLQ`` (limits retention, ``max_age``): ``laneway.dlq.<route>.<job_id>``,
+  one ``DeadLetter`` per dead-lettered job.
+- ``LANEWAY_ADVISORIES`` (work-queue retention): JetStream's max-deliveries
+  advisories for the jobs stream, captured so that a job the server gave up on is
+  moved to dead letters even when no broker was listening at that moment. One
+  durable consumer (``dlq_sweeper``) shared by the brokers.
 - ``LANEWAY_EVENTS`` (limits retention, ``max_age``): ``laneway.events.<job_id>``.
   A job's events are its state log: the latest event is the job's state, and the
   whole subject replays to late subscribers. The stream republishes each event,
@@ -45,12 +55,19 @@ if TYPE_CHECKING:
     from broker.config import LanewayConfig
 
 __all__ = [
+    "ADVISORY_CONSUMER",
+    "ADVISORY_STREAM",
     "CANCEL_ALL",
     "CANCEL_PREFIX",
+    "DLQ_DIRECT_GET",
+    "DLQ_PREFIX",
+    "DLQ_STREAM",
     "EVENTS_DIRECT_GET",
     "EVENTS_PREFIX",
     "EVENTS_STREAM",
+    "HDR_DLQ_REASON",
     "HDR_EVENT_SEQ",
+    "HDR_JOB_ID",
     "HDR_JOB_SEQ",
     "HDR_JOB_STATE",
     "IDEMPOTENCY_BUCKET",
@@ -58,12 +75,18 @@ __all__ = [
     "JOBS_STREAM",
     "LIVE_ALL",
     "LIVE_PREFIX",
+    "MAX_DELIVERIES_ADVISORY",
     "MIN_SERVER_VERSION",
+    "SCHED_PREFIX",
     "LaneConsumer",
     "TopologySettings",
     "cancel_subject",
     "check_server_version",
     "consumer_name",
+    "debounce_subject",
+    "delay_subject",
+    "dlq_filter",
+    "dlq_subject",
     "ensure_topology",
     "event_subject",
     "job_id_of",
@@ -73,9 +96,15 @@ __all__ = [
 
 JOBS_STREAM = "LANEWAY_JOBS"
 EVENTS_STREAM = "LANEWAY_EVENTS"
+DLQ_STREAM = "LANEWAY_DLQ"
+ADVISORY_STREAM = "LANEWAY_ADVISORIES"
+ADVISORY_CONSUMER = "dlq_sweeper"
 IDEMPOTENCY_BUCKET = "laneway_idempotency"
 
 JOBS_PREFIX = "laneway.jobs"
+SCHED_PREFIX = "laneway.sched"
+DLQ_PREFIX = "laneway.dlq"
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
 EVENTS_PREFIX = "laneway.events"
 LIVE_PREFIX = "laneway.live"
 # Core NATS (not stored): cancellation requests that running workers act on.
@@ -88,9 +117,12 @@ HDR_EVENT_SEQ = "Laneway-Event-Seq"
 # Headers on an event, so readers can order and finish streams without parsing bodies.
 HDR_JOB_SEQ = "Laneway-Seq"
 HDR_JOB_STATE = "Laneway-State"
+# On schedules and dead letters: whose they are, without parsing the body.
+HDR_JOB_ID = "Laneway-Job-Id"
+HDR_DLQ_REASON = "Laneway-Reason"
 
 # Work-queue consumers, Nats-Expected-Last-Subject-Sequence, batched direct get
-# and message schedules (used for delayed jobs) all exist from 2.12 on.
+# and message schedules (delayed and debounced jobs) all exist from 2.12 on.
 MIN_SERVER_VERSION = (2, 12, 0)
 
 _IDEMPOTENCY_TTL_S = 24 * 3600
@@ -103,6 +135,23 @@ def job_subject(route: str, lane: str) -> str:
 
 def event_subject(job_id: str) -> str:
     return f"{EVENTS_PREFIX}.{job_id}"
+
+
+def delay_subject(job_id: str) -> str:
+    return f"{SCHED_PREFIX}.at.{job_id}"
+
+
+def debounce_subject(route: str, key_digest: str) -> str:
+    return f"{SCHED_PREFIX}.debounce.{route}.{key_digest}"
+
+
+def dlq_subject(route: str, job_id: str) -> str:
+    return f"{DLQ_PREFIX}.{route}.{job_id}"
+
+
+def dlq_filter(route: str = "", job_id: str = "") -> str:
+    """Dead letters of one route and/or job (wildcards for what is not given)."""
+    return f"{DLQ_PREFIX}.{route or '*'}.{job_id or '*'}"
 
 
 def cancel_subject(job_id: str) -> str:
@@ -118,6 +167,7 @@ LIVE_ALL = f"{LIVE_PREFIX}.>"
 CANCEL_ALL = f"{CANCEL_PREFIX}.*"
 # JetStream API: batched/last-by-subject reads of the event log, pull requests.
 EVENTS_DIRECT_GET = f"$JS.API.DIRECT.GET.{EVENTS_STREAM}"
+DLQ_DIRECT_GET = f"$JS.API.DIRECT.GET.{DLQ_STREAM}"
 
 
 def pull_subject(consumer: str) -> str:
@@ -163,6 +213,8 @@ class TopologySettings:
     """Deliveries before JetStream gives a job up."""
     max_payload_bytes: int
     """Largest job message accepted by the jobs stream."""
+    dlq_max_age_s: int = 14 * 86_400
+    """How long dead letters are kept."""
 
     @classmethod
     def from_config(cls, config: LanewayConfig) -> TopologySettings:
@@ -174,6 +226,7 @@ class TopologySettings:
             ack_wait_s=config.queue.ack_wait_s,
             max_deliver=config.queue.max_deliver,
             max_payload_bytes=config.broker.max_payload_bytes,
+            dlq_max_age_s=config.dlq.max_age_s,
         )
 
     def lane_consumers(self) -> tuple[LaneConsumer, ...]:
@@ -202,13 +255,52 @@ def check_server_version(version: str) -> None:
 def _jobs_stream(s: TopologySettings) -> StreamConfig:
     return StreamConfig(
         name=JOBS_STREAM,
-        subjects=[f"{JOBS_PREFIX}.>"],
+        subjects=[f"{JOBS_PREFIX}.>", f"{SCHED_PREFIX}.>"],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         num_replicas=s.replicas,
         max_msg_size=s.max_payload_bytes + 4096,
         duplicate_window=_DUPLICATE_WINDOW_S,
-        discard=DiscardPolicy.NEW,
+        # No size limits, so nothing is discarded; the server refuses "new" with schedules.
+        discard=DiscardPolicy.OLD,
+        allow_msg_schedules=True,
+    )
+
+
+def _dlq_stream(s: TopologySettings) -> StreamConfig:
+    return StreamConfig(
+        name=DLQ_STREAM,
+        subjects=[f"{DLQ_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=s.replicas,
+        max_age=float(s.dlq_max_age_s),
+        # A dead letter is the job plus its attempts: allow room beyond the job itself.
+        max_msg_size=2 * s.max_payload_bytes + 65_536,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        allow_direct=True,
+        discard=DiscardPolicy.OLD,
+    )
+
+
+def _advisory_stream(s: TopologySettings) -> StreamConfig:
+    return StreamConfig(
+        name=ADVISORY_STREAM,
+        subjects=[MAX_DELIVERIES_ADVISORY],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=s.replicas,
+        max_age=7 * 86_400.0,
+    )
+
+
+def _advisory_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=ADVISORY_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30.0,
+        max_deliver=-1,
     )
 
 
@@ -249,6 +341,8 @@ _STREAM_FIELDS = (
     "max_msg_size",
     "allow_direct",
     "republish",
+    "allow_msg_schedules",
+    "discard",
 )
 _CONSUMER_FIELDS = ("filter_subject", "ack_wait", "max_deliver")
 
@@ -281,8 +375,11 @@ async def ensure_topology(js: JetStreamContext, settings: TopologySettings) -> N
     call against the same settings sends only reads."""
     await _ensure_stream(js, _jobs_stream(settings))
     await _ensure_stream(js, _events_stream(settings))
+    await _ensure_stream(js, _dlq_stream(settings))
+    await _ensure_stream(js, _advisory_stream(settings))
     for consumer in settings.lane_consumers():
         await _ensure_consumer(js, JOBS_STREAM, _lane_consumer(consumer, settings))
+    await _ensure_consumer(js, ADVISORY_STREAM, _advisory_consumer())
     await _ensure_bucket(js, settings.replicas)
 
 

@@ -7,7 +7,8 @@ Validation errors are ``InvalidArgument`` naming the request field
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -42,8 +43,12 @@ __all__ = [
     "decode_queued_job",
     "encode_event",
     "encode_queued_job",
+    "error_from_pb",
+    "error_to_pb",
     "event_from_pb",
     "event_to_pb",
+    "queued_job_from_pb",
+    "queued_job_to_pb",
     "spec_from_pb",
     "spec_to_pb",
 ]
@@ -75,6 +80,7 @@ _MAX_METADATA = 64
 _MAX_METADATA_KEY = 128
 _MAX_METADATA_VALUE = 1024
 _MAX_IDEMPOTENCY_KEY = 256
+_MAX_DEBOUNCE_KEY = 256
 
 
 def _bad(field: str, message: str) -> InvalidArgument:
@@ -93,8 +99,12 @@ def _dt(ts: Timestamp) -> datetime:
 # --- JobSpec -------------------------------------------------------------------------
 
 
-def spec_from_pb(pb: job_pb2.JobSpec, *, field: str, default_lane: str) -> JobSpec:
-    """Validate and convert a submitted JobSpec. Route existence is the caller's check."""
+def spec_from_pb(
+    pb: job_pb2.JobSpec, *, field: str, default_lane: str, now: datetime | None = None
+) -> JobSpec:
+    """Validate and convert a submitted JobSpec. Route existence and how far ahead
+    a job may be scheduled are the caller's checks. ``now`` (default: the current
+    time) anchors a relative delay or debounce window."""
     if not pb.route:
         raise _bad(f"{field}.route", "required")
     if not NAME_RE.match(pb.route):
@@ -115,6 +125,9 @@ def spec_from_pb(pb: job_pb2.JobSpec, *, field: str, default_lane: str) -> JobSp
     if len(pb.idempotency_key) > _MAX_IDEMPOTENCY_KEY:
         raise _bad(f"{field}.idempotency_key", f"at most {_MAX_IDEMPOTENCY_KEY} characters")
     deadline = _dt(pb.deadline) if pb.HasField("deadline") else None
+    not_before, debounce_key = _schedule_from_pb(pb, field, now or datetime.now(UTC))
+    if not_before is not None and deadline is not None and not_before >= deadline:
+        raise _bad(f"{field}.deadline", "is not after the time the job becomes visible (not_before/delay)")
     return JobSpec(
         route=pb.route,
         lane=lane,
@@ -122,7 +135,31 @@ def spec_from_pb(pb: job_pb2.JobSpec, *, field: str, default_lane: str) -> JobSp
         metadata=dict(pb.metadata),
         idempotency_key=pb.idempotency_key,
         deadline=deadline,
+        not_before=not_before,
+        debounce_key=debounce_key,
     )
+
+
+def _schedule_from_pb(pb: job_pb2.JobSpec, field: str, now: datetime) -> tuple[datetime | None, str]:
+    """(not_before, debounce key) from at most one of not_before, delay, debounce."""
+    given = [name for name in ("not_before", "delay", "debounce") if pb.HasField(name)]
+    if len(given) > 1:
+        raise _bad(f"{field}.{given[1]}", f"set at most one of not_before, delay, debounce (got {given})")
+    if pb.HasField("not_before"):
+        return _dt(pb.not_before), ""
+    if pb.HasField("delay"):
+        delay = pb.delay.ToTimedelta()
+        if delay < timedelta(0):
+            raise _bad(f"{field}.delay", "must not be negative")
+        return now + delay, ""
+    if pb.HasField("debounce"):
+        key, window = pb.debounce.key, pb.debounce.window.ToTimedelta()
+        if not key or len(key) > _MAX_DEBOUNCE_KEY:
+            raise _bad(f"{field}.debounce.key", f"required, at most {_MAX_DEBOUNCE_KEY} characters")
+        if window <= timedelta(0):
+            raise _bad(f"{field}.debounce.window", "required and must be positive")
+        return now + window, key
+    return None, ""
 
 
 def _input_from_pb(pb: job_pb2.JobSpec, field: str) -> JobInput:
@@ -182,6 +219,7 @@ def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
     out.metadata.update(spec.metadata)
     out.idempotency_key = spec.idempotency_key
     _ts(spec.deadline, out.deadline)
+    _ts(spec.not_before, out.not_before)
     inp = spec.input
     if isinstance(inp, ChatInput):
         for m in inp.messages:
@@ -211,15 +249,23 @@ def _spec_from_trusted_pb(pb: job_pb2.JobSpec) -> JobSpec:
 
 
 def encode_queued_job(job: QueuedJob) -> bytes:
-    pb = queue_pb2.QueuedJob(job_id=job.job_id)
+    return queued_job_to_pb(job).SerializeToString()
+
+
+def queued_job_to_pb(job: QueuedJob) -> queue_pb2.QueuedJob:
+    pb = queue_pb2.QueuedJob(job_id=job.job_id, debounce_key=job.spec.debounce_key)
     spec_to_pb(job.spec, pb.spec)
     pb.enqueued_at.FromDatetime(job.enqueued_at)
-    return pb.SerializeToString()
+    return pb
 
 
 def decode_queued_job(data: bytes) -> QueuedJob:
-    pb = queue_pb2.QueuedJob.FromString(data)
-    return QueuedJob(job_id=pb.job_id, spec=_spec_from_trusted_pb(pb.spec), enqueued_at=_dt(pb.enqueued_at))
+    return queued_job_from_pb(queue_pb2.QueuedJob.FromString(data))
+
+
+def queued_job_from_pb(pb: queue_pb2.QueuedJob) -> QueuedJob:
+    spec = replace(_spec_from_trusted_pb(pb.spec), debounce_key=pb.debounce_key)
+    return QueuedJob(job_id=pb.job_id, spec=spec, enqueued_at=_dt(pb.enqueued_at))
 
 
 # --- Results and events --------------------------------------------------------------
@@ -280,26 +326,34 @@ def event_to_pb(e: JobEvent) -> job_pb2.JobEvent:
     pb.enqueued_at.FromDatetime(e.enqueued_at)
     _ts(e.started_at, pb.started_at)
     _ts(e.finished_at, pb.finished_at)
+    _ts(e.not_before, pb.not_before)
+    pb.superseded_by = e.superseded_by
     if e.result is not None:
         _result_to_pb(e.result, pb.result)
     elif e.error is not None:
-        pb.error.code = e.error.code
-        pb.error.message = e.error.message
-        pb.error.error_class = int(e.error.error_class)  # type: ignore[assignment]
-        pb.error.retryable = e.error.retryable
-        pb.error.http_status = e.error.http_status
+        error_to_pb(e.error, pb.error)
     return pb
 
 
+def error_to_pb(e: JobError, out: job_pb2.JobError) -> None:
+    out.code = e.code
+    out.message = e.message
+    out.error_class = int(e.error_class)  # type: ignore[assignment]
+    out.retryable = e.retryable
+    out.http_status = e.http_status
+
+
+def error_from_pb(pb: job_pb2.JobError) -> JobError:
+    return JobError(
+        code=pb.code,
+        message=pb.message,
+        error_class=ErrorClass(pb.error_class or ErrorClass.TRANSIENT),
+        http_status=pb.http_status,
+    )
+
+
 def event_from_pb(pb: job_pb2.JobEvent) -> JobEvent:
-    error = None
-    if pb.HasField("error"):
-        error = JobError(
-            code=pb.error.code,
-            message=pb.error.message,
-            error_class=ErrorClass(pb.error.error_class or ErrorClass.TRANSIENT),
-            http_status=pb.error.http_status,
-        )
+    error = error_from_pb(pb.error) if pb.HasField("error") else None
     return JobEvent(
         job_id=pb.job_id,
         seq=pb.seq,
@@ -316,6 +370,8 @@ def event_from_pb(pb: job_pb2.JobEvent) -> JobEvent:
         result=_result_from_pb(pb.result) if pb.HasField("result") else None,
         error=error,
         metadata=dict(pb.metadata),
+        not_before=_dt(pb.not_before) if pb.HasField("not_before") else None,
+        superseded_by=pb.superseded_by,
     )
 
 

@@ -69,11 +69,12 @@ def test_example_file_shows_every_field() -> None:
     config = load_config(EXAMPLE, env={})
     explicit = config.model_fields_set
     assert explicit == set(LanewayConfig.model_fields)
-    for section in ("nats", "broker", "queue", "lanes", "workers"):
+    for section in ("nats", "broker", "queue", "lanes", "workers", "dlq"):
         model: BaseModel = getattr(config, section)
         assert model.model_fields_set == set(type(model).model_fields), section
     assert config.providers["mock"].model_fields_set == set(MockProviderConfig.model_fields)
     assert config.routes["chat"].targets[0].model_fields_set == set(RouteTarget.model_fields)
+    assert config.routes["chat"].model_fields_set == set(RouteConfig.model_fields)
 
 
 def test_defaults() -> None:
@@ -86,8 +87,10 @@ def test_defaults() -> None:
     assert config.queue.events_max_age_s == 86_400
     assert config.queue.replicas == 1
     assert config.queue.ack_wait_s == 30.0
-    assert config.queue.max_deliver == 10
+    assert config.queue.max_deliver == 50
+    assert (config.dlq.max_age_s, config.dlq.redrive_rate_per_s) == (1_209_600, 10.0)
     assert config.lanes.default == "normal"
+    assert config.lanes.guaranteed_share == {"high": 0.0, "normal": 0.1, "low": 0.05}
     assert config.workers.max_attempts == 3
     assert config.workers.retry_backoff_s == 0.5
     assert config.workers.retry_backoff_max_s == 30.0
@@ -148,7 +151,7 @@ def test_unknown_key_in_provider_uses_the_chosen_type_fields() -> None:
 def test_unknown_key_without_close_match_lists_allowed_keys() -> None:
     problem = only_problem(MINIMAL + "lanes:\n  zzz: 1\n")
     assert (problem.line, problem.key, problem.suggestion) == (10, "lanes.zzz", None)
-    assert problem.message == "unknown key 'zzz'; expected one of: default"
+    assert problem.message == "unknown key 'zzz'; expected one of: default, guaranteed_share"
 
 
 def test_bad_value_type_names_line() -> None:
@@ -346,6 +349,31 @@ def test_backoff_cap_must_not_be_below_first_delay() -> None:
     problem = only_problem(MINIMAL + "workers:\n  retry_backoff_s: 60\n")
     assert (problem.line, problem.key) == (9, "workers.retry_backoff_max_s")
     assert problem.message == "must be at least retry_backoff_s (60.0), got 30.0"
+
+
+@pytest.mark.parametrize("share", ["1.5", "1", "-0.1", ".nan"])
+def test_guaranteed_share_out_of_range_names_the_lane(share: str) -> None:
+    problem = only_problem(MINIMAL + f"lanes:\n  guaranteed_share:\n    high: 0\n    low: {share}\n")
+    assert (problem.line, problem.key) == (12, "lanes.guaranteed_share.low")
+
+
+def test_guaranteed_shares_must_sum_below_one() -> None:
+    # 0.7 + 0.2 + 0.1 is just under 1 in a plain float sum: it must still be rejected.
+    text = MINIMAL + "lanes:\n  guaranteed_share:\n    high: 0.7\n    normal: 0.2\n    low: 0.1\n"
+    problem = only_problem(text)
+    assert (problem.line, problem.key) == (10, "lanes.guaranteed_share")
+    assert problem.message == "shares must add up to less than 1, got 1 (high 0.7 + normal 0.2 + low 0.1)"
+    assert str(problem).startswith("test.yaml:10: lanes.guaranteed_share: ")
+
+
+def test_guaranteed_share_of_unknown_lane() -> None:
+    problem = only_problem(MINIMAL + "lanes:\n  guaranteed_share: {urgent: 0.1}\n")
+    assert (problem.line, problem.key) == (10, "lanes.guaranteed_share.urgent")
+
+
+def test_guaranteed_share_lanes_left_out_get_none() -> None:
+    config = parse_config(MINIMAL + "lanes:\n  guaranteed_share: {low: 0.2}\n")
+    assert config.lanes.guaranteed_share == {"low": 0.2}
 
 
 def test_empty_targets_and_providers() -> None:

@@ -21,7 +21,10 @@ QUEUED, RUNNING, SUCCEEDED = job_pb2.JOB_STATE_QUEUED, job_pb2.JOB_STATE_RUNNING
 
 async def test_high_lane_drained_before_low_under_saturation(broker, client, nats_server) -> None:
     # A backlog in every lane, then one worker with 2 slots and a 20 ms provider.
+    # Shares all 0: the default guaranteed shares would rightly start some normal and
+    # low jobs while high is saturated (tests/test_lane_shares.py covers that).
     config = make_config(
+        "lanes: {guaranteed_share: {high: 0, normal: 0, low: 0}}\n"
         "providers: {mock: {type: mock, concurrency: 2, latency_ms: 20}, slow: {type: mock}}"
     )
     low = [laneway.job("chat", laneway.chat(f"low {i}"), lane="low") for i in range(15)]
@@ -40,14 +43,14 @@ async def test_high_lane_drained_before_low_under_saturation(broker, client, nat
     assert max(started["normal"]) <= min(started["low"])
 
 
-async def test_transient_failures_retry_then_fail(broker, client, nats_server) -> None:
+async def test_transient_failures_retry_then_dead_letter(broker, client, nats_server) -> None:
     config = make_config("providers: {mock: {type: mock, failure_rate: 1.0}, slow: {type: mock}}")
     async with WorkerPool(config, nats_url=nats_server.url):
         job_id = (await client.submit("chat", laneway.chat("doomed"))).job_id
         events = [e async for e in client.stream_results(job_id)]
     states = [e.state for e in events]
     retrying = job_pb2.JOB_STATE_RETRYING
-    assert states == [QUEUED, RUNNING, retrying, RUNNING, retrying, RUNNING, job_pb2.JOB_STATE_FAILED]
+    assert states == [QUEUED, RUNNING, retrying, RUNNING, retrying, RUNNING, job_pb2.JOB_STATE_DEAD_LETTERED]
     assert [e.attempt for e in events if e.state == RUNNING] == [1, 2, 3]
     final = events[-1]
     assert final.error.code == "provider_unavailable"
@@ -114,8 +117,10 @@ async def test_worker_killed_mid_job_completes_elsewhere_once(
             child.kill()
             await child.wait()
     states = [e.state for e in events]
-    assert states == [QUEUED, RUNNING, RUNNING, SUCCEEDED]
-    assert [e.attempt for e in events] == [0, 1, 2, 2]
+    # The lost attempt is recorded (and spent) before the second one starts.
+    assert states == [QUEUED, RUNNING, job_pb2.JOB_STATE_RETRYING, RUNNING, SUCCEEDED]
+    assert [e.attempt for e in events] == [0, 1, 1, 2, 2]
+    assert events[2].error.code == "worker_lost"
     # A late subscriber sees the same log: exactly one final event.
     replay = [e async for e in client.stream_results(job_id)]
     assert [e.state for e in replay].count(SUCCEEDED) == 1

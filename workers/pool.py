@@ -18,12 +18,14 @@ from nats.aio.subscription import Subscription
 from broker import topology as t
 from broker.config import LanewayConfig
 from broker.connection import connect_nats
+from broker.deadletters import DeadLetterStore
 from broker.events import EventLog
 from broker.model import LANES
 from laneway.errors import ConfigError
 from workers.provider import Provider, build_provider
 from workers.puller import LanePuller
-from workers.runner import JobRunner, RetryPolicy, Target
+from workers.retry import RetryPolicy
+from workers.runner import JobRunner, Target
 
 __all__ = ["WorkerPool"]
 
@@ -95,16 +97,15 @@ class WorkerPool:
             self._providers.append(provider)
             routes = [r for r in cfg.routes if cfg.route_primary(r).provider == name]
             for route in routes:
-                targets[route] = Target(provider, cfg.route_primary(route).model)
+                targets[route] = Target(
+                    provider, cfg.route_primary(route).model, RetryPolicy.for_route(cfg, route)
+                )
             # Lane-major order: every route's high lane before any normal lane.
             lanes_by_provider[name] = [t.LaneConsumer(r, lane) for lane in LANES for r in routes]
-        retry = RetryPolicy(
-            max_attempts=cfg.workers.max_attempts,
-            backoff_s=cfg.workers.retry_backoff_s,
-            backoff_max_s=cfg.workers.retry_backoff_max_s,
-        )
         self._events = await EventLog(self._nc).__aenter__()
-        self._runner = JobRunner(self._events, targets, retry, ack_wait_s=cfg.queue.ack_wait_s)
+        self._runner = JobRunner(
+            self._events, DeadLetterStore(self._nc, self._events), targets, ack_wait_s=cfg.queue.ack_wait_s
+        )
         self._cancel_sub = await self._nc.subscribe(t.CANCEL_ALL, cb=self._on_cancel)
         for name, consumers in lanes_by_provider.items():
             if not consumers:
@@ -115,6 +116,7 @@ class WorkerPool:
                 consumers,
                 capacity=cfg.providers[name].concurrency,
                 handler=self._runner.handle,
+                shares=cfg.lanes.guaranteed_share,
             )
             puller.start()
             self._pullers.append(puller)

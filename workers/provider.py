@@ -8,7 +8,9 @@ point group). Providers raise ``ProviderError`` carrying a classified
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
 from broker.model import (
@@ -24,7 +26,14 @@ from broker.model import (
 )
 from laneway.errors import ConfigError, LanewayError
 
-__all__ = ["Provider", "ProviderError", "build_provider", "call_provider", "register_provider_type"]
+__all__ = [
+    "CallContext",
+    "Provider",
+    "ProviderError",
+    "build_provider",
+    "call_provider",
+    "register_provider_type",
+]
 
 
 class ProviderError(LanewayError):
@@ -37,28 +46,40 @@ class ProviderError(LanewayError):
         self.retry_after_s = retry_after_s
 
 
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """Which job a provider call is for: request ids, timeouts and test directives."""
+
+    job_id: str
+    attempt: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    deadline: datetime | None = None
+
+
 @runtime_checkable
 class Provider(Protocol):
     """One configured provider (an API endpoint with its credentials and limits)."""
 
     name: str
 
-    async def chat(self, model: str, request: ChatInput) -> ChatOutput: ...
+    async def chat(self, model: str, request: ChatInput, ctx: CallContext) -> ChatOutput: ...
 
-    async def embed(self, model: str, request: EmbeddingInput) -> EmbeddingOutput: ...
+    async def embed(self, model: str, request: EmbeddingInput, ctx: CallContext) -> EmbeddingOutput: ...
 
-    async def classify(self, model: str, request: ClassificationInput) -> ClassificationOutput: ...
+    async def classify(
+        self, model: str, request: ClassificationInput, ctx: CallContext
+    ) -> ClassificationOutput: ...
 
     async def aclose(self) -> None: ...
 
 
-async def call_provider(provider: Provider, model: str, job_input: JobInput) -> JobResult:
+async def call_provider(provider: Provider, model: str, job_input: JobInput, ctx: CallContext) -> JobResult:
     """Dispatch a job input to the matching provider method."""
     if isinstance(job_input, ChatInput):
-        return await provider.chat(model, job_input)
+        return await provider.chat(model, job_input, ctx)
     if isinstance(job_input, EmbeddingInput):
-        return await provider.embed(model, job_input)
-    return await provider.classify(model, job_input)
+        return await provider.embed(model, job_input, ctx)
+    return await provider.classify(model, job_input, ctx)
 
 
 ProviderFactory = Callable[[str, Any], Provider]

@@ -9,7 +9,8 @@ stand in the way later too).
 Two modes:
 
 - sweep: while slots are free, ask each lane in priority order for up to the
-  free slot count with ``no_wait``; higher lanes fill the slots first.
+  free slot count with ``no_wait``; higher lanes fill the slots first, and a lane
+  that fills the request ends the sweep.
 - park: when every lane was empty, leave one ``batch: 1`` long-poll on each
   lane. Whichever lane gets work first wakes the loop, which sweeps again.
 
@@ -19,6 +20,17 @@ Parked pulls do not hold slots (a provider with 2 slots still watches all its
 lanes); a parked delivery that finds every slot taken is handed back at once
 (nak), so the process never runs more jobs than its capacity and work waits in
 the durable queue, not in worker memory.
+
+Guaranteed shares keep a saturated high lane from starving the lanes below it.
+A lane with share ``s`` (``lanes.guaranteed_share``) gets at least that fraction
+of this puller's job starts while it has waiting work; 0 means strict priority.
+Every start counts, whether from a sweep or a parked pull, in per-lane counts that
+decay per start (``workers.lane_shares``), so only recent history matters. Before
+the strict sweep, each lane at least one start behind its share is asked first
+(``no_wait``) for its share of the free slots, at least one. A lane that comes up
+short, or whose consumers are all parked (known empty), has its debt wiped: an
+idle lane does not save up a burst for later. Then the strict sweep fills the
+remaining slots as before.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import functools
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -37,12 +50,16 @@ from nats.aio.subscription import Subscription
 
 from broker.inbox import reply_inbox, status_of, unsubscribe_quietly
 from broker.topology import LaneConsumer, pull_subject
+from workers.lane_shares import LaneShares
 
 __all__ = ["JobHandler", "LanePuller"]
 
 log = structlog.get_logger("laneway.worker")
 
 JobHandler = Callable[[Msg, LaneConsumer], Awaitable[None]]
+
+# Lane names; a TypeVar because Mapping keys are invariant and the config's are a Literal.
+LaneName = TypeVar("LaneName", bound=str)
 
 # Idle heartbeat of parked pulls: a pull the server lost (a reconnect, a consumer
 # moving) is noticed after two missed beats instead of at its expiry.
@@ -68,6 +85,7 @@ class LanePuller:
         handler: JobHandler,
         park_s: float = 5.0,
         request_timeout_s: float = 1.0,
+        shares: Mapping[LaneName, float] | None = None,
     ) -> None:
         self._nc = nc
         self._consumers = tuple(consumers)
@@ -83,6 +101,11 @@ class LanePuller:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
+        self._shares = LaneShares(shares or {})
+        # Lanes in the consumers' priority order, each with its routes' consumers.
+        self._by_lane: dict[str, list[LaneConsumer]] = {}
+        for consumer in self._consumers:
+            self._by_lane.setdefault(consumer.lane, []).append(consumer)
 
     @property
     def in_flight(self) -> int:
@@ -144,8 +167,8 @@ class LanePuller:
                 await self._wake.wait()
 
     async def _sweep(self) -> int:
-        total = 0
         parked = {p.consumer for p in self._parks.values()}
+        total = await self._serve_owed_lanes(parked) if self._shares.enabled else 0
         for consumer in self._consumers:
             free = self._free()
             if free <= 0 or self._stopping:
@@ -159,8 +182,35 @@ class LanePuller:
             total += len(msgs)
             if len(msgs) == free:
                 # The lane may hold more. Slots freed meanwhile go to it (or a higher
-                # lane) on the next sweep, never to a lower lane.
+                # lane) on the next sweep, never to a lower lane beyond its guaranteed share.
                 break
+        return total
+
+    async def _serve_owed_lanes(self, parked: set[str]) -> int:
+        """Give lanes behind their guaranteed share first pick of the free slots."""
+        total = 0
+        for lane, consumers in self._by_lane.items():
+            free = self._free()
+            if free <= 0 or self._stopping:
+                break
+            if not self._shares.is_owed(lane):
+                continue
+            want = self._shares.batch(lane, free)
+            got = 0
+            for consumer in consumers:
+                if got >= want or self._stopping:
+                    break
+                if consumer.name in parked:
+                    continue  # known empty; its parked pull delivers (and counts) any new job
+                msgs = await self._pull_now(consumer, want - got)
+                for msg in msgs:
+                    self._dispatch(msg, consumer)
+                got += len(msgs)
+            total += got
+            if got < want:
+                # What the lane lacks is work, not slots: owing it more would only let it
+                # jump the queue in a burst once work arrives.
+                self._shares.settle(lane)
         return total
 
     async def _pull_now(self, consumer: LaneConsumer, batch: int) -> list[Msg]:
@@ -243,6 +293,7 @@ class LanePuller:
             task = asyncio.create_task(msg.nak())
         else:
             self._busy += 1
+            self._shares.started(consumer.lane)
             task = asyncio.create_task(self._handle(msg, consumer))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)

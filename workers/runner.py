@@ -1,53 +1,47 @@
-"""Running one leased job: event log, provider call, lease, retry, ack.
+"""Running one leased job: event log, provider call, lease, retry, dead letter, ack.
 
 Every step appends to the job's event log with compare-and-set, so a job that
-was cancelled, finished by another worker after a lease loss, or already
-completed before a crash is recognised without calling the provider again.
-The job is acked only after its final event is durably stored.
+was cancelled, superseded, finished by another worker after a lease loss, or
+already completed before a crash is recognised without calling the provider
+again. The job is acked only after its final event (and, for a dead letter,
+its DeadLetter record) is durably stored. What follows a failure is decided in
+``workers.retry``; retries wait in JetStream (nak with delay), not in a worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 from nats.aio.msg import Msg
 
 from broker import topology as t
+from broker.deadletters import DeadLetterStore
 from broker.events import EventConflict, EventLog, first_event
 from broker.model import ErrorClass, JobError, JobEvent, JobState, QueuedJob, utcnow
 from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
-from workers.provider import Provider, ProviderError, call_provider
+from workers.classify import classify_exception
+from workers.provider import CallContext, Provider, ProviderError, call_provider
+from workers.retry import HANDED_BACK, WORKER_LOST, RetryPolicy, decide, next_attempt
 
-__all__ = ["JobRunner", "RetryPolicy", "Target"]
+__all__ = ["JobRunner", "Target"]
 
 log = structlog.get_logger("laneway.worker")
+Logger = structlog.typing.FilteringBoundLogger
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a route's jobs go from this pool."""
+    """Where a route's jobs go from this pool, and how they are retried."""
 
     provider: Provider
     model: str
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    max_attempts: int
-    backoff_s: float
-    backoff_max_s: float
-
-    def delay(self, attempt: int, retry_after_s: float | None) -> float:
-        """Jittered exponential backoff, never sooner than the provider's Retry-After."""
-        base = min(self.backoff_max_s, self.backoff_s * 2 ** max(0, attempt - 1))
-        delay = random.uniform(base / 2, base)
-        return max(delay, retry_after_s or 0.0)
+    retry: RetryPolicy
 
 
 class _Lost(Exception):
@@ -58,14 +52,14 @@ class JobRunner:
     def __init__(
         self,
         events: EventLog,
+        dead_letters: DeadLetterStore,
         targets: dict[str, Target],
-        retry: RetryPolicy,
         *,
         ack_wait_s: float,
     ) -> None:
         self._events = events
+        self._dlq = dead_letters
         self._targets = targets
-        self._retry = retry
         self._heartbeat_s = max(0.2, ack_wait_s / 3)
         self._running: dict[str, asyncio.Task[None]] = {}
         self.closing = False
@@ -87,10 +81,10 @@ class JobRunner:
         try:
             await self._run(msg, job, bound)
         except _Lost:
-            # Someone else moved the job on; ack if it is final, else leave it to its owner.
+            # Someone else moved the job on; finish it if it is final, else leave it to its owner.
             latest = await self._events.last(job.job_id)
             if latest is not None and latest.final:
-                await msg.ack()
+                await self._finished(msg, job, latest.decode())
         except Unavailable as err:
             bound.warning("event store unavailable; job handed back", error=str(err))
             await msg.nak(delay=1.0)
@@ -99,16 +93,20 @@ class JobRunner:
             await msg.nak()
             raise
 
-    async def _previous(self, msg: Msg, job: QueuedJob) -> tuple[JobEvent, int] | None:
-        """The job's latest event and its stream sequence, or None if it is already final."""
+    async def _finished(self, msg: Msg, job: QueuedJob, final: JobEvent) -> None:
+        """Ack a job whose log is final, completing a dead-letter move cut short by a crash."""
+        if final.state is JobState.DEAD_LETTERED:
+            await self._dlq.ensure(job, final, deliveries=msg.metadata.num_delivered)
+        await msg.ack()
+
+    async def _previous(self, msg: Msg, job: QueuedJob) -> tuple[JobEvent, int]:
+        """The job's latest event and its stream sequence."""
         if msg.metadata.num_delivered == 1 and msg.headers and t.HDR_EVENT_SEQ in msg.headers:
             return first_event(job), int(msg.headers[t.HDR_EVENT_SEQ])
         latest = await self._events.last(job.job_id)
         if latest is None:
             # Events expired before the job ran (queue older than events_max_age_s).
             return first_event(job), 0
-        if latest.final:
-            return None
         return latest.decode(), latest.stream_seq
 
     async def _append(self, event: JobEvent, expect_last: int) -> int:
@@ -117,40 +115,60 @@ class JobRunner:
         except EventConflict as err:
             raise _Lost from err
 
-    async def _run(self, msg: Msg, job: QueuedJob, bound: structlog.typing.FilteringBoundLogger) -> None:
-        previous = await self._previous(msg, job)
-        if previous is None:
-            await msg.ack()  # redelivered after it finished: nothing to do
+    async def _run(self, msg: Msg, job: QueuedJob, bound: Logger) -> None:
+        prev, seq = await self._previous(msg, job)
+        if prev.state.is_final:
+            await self._finished(msg, job, prev)  # redelivered after it finished: no second call
             return
-        prev, seq = previous
+        now = utcnow()
+        target = self._targets[job.spec.route]
+        if prev.state is JobState.RUNNING:
+            # Redelivered while its log says running: the last worker died or lost its lease.
+            lost = JobError(
+                WORKER_LOST,
+                f"attempt {prev.attempt} ended without a result (worker stopped or lease expired)",
+                ErrorClass.TRANSIENT,
+            )
+            decision = decide(target.retry, prev.attempt, lost, None)
+            if not decision.retry:
+                await self._dead_letter(msg, job, prev, seq, lost, bound)
+                return
+            prev = prev.next(JobState.RETRYING, error=lost)
+            seq = await self._append(prev, seq)
         deadline = job.spec.deadline
-        if deadline is not None and deadline <= utcnow():
+        if deadline is not None and deadline <= now:
             err = JobError(
                 "deadline_exceeded", "job deadline passed before it could run", ErrorClass.PERMANENT
             )
             await self._append(prev.next(JobState.EXPIRED, error=err), seq)
             await msg.ack()
             return
-        target = self._targets[job.spec.route]
-        attempt = prev.attempt + 1
-        now = utcnow()
         running = prev.next(
             JobState.RUNNING,
-            attempt=attempt,
+            attempt=next_attempt(prev),
             provider=target.provider.name,
             model=target.model,
             started_at=prev.started_at or now,
+            not_before=None,
         )
         seq = await self._append(running, seq)
-        bound.debug("job started", attempt=attempt, provider=target.provider.name)
+        bound.debug("job started", attempt=running.attempt, provider=target.provider.name)
+        ctx = CallContext(job.job_id, running.attempt, job.spec.metadata, deadline)
         try:
             async with self._lease(msg, job.job_id):
-                result = await call_provider(target.provider, target.model, job.spec.input)
+                try:
+                    result = await call_provider(target.provider, target.model, job.spec.input, ctx)
+                except (ProviderError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    # An adapter bug or an unexpected library error: classified, never fatal.
+                    raise classify_exception(exc, provider=target.provider.name) from exc
         except ProviderError as err:
-            await self._failed(msg, running, seq, err, bound)
+            await self._failed(msg, job, running, seq, err, bound)
             return
         except asyncio.CancelledError:
             if self.closing:
+                await self._hand_back(running, seq)
                 raise
             # CancelJob stored CANCELLED already; our log view is stale. The cancel was
             # ours to consume, so the task carries on (to ack) as if never cancelled.
@@ -162,26 +180,47 @@ class JobRunner:
         await msg.ack()
 
     async def _failed(
-        self,
-        msg: Msg,
-        running: JobEvent,
-        seq: int,
-        err: ProviderError,
-        bound: structlog.typing.FilteringBoundLogger,
+        self, msg: Msg, job: QueuedJob, running: JobEvent, seq: int, err: ProviderError, bound: Logger
     ) -> None:
         error = err.error
-        if error.retryable and running.attempt < self._retry.max_attempts:
-            delay = self._retry.delay(running.attempt, err.retry_after_s)
-            await self._append(running.next(JobState.RETRYING, error=error), seq)
-            bound.info(
-                "attempt failed; retrying", attempt=running.attempt, code=error.code, delay_s=round(delay, 3)
-            )
-            # Durable retry: the queue holds the job until the delay passes.
-            await msg.nak(delay=delay)
+        decision = decide(self._targets[job.spec.route].retry, running.attempt, error, err.retry_after_s)
+        if not decision.retry:
+            await self._dead_letter(msg, job, running, seq, error, bound)
             return
-        await self._append(running.next(JobState.FAILED, error=error), seq)
-        bound.info("job failed", attempt=running.attempt, code=error.code)
-        await msg.ack()
+        deadline = job.spec.deadline
+        if deadline is not None and utcnow() + timedelta(seconds=decision.delay_s) >= deadline:
+            expired = JobError(
+                "deadline_exceeded",
+                f"the retry after {error.code} would start past the job's deadline",
+                ErrorClass.PERMANENT,
+            )
+            await self._append(running.next(JobState.EXPIRED, error=expired), seq)
+            await msg.ack()
+            return
+        await self._append(running.next(JobState.RETRYING, error=error), seq)
+        bound.info(
+            "attempt failed; retrying",
+            attempt=running.attempt,
+            code=error.code,
+            error_class=error.error_class.name,
+            delay_s=round(decision.delay_s, 3),
+        )
+        # Durable retry: the queue holds the job until the delay passes.
+        await msg.nak(delay=decision.delay_s)
+
+    async def _dead_letter(
+        self, msg: Msg, job: QueuedJob, prev: JobEvent, seq: int, error: JobError, bound: Logger
+    ) -> None:
+        final = prev.next(JobState.DEAD_LETTERED, error=error)
+        await self._append(final, seq)
+        bound.info("job dead-lettered", attempt=prev.attempt, code=error.code)
+        await self._finished(msg, job, final)
+
+    async def _hand_back(self, running: JobEvent, seq: int) -> None:
+        """Record that a stopping worker gave the job back, so the attempt is not charged."""
+        back = JobError(HANDED_BACK, "the worker stopped before the call finished", ErrorClass.TRANSIENT)
+        with contextlib.suppress(_Lost, Unavailable):
+            await self._append(running.next(JobState.RETRYING, error=back), seq)
 
     @contextlib.asynccontextmanager
     async def _lease(self, msg: Msg, job_id: str) -> AsyncIterator[None]:

@@ -65,6 +65,16 @@ class BrokerServiceStub:
                 request_serializer=laneway_dot_v1_dot_broker__service__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=laneway_dot_v1_dot_broker__service__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/laneway.v1.BrokerService/ListDeadLetters',
+                request_serializer=laneway_dot_v1_dot_broker__service__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_broker__service__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RedriveDeadLetters = channel.unary_unary(
+                '/laneway.v1.BrokerService/RedriveDeadLetters',
+                request_serializer=laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -115,6 +125,21 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """Dead-lettered jobs, oldest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedriveDeadLetters(self, request, context):
+        """Submit dead-lettered jobs again (as new jobs), optionally onto another route
+        or lane, paced so a large redrive does not flood a provider.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +172,16 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=laneway_dot_v1_dot_broker__service__pb2.CancelJobRequest.FromString,
                     response_serializer=laneway_dot_v1_dot_broker__service__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=laneway_dot_v1_dot_broker__service__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_broker__service__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RedriveDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedriveDeadLetters,
+                    request_deserializer=laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +347,60 @@ class BrokerService:
             '/laneway.v1.BrokerService/CancelJob',
             laneway_dot_v1_dot_broker__service__pb2.CancelJobRequest.SerializeToString,
             laneway_dot_v1_dot_broker__service__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/ListDeadLetters',
+            laneway_dot_v1_dot_broker__service__pb2.ListDeadLettersRequest.SerializeToString,
+            laneway_dot_v1_dot_broker__service__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedriveDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/RedriveDeadLetters',
+            laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersRequest.SerializeToString,
+            laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

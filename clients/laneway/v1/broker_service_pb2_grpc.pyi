@@ -49,6 +49,12 @@ class BrokerServiceStub:
     """The job's latest state."""
     CancelJob: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.CancelJobRequest, _broker_service_pb2.CancelJobResponse]
     """Cancel a job that has not finished. Idempotent."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.ListDeadLettersRequest, _broker_service_pb2.ListDeadLettersResponse]
+    """Dead-lettered jobs, oldest first, a page at a time."""
+    RedriveDeadLetters: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.RedriveDeadLettersRequest, _broker_service_pb2.RedriveDeadLettersResponse]
+    """Submit dead-lettered jobs again (as new jobs), optionally onto another route
+    or lane, paced so a large redrive does not flood a provider.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -71,6 +77,12 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """The job's latest state."""
     CancelJob: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.CancelJobRequest, _broker_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancel a job that has not finished. Idempotent."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.ListDeadLettersRequest, _broker_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Dead-lettered jobs, oldest first, a page at a time."""
+    RedriveDeadLetters: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.RedriveDeadLettersRequest, _broker_service_pb2.RedriveDeadLettersResponse]  # type: ignore[assignment]
+    """Submit dead-lettered jobs again (as new jobs), optionally onto another route
+    or lane, paced so a large redrive does not flood a provider.
+    """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Laneway's broker: submit AI jobs, follow their events, poll and cancel them."""
@@ -126,5 +138,23 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_service_pb2.CancelJobResponse, _abc.Awaitable[_broker_service_pb2.CancelJobResponse]]:
         """Cancel a job that has not finished. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _broker_service_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_service_pb2.ListDeadLettersResponse, _abc.Awaitable[_broker_service_pb2.ListDeadLettersResponse]]:
+        """Dead-lettered jobs, oldest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def RedriveDeadLetters(
+        self,
+        request: _broker_service_pb2.RedriveDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_service_pb2.RedriveDeadLettersResponse, _abc.Awaitable[_broker_service_pb2.RedriveDeadLettersResponse]]:
+        """Submit dead-lettered jobs again (as new jobs), optionally onto another route
+        or lane, paced so a large redrive does not flood a provider.
+        """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -62,10 +63,21 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_CANCELLED: _JobState.ValueType  # 6
     JOB_STATE_EXPIRED: _JobState.ValueType  # 7
     """The job's deadline passed before it could run."""
+    JOB_STATE_DEAD_LETTERED: _JobState.ValueType  # 8
+    """Failed permanently or ran out of attempts: the job is kept in the dead-letter
+    queue (ListDeadLetters) with every attempt's error, and can be redriven.
+    """
+    JOB_STATE_SUPERSEDED: _JobState.ValueType  # 9
+    """A later submission with the same debounce key replaced this one before it ran
+    (JobEvent.superseded_by names it).
+    """
+    JOB_STATE_SCHEDULED: _JobState.ValueType  # 10
+    """Durably stored, waiting for its not_before time (a delayed or debounced job)."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
-    """Lifecycle state of a job. QUEUED, RUNNING and RETRYING are transient; every
-    job ends in exactly one final state (SUCCEEDED, FAILED, CANCELLED, EXPIRED).
+    """Lifecycle state of a job. SCHEDULED, QUEUED, RUNNING and RETRYING are
+    transient; every job ends in exactly one final state (SUCCEEDED, FAILED,
+    CANCELLED, EXPIRED, DEAD_LETTERED, SUPERSEDED).
     """
 
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
@@ -80,6 +92,16 @@ JOB_STATE_FAILED: JobState.ValueType  # 5
 JOB_STATE_CANCELLED: JobState.ValueType  # 6
 JOB_STATE_EXPIRED: JobState.ValueType  # 7
 """The job's deadline passed before it could run."""
+JOB_STATE_DEAD_LETTERED: JobState.ValueType  # 8
+"""Failed permanently or ran out of attempts: the job is kept in the dead-letter
+queue (ListDeadLetters) with every attempt's error, and can be redriven.
+"""
+JOB_STATE_SUPERSEDED: JobState.ValueType  # 9
+"""A later submission with the same debounce key replaced this one before it ran
+(JobEvent.superseded_by names it).
+"""
+JOB_STATE_SCHEDULED: JobState.ValueType  # 10
+"""Durably stored, waiting for its not_before time (a delayed or debounced job)."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _ChatRole:
@@ -134,7 +156,7 @@ class _ErrorClassEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorClass
     ERROR_CLASS_RATE_LIMITED: _ErrorClass.ValueType  # 2
     """429 / overloaded: retry after the provider's Retry-After."""
     ERROR_CLASS_PERMANENT: _ErrorClass.ValueType  # 3
-    """Invalid request, auth, content policy: retrying cannot help."""
+    """Invalid request, auth, content policy, context too long: retrying cannot help."""
 
 class ErrorClass(_ErrorClass, metaclass=_ErrorClassEnumTypeWrapper):
     """How an error should be handled."""
@@ -145,7 +167,7 @@ ERROR_CLASS_TRANSIENT: ErrorClass.ValueType  # 1
 ERROR_CLASS_RATE_LIMITED: ErrorClass.ValueType  # 2
 """429 / overloaded: retry after the provider's Retry-After."""
 ERROR_CLASS_PERMANENT: ErrorClass.ValueType  # 3
-"""Invalid request, auth, content policy: retrying cannot help."""
+"""Invalid request, auth, content policy, context too long: retrying cannot help."""
 Global___ErrorClass: _TypeAlias = ErrorClass  # noqa: Y015
 
 @_typing.final
@@ -319,6 +341,9 @@ class JobSpec(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    DEBOUNCE_FIELD_NUMBER: _builtins.int
     route: _builtins.str
     """Route name (a model group from the config file)."""
     lane: Global___Lane.ValueType
@@ -338,6 +363,20 @@ class JobSpec(_message.Message):
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """Optional: the job is not sent to a provider after this instant; it ends EXPIRED."""
 
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """Optional: the job becomes visible to workers at this instant (durably:
+        survives restarts). At most one of not_before, delay and debounce.
+        """
+
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """Optional: like not_before, relative to the time the broker accepts the job."""
+
+    @_builtins.property
+    def debounce(self) -> Global___Debounce:
+        """Optional: collapse submissions that share a key (see Debounce)."""
+
     def __init__(
         self,
         *,
@@ -349,16 +388,47 @@ class JobSpec(_message.Message):
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         idempotency_key: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        delay: _duration_pb2.Duration | None = ...,
+        debounce: Global___Debounce | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "embedding", b"embedding", "input", b"input"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "input", b"input", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "embedding", b"embedding", "idempotency_key", b"idempotency_key", "input", b"input", "lane", b"lane", "metadata", b"metadata", "route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "idempotency_key", b"idempotency_key", "input", b"input", "lane", b"lane", "metadata", b"metadata", "not_before", b"not_before", "route", b"route"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "embedding", "classification"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class Debounce(_message.Message):
+    """Submissions with the same route and debounce key inside the window collapse
+    into one job: it runs once, `window` after the last submission, with the last
+    submission's input. Earlier submissions end SUPERSEDED.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration: ...
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        window: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Debounce: _TypeAlias = Debounce  # noqa: Y015
 
 @_typing.final
 class TokenUsage(_message.Message):
@@ -585,6 +655,8 @@ class JobEvent(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     seq: _builtins.int
     """Per-job sequence number: 1 for the first event, +1 for each later one."""
@@ -596,6 +668,8 @@ class JobEvent(_message.Message):
     model: _builtins.str
     route: _builtins.str
     lane: Global___Lane.ValueType
+    superseded_by: _builtins.str
+    """SUPERSEDED only: the job (same debounce key) that replaced this one."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When this event was emitted."""
@@ -616,11 +690,17 @@ class JobEvent(_message.Message):
 
     @_builtins.property
     def error(self) -> Global___JobError:
-        """The error of a failed attempt (RETRYING) or of the job (FAILED, EXPIRED, CANCELLED)."""
+        """The error of a failed attempt (RETRYING) or of the job (FAILED, EXPIRED,
+        CANCELLED, DEAD_LETTERED).
+        """
 
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller metadata from the JobSpec."""
+
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """When a SCHEDULED job becomes visible to workers."""
 
     def __init__(
         self,
@@ -640,10 +720,12 @@ class JobEvent(_message.Message):
         result: Global___JobResult | None = ...,
         error: Global___JobError | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        superseded_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "payload", b"payload", "result", b"result", "started_at", b"started_at", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "not_before", b"not_before", "payload", b"payload", "result", b"result", "started_at", b"started_at", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "lane", b"lane", "metadata", b"metadata", "model", b"model", "payload", b"payload", "provider", b"provider", "result", b"result", "route", b"route", "seq", b"seq", "started_at", b"started_at", "state", b"state", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "lane", b"lane", "metadata", b"metadata", "model", b"model", "not_before", b"not_before", "payload", b"payload", "provider", b"provider", "result", b"result", "route", b"route", "seq", b"seq", "started_at", b"started_at", "state", b"state", "superseded_by", b"superseded_by", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015

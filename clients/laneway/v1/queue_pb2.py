@@ -26,13 +26,13 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from laneway.v1 import job_pb2 as laneway_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16laneway/v1/queue.proto\x12\nlaneway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"o\n\tQueuedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12/\n\x0b\x65nqueued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16laneway/v1/queue.proto\x12\nlaneway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"\x85\x01\n\tQueuedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12/\n\x0b\x65nqueued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x65\x62ounce_key\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'laneway.v1.queue_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_QUEUEDJOB']._serialized_start=93
-  _globals['_QUEUEDJOB']._serialized_end=204
+  _globals['_QUEUEDJOB']._serialized_start=94
+  _globals['_QUEUEDJOB']._serialized_end=227
 # @@protoc_insertion_point(module_scope)
