@@ -86,7 +86,6 @@ def dead_letter_to_pb(dl: DeadLetter) -> dead_letter_pb2.DeadLetter:
     pb = dead_letter_pb2.DeadLetter(
         job_id=dl.job.job_id, reason=dl.reason, deliveries=dl.deliveries, spec=queued.spec
     )
-    pb.spec.debounce.Clear()
     error_to_pb(dl.error, pb.error)
     pb.enqueued_at.FromDatetime(dl.job.enqueued_at)
     pb.dead_lettered_at.FromDatetime(dl.dead_lettered_at)

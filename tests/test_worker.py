@@ -88,8 +88,9 @@ async def test_worker_killed_mid_job_completes_elsewhere_once(
     broker, client, nats_server, tmp_path: Path
 ) -> None:
     # A provider slow enough to kill the worker mid-call; a 1 s lease so redelivery is quick.
+    calls = tmp_path / "calls.jsonl"
     yaml = TEST_CONFIG.replace("ack_wait_s: 2", "ack_wait_s: 1").replace(
-        "latency_ms: 300", "latency_ms: 1500"
+        "latency_ms: 300", f"latency_ms: 1500\n    call_log: '{calls}'"
     )
     config_file = tmp_path / "laneway.yaml"
     config_file.write_text(yaml)
@@ -125,6 +126,8 @@ async def test_worker_killed_mid_job_completes_elsewhere_once(
     replay = [e async for e in client.stream_results(job_id)]
     assert [e.state for e in replay].count(SUCCEEDED) == 1
     assert replay[-1].result.chat.text == "survive"
+    # The killed call and the one that finished: at most one extra provider call.
+    assert [c.count(job_id) for c in calls.read_text().splitlines()] == [1, 1]
 
 
 async def test_idle_worker_with_one_slot_still_watches_every_lane(broker, client, nats_server) -> None:

@@ -7,7 +7,15 @@ with laneway.Client("127.0.0.1:50051") as client:
     print(final.result.chat.text)
 """
 
-from laneway.client import FINAL_STATES, AsyncClient, CancelOutcome, Client, Submitted
+from laneway.client import (
+    FINAL_STATES,
+    AsyncClient,
+    CancelOutcome,
+    Client,
+    DeadLetterPage,
+    Redriven,
+    Submitted,
+)
 from laneway.errors import (
     ApiError,
     InvalidArgument,
@@ -17,6 +25,7 @@ from laneway.errors import (
     Unavailable,
 )
 from laneway.inputs import JobInput, chat, classification, embedding, job
+from laneway.v1.dead_letter_pb2 import DeadLetter
 from laneway.v1.job_pb2 import JobEvent, JobState
 
 __all__ = [
@@ -25,12 +34,15 @@ __all__ = [
     "AsyncClient",
     "CancelOutcome",
     "Client",
+    "DeadLetter",
+    "DeadLetterPage",
     "InvalidArgument",
     "JobEvent",
     "JobInput",
     "JobState",
     "LanewayError",
     "NotFound",
+    "Redriven",
     "ResourceExhausted",
     "Submitted",
     "Unavailable",

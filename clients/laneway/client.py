@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import cast
 
@@ -24,6 +25,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from laneway.dead_letters import DeadLetterPage, Redriven, dlq_filter, item_error, redrive_request, redriven
 from laneway.errors import ApiError, Unavailable, error_for_code
 from laneway.inputs import JobInput, job
 from laneway.v1 import broker_service_pb2 as pb
@@ -35,6 +37,8 @@ __all__ = [
     "AsyncClient",
     "CancelOutcome",
     "Client",
+    "DeadLetterPage",
+    "Redriven",
     "Submitted",
 ]
 
@@ -45,6 +49,8 @@ FINAL_STATES = frozenset(
         job_pb2.JOB_STATE_FAILED,
         job_pb2.JOB_STATE_CANCELLED,
         job_pb2.JOB_STATE_EXPIRED,
+        job_pb2.JOB_STATE_DEAD_LETTERED,
+        job_pb2.JOB_STATE_SUPERSEDED,
     }
 )
 _CHANNEL_OPTIONS = [
@@ -96,10 +102,7 @@ def _outcomes(response: pb.SubmitBatchResponse) -> list[Submitted | ApiError]:
     out: list[Submitted | ApiError] = []
     for item in response.outcomes:
         if item.HasField("error"):
-            code = next(
-                (c for c in grpc.StatusCode if c.value[0] == item.error.code), grpc.StatusCode.UNKNOWN
-            )
-            out.append(error_for_code(code)(item.error.message, field=item.error.field))
+            out.append(item_error(item.error))
         else:
             out.append(Submitted(item.job_id, item.duplicate))
     return out
@@ -253,6 +256,40 @@ class AsyncClient:
             raise _map_error(err) from None
         return CancelOutcome(r.state, r.cancelled)
 
+    async def list_dead_letters(
+        self,
+        *,
+        job_ids: Sequence[str] = (),
+        route: str = "",
+        reason: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> DeadLetterPage:
+        """One page of dead letters, oldest first; empty filters match all."""
+        request = pb.ListDeadLettersRequest(
+            filter=dlq_filter(job_ids, route, reason, since, until),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        try:
+            r = await self._stub.ListDeadLetters(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return DeadLetterPage(list(r.dead_letters), r.next_page_token)
+
+    async def redrive_dead_letters(self, **options: object) -> list[Redriven]:
+        """Submit dead letters again as new jobs. Options: ``job_ids``, ``route``,
+        ``reason``, ``since``, ``until`` (which ones), ``all`` (every one), ``to_route``,
+        ``to_lane``, ``rate_per_second`` (pace), ``limit``."""
+        request = redrive_request(**options)  # type: ignore[arg-type]
+        try:
+            r = await self._stub.RedriveDeadLetters(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return redriven(r)
+
 
 class Client:
     """Blocking client with the same methods as ``AsyncClient``."""
@@ -347,3 +384,33 @@ class Client:
         except grpc.RpcError as err:
             raise _map_error(err) from None
         return CancelOutcome(r.state, r.cancelled)
+
+    def list_dead_letters(
+        self,
+        *,
+        job_ids: Sequence[str] = (),
+        route: str = "",
+        reason: str = "",
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> DeadLetterPage:
+        request = pb.ListDeadLettersRequest(
+            filter=dlq_filter(job_ids, route, reason, since, until),
+            page_size=page_size,
+            page_token=page_token,
+        )
+        try:
+            r = self._stub.ListDeadLetters(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return DeadLetterPage(list(r.dead_letters), r.next_page_token)
+
+    def redrive_dead_letters(self, **options: object) -> list[Redriven]:
+        request = redrive_request(**options)  # type: ignore[arg-type]
+        try:
+            r = self._stub.RedriveDeadLetters(request, timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return redriven(r)

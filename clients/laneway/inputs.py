@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import cast
 
 from laneway.v1 import job_pb2
@@ -64,8 +64,18 @@ def job(
     metadata: Mapping[str, str] | None = None,
     idempotency_key: str = "",
     deadline: datetime | None = None,
+    not_before: datetime | None = None,
+    delay: float | timedelta | None = None,
+    debounce_key: str = "",
+    debounce: float | timedelta | None = None,
 ) -> job_pb2.JobSpec:
-    """A job spec; ``lane`` is "high", "normal", "low" or "" for the broker's default."""
+    """A job spec; ``lane`` is "high", "normal", "low" or "" for the broker's default.
+
+    Scheduling (at most one): ``not_before`` (an aware datetime), ``delay`` (seconds
+    or a timedelta), or ``debounce_key`` with a ``debounce`` window: submissions with
+    the same route and key inside the window collapse into one job that runs once,
+    the window after the last of them, with the last one's input.
+    """
     spec = job_pb2.JobSpec(route=route, metadata=dict(metadata or {}), idempotency_key=idempotency_key)
     # An unknown lane name goes over the wire as an invalid number: the broker names the field.
     spec.lane = cast(job_pb2.Lane.ValueType, _LANES.get(lane, 99))
@@ -77,4 +87,15 @@ def job(
         spec.classification.CopyFrom(input)
     if deadline is not None:
         spec.deadline.FromDatetime(deadline)
+    if not_before is not None:
+        spec.not_before.FromDatetime(not_before)
+    if delay is not None:
+        spec.delay.FromTimedelta(_timedelta(delay))
+    if debounce_key or debounce is not None:
+        spec.debounce.key = debounce_key
+        spec.debounce.window.FromTimedelta(_timedelta(debounce or 0.0))
     return spec
+
+
+def _timedelta(value: float | timedelta) -> timedelta:
+    return value if isinstance(value, timedelta) else timedelta(seconds=value)
