@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from google.protobuf.json_format import MessageToDict
 
 import laneway
+from broker.cli_common import DEFAULT_ADDR, AddrOpt, client_call, echo_json
+from broker.cli_dlq import dlq_app
 from broker.config import LanewayConfig, config_json_schema, default_config, load_config
 from broker.logs import configure_logging
-from laneway.errors import ApiError, LanewayError
+from laneway.errors import LanewayError
 from laneway.v1 import job_pb2
 
 __all__ = ["app", "main"]
@@ -32,9 +33,9 @@ __all__ = ["app", "main"]
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Laneway: a gRPC broker for AI work.")
 config_app = typer.Typer(no_args_is_help=True, help="Check and describe config files.")
 app.add_typer(config_app, name="config")
+app.add_typer(dlq_app, name="dlq")
 
 DEFAULT_CONFIG = "laneway.example.yaml"
-DEFAULT_ADDR = os.environ.get("LANEWAY_ADDR", "127.0.0.1:50051")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -42,9 +43,6 @@ ConfigOpt = Annotated[
 ]
 NatsOpt = Annotated[
     str | None, typer.Option("--nats-url", help="NATS server URL (default: $NATS_URL, then nats.url).")
-]
-AddrOpt = Annotated[
-    str, typer.Option("--addr", help="Broker address (default: $LANEWAY_ADDR or 127.0.0.1:50051).")
 ]
 
 
@@ -183,7 +181,7 @@ def _event_line(event: job_pb2.JobEvent) -> str:
 
 def _print_event(event: job_pb2.JobEvent, as_json: bool) -> None:
     if as_json:
-        typer.echo(json.dumps(MessageToDict(event), separators=(",", ":")))
+        echo_json(event)
     else:
         typer.echo(_event_line(event))
 
@@ -197,16 +195,6 @@ async def _watch(client: laneway.AsyncClient, job_ids: list[str], as_json: bool)
     return ok
 
 
-def _client_call(coro: object) -> None:
-    try:
-        ok: object = asyncio.run(coro)  # type: ignore[arg-type]
-    except ApiError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    if ok is False:
-        raise typer.Exit(1)
-
-
 @app.command()
 def submit(
     route: Annotated[str, typer.Option(help="Route name from the config.")],
@@ -215,6 +203,14 @@ def submit(
     kind: Annotated[str, typer.Option(help="chat, embedding or classification.")] = "chat",
     label: Annotated[list[str] | None, typer.Option(help="Classification label (repeatable).")] = None,
     idempotency_key: Annotated[str, typer.Option(help="Submit at most once per key.")] = "",
+    delay: Annotated[float | None, typer.Option(help="Seconds before the job becomes visible.")] = None,
+    debounce_key: Annotated[str, typer.Option(help="Collapse submissions with this key.")] = "",
+    debounce: Annotated[
+        float | None, typer.Option(help="Debounce window in seconds (with --debounce-key).")
+    ] = None,
+    metadata: Annotated[
+        list[str] | None, typer.Option("--meta", help="Metadata KEY=VALUE (repeatable).")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Stream events until the final one.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
     addr: AddrOpt = DEFAULT_ADDR,
@@ -230,14 +226,25 @@ def submit(
         job_input = laneway.classification(" ".join(text), label or [])
     else:
         raise typer.BadParameter(f"--kind must be chat, embedding or classification, not {kind!r}")
+    meta = {}
+    for item in metadata or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--meta expects KEY=VALUE, got {item!r}")
+        meta[key] = value
+    options: dict[str, object] = {"lane": priority, "idempotency_key": idempotency_key, "metadata": meta}
+    if delay is not None:
+        options["delay"] = delay
+    if debounce_key or debounce is not None:
+        options.update(debounce_key=debounce_key, debounce=debounce)
 
     async def go() -> bool:
         async with laneway.AsyncClient(addr) as client:
-            done = await client.submit(route, job_input, lane=priority, idempotency_key=idempotency_key)
+            done = await client.submit(route, job_input, **options)
             typer.echo(done.job_id + (" (duplicate)" if done.duplicate else ""))
             return await _watch(client, [done.job_id], as_json) if wait else True
 
-    _client_call(go())
+    client_call(go())
 
 
 @app.command()
@@ -252,7 +259,7 @@ def watch(
         async with laneway.AsyncClient(addr) as client:
             return await _watch(client, job_ids, as_json)
 
-    _client_call(go())
+    client_call(go())
 
 
 @app.command()
@@ -268,7 +275,7 @@ def get(
             _print_event(await client.get_job(job_id), as_json)
         return True
 
-    _client_call(go())
+    client_call(go())
 
 
 @app.command()
@@ -282,7 +289,7 @@ def cancel(job_id: str, reason: str = "", addr: AddrOpt = DEFAULT_ADDR) -> None:
         typer.echo(f"{job_id} {state}" + ("" if outcome.cancelled else " (already final)"))
         return True
 
-    _client_call(go())
+    client_call(go())
 
 
 @config_app.command("check")

@@ -117,3 +117,33 @@ async def test_help_and_schema(args: list[str]) -> None:
     code, out, _ = await laneway(*args)
     assert code == 0
     assert out
+
+
+async def test_dlq_list_show_and_redrive(worker, broker) -> None:
+    env = {"LANEWAY_ADDR": broker.address}
+    code, out, _ = await laneway(
+        "submit", "--route", "chat", "--text", "bad", "--meta", "mock.fail=400", "--wait", env=env
+    )
+    assert code == 1  # the job did not succeed
+    job_id = out.splitlines()[0]
+    assert out.splitlines()[-1].startswith(
+        f"{job_id} seq=3 DEAD_LETTERED attempt=1 provider=mock error=invalid_request"
+    )
+    code, out, _ = await laneway("dlq", "list", "--route", "chat", "--since", "1h", env=env)
+    assert code == 0
+    assert out.startswith(f"{job_id} chat/normal permanent_error invalid_request attempts=1 at=")
+    code, out, _ = await laneway("dlq", "show", job_id, env=env)
+    assert (
+        code == 0
+        and "  attempt 1 mock/mock-chat " in out
+        and "invalid_request: mock: simulated HTTP 400" in out
+    )
+    code, _, err = await laneway("dlq", "redrive", env=env)
+    assert code == 2 and "filter: empty" in err
+    code, out, _ = await laneway("dlq", "redrive", job_id, "--to-lane", "high", env=env)
+    old, arrow, new = out.split()
+    assert (code, old, arrow) == (0, job_id, "->") and new != job_id
+    # The redriven job is a new job (it carries the same failure script, so it may
+    # be dead-lettered again under its new id); the old dead letter is gone.
+    code, out, _ = await laneway("dlq", "list", env=env)
+    assert code == 0 and job_id not in out
