@@ -330,3 +330,31 @@ async def test_sigterm_hands_back_unfinished_jobs_without_spending_attempts(
             await child.wait()
     assert events[-1].state == S.JOB_STATE_SUCCEEDED
     assert [e.attempt for e in events if e.state == RUNNING] == [1, 1]
+
+
+async def test_redelivered_finished_job_is_not_run_again(broker, client, nats_server, tmp_path) -> None:
+    # A worker that crashed after the final event but before its ack leaves the job
+    # to be delivered again: the next worker must ack it without a provider call.
+    from broker.model import QueuedJob, utcnow
+    from broker.wire import encode_queued_job, spec_from_pb
+
+    log = tmp_path / "calls.jsonl"
+    config = make_config(f"providers: {{mock: {{type: mock, call_log: '{log}'}}, slow: {{type: mock}}}}")
+    async with WorkerPool(config, nats_url=nats_server.url):
+        spec = laneway.job("chat", laneway.chat("only once"))
+        job_id = (await client.submit_spec(spec)).job_id
+        final = await client.wait(job_id)
+        again = QueuedJob(job_id, spec_from_pb(spec, field="job", default_lane="normal"), utcnow())
+        nc = await nats.connect(nats_server.url)
+        try:
+            await nc.jetstream().publish(t.job_subject("chat", "normal"), encode_queued_job(again))
+        finally:
+            await nc.close()
+
+        async def drained() -> bool:
+            return await _jobs_in_queue(nats_server.url) == 0
+
+        await eventually(drained)
+    assert [c["job_id"] for c in _calls(log)] == [job_id]
+    replay = await _events(client, job_id)
+    assert replay[-1] == final and len(replay) == final.seq
