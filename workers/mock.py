@@ -22,6 +22,7 @@ import json
 import random
 import struct
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 
 from broker.config import MockProviderConfig
 from broker.model import (
@@ -145,6 +146,17 @@ class MockProvider:
             text = " ".join(text.split()[:limit])
             finish = "length"
         return ChatOutput(text=text, finish_reason=finish, usage=TokenUsage(_tokens(prompt), _tokens(text)))
+
+    async def chat_stream(
+        self, model: str, request: ChatInput, ctx: CallContext
+    ) -> AsyncIterator[str | ChatOutput]:
+        # The whole answer is decided (and any scripted failure raised) first, then
+        # it is sent word by word, like a provider's token stream.
+        output = await self.chat(model, request, ctx)
+        words = output.text.split(" ")
+        for i, word in enumerate(words):
+            yield word if i == 0 else " " + word
+        yield output
 
     async def embed(self, model: str, request: EmbeddingInput, ctx: CallContext) -> EmbeddingOutput:
         await self._simulate(ctx, model, " | ".join(request.texts))

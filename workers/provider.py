@@ -1,16 +1,23 @@
 """The provider seam: what a worker pool calls, and how provider types are found.
 
 A provider type is one class implementing ``Provider``; it is registered here by
-its config ``type`` (third parties will use the ``laneway.providers`` entry
-point group). Providers raise ``ProviderError`` carrying a classified
-``JobError``; retrying is the worker's job, never the provider's.
+its config ``type`` (built-in types register on import; third parties through
+the ``laneway.providers`` entry point group, whose entry points name a factory
+``(name, config) -> Provider``). Providers raise ``ProviderError`` carrying a
+classified ``JobError`` (use ``workers.classify``); retrying is the worker's job,
+never the provider's, so SDK or HTTP-client retries must be off.
+
+After every HTTP answer (success or not) a provider reports a ``ResponseInfo``
+through ``CallContext.observe``: latency, token usage and the provider's
+rate-limit headers, which the fleet-wide limiter feeds on.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib.metadata import entry_points
 from typing import Any, Protocol, runtime_checkable
 
 from broker.model import (
@@ -23,13 +30,17 @@ from broker.model import (
     JobError,
     JobInput,
     JobResult,
+    TokenUsage,
 )
 from laneway.errors import ConfigError, LanewayError
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "CallContext",
     "Provider",
     "ProviderError",
+    "RateLimits",
+    "ResponseInfo",
     "build_provider",
     "call_provider",
     "register_provider_type",
@@ -46,14 +57,55 @@ class ProviderError(LanewayError):
         self.retry_after_s = retry_after_s
 
 
+ENTRY_POINT_GROUP = "laneway.providers"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """A provider's rate-limit headers as sent (None: header absent).
+
+    OpenAI: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}``; Anthropic:
+    ``anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}``.
+    Reset values are seconds from now (OpenAI's "6m0s" durations and Anthropic's
+    RFC 3339 instants are converted).
+    """
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_s: float | None = None
+    limit_tokens: int | None = None
+    remaining_tokens: int | None = None
+    reset_tokens_s: float | None = None
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseInfo:
+    """What one HTTP answer taught us about the provider."""
+
+    provider: str
+    model: str
+    status: int
+    latency_s: float
+    rate_limits: RateLimits = RateLimits()
+    usage: TokenUsage | None = None
+    error: JobError | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class CallContext:
-    """Which job a provider call is for: request ids, timeouts and test directives."""
+    """Which job a provider call is for: request ids, timeouts, test directives,
+    and where to report what each answer said."""
 
     job_id: str
     attempt: int
     metadata: Mapping[str, str] = field(default_factory=dict)
     deadline: datetime | None = None
+    observe: Callable[[ResponseInfo], None] | None = None
+
+    def report(self, info: ResponseInfo) -> None:
+        if self.observe is not None:
+            self.observe(info)
 
 
 @runtime_checkable
@@ -63,6 +115,13 @@ class Provider(Protocol):
     name: str
 
     async def chat(self, model: str, request: ChatInput, ctx: CallContext) -> ChatOutput: ...
+
+    def chat_stream(
+        self, model: str, request: ChatInput, ctx: CallContext
+    ) -> AsyncIterator[str | ChatOutput]:
+        """Text deltas as they arrive, then exactly one ChatOutput (the whole text,
+        finish reason, usage). A stream that stalls or ends early raises ProviderError."""
+        ...
 
     async def embed(self, model: str, request: EmbeddingInput, ctx: CallContext) -> EmbeddingOutput: ...
 
@@ -90,10 +149,18 @@ def register_provider_type(type_name: str, factory: ProviderFactory) -> None:
     _TYPES[type_name] = factory
 
 
+def _load_types() -> None:
+    from workers import mock  # noqa: F401  (registers the built-in types)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name not in _TYPES:
+            _TYPES[ep.name] = ep.load()
+
+
 def build_provider(name: str, config: Any) -> Provider:
     """Build the provider ``name`` from its config block (dispatching on ``config.type``)."""
     if not _TYPES:
-        from workers import mock  # noqa: F401  (registers the built-in types)
+        _load_types()
     factory = _TYPES.get(config.type)
     if factory is None:
         raise ConfigError(
