@@ -57,12 +57,14 @@ def dead_letter_reason(error: JobError) -> str:
 
 
 def attempts_from_history(events: Sequence[JobEvent]) -> tuple[AttemptRecord, ...]:
-    """Each RUNNING event opens an attempt; the event after it closes it."""
+    """Each RUNNING event opens an attempt; the next event that is not one of its
+    streamed deltas closes it."""
     out: list[AttemptRecord] = []
-    for i, event in enumerate(events):
+    steps = [e for e in events if e.delta is None]
+    for i, event in enumerate(steps):
         if event.state is not JobState.RUNNING:
             continue
-        after = events[i + 1] if i + 1 < len(events) else None
+        after = steps[i + 1] if i + 1 < len(steps) else None
         out.append(
             AttemptRecord(
                 attempt=event.attempt,

@@ -202,12 +202,16 @@ class JobEvent:
     metadata: Mapping[str, str] = field(default_factory=dict)
     not_before: datetime | None = None
     superseded_by: str = ""
+    # Streaming chat jobs: a RUNNING event's text piece, and the reset flag of a
+    # RETRYING event (the failed attempt's deltas are void).
+    delta: str | None = None
+    reset: bool = False
 
     def next(self, state: JobState, **changes: object) -> JobEvent:
         """The following event: seq + 1, stamped now, payload cleared unless given."""
         now = utcnow()
         base: dict[str, object] = {"seq": self.seq + 1, "state": state, "time": now}
-        base.update(result=None, error=None)
+        base.update(result=None, error=None, delta=None, reset=False)
         if state.is_final:
             base["finished_at"] = now
         base.update(changes)

@@ -44,6 +44,7 @@ class MaxDeliverySweeper:
         self._events = events
         self._store = store
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def __aenter__(self) -> MaxDeliverySweeper:
@@ -55,10 +56,13 @@ class MaxDeliverySweeper:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # nats-py's fetch may turn our cancellation into a TimeoutError (wait_for on
+            # 3.11); the loop then sees _stopping and ends anyway.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await task
         sub, self._sub = self._sub, None
         if sub is not None:
@@ -67,10 +71,10 @@ class MaxDeliverySweeper:
 
     async def _run(self) -> None:
         assert self._sub is not None
-        while True:
+        while not self._stopping:
             try:
                 msgs = await self._sub.fetch(16, timeout=5.0)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue
             except nats.errors.Error as err:
                 log.warning("advisory pull failed; retrying", error=str(err))

@@ -328,10 +328,13 @@ def event_to_pb(e: JobEvent) -> job_pb2.JobEvent:
     _ts(e.finished_at, pb.finished_at)
     _ts(e.not_before, pb.not_before)
     pb.superseded_by = e.superseded_by
+    pb.reset = e.reset
     if e.result is not None:
         _result_to_pb(e.result, pb.result)
     elif e.error is not None:
         error_to_pb(e.error, pb.error)
+    elif e.delta is not None:
+        pb.delta.text = e.delta
     return pb
 
 
@@ -372,6 +375,8 @@ def event_from_pb(pb: job_pb2.JobEvent) -> JobEvent:
         metadata=dict(pb.metadata),
         not_before=_dt(pb.not_before) if pb.HasField("not_before") else None,
         superseded_by=pb.superseded_by,
+        delta=pb.delta.text if pb.HasField("delta") else None,
+        reset=pb.reset,
     )
 
 

@@ -72,6 +72,11 @@ def _script(directive: str) -> list[int | None]:
     return steps
 
 
+def _last_user(request: ChatInput) -> str:
+    user = [m.content for m in request.messages if m.role == "user"]
+    return user[-1] if user else request.messages[-1].content
+
+
 class MockProvider:
     def __init__(self, name: str, config: MockProviderConfig, *, seed: int | None = None) -> None:
         self.name = name
@@ -135,9 +140,11 @@ class MockProvider:
         )
 
     async def chat(self, model: str, request: ChatInput, ctx: CallContext) -> ChatOutput:
-        user = [m.content for m in request.messages if m.role == "user"]
-        last_user = user[-1] if user else request.messages[-1].content
-        await self._simulate(ctx, model, last_user)
+        await self._simulate(ctx, model, _last_user(request))
+        return self._answer(request)
+
+    def _answer(self, request: ChatInput) -> ChatOutput:
+        last_user = _last_user(request)
         prompt = " ".join(m.content for m in request.messages)
         text = last_user if self.config.output == "echo" else self.config.output
         finish = "stop"
@@ -150,12 +157,21 @@ class MockProvider:
     async def chat_stream(
         self, model: str, request: ChatInput, ctx: CallContext
     ) -> AsyncIterator[str | ChatOutput]:
-        # The whole answer is decided (and any scripted failure raised) first, then
-        # it is sent word by word, like a provider's token stream.
-        output = await self.chat(model, request, ctx)
+        # Sent word by word, like a provider's token stream. A simulated failure
+        # strikes mid-stream, after the first half of the words, which is what
+        # makes callers see a reset before the retry's text.
+        failure: ProviderError | None = None
+        try:
+            await self._simulate(ctx, model, _last_user(request))
+        except ProviderError as err:
+            failure = err
+        output = self._answer(request)
         words = output.text.split(" ")
-        for i, word in enumerate(words):
+        sent = len(words) // 2 if failure is not None else len(words)
+        for i, word in enumerate(words[:sent]):
             yield word if i == 0 else " " + word
+        if failure is not None:
+            raise failure
         yield output
 
     async def embed(self, model: str, request: EmbeddingInput, ctx: CallContext) -> EmbeddingOutput:

@@ -22,12 +22,13 @@ from nats.aio.msg import Msg
 from broker import topology as t
 from broker.deadletters import DeadLetterStore
 from broker.events import EventConflict, EventLog, first_event
-from broker.model import ErrorClass, JobError, JobEvent, JobState, QueuedJob, utcnow
+from broker.model import ChatInput, ErrorClass, JobError, JobEvent, JobResult, JobState, QueuedJob, utcnow
 from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
 from workers.classify import classify_exception
 from workers.provider import CallContext, Provider, ProviderError, call_provider
 from workers.retry import HANDED_BACK, WORKER_LOST, RetryPolicy, decide, next_attempt
+from workers.streaming import DeltaWriter
 
 __all__ = ["JobRunner", "Target"]
 
@@ -133,7 +134,7 @@ class JobRunner:
             if not decision.retry:
                 await self._dead_letter(msg, job, prev, seq, lost, bound)
                 return
-            prev = prev.next(JobState.RETRYING, error=lost)
+            prev = prev.next(JobState.RETRYING, error=lost, reset=_streams(job))
             seq = await self._append(prev, seq)
         deadline = job.spec.deadline
         if deadline is not None and deadline <= now:
@@ -156,19 +157,10 @@ class JobRunner:
         ctx = CallContext(job.job_id, running.attempt, job.spec.metadata, deadline)
         try:
             async with self._lease(msg, job.job_id):
-                try:
-                    result = await call_provider(target.provider, target.model, job.spec.input, ctx)
-                except (ProviderError, asyncio.CancelledError):
-                    raise
-                except Exception as exc:
-                    # An adapter bug or an unexpected library error: classified, never fatal.
-                    raise classify_exception(exc, provider=target.provider.name) from exc
-        except ProviderError as err:
-            await self._failed(msg, job, running, seq, err, bound)
-            return
+                outcome, running, seq = await self._call(target, job, running, seq, ctx)
         except asyncio.CancelledError:
             if self.closing:
-                await self._hand_back(running, seq)
+                await self._hand_back(job, running, seq)
                 raise
             # CancelJob stored CANCELLED already; our log view is stale. The cancel was
             # ours to consume, so the task carries on (to ack) as if never cancelled.
@@ -176,8 +168,55 @@ class JobRunner:
             if task is not None:
                 task.uncancel()
             raise _Lost from None
-        await self._append(running.next(JobState.SUCCEEDED, result=result), seq)
+        if isinstance(outcome, ProviderError):
+            await self._failed(msg, job, running, seq, outcome, bound)
+            return
+        await self._append(running.next(JobState.SUCCEEDED, result=outcome), seq)
         await msg.ack()
+
+    async def _call(
+        self, target: Target, job: QueuedJob, running: JobEvent, seq: int, ctx: CallContext
+    ) -> tuple[JobResult | ProviderError, JobEvent, int]:
+        """Call the provider: the result or its classified error, and the log's new tail
+        (a streaming call appends its deltas as it goes)."""
+        provider, request = target.provider, job.spec.input
+        if not (isinstance(request, ChatInput) and request.stream):
+            try:
+                return await call_provider(provider, target.model, request, ctx), running, seq
+            except ProviderError as err:
+                return err, running, seq
+            except (asyncio.CancelledError, _Lost):
+                raise
+            except Exception as exc:
+                # An adapter bug or an unexpected library error: classified, never fatal.
+                return classify_exception(exc, provider=provider.name), running, seq
+        writer = DeltaWriter(self._events, running, seq)
+        outcome: JobResult | ProviderError | None = None
+        try:
+            async for piece in provider.chat_stream(target.model, request, ctx):
+                if isinstance(piece, str):
+                    writer.add(piece)
+                else:
+                    outcome = piece
+            if outcome is None:
+                raise ProviderError(
+                    JobError("truncated_stream", f"{provider.name}: stream ended without a result")
+                )
+        except ProviderError as err:
+            outcome = err
+        except EventConflict as err:
+            await writer.aclose()
+            raise _Lost from err
+        except asyncio.CancelledError:
+            await writer.aclose()
+            raise
+        except Exception as exc:
+            outcome = classify_exception(exc, provider=provider.name)
+        try:
+            last, seq = await writer.finish()
+        except EventConflict as err:
+            raise _Lost from err
+        return outcome, last, seq
 
     async def _failed(
         self, msg: Msg, job: QueuedJob, running: JobEvent, seq: int, err: ProviderError, bound: Logger
@@ -197,7 +236,7 @@ class JobRunner:
             await self._append(running.next(JobState.EXPIRED, error=expired), seq)
             await msg.ack()
             return
-        await self._append(running.next(JobState.RETRYING, error=error), seq)
+        await self._append(running.next(JobState.RETRYING, error=error, reset=_streams(job)), seq)
         bound.info(
             "attempt failed; retrying",
             attempt=running.attempt,
@@ -216,11 +255,11 @@ class JobRunner:
         bound.info("job dead-lettered", attempt=prev.attempt, code=error.code)
         await self._finished(msg, job, final)
 
-    async def _hand_back(self, running: JobEvent, seq: int) -> None:
+    async def _hand_back(self, job: QueuedJob, running: JobEvent, seq: int) -> None:
         """Record that a stopping worker gave the job back, so the attempt is not charged."""
         back = JobError(HANDED_BACK, "the worker stopped before the call finished", ErrorClass.TRANSIENT)
         with contextlib.suppress(_Lost, Unavailable):
-            await self._append(running.next(JobState.RETRYING, error=back), seq)
+            await self._append(running.next(JobState.RETRYING, error=back, reset=_streams(job)), seq)
 
     @contextlib.asynccontextmanager
     async def _lease(self, msg: Msg, job_id: str) -> AsyncIterator[None]:
@@ -241,3 +280,8 @@ class JobRunner:
         while True:
             await asyncio.sleep(self._heartbeat_s)  # lease renewal period, not synchronisation
             await msg.in_progress()
+
+
+def _streams(job: QueuedJob) -> bool:
+    """Whether the job streams deltas, so a retry must tell callers to drop them."""
+    return isinstance(job.spec.input, ChatInput) and job.spec.input.stream

@@ -654,9 +654,11 @@ class JobEvent(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DELTA_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     seq: _builtins.int
     """Per-job sequence number: 1 for the first event, +1 for each later one."""
@@ -670,6 +672,10 @@ class JobEvent(_message.Message):
     lane: Global___Lane.ValueType
     superseded_by: _builtins.str
     """SUPERSEDED only: the job (same debounce key) that replaced this one."""
+    reset: _builtins.bool
+    """Streaming jobs, on RETRYING events: every delta received so far belongs to
+    a failed attempt; discard the text you have before the next attempt's deltas.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When this event was emitted."""
@@ -692,6 +698,12 @@ class JobEvent(_message.Message):
     def error(self) -> Global___JobError:
         """The error of a failed attempt (RETRYING) or of the job (FAILED, EXPIRED,
         CANCELLED, DEAD_LETTERED).
+        """
+
+    @_builtins.property
+    def delta(self) -> Global___TextDelta:
+        """RUNNING only, for chat jobs with stream = true: the next piece of the
+        attempt's text. Concatenated in seq order they give the attempt's output.
         """
 
     @_builtins.property
@@ -719,16 +731,37 @@ class JobEvent(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         result: Global___JobResult | None = ...,
         error: Global___JobError | None = ...,
+        delta: Global___TextDelta | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         not_before: _timestamp_pb2.Timestamp | None = ...,
         superseded_by: _builtins.str = ...,
+        reset: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "not_before", b"not_before", "payload", b"payload", "result", b"result", "started_at", b"started_at", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "not_before", b"not_before", "payload", b"payload", "result", b"result", "started_at", b"started_at", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "lane", b"lane", "metadata", b"metadata", "model", b"model", "not_before", b"not_before", "payload", b"payload", "provider", b"provider", "result", b"result", "route", b"route", "seq", b"seq", "started_at", b"started_at", "state", b"state", "superseded_by", b"superseded_by", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delta", b"delta", "enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "lane", b"lane", "metadata", b"metadata", "model", b"model", "not_before", b"not_before", "payload", b"payload", "provider", b"provider", "reset", b"reset", "result", b"result", "route", b"route", "seq", b"seq", "started_at", b"started_at", "state", b"state", "superseded_by", b"superseded_by", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["result", "error", "delta"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___JobEvent: _TypeAlias = JobEvent  # noqa: Y015
+
+@_typing.final
+class TextDelta(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TextDelta: _TypeAlias = TextDelta  # noqa: Y015
