@@ -45,6 +45,7 @@ from laneway.errors import ConfigError
 __all__ = [
     "LANES",
     "NAME_PATTERN",
+    "BatchConfig",
     "BrokerConfig",
     "ConfigProblem",
     "ConfigValidationError",
@@ -245,6 +246,16 @@ class RouteTarget(_Model):
     """Relative share of traffic among the route's targets."""
 
 
+class BatchConfig(_Model):
+    """Gathering embedding jobs of one route into one provider call."""
+
+    max_items: Annotated[int, Field(ge=1, le=2048)] = 32
+    """Most input texts per provider call; 1 turns batching off."""
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 2.0
+    """Longest, in milliseconds, a job waits for others to share its call (a full
+    batch goes at once)."""
+
+
 class RouteConfig(_Model):
     """A name clients submit jobs to, mapped to provider/model targets."""
 
@@ -256,6 +267,8 @@ class RouteConfig(_Model):
     """First retry delay on this route; unset uses ``workers.retry_backoff_s``."""
     retry_backoff_max_s: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
     """Retry delay cap on this route; unset uses ``workers.retry_backoff_max_s``."""
+    batch: BatchConfig | None = None
+    """Batching of this route's embedding jobs; unset uses the top-level ``batch``."""
 
 
 class LanewayConfig(_Model):
@@ -273,6 +286,8 @@ class LanewayConfig(_Model):
     """Worker retries and shutdown."""
     dlq: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
     """Dead-letter retention and redrive pace."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Default batching of embedding jobs (routes may override it)."""
     providers: Annotated[dict[Name, ProviderConfig], Field(min_length=1)]
     """Provider instances by name (1-64 of A-Z a-z 0-9 _ -); each runs its own worker pool."""
     routes: Annotated[dict[Name, RouteConfig], Field(min_length=1)]

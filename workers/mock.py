@@ -94,7 +94,14 @@ class MockProvider:
 
     def _log_call(self, ctx: CallContext, model: str, summary: str) -> None:
         if self.config.call_log:
-            line = {"provider": self.name, "model": model, "job_id": ctx.job_id, "attempt": ctx.attempt}
+            line: dict[str, object] = {
+                "provider": self.name,
+                "model": model,
+                "job_id": ctx.job_id,
+                "attempt": ctx.attempt,
+            }
+            if ctx.job_ids:
+                line["job_ids"] = list(ctx.job_ids)
             with open(self.config.call_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**line, "input": summary}) + "\n")
 

@@ -22,6 +22,7 @@ from broker.deadletters import DeadLetterStore
 from broker.events import EventLog
 from broker.model import LANES
 from laneway.errors import ConfigError
+from workers.batching import EmbeddingBatcher
 from workers.provider import Provider, build_provider
 from workers.puller import LanePuller
 from workers.retry import RetryPolicy
@@ -62,6 +63,7 @@ class WorkerPool:
         self._pullers: list[LanePuller] = []
         self._runner: JobRunner | None = None
         self._events: EventLog | None = None
+        self._batchers: dict[tuple[str, str, int, float], EmbeddingBatcher] = {}
 
     async def __aenter__(self) -> WorkerPool:
         try:
@@ -97,9 +99,17 @@ class WorkerPool:
             self._providers.append(provider)
             routes = [r for r in cfg.routes if cfg.route_primary(r).provider == name]
             for route in routes:
-                targets[route] = Target(
-                    provider, cfg.route_primary(route).model, RetryPolicy.for_route(cfg, route)
-                )
+                model = cfg.route_primary(route).model
+                batch = cfg.routes[route].batch or cfg.batch
+                batcher = None
+                if batch.max_items > 1:
+                    key = (name, model, batch.max_items, batch.max_wait_ms)
+                    if key not in self._batchers:
+                        self._batchers[key] = EmbeddingBatcher(
+                            provider, model, max_items=batch.max_items, max_wait_s=batch.max_wait_ms / 1000
+                        )
+                    batcher = self._batchers[key]
+                targets[route] = Target(provider, model, RetryPolicy.for_route(cfg, route), batcher)
             # Lane-major order: every route's high lane before any normal lane.
             lanes_by_provider[name] = [t.LaneConsumer(r, lane) for lane in LANES for r in routes]
         self._events = await EventLog(self._nc).__aenter__()
@@ -139,6 +149,9 @@ class WorkerPool:
         for puller in self._pullers:
             await puller.drain(self.config.workers.shutdown_grace_s)
         self._pullers.clear()
+        for batcher in self._batchers.values():
+            await batcher.aclose()
+        self._batchers.clear()
         for provider in self._providers:
             await provider.aclose()
         self._providers.clear()

@@ -102,6 +102,8 @@ class CallContext:
     metadata: Mapping[str, str] = field(default_factory=dict)
     deadline: datetime | None = None
     observe: Callable[[ResponseInfo], None] | None = None
+    job_ids: tuple[str, ...] = ()
+    """Every job sharing a batched call (empty for a single job's call)."""
 
     def report(self, info: ResponseInfo) -> None:
         if self.observe is not None:

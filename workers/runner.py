@@ -22,9 +22,20 @@ from nats.aio.msg import Msg
 from broker import topology as t
 from broker.deadletters import DeadLetterStore
 from broker.events import EventConflict, EventLog, first_event
-from broker.model import ChatInput, ErrorClass, JobError, JobEvent, JobResult, JobState, QueuedJob, utcnow
+from broker.model import (
+    ChatInput,
+    EmbeddingInput,
+    ErrorClass,
+    JobError,
+    JobEvent,
+    JobResult,
+    JobState,
+    QueuedJob,
+    utcnow,
+)
 from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
+from workers.batching import EmbeddingBatcher
 from workers.classify import classify_exception
 from workers.provider import CallContext, Provider, ProviderError, call_provider
 from workers.retry import HANDED_BACK, WORKER_LOST, RetryPolicy, decide, next_attempt
@@ -43,6 +54,8 @@ class Target:
     provider: Provider
     model: str
     retry: RetryPolicy
+    embed_batcher: EmbeddingBatcher | None = None
+    """Shares provider calls between this route's embedding jobs, when batching is on."""
 
 
 class _Lost(Exception):
@@ -182,6 +195,8 @@ class JobRunner:
         provider, request = target.provider, job.spec.input
         if not (isinstance(request, ChatInput) and request.stream):
             try:
+                if isinstance(request, EmbeddingInput) and target.embed_batcher is not None:
+                    return await target.embed_batcher.embed(request, ctx), running, seq
                 return await call_provider(provider, target.model, request, ctx), running, seq
             except ProviderError as err:
                 return err, running, seq
