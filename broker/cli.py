@@ -169,6 +169,10 @@ def _event_line(event: job_pb2.JobEvent) -> str:
         parts.append(f"provider={event.provider}")
     if event.HasField("error"):
         parts.append(f"error={event.error.code}: {event.error.message}")
+    if event.reset:
+        parts.append("reset")
+    if event.HasField("delta"):
+        parts.append(f"delta={event.delta.text!r}")
     kind = event.result.WhichOneof("output") if event.HasField("result") else None
     if kind == "chat":
         parts.append(f"text={event.result.chat.text!r}")
