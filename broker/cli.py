@@ -215,6 +215,7 @@ def submit(
     metadata: Annotated[
         list[str] | None, typer.Option("--meta", help="Metadata KEY=VALUE (repeatable).")
     ] = None,
+    stream: Annotated[bool, typer.Option("--stream", help="Chat: send text deltas as they come.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Stream events until the final one.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
     addr: AddrOpt = DEFAULT_ADDR,
@@ -223,7 +224,7 @@ def submit(
     if priority not in _LANES:
         raise typer.BadParameter(f"--priority must be high, normal or low, not {priority!r}")
     if kind == "chat":
-        job_input: laneway.JobInput = laneway.chat(" ".join(text))
+        job_input: laneway.JobInput = laneway.chat(" ".join(text), stream=stream)
     elif kind == "embedding":
         job_input = laneway.embedding(text)
     elif kind == "classification":
