@@ -40,6 +40,7 @@ from broker.config_errors import (
     suggest,
 )
 from broker.model import LANES, NAME_PATTERN
+from broker.provider_config import AnthropicProviderConfig, OpenAIProviderConfig
 from laneway.errors import ConfigError
 
 __all__ = [
@@ -231,8 +232,10 @@ class MockProviderConfig(_Model):
         return self
 
 
-# A discriminated union on `type` with one member for now; add models with `|`.
-ProviderConfig = Annotated[MockProviderConfig, Field(discriminator="type")]
+# A discriminated union on `type`: add a provider type's config model with `|`.
+ProviderConfig = Annotated[
+    MockProviderConfig | OpenAIProviderConfig | AnthropicProviderConfig, Field(discriminator="type")
+]
 
 
 class RouteTarget(_Model):

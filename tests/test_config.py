@@ -174,7 +174,7 @@ def test_unknown_provider_type_lists_known_types() -> None:
     text = MINIMAL.replace("type: mock", "type: mokc")
     problem = only_problem(text)
     assert (problem.line, problem.key, problem.suggestion) == (3, "providers.mock.type", "mock")
-    assert problem.message == "unknown type 'mokc'; known: 'mock'"
+    assert problem.message == "unknown type 'mokc'; known: 'mock', 'openai', 'anthropic'"
 
 
 def test_missing_provider_type() -> None:

@@ -145,6 +145,7 @@ async def call_provider(provider: Provider, model: str, job_input: JobInput, ctx
 
 ProviderFactory = Callable[[str, Any], Provider]
 _TYPES: dict[str, ProviderFactory] = {}
+_loaded = False
 
 
 def register_provider_type(type_name: str, factory: ProviderFactory) -> None:
@@ -152,17 +153,23 @@ def register_provider_type(type_name: str, factory: ProviderFactory) -> None:
 
 
 def _load_types() -> None:
-    from workers import mock  # noqa: F401  (registers the built-in types)
+    """Register the built-in types (on import) and third-party entry points, once."""
+    global _loaded
+    if _loaded:
+        return
+    # Importing them registers them.
+    import workers.mock
+    import workers.providers  # noqa: F401
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name not in _TYPES:
             _TYPES[ep.name] = ep.load()
+    _loaded = True
 
 
 def build_provider(name: str, config: Any) -> Provider:
     """Build the provider ``name`` from its config block (dispatching on ``config.type``)."""
-    if not _TYPES:
-        _load_types()
+    _load_types()
     factory = _TYPES.get(config.type)
     if factory is None:
         raise ConfigError(
