@@ -23,6 +23,7 @@ import typer
 import laneway
 from broker.cli_common import DEFAULT_ADDR, AddrOpt, client_call, echo_json
 from broker.cli_dlq import dlq_app
+from broker.cli_fake import fake_provider
 from broker.config import LanewayConfig, config_json_schema, default_config, load_config
 from broker.logs import configure_logging
 from laneway.errors import LanewayError
@@ -34,6 +35,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Laneway: a g
 config_app = typer.Typer(no_args_is_help=True, help="Check and describe config files.")
 app.add_typer(config_app, name="config")
 app.add_typer(dlq_app, name="dlq")
+app.command("fake-provider")(fake_provider)
 
 DEFAULT_CONFIG = "laneway.example.yaml"
 
