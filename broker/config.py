@@ -51,6 +51,7 @@ __all__ = [
     "ConfigProblem",
     "ConfigValidationError",
     "DeadLetterConfig",
+    "FakeProviderProcessConfig",
     "Lane",
     "LanesConfig",
     "LanewayConfig",
@@ -274,6 +275,26 @@ class RouteConfig(_Model):
     """Batching of this route's embedding jobs; unset uses the top-level ``batch``."""
 
 
+class FakeProviderProcessConfig(_Model):
+    """Development: an OpenAI-compatible fake provider that ``laneway up`` runs too, so
+    ``openai``-type providers work offline (point their ``base_url`` at it)."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 18089
+    """Loopback port it listens on."""
+    rpm: Annotated[int, Field(ge=0)] = 0
+    """Requests per minute before it answers 429 (0: unlimited)."""
+    tpm: Annotated[int, Field(ge=0)] = 0
+    """Tokens per minute before it answers 429 (0: unlimited)."""
+    latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Mean latency per call, in milliseconds."""
+    latency_jitter_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Uniform +/- jitter on the latency, in milliseconds."""
+    token_delay_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Delay per streamed token, in milliseconds."""
+    error_rates: dict[Annotated[int, Field(ge=400, le=599)], Annotated[float, Field(ge=0, le=1)]] = {}
+    """Share of calls answered with each HTTP error status, e.g. ``{503: 0.01}``."""
+
+
 class LanewayConfig(_Model):
     """The whole Laneway configuration file."""
 
@@ -291,6 +312,9 @@ class LanewayConfig(_Model):
     """Dead-letter retention and redrive pace."""
     batch: BatchConfig = Field(default_factory=BatchConfig)
     """Default batching of embedding jobs (routes may override it)."""
+    fake_provider: FakeProviderProcessConfig | None = None
+    """Development only: ``laneway up`` also starts ``laneway fake-provider`` with these
+    settings. Unset: it does not."""
     providers: Annotated[dict[Name, ProviderConfig], Field(min_length=1)]
     """Provider instances by name (1-64 of A-Z a-z 0-9 _ -); each runs its own worker pool."""
     routes: Annotated[dict[Name, RouteConfig], Field(min_length=1)]

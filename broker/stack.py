@@ -82,6 +82,8 @@ async def run_stack(
         common = ["--nats-url", nats_url, *(["--config", str(config_path)] if config_path else [])]
         children: list[asyncio.subprocess.Process] = []
         stack.push_async_callback(_stop_children, children, config.workers.shutdown_grace_s + 5)
+        if config.fake_provider is not None:
+            children.append(await _start_fake_provider(base, config))
         broker_proc = await asyncio.create_subprocess_exec(*base, "broker", *common, "--grpc-addr", grpc_addr)
         children.append(broker_proc)
         for _ in range(workers):
@@ -95,6 +97,36 @@ async def run_stack(
             flush=True,
         )
         await _until_stop(children)
+
+
+async def _start_fake_provider(base: list[str], config: LanewayConfig) -> asyncio.subprocess.Process:
+    """``laneway fake-provider`` for the config's openai-type providers, ready to answer."""
+    fake = config.fake_provider
+    assert fake is not None
+    args = [
+        "fake-provider", "--port", str(fake.port), "--rpm", str(fake.rpm), "--tpm", str(fake.tpm),
+        "--latency-ms", str(fake.latency_ms), "--latency-jitter-ms", str(fake.latency_jitter_ms),
+        "--token-delay-ms", str(fake.token_delay_ms),
+        *(a for status, rate in fake.error_rates.items() for a in ("--error-rate", f"{status}={rate}")),
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(*base, *args, stdout=asyncio.subprocess.DEVNULL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30.0
+    while loop.time() < deadline:
+        if proc.returncode is not None:
+            raise TopologyError(
+                f"fake-provider exited with status {proc.returncode} (port {fake.port} in use?)"
+            )
+        with contextlib.suppress(OSError):
+            _reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+            writer.close()
+            await writer.wait_closed()
+            log.info("fake provider started", base_url=f"http://127.0.0.1:{fake.port}/v1")
+            return proc
+        await asyncio.sleep(0.1)  # poll with a deadline
+    proc.kill()
+    await proc.wait()
+    raise TopologyError(f"fake-provider did not listen on port {fake.port} within 30s")
 
 
 async def _until_stop(children: list[asyncio.subprocess.Process]) -> None:

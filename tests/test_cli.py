@@ -50,7 +50,7 @@ async def test_readme_examples_run(worker, broker) -> None:
                 f"{job_id} seq=3 SUCCEEDED attempt=1 provider=mock text='hello'",
             ]
         else:
-            assert out.strip() == "laneway.example.yaml: ok (2 providers, 3 routes)"
+            assert out.strip() == "laneway.example.yaml: ok (3 providers, 4 routes)"
 
 
 async def test_submit_errors_exit_2_with_the_reason(broker) -> None:
@@ -76,7 +76,7 @@ async def _up(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) ->
     addr = f"127.0.0.1:{free_port()}"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker.cli", "up", "--grpc-addr", addr, "--data-dir", str(tmp_path / "data"),
-        *extra, cwd=ROOT, env={**os.environ, **(env or {})},
+        *extra, cwd=ROOT, env={**os.environ, "FAKE_PROVIDER_PORT": str(free_port()), **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -88,6 +88,13 @@ async def _up(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) ->
         )
         assert code == 0, err
         assert out.strip().endswith("SUCCEEDED attempt=1 provider=mock text='via up'")
+        # The example config's HTTP route: openai adapter -> the fake provider `up` started.
+        code, out, err = await laneway(
+            "submit", "--route", "chat-http", "--text", "over http", "--stream", "--wait", "--addr", addr
+        )
+        assert code == 0, err
+        assert "delta='over'" in out
+        assert out.strip().endswith("SUCCEEDED attempt=1 provider=fake-openai text='over http'")
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:

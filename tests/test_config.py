@@ -55,21 +55,24 @@ def only_problem(text: str, env: dict[str, str] | None = None) -> ConfigProblem:
 def test_example_file_loads() -> None:
     config = load_config(EXAMPLE, env={})
     assert config.nats.url == ""
-    assert set(config.providers) == {"mock", "mock-embed"}
+    assert set(config.providers) == {"mock", "mock-embed", "fake-openai"}
     assert config.providers["mock"].latency_ms == 30
     assert config.providers["mock"].latency_jitter_ms == 10
     assert config.providers["mock-embed"].latency_ms == 5
-    assert set(config.routes) == {"chat", "embed", "classify"}
+    assert set(config.routes) == {"chat", "embed", "classify", "chat-http"}
     assert config.route_primary("chat") == RouteTarget(provider="mock", model="mock-chat")
     assert config.route_primary("embed") == RouteTarget(provider="mock-embed", model="mock-embedding")
     assert config.route_primary("classify") == RouteTarget(provider="mock", model="mock-chat")
+    fake = config.providers["fake-openai"]
+    assert fake.type == "openai" and fake.base_url == "http://127.0.0.1:18089/v1"  # type: ignore[union-attr]
+    assert config.fake_provider is not None and config.fake_provider.port == 18089
 
 
 def test_example_file_shows_every_field() -> None:
     config = load_config(EXAMPLE, env={})
     explicit = config.model_fields_set
     assert explicit == set(LanewayConfig.model_fields)
-    for section in ("nats", "broker", "queue", "lanes", "workers", "dlq", "batch"):
+    for section in ("nats", "broker", "queue", "lanes", "workers", "dlq", "batch", "fake_provider"):
         model: BaseModel = getattr(config, section)
         assert model.model_fields_set == set(type(model).model_fields), section
     assert config.providers["mock"].model_fields_set == set(MockProviderConfig.model_fields)
