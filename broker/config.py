@@ -211,13 +211,17 @@ class MockProviderConfig(_Model):
     """Mean simulated latency per call, in milliseconds."""
     latency_jitter_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """Uniform +/- jitter added to ``latency_ms``, in milliseconds."""
-    failure_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
-    """Share of calls (0-1) that fail with a retryable 503, to exercise retries."""
-    rate_limit_rate: Annotated[float, Field(ge=0, le=1)] = 0.0
-    """Share of calls (0-1) answered 429, to exercise rate-limit waits (which spend no
-    attempt). ``failure_rate + rate_limit_rate`` must be at most 1."""
+    rpm: Annotated[int, Field(ge=0)] = 0
+    """Requests per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
+    tpm: Annotated[int, Field(ge=0)] = 0
+    """Tokens per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
+    error_rates: dict[Annotated[int, Field(ge=400, le=599)], Annotated[float, Field(ge=0, le=1)]] = {}
+    """Share of calls (0-1) answered with each HTTP error status, e.g. ``{503: 0.05, 429:
+    0.01}``, classified like a real provider's answers; the rates add up to at most 1."""
     retry_after_s: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
-    """Retry-After, in seconds, sent with simulated 429s and 503s; unset sends none."""
+    """Retry-After, in seconds, sent with injected errors; unset sends none."""
+    token_delay_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Delay before each streamed token of a ``stream`` chat job, in milliseconds."""
     call_log: str = ""
     """File to append one JSON line per call to (job id, attempt, input), to see exactly
     which calls a provider got; empty disables it."""
@@ -228,8 +232,8 @@ class MockProviderConfig(_Model):
 
     @model_validator(mode="after")
     def _check_rates(self) -> Self:
-        if self.failure_rate + self.rate_limit_rate > 1:
-            raise ValueError("failure_rate + rate_limit_rate must be at most 1")
+        if sum(self.error_rates.values()) > 1 + 1e-9:
+            raise ValueError(f"error_rates add up to {sum(self.error_rates.values()):g}, more than 1")
         return self
 
 

@@ -12,9 +12,9 @@ import laneway
 from broker.model import ChatInput, EmbeddingInput, EmbeddingOutput, ErrorClass, JobError, TokenUsage
 from laneway.v1 import job_pb2 as S
 from workers.batching import EmbeddingBatcher
-from workers.mock import _unit_vector
 from workers.pool import WorkerPool
 from workers.provider import CallContext, ProviderError
+from workers.simulation import unit_vector
 
 from .conftest import make_config
 
@@ -35,7 +35,7 @@ async def test_thousand_embedding_jobs_share_provider_calls(
     assert {e.state for e in finals.values()} == {S.JOB_STATE_SUCCEEDED}
     for i, job_id in enumerate(ids):
         got = finals[job_id].result.embedding.embeddings[0].values
-        assert got == pytest.approx(_unit_vector(f"text {i}", 8), rel=1e-6)
+        assert got == pytest.approx(unit_vector(f"text {i}", 8), rel=1e-6)
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert len(calls) == limit if max_items == 1 else len(calls) <= limit
     assert sum(len(c.get("job_ids") or [c["job_id"]]) for c in calls) == 1000

@@ -100,7 +100,7 @@ def test_defaults() -> None:
     assert config.workers.shutdown_grace_s == 10.0
     mock = config.providers["mock"]
     assert (mock.type, mock.concurrency, mock.output, mock.embedding_dim) == ("mock", 64, "echo", 8)
-    assert (mock.latency_ms, mock.latency_jitter_ms, mock.failure_rate) == (0.0, 0.0, 0.0)
+    assert (mock.latency_ms, mock.latency_jitter_ms, mock.error_rates, mock.rpm) == (0.0, 0.0, {}, 0)
     assert config.route_primary("chat") == RouteTarget(provider="mock", model="mock-chat", weight=1)
     assert parse_config(MINIMAL) == config
 
@@ -305,7 +305,7 @@ def test_all_problems_reported_together_sorted_by_line() -> None:
         providers:
           mock:
             type: mock
-            failure_rate: 2
+            rpm: -2
         broker:
           grpc_addr: "localhost:99999"
           max_payload_bytes: -1
@@ -316,7 +316,7 @@ def test_all_problems_reported_together_sorted_by_line() -> None:
     assert [(p.line, p.key) for p in problems] == [
         (4, "routes.chat.targets[0].provider"),
         (7, "queue.replicas"),
-        (11, "providers.mock.failure_rate"),
+        (11, "providers.mock.rpm"),
         (13, "broker.grpc_addr"),
         (14, "broker.max_payload_bytes"),
     ]

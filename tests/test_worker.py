@@ -45,7 +45,7 @@ async def test_high_lane_drained_before_low_under_saturation(broker, client, nat
 
 
 async def test_transient_failures_retry_then_dead_letter(broker, client, nats_server) -> None:
-    config = make_config("providers: {mock: {type: mock, failure_rate: 1.0}, slow: {type: mock}}")
+    config = make_config("providers: {mock: {type: mock, error_rates: {503: 1.0}}, slow: {type: mock}}")
     async with WorkerPool(config, nats_url=nats_server.url):
         job_id = (await client.submit("chat", laneway.chat("doomed"))).job_id
         events = [e async for e in client.stream_results(job_id)]

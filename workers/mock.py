@@ -1,15 +1,20 @@
-"""The built-in ``mock`` provider: offline, deterministic outputs, configurable
-latency and failure rates. It runs in-process, so the stack works without any
-network (an HTTP fake for the real adapters is a separate tool).
+"""The built-in ``mock`` provider: offline, deterministic outputs, and the failure
+modes of a real provider, simulated in-process (no network): latency, rpm/tpm
+limits answered with 429 + Retry-After and OpenAI-style rate-limit figures,
+injected HTTP errors by status code, token streaming with a per-token delay. It
+shares ``workers.simulation`` with ``laneway fake-provider``, which serves the same
+behaviour over HTTP for the real adapters.
 
 Failures go through ``workers.classify`` like a real provider's HTTP answers, so
-retries, rate-limit waits and dead letters behave as they would in production.
-A job can script its own failures with metadata directives (handy in demos and
-tests; counted per job in each worker process):
+retries, rate-limit waits and dead letters behave as they would in production,
+and every call reports a ``ResponseInfo`` like the HTTP adapters do. A job can
+script its own failures with metadata directives (handy in demos and tests;
+counted per job in each worker process):
 
 - ``mock.fail``: comma-separated HTTP statuses for successive calls, ``NxK``
   repeats N K times and ``Nx*`` forever, e.g. ``429x3,503`` (three 429s, one 503,
-  then success) or ``400`` (an invalid request);
+  then success) or ``400`` (an invalid request). In a streamed chat the failure
+  strikes mid-stream, after half the text was sent;
 - ``mock.retry_after``: the Retry-After value sent with those failures;
 - ``mock.latency_ms``: this job's latency instead of the configured one.
 """
@@ -17,10 +22,9 @@ tests; counted per job in each worker process):
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
-import struct
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
@@ -35,27 +39,19 @@ from broker.model import (
     TokenUsage,
 )
 from workers.classify import classify_status
-from workers.provider import CallContext, ProviderError, register_provider_type
+from workers.provider import CallContext, ProviderError, RateLimits, ResponseInfo, register_provider_type
+from workers.simulation import (
+    ErrorInjector,
+    LatencyModel,
+    RateLimiter,
+    RateSnapshot,
+    count_tokens,
+    split_stream_tokens,
+    truncate_tokens,
+    unit_vector,
+)
 
 __all__ = ["MockProvider"]
-
-
-def _tokens(text: str) -> int:
-    return max(1, len(text.split()))
-
-
-def _unit_vector(text: str, dim: int) -> tuple[float, ...]:
-    # Deterministic per text, so tests can compare results across runs and workers.
-    raw = b""
-    counter = 0
-    while len(raw) < dim * 4:
-        raw += hashlib.sha256(f"{counter}:{text}".encode()).digest()
-        counter += 1
-    ints = struct.unpack(f"<{dim}I", raw[: dim * 4])
-    values = [i / 2**31 - 1.0 for i in ints]
-    norm = sum(v * v for v in values) ** 0.5 or 1.0
-    return tuple(v / norm for v in values)
-
 
 _MAX_TRACKED_JOBS = 10_000
 
@@ -77,11 +73,26 @@ def _last_user(request: ChatInput) -> str:
     return user[-1] if user else request.messages[-1].content
 
 
+def _rate_limits(s: RateSnapshot, retry_after_s: float | None = None) -> RateLimits:
+    return RateLimits(
+        limit_requests=s.limit_requests,
+        remaining_requests=s.remaining_requests,
+        reset_requests_s=s.reset_requests_s,
+        limit_tokens=s.limit_tokens,
+        remaining_tokens=s.remaining_tokens,
+        reset_tokens_s=s.reset_tokens_s,
+        retry_after_s=retry_after_s,
+    )
+
+
 class MockProvider:
     def __init__(self, name: str, config: MockProviderConfig, *, seed: int | None = None) -> None:
         self.name = name
         self.config = config
         self._random = random.Random(seed)
+        self._latency = LatencyModel(config.latency_ms, config.latency_jitter_ms)
+        self._limiter = RateLimiter(config.rpm, config.tpm)
+        self._errors = ErrorInjector(config.error_rates, self._random)
         # Calls per job id, for mock.fail scripts (bounded: oldest jobs forgotten first).
         self._calls: OrderedDict[str, int] = OrderedDict()
 
@@ -105,100 +116,114 @@ class MockProvider:
             with open(self.config.call_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**line, "input": summary}) + "\n")
 
-    async def _simulate(self, ctx: CallContext, model: str, summary: str) -> None:
+    async def _simulate(self, ctx: CallContext, model: str, summary: str, tokens: int) -> None:
+        """One call's fate: scripted or injected failure, rate limit, latency."""
         c = self.config
+        started = time.perf_counter()
         call = self._count_call(ctx.job_id)
         self._log_call(ctx, model, summary)
-        latency = ctx.metadata.get("mock.latency_ms")
-        delay_ms = float(latency) if latency else c.latency_ms
-        delay_ms += self._random.uniform(-c.latency_jitter_ms, c.latency_jitter_ms)
-        if delay_ms > 0:
-            # Simulated provider latency, not synchronisation.
-            await asyncio.sleep(delay_ms / 1000)
         retry_after = ctx.metadata.get("mock.retry_after") or (
             f"{c.retry_after_s:g}" if c.retry_after_s is not None else None
         )
-        scripted = ctx.metadata.get("mock.fail")
-        if scripted:
-            try:
-                steps = _script(scripted)
-            except ValueError:
-                raise classify_status(
-                    400, provider=self.name, message=f"metadata mock.fail: bad directive {scripted!r}"
-                ) from None
-            index = call - 1
-            if steps and steps[-1] is None and index >= len(steps) - 1:
-                index = len(steps) - 2
-            status = steps[index] if index < len(steps) else None
-            if status is not None:
-                raise self._failure(status, retry_after)
-        roll = self._random.random()
-        if roll < c.rate_limit_rate:
-            raise self._failure(429, retry_after)
-        if roll < c.rate_limit_rate + c.failure_rate:
-            raise self._failure(503, retry_after)
+        status = self._scripted(ctx, call) or self._errors.pick()
+        decision = self._limiter.acquire(tokens) if status is None else None
+        if decision is not None and not decision.allowed:
+            status, retry_after = 429, f"{decision.retry_after_s:.3f}"
+        latency = ctx.metadata.get("mock.latency_ms")
+        delay = float(latency) / 1000 if latency else self._latency.sample_s(self._random)
+        if delay > 0 and status != 429:
+            await asyncio.sleep(delay)  # simulated provider latency, not synchronisation
+        error = self._failure(status, retry_after) if status is not None else None
+        snapshot = decision.snapshot if decision is not None else self._limiter.snapshot()
+        ctx.report(
+            ResponseInfo(
+                provider=self.name,
+                model=model,
+                status=status or 200,
+                latency_s=time.perf_counter() - started,
+                rate_limits=_rate_limits(snapshot, error.retry_after_s if error else None),
+                error=error.error if error else None,
+            )
+        )
+        if error is not None:
+            raise error
+
+    def _scripted(self, ctx: CallContext, call: int) -> int | None:
+        directive = ctx.metadata.get("mock.fail")
+        if not directive:
+            return None
+        try:
+            steps = _script(directive)
+        except ValueError:
+            raise classify_status(
+                400, provider=self.name, message=f"metadata mock.fail: bad directive {directive!r}"
+            ) from None
+        index = call - 1
+        if steps and steps[-1] is None and index >= len(steps) - 1:
+            index = len(steps) - 2
+        return steps[index] if index < len(steps) else None
 
     def _failure(self, status: int, retry_after: str | None) -> ProviderError:
-        return classify_status(
-            status,
-            provider=self.name,
-            message=f"{self.name}: simulated HTTP {status}",
-            retry_after=retry_after,
-        )
+        message = f"{self.name}: simulated HTTP {status}"
+        return classify_status(status, provider=self.name, message=message, retry_after=retry_after)
 
     async def chat(self, model: str, request: ChatInput, ctx: CallContext) -> ChatOutput:
-        await self._simulate(ctx, model, _last_user(request))
-        return self._answer(request)
+        output = self._answer(request)
+        await self._simulate(
+            ctx, model, _last_user(request), output.usage.input_tokens + output.usage.output_tokens
+        )
+        return output
 
     def _answer(self, request: ChatInput) -> ChatOutput:
-        last_user = _last_user(request)
         prompt = " ".join(m.content for m in request.messages)
-        text = last_user if self.config.output == "echo" else self.config.output
-        finish = "stop"
-        limit = request.params.max_tokens
-        if limit is not None and _tokens(text) > limit:
-            text = " ".join(text.split()[:limit])
-            finish = "length"
-        return ChatOutput(text=text, finish_reason=finish, usage=TokenUsage(_tokens(prompt), _tokens(text)))
+        text = _last_user(request) if self.config.output == "echo" else self.config.output
+        text, cut = truncate_tokens(text, request.params.max_tokens)
+        usage = TokenUsage(count_tokens(prompt), count_tokens(text))
+        return ChatOutput(text=text, finish_reason="length" if cut else "stop", usage=usage)
 
     async def chat_stream(
         self, model: str, request: ChatInput, ctx: CallContext
     ) -> AsyncIterator[str | ChatOutput]:
-        # Sent word by word, like a provider's token stream. A simulated failure
-        # strikes mid-stream, after the first half of the words, which is what
-        # makes callers see a reset before the retry's text.
+        # Sent token by token, like a provider's stream. A simulated failure strikes
+        # mid-stream, after the first half of the text, which is what makes callers
+        # see a reset before the retry's text.
+        output = self._answer(request)
         failure: ProviderError | None = None
         try:
-            await self._simulate(ctx, model, _last_user(request))
+            await self._simulate(
+                ctx, model, _last_user(request), output.usage.input_tokens + output.usage.output_tokens
+            )
         except ProviderError as err:
             failure = err
-        output = self._answer(request)
-        words = output.text.split(" ")
-        sent = len(words) // 2 if failure is not None else len(words)
-        for i, word in enumerate(words[:sent]):
-            yield word if i == 0 else " " + word
+        tokens = split_stream_tokens(output.text)
+        sent = len(tokens) // 2 if failure is not None else len(tokens)
+        for token in tokens[:sent]:
+            if self.config.token_delay_ms:
+                await asyncio.sleep(self.config.token_delay_ms / 1000)  # simulated generation pace
+            yield token
         if failure is not None:
             raise failure
         yield output
 
     async def embed(self, model: str, request: EmbeddingInput, ctx: CallContext) -> EmbeddingOutput:
-        await self._simulate(ctx, model, " | ".join(request.texts))
-        vectors = tuple(_unit_vector(t, self.config.embedding_dim) for t in request.texts)
-        return EmbeddingOutput(vectors=vectors, usage=TokenUsage(sum(_tokens(t) for t in request.texts), 0))
+        usage = TokenUsage(sum(count_tokens(t) for t in request.texts), 0)
+        await self._simulate(ctx, model, " | ".join(request.texts), usage.input_tokens)
+        dim = self.config.embedding_dim
+        return EmbeddingOutput(vectors=tuple(tuple(unit_vector(t, dim)) for t in request.texts), usage=usage)
 
     async def classify(
         self, model: str, request: ClassificationInput, ctx: CallContext
     ) -> ClassificationOutput:
-        await self._simulate(ctx, model, request.text)
-        # A label named in the text wins; otherwise a stable pick from the text's hash.
+        await self._simulate(ctx, model, request.text, count_tokens(request.text) + 1)
+        # A label named in the text wins; otherwise a stable pick from the text's vector.
         lowered = request.text.lower()
         named = [label for label in request.labels if label.lower() in lowered]
         if named:
             label = named[0]
         else:
-            digest = int.from_bytes(hashlib.sha256(request.text.encode()).digest()[:4], "big")
+            digest = int((unit_vector(request.text, 1)[0] + 1) * 1e9)
             label = request.labels[digest % len(request.labels)]
-        return ClassificationOutput(label=label, usage=TokenUsage(_tokens(request.text), 1))
+        return ClassificationOutput(label=label, usage=TokenUsage(count_tokens(request.text), 1))
 
     async def aclose(self) -> None:
         return None
