@@ -1,11 +1,14 @@
 """``make bench``: Laneway's throughput and latency next to baselines measured in
-the same run (a raw nats-py JetStream loop and a raw grpc.aio echo).
+the same run (a raw nats-py JetStream loop and a raw grpc.aio echo), then its
+features: embedding batching on against off, and the time to the first streamed
+delta through Laneway against calling the provider directly.
 
-    .venv/bin/python -m bench [--jobs N] [--quick] [--only laneway|baselines]
+    .venv/bin/python -m bench [--jobs N] [--quick] [--only laneway|baselines|features]
 
 Prints a table with ratios and the spec's targets, and writes the figures to
-``bench/results/latest.json``. Exits 1 when a job failed or was lost, or a phase
-could not run; targets missed are reported (FAIL) but do not change the status.
+``bench/results/latest.json`` (or ``--output``). Exits 1 when a job failed or was
+lost, or a phase could not run; targets missed are reported (FAIL) but do not
+change the status.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.measure import Latency, Throughput
+from bench.measure import Count, Latency, Throughput
 from bench.report import comparison_rows, print_report, progress, write_json
 from bench.settings import Settings, raw_payload
 from bench.stack import BenchError
@@ -35,9 +38,17 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", type=int, default=None, help="jobs per throughput phase (default 3000)")
     p.add_argument("--quick", action="store_true", help="small N and a short paced phase (< 60 s)")
-    p.add_argument("--only", choices=("laneway", "baselines"), help="run only one side")
+    p.add_argument(
+        "--only", choices=("laneway", "baselines", "features"), help="run only one side, or only the features"
+    )
     p.add_argument("--unary-concurrency", type=int, default=64, help="unary jobs in flight (default 64)")
     p.add_argument("--batches-in-flight", type=int, default=6, help="SubmitBatch calls in flight (default 6)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help="where to write the figures (default bench/results/latest.json)",
+    )
     args = p.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         p.error("--jobs must be at least 1")
@@ -52,19 +63,22 @@ def _nats_version() -> str:
     return out.stdout.strip() or "unknown"
 
 
-async def _run(s: Settings, only: str | None) -> dict[str, Throughput | Latency]:
+async def _run(s: Settings, only: str | None) -> dict[str, Throughput | Latency | Count]:
     from bench.baselines import run_baselines
+    from bench.features_bench import run_features
     from bench.laneway_bench import run_laneway
 
     # SIGTERM cancels the run like Ctrl-C does, so children are stopped and temp dirs removed.
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    results: dict[str, Throughput | Latency] = {}
-    if only != "laneway":
+    results: dict[str, Throughput | Latency | Count] = {}
+    if only in (None, "baselines"):
         results.update(await run_baselines(s))
-    if only != "baselines":
+    if only in (None, "laneway"):
         results.update(await run_laneway(s))
+    if only in (None, "features"):
+        results.update(await run_features(s))
     return results
 
 
@@ -102,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = comparison_rows(results)
     print_report(results, rows, header=header)
     write_json(
-        RESULTS,
+        args.output,
         {
             "meta": meta,
             "settings": asdict(s),
@@ -110,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             "comparison": [r.to_json() for r in rows if r.laneway is not None],
         },
     )
-    progress(f"figures written to {RESULTS}")
+    progress(f"figures written to {args.output}")
     return 1 if any(r.failures.count for r in results.values()) else 0
 
 

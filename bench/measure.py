@@ -13,7 +13,17 @@ from dataclasses import dataclass, field
 
 from bench.procstat import CpuMeter
 
-__all__ = ["Failures", "Latency", "Op", "Throughput", "closed_loop", "paced", "percentile", "sequential"]
+__all__ = [
+    "Count",
+    "Failures",
+    "Latency",
+    "Op",
+    "Throughput",
+    "closed_loop",
+    "paced",
+    "percentile",
+    "sequential",
+]
 
 Op = Callable[[], Awaitable[list[str]]]
 
@@ -136,6 +146,31 @@ class Latency:
             "max_schedule_lag_ms": round(self.max_lag_ms, 3),
             "failures": self.failures.to_json(),
             "cpu_percent": self.cpu,
+        }
+
+
+@dataclass
+class Count:
+    """Something counted over a phase's jobs (e.g. provider calls), also per 1,000 jobs.
+    Its jobs' failures are counted in the phase that ran them, not here."""
+
+    what: str
+    count: int
+    jobs: int
+    failures: Failures = field(default_factory=Failures)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def per_1000(self) -> float:
+        return self.count * 1000.0 / self.jobs if self.jobs else 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "what": self.what,
+            "count": self.count,
+            "jobs": self.jobs,
+            "per_1000_jobs": round(self.per_1000, 3),
+            "failures": self.failures.to_json(),
         }
 
 

@@ -9,11 +9,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.measure import Latency, Throughput
+from bench.measure import Count, Latency, Throughput
 
 __all__ = ["Row", "comparison_rows", "print_report", "progress", "write_json"]
 
-Results = Mapping[str, Throughput | Latency]
+Results = Mapping[str, Throughput | Latency | Count]
 _T0 = time.perf_counter()
 
 
@@ -33,6 +33,8 @@ class Row:
     """>= for throughput, <= for latency (on Laneway's own figure)."""
     lost: int = 0
     """Failed or lost jobs in the phase behind Laneway's figure."""
+    target_on_difference: bool = False
+    """The target bounds Laneway's difference to the baseline (ms), not its own figure."""
 
     @property
     def compared(self) -> float | None:
@@ -46,9 +48,10 @@ class Row:
     def verdict(self) -> str:
         if self.target is None:
             return "info"
-        if self.laneway is None:
+        value = self.compared if self.target_on_difference else self.laneway
+        if value is None:
             return "n/a"
-        ok = self.laneway <= self.target if self.latency else self.laneway >= self.target
+        ok = value <= self.target if self.latency else value >= self.target
         return "PASS" if ok else "FAIL"
 
     def cells(self) -> list[str]:
@@ -60,7 +63,9 @@ class Row:
         c = self.compared
         compared = "-" if c is None else (f"{c:+,.2f} ms" if self.latency else f"{c:.2f}x")
         target = "-"
-        if self.target is not None:
+        if self.target is not None and self.target_on_difference:
+            target = f"<= {self.target:+g} ms" if self.latency else f">= {self.target:g}x"
+        elif self.target is not None:
             target = f"<= {self.target:g} ms" if self.latency else f">= {self.target:,.0f}/s"
         mark = f" ({self.lost} lost)" if self.lost else ""
         return [
@@ -81,6 +86,7 @@ class Row:
             "compared": self.compared,
             "compared_as": "laneway - baseline (ms)" if self.latency else "laneway / baseline",
             "target": self.target,
+            "target_on": "compared" if self.target_on_difference else "laneway",
             "verdict": self.verdict,
             "laneway_failed_jobs": self.lost,
         }
@@ -96,6 +102,11 @@ def _pct(results: Results, key: str, p: int) -> float | None:
     if not isinstance(r, Latency):
         return None
     return r.p50 if p == 50 else r.p99
+
+
+def _per_1000(results: Results, key: str) -> float | None:
+    r = results.get(key)
+    return r.per_1000 if isinstance(r, Count) else None
 
 
 def _lost(results: Results, key: str) -> int:
@@ -134,6 +145,31 @@ def comparison_rows(results: Results) -> list[Row]:
             latency=True, target=3, lost=lrl),
         Row("Run p99 @100/s (ms)", _pct(results, run_lat, 99), "raw NATS loop", _pct(results, raw, 99),
             latency=True, target=10, lost=lrl),
+        *_feature_rows(results),
+    ]  # fmt: skip
+
+
+def _feature_rows(results: Results) -> list[Row]:
+    """Embedding batching on against off (both Laneway), and time to first delta
+    through Laneway against calling the provider directly."""
+    on, off = "features.embed.on", "features.embed.off"
+    lt = _lost(results, f"{on}.throughput") + _lost(results, f"{off}.throughput")
+    ll = _lost(results, f"{on}.latency") + _lost(results, f"{off}.latency")
+    ttfd, direct = "features.ttfd.laneway", "features.ttfd.direct"
+    lf = _lost(results, ttfd)
+    return [
+        Row("embed provider calls/1k jobs, batching on", _per_1000(results, f"{on}.calls"),
+            "batching off", _per_1000(results, f"{off}.calls"), latency=False, lost=lt),
+        Row("embed jobs/s, SubmitBatch x100, batching on", _rate(results, f"{on}.throughput"),
+            "batching off", _rate(results, f"{off}.throughput"), latency=False, lost=lt),
+        Row("embed p50 @100/s, batching on (ms)", _pct(results, f"{on}.latency", 50),
+            "batching off", _pct(results, f"{off}.latency", 50), latency=True, lost=ll),
+        Row("embed p99 @100/s, batching on (ms)", _pct(results, f"{on}.latency", 99),
+            "batching off", _pct(results, f"{off}.latency", 99), latency=True, lost=ll),
+        Row("TTFD p50, Run streamed chat (ms)", _pct(results, ttfd, 50), "direct HTTP stream",
+            _pct(results, direct, 50), latency=True, target=5, lost=lf, target_on_difference=True),
+        Row("TTFD p99, Run streamed chat (ms)", _pct(results, ttfd, 99), "direct HTTP stream",
+            _pct(results, direct, 99), latency=True, lost=lf),
     ]  # fmt: skip
 
 
@@ -144,8 +180,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _detail(name: str, r: Throughput | Latency) -> str:
-    if isinstance(r, Throughput):
+def _detail(name: str, r: Throughput | Latency | Count) -> str:
+    if isinstance(r, Count):
+        text = f"{r.count:,} {r.what} for {r.jobs:,} jobs = {r.per_1000:,.1f} per 1,000 jobs"
+    elif isinstance(r, Throughput):
         text = f"{r.jobs} jobs in {r.seconds:.2f}s = {r.wall_rate:,.0f}/s, {r.concurrency} in flight"
         if r.active_seconds and abs(r.active_seconds - r.seconds) > 0.01:
             text += f"; {r.rate:,.0f}/s until the last clean call at {r.active_seconds:.2f}s"
@@ -162,7 +200,7 @@ def _detail(name: str, r: Throughput | Latency) -> str:
         text += f"\n      FAILURES: {r.failures.count}: {r.failures.summary()}"
     if r.cpu:
         text += "\n      cpu % of one core: " + ", ".join(f"{k} {v:.0f}" for k, v in r.cpu.items())
-    return f"  {name:26} {text}"
+    return f"  {name:30} {text}"
 
 
 def print_report(results: Results, rows: list[Row], *, header: str) -> None:
@@ -170,8 +208,10 @@ def print_report(results: Results, rows: list[Row], *, header: str) -> None:
     print(header)
     print()
     if any(r.laneway is not None for r in rows):
+        # Rows of phases that did not run at all (``--only``) are left out.
+        shown = [r for r in rows if r.laneway is not None or r.baseline is not None]
         cols = ["metric", "Laneway", "baseline", "baseline value", "vs baseline", "target", "result"]
-        print(_table(cols, [[*r.cells(), r.verdict] for r in rows]))
+        print(_table(cols, [[*r.cells(), r.verdict] for r in shown]))
         if any(r.lost for r in rows):
             print(
                 "(N lost): jobs of that phase failed or never reached a final event (see phases below); "

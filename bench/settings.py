@@ -34,6 +34,16 @@ class Settings:
     batches_in_flight: int = 6
     follow_timeout_s: float = 20.0
     """Longest a job (or batch) may take to reach its final event before it counts as lost."""
+    embed_jobs: int = 1000
+    """Single-text embedding jobs per batching configuration, in SubmitBatch calls of ``batch_size``."""
+    embed_warmup_jobs: int = 200
+    embed_paced_seconds: float = 5.0
+    """Length of the paced embedding latency phase, per batching configuration."""
+    ttfd_calls: int = 200
+    """Sequential streamed chat calls per time-to-first-delta figure (direct and through Laneway)."""
+    ttfd_warmup_calls: int = 20
+    ttfd_token_delay_ms: float = 10.0
+    """The fake provider's delay before each streamed token."""
 
     @classmethod
     def build(
@@ -52,6 +62,11 @@ class Settings:
                 unary_concurrency=unary_concurrency,
                 batches_in_flight=batches_in_flight,
                 follow_timeout_s=8.0,
+                embed_jobs=300,
+                embed_warmup_jobs=100,
+                embed_paced_seconds=2.0,
+                ttfd_calls=50,
+                ttfd_warmup_calls=10,
             )
         return cls(
             jobs=n,
@@ -65,6 +80,10 @@ class Settings:
     @property
     def paced_jobs(self) -> int:
         return max(2, round(self.paced_rate * self.paced_seconds))
+
+    @property
+    def embed_paced_jobs(self) -> int:
+        return max(2, round(self.paced_rate * self.embed_paced_seconds))
 
 
 def chat_input() -> laneway.JobInput:
