@@ -65,3 +65,28 @@ async def test_mid_stream_failure_sends_a_reset_before_the_retry(broker, client,
     assert {e.attempt for e in events[retry:] if e.HasField("delta")} == {2}
     assert events[-1].state == S.JOB_STATE_SUCCEEDED
     assert _replay(events) == events[-1].result.chat.text == TEXT
+
+
+async def test_stream_through_the_openai_adapter_resets_after_a_truncated_stream(
+    broker, client, nats_server
+) -> None:
+    # Real HTTP: the openai adapter streams from the fake provider, whose first answer
+    # is cut off mid-stream; the caller sees the partial text voided, then the retry.
+    from workers.fake_provider import FakeProvider, FakeProviderSettings, Step
+
+    async with FakeProvider(FakeProviderSettings(token_delay_ms=1.0)) as fake:
+        config = make_config(
+            "providers: {mock: {type: mock}, slow: {type: mock}, "
+            f"http: {{type: openai, base_url: '{fake.base_url}', api_key_env: '', stall_timeout_s: 2}}}}\n"
+            "routes: {chat: {targets: [{provider: http, model: fake-gpt}]}}\n"
+            "workers: {max_attempts: 3, retry_backoff_s: 0.02, retry_backoff_max_s: 0.05}"
+        )
+        fake.script(Step(kind="truncate"))
+        async with WorkerPool(config, nats_url=nats_server.url, providers=["http"]):
+            job = await client.submit("chat", laneway.chat(TEXT, stream=True))
+            events = await _all(client, job.job_id)
+    retry = next(e for e in events if e.state == S.JOB_STATE_RETRYING)
+    assert retry.reset and retry.error.code == "truncated_stream"
+    assert events[-1].state == S.JOB_STATE_SUCCEEDED and events[-1].provider == "http"
+    assert _replay(events) == events[-1].result.chat.text == TEXT
+    assert [r.path for r in fake.requests].count("/v1/chat/completions") == 2
