@@ -255,10 +255,11 @@ class RouteTarget(_Model):
 
 
 class BatchConfig(_Model):
-    """Gathering embedding jobs of one route into one provider call."""
+    """Gathering embedding and classification jobs of one route into one provider call."""
 
     max_items: Annotated[int, Field(ge=1, le=2048)] = 32
-    """Most input texts per provider call; 1 turns batching off."""
+    """Most inputs (texts to embed, texts to classify) per provider call; 1 turns
+    batching off."""
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)] = 2.0
     """Longest, in milliseconds, a job waits for others to share its call (a full
     batch goes at once)."""

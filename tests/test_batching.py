@@ -9,7 +9,15 @@ from pathlib import Path
 import pytest
 
 import laneway
-from broker.model import ChatInput, EmbeddingInput, EmbeddingOutput, ErrorClass, JobError, TokenUsage
+from broker.model import (
+    ChatInput,
+    ClassificationInput,
+    EmbeddingInput,
+    EmbeddingOutput,
+    ErrorClass,
+    JobError,
+    TokenUsage,
+)
 from laneway.v1 import job_pb2 as S
 from workers.batching import EmbeddingBatcher
 from workers.pool import WorkerPool
@@ -88,3 +96,69 @@ async def test_a_provider_failure_fails_each_job_for_its_own_retry() -> None:
         out = await _embed_all(batcher, ["down", "b", "c"])
     assert len(provider.calls) == 1
     assert all(isinstance(o, ProviderError) and o.error.code == "provider_unavailable" for o in out)
+
+
+async def test_classification_jobs_share_structured_chat_calls(
+    broker, client, nats_server, tmp_path: Path
+) -> None:
+    log = tmp_path / "calls.jsonl"
+    config = make_config(
+        f"providers: {{mock: {{type: mock, concurrency: 64, call_log: '{log}'}}, slow: {{type: mock}}}}\n"
+        "batch: {max_items: 16, max_wait_ms: 20}"
+    )
+    words = ["positive", "negative", "neutral"]
+    specs = [
+        laneway.job("chat", laneway.classification(f"item {i} feels {words[i % 3]}", words))
+        for i in range(200)
+    ]
+    ids = [o.job_id for o in await client.submit_batch(specs)]
+    async with WorkerPool(config, nats_url=nats_server.url):
+        finals = {e.job_id: e async for e in client.stream_results(ids, final_only=True)}
+    assert [finals[j].result.classification.label for j in ids] == [words[i % 3] for i in range(200)]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(calls) <= 200 // 16 + 8
+
+
+async def _classify(fake_output: str, items: list[tuple[str, tuple[str, ...]]]) -> tuple[list[object], int]:
+    """Classify ``items`` through the openai adapter against the HTTP fake answering
+    ``fake_output``; the outcomes and the number of chat calls made."""
+    from broker.provider_config import OpenAIProviderConfig
+    from workers.batching import ClassificationBatcher
+    from workers.fake_provider import FakeProvider, FakeProviderSettings
+    from workers.providers.openai import OpenAIProvider
+
+    async with FakeProvider(FakeProviderSettings(output=fake_output)) as fake:
+        provider = OpenAIProvider("http", OpenAIProviderConfig(base_url=fake.base_url, api_key_env=""))
+        try:
+            async with ClassificationBatcher(provider, "m", max_items=len(items), max_wait_s=0.05) as b:
+                calls = [
+                    b.classify(ClassificationInput(text, labels), CallContext(f"j{i}", 1))
+                    for i, (text, labels) in enumerate(items)
+                ]
+                out = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            await provider.aclose()
+        return out, sum(r.path == "/v1/chat/completions" for r in fake.requests)
+
+
+async def test_batched_classification_over_http_parses_labels_per_job() -> None:
+    items = [("great stuff", ("pos", "neg")), ("awful", ("pos", "neg"))]
+    out, calls = await _classify('{"labels": ["pos", "NEG"]}', items)
+    assert calls == 1
+    assert [o.label for o in out] == ["pos", "neg"]  # type: ignore[attr-defined]
+
+
+async def test_a_label_outside_the_set_fails_only_its_job() -> None:
+    items = [("great stuff", ("pos", "neg")), ("hmm", ("pos", "neg"))]
+    out, _ = await _classify('{"labels": ["pos", "maybe"]}', items)
+    assert out[0].label == "pos"  # type: ignore[attr-defined]
+    assert isinstance(out[1], ProviderError) and out[1].error.code == "invalid_label"
+
+
+async def test_an_unparsable_batch_answer_falls_back_to_one_call_per_job() -> None:
+    # The fake echoes the user message: not the JSON list asked for, so each job is
+    # asked on its own (where the echo names its one label).
+    items = [("pos", ("pos", "neg")), ("neg", ("pos", "neg"))]
+    out, calls = await _classify("echo", items)
+    assert [o.label for o in out] == ["pos", "neg"]  # type: ignore[attr-defined]
+    assert calls == 3

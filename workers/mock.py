@@ -40,6 +40,7 @@ from broker.model import (
 )
 from workers.classify import classify_status
 from workers.provider import CallContext, ProviderError, RateLimits, ResponseInfo, register_provider_type
+from workers.providers.labels import BATCH_SYSTEM_PROMPT
 from workers.simulation import (
     ErrorInjector,
     LatencyModel,
@@ -71,6 +72,16 @@ def _script(directive: str) -> list[int | None]:
 def _last_user(request: ChatInput) -> str:
     user = [m.content for m in request.messages if m.role == "user"]
     return user[-1] if user else request.messages[-1].content
+
+
+def _pick_label(text: str, labels: tuple[str, ...]) -> str:
+    """A label named in the text wins; otherwise a stable pick from the text's vector."""
+    lowered = text.lower()
+    named = [label for label in labels if label.lower() in lowered]
+    if named:
+        return named[0]
+    digest = int((unit_vector(text, 1)[0] + 1) * 1e9)
+    return labels[digest % len(labels)]
 
 
 def _rate_limits(s: RateSnapshot, retry_after_s: float | None = None) -> RateLimits:
@@ -177,6 +188,10 @@ class MockProvider:
     def _answer(self, request: ChatInput) -> ChatOutput:
         prompt = " ".join(m.content for m in request.messages)
         text = _last_user(request) if self.config.output == "echo" else self.config.output
+        if request.messages[0].content == BATCH_SYSTEM_PROMPT:
+            # A batched classification: answer it the way a capable model would.
+            items = json.loads(_last_user(request))["items"]
+            text = json.dumps({"labels": [_pick_label(i["text"], tuple(i["labels"])) for i in items]})
         text, cut = truncate_tokens(text, request.params.max_tokens)
         usage = TokenUsage(count_tokens(prompt), count_tokens(text))
         return ChatOutput(text=text, finish_reason="length" if cut else "stop", usage=usage)
@@ -215,14 +230,7 @@ class MockProvider:
         self, model: str, request: ClassificationInput, ctx: CallContext
     ) -> ClassificationOutput:
         await self._simulate(ctx, model, request.text, count_tokens(request.text) + 1)
-        # A label named in the text wins; otherwise a stable pick from the text's vector.
-        lowered = request.text.lower()
-        named = [label for label in request.labels if label.lower() in lowered]
-        if named:
-            label = named[0]
-        else:
-            digest = int((unit_vector(request.text, 1)[0] + 1) * 1e9)
-            label = request.labels[digest % len(request.labels)]
+        label = _pick_label(request.text, request.labels)
         return ClassificationOutput(label=label, usage=TokenUsage(count_tokens(request.text), 1))
 
     async def aclose(self) -> None:

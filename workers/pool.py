@@ -22,7 +22,7 @@ from broker.deadletters import DeadLetterStore
 from broker.events import EventLog
 from broker.model import LANES
 from laneway.errors import ConfigError
-from workers.batching import EmbeddingBatcher
+from workers.batching import ClassificationBatcher, EmbeddingBatcher
 from workers.provider import Provider, build_provider
 from workers.puller import LanePuller
 from workers.retry import RetryPolicy
@@ -63,7 +63,7 @@ class WorkerPool:
         self._pullers: list[LanePuller] = []
         self._runner: JobRunner | None = None
         self._events: EventLog | None = None
-        self._batchers: dict[tuple[str, str, int, float], EmbeddingBatcher] = {}
+        self._batchers: dict[tuple[str, str, int, float], tuple[EmbeddingBatcher, ClassificationBatcher]] = {}
 
     async def __aenter__(self) -> WorkerPool:
         try:
@@ -101,15 +101,17 @@ class WorkerPool:
             for route in routes:
                 model = cfg.route_primary(route).model
                 batch = cfg.routes[route].batch or cfg.batch
-                batcher = None
+                embed, classify = None, None
                 if batch.max_items > 1:
                     key = (name, model, batch.max_items, batch.max_wait_ms)
                     if key not in self._batchers:
-                        self._batchers[key] = EmbeddingBatcher(
-                            provider, model, max_items=batch.max_items, max_wait_s=batch.max_wait_ms / 1000
+                        items, wait = batch.max_items, batch.max_wait_ms / 1000
+                        self._batchers[key] = (
+                            EmbeddingBatcher(provider, model, max_items=items, max_wait_s=wait),
+                            ClassificationBatcher(provider, model, max_items=items, max_wait_s=wait),
                         )
-                    batcher = self._batchers[key]
-                targets[route] = Target(provider, model, RetryPolicy.for_route(cfg, route), batcher)
+                    embed, classify = self._batchers[key]
+                targets[route] = Target(provider, model, RetryPolicy.for_route(cfg, route), embed, classify)
             # Lane-major order: every route's high lane before any normal lane.
             lanes_by_provider[name] = [t.LaneConsumer(r, lane) for lane in LANES for r in routes]
         self._events = await EventLog(self._nc).__aenter__()
@@ -149,8 +151,9 @@ class WorkerPool:
         for puller in self._pullers:
             await puller.drain(self.config.workers.shutdown_grace_s)
         self._pullers.clear()
-        for batcher in self._batchers.values():
-            await batcher.aclose()
+        for batchers in self._batchers.values():
+            for batcher in batchers:
+                await batcher.aclose()
         self._batchers.clear()
         for provider in self._providers:
             await provider.aclose()

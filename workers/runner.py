@@ -24,6 +24,7 @@ from broker.deadletters import DeadLetterStore
 from broker.events import EventConflict, EventLog, first_event
 from broker.model import (
     ChatInput,
+    ClassificationInput,
     EmbeddingInput,
     ErrorClass,
     JobError,
@@ -35,7 +36,7 @@ from broker.model import (
 )
 from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
-from workers.batching import EmbeddingBatcher
+from workers.batching import ClassificationBatcher, EmbeddingBatcher
 from workers.classify import classify_exception
 from workers.provider import CallContext, Provider, ProviderError, call_provider
 from workers.retry import HANDED_BACK, WORKER_LOST, RetryPolicy, decide, next_attempt
@@ -56,6 +57,8 @@ class Target:
     retry: RetryPolicy
     embed_batcher: EmbeddingBatcher | None = None
     """Shares provider calls between this route's embedding jobs, when batching is on."""
+    classify_batcher: ClassificationBatcher | None = None
+    """Shares chat calls between this route's classification jobs, when batching is on."""
 
 
 class _Lost(Exception):
@@ -197,6 +200,8 @@ class JobRunner:
             try:
                 if isinstance(request, EmbeddingInput) and target.embed_batcher is not None:
                     return await target.embed_batcher.embed(request, ctx), running, seq
+                if isinstance(request, ClassificationInput) and target.classify_batcher is not None:
+                    return await target.classify_batcher.classify(request, ctx), running, seq
                 return await call_provider(provider, target.model, request, ctx), running, seq
             except ProviderError as err:
                 return err, running, seq
