@@ -77,6 +77,13 @@ class CancelOutcome:
 # --- errors --------------------------------------------------------------------------
 
 
+def _resumable(err: grpc.RpcError, mapped: ApiError) -> bool:
+    """Whether a broken stream should be resumed on another try: the broker went away
+    (UNAVAILABLE), or stopped before it dispatched our call (CANCELLED: we never cancel
+    a stream through gRPC ourselves; our own cancellation arrives as CancelledError)."""
+    return isinstance(mapped, Unavailable) or err.code() == grpc.StatusCode.CANCELLED
+
+
 def _map_error(err: grpc.RpcError) -> ApiError:
     # Sync errors are grpc.Call objects, asyncio ones are AioRpcError: both have these methods.
     call = cast(grpc.Call, err)
@@ -198,7 +205,7 @@ class AsyncClient:
             except grpc.RpcError as err:
                 mapped = _map_error(err)
                 failures += 1
-                if not isinstance(mapped, Unavailable) or failures > self._resume_attempts:
+                if not _resumable(err, mapped) or failures > self._resume_attempts:
                     raise mapped from None
                 await asyncio.sleep(min(2.0, 0.1 * 2**failures))  # backoff before resuming
 
@@ -349,7 +356,7 @@ class Client:
             except grpc.RpcError as err:
                 mapped = _map_error(err)
                 failures += 1
-                if not isinstance(mapped, Unavailable) or failures > self._resume_attempts:
+                if not _resumable(err, mapped) or failures > self._resume_attempts:
                     raise mapped from None
                 time.sleep(min(2.0, 0.1 * 2**failures))  # backoff before resuming
 
