@@ -55,6 +55,7 @@ __all__ = [
     "Lane",
     "LanesConfig",
     "LanewayConfig",
+    "MetricsConfig",
     "MockProviderConfig",
     "NatsConfig",
     "ProviderConfig",
@@ -280,6 +281,17 @@ class RouteConfig(_Model):
     """Batching of this route's embedding jobs; unset uses the top-level ``batch``."""
 
 
+class MetricsConfig(_Model):
+    """Prometheus ``/metrics`` endpoints, served on loopback (127.0.0.1)."""
+
+    broker_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """Port of the broker's metrics endpoint (submissions, queue depth, dead letters);
+    0 turns it off."""
+    worker_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """Port of a worker process's metrics endpoint (jobs, retries, provider calls,
+    token usage); 0 turns it off. Each worker process needs its own port."""
+
+
 class FakeProviderProcessConfig(_Model):
     """Development: an OpenAI-compatible fake provider that ``laneway up`` runs too, so
     ``openai``-type providers work offline (point their ``base_url`` at it)."""
@@ -317,6 +329,8 @@ class LanewayConfig(_Model):
     """Dead-letter retention and redrive pace."""
     batch: BatchConfig = Field(default_factory=BatchConfig)
     """Default batching of embedding jobs (routes may override it)."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """Prometheus metrics endpoints (off unless a port is set)."""
     fake_provider: FakeProviderProcessConfig | None = None
     """Development only: ``laneway up`` also starts ``laneway fake-provider`` with these
     settings. Unset: it does not."""

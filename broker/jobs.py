@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 from broker import topology as t
 from broker.events import EventConflict, EventLog, StoredEvent, first_event, is_scheduled
 from broker.jspub import PublishRejected, PublishUnanswered, publish_acked, publish_many
+from broker.metrics import BrokerMetrics
 from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.watch import EventFeed
 from broker.wire import encode_queued_job
@@ -72,8 +73,10 @@ class JobStore:
         *,
         max_payload_bytes: int,
         max_schedule_ahead_s: float,
+        metrics: BrokerMetrics | None = None,
     ) -> None:
         self._nc = nc
+        self._metrics = metrics
         self.events = events
         self._feed = feed
         self._idempotency = idempotency
@@ -128,6 +131,11 @@ class JobStore:
     async def _enqueue(self, job: QueuedJob, payload: bytes) -> None:
         event_seq = await self.events.append(first_event(job), expect_last=0)
         await self._publish_or_fail(job, payload, event_seq)
+        self._count(job)
+
+    def _count(self, job: QueuedJob) -> None:
+        if self._metrics is not None:
+            self._metrics.job_submitted(job.spec.route, job.spec.lane)
 
     async def _publish_or_fail(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
         """Publish the job (with retries); if it cannot be queued, end its log FAILED."""
@@ -184,6 +192,7 @@ class JobStore:
         for (i, job, payload, seq), ack in zip(plain, acks, strict=True):
             if isinstance(ack, int):
                 out[i] = Submitted(job.job_id)
+                self._count(job)
             else:
                 retry.append((i, job, payload, seq))
 
@@ -192,6 +201,7 @@ class JobStore:
                 await self._publish_or_fail(job, payload, seq)
             except ApiError as err:
                 return err
+            self._count(job)
             return Submitted(job.job_id)
 
         for (i, *_), result in zip(

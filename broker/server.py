@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from types import TracebackType
 
@@ -17,6 +18,7 @@ from broker.connection import connect_nats
 from broker.deadletters import DeadLetterStore
 from broker.events import EventLog
 from broker.jobs import JobStore
+from broker.metrics import BrokerMetrics, MetricsServer, start_metrics_server
 from broker.service import BrokerServicer
 from broker.sweeper import MaxDeliverySweeper
 from broker.watch import EventFeed
@@ -40,6 +42,7 @@ class BrokerServer:
         grpc_addr: str | None = None,
         reuse_port: bool = True,
         shutdown_grace_s: float = 5.0,
+        metrics_port: int | None = None,
     ) -> None:
         self.config = config
         self.nats_url = nats_url
@@ -52,6 +55,10 @@ class BrokerServer:
         self._feed: EventFeed | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
+        self.metrics = BrokerMetrics()
+        # None: the config's port; 0 there means off, but 0 passed here picks a free port.
+        self._metrics_port = (config.metrics.broker_port or None) if metrics_port is None else metrics_port
+        self._metrics_server: MetricsServer | None = None
 
     async def __aenter__(self) -> BrokerServer:
         try:
@@ -81,6 +88,7 @@ class BrokerServer:
             await js.key_value(t.IDEMPOTENCY_BUCKET),
             max_payload_bytes=self.config.broker.max_payload_bytes,
             max_schedule_ahead_s=self.config.queue.events_max_age_s,
+            metrics=self.metrics,
         )
         dead_letters = DeadLetterStore(self._nc, events)
         await self._exit.enter_async_context(MaxDeliverySweeper(self._nc, events, dead_letters))
@@ -110,7 +118,19 @@ class BrokerServer:
         await self._server.start()
         for name in ("", _SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._metrics_port is not None:
+            settings = t.TopologySettings.from_config(self.config)
+            self.metrics.watch_queues(
+                js, settings.lane_consumers(), list(self.config.routes), asyncio.get_running_loop()
+            )
+            self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
+            log.info("broker metrics serving", metrics_addr=f"127.0.0.1:{port}")
         log.info("broker serving", grpc_addr=self.address, nats_url=self.nats_url)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port the ``/metrics`` endpoint listens on; None when it is off."""
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     @property
     def address(self) -> str:
@@ -130,6 +150,9 @@ class BrokerServer:
                 # unary calls get the grace period to finish.
                 self._feed.end_watches()
             await server.stop(self._grace)
+        metrics_server, self._metrics_server = self._metrics_server, None
+        if metrics_server is not None:
+            await metrics_server.close()
         await self._exit.aclose()
         nc, self._nc = self._nc, None
         if nc is not None and not nc.is_closed:

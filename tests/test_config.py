@@ -72,7 +72,17 @@ def test_example_file_shows_every_field() -> None:
     config = load_config(EXAMPLE, env={})
     explicit = config.model_fields_set
     assert explicit == set(LanewayConfig.model_fields)
-    for section in ("nats", "broker", "queue", "lanes", "workers", "dlq", "batch", "fake_provider"):
+    for section in (
+        "nats",
+        "broker",
+        "queue",
+        "lanes",
+        "workers",
+        "dlq",
+        "batch",
+        "metrics",
+        "fake_provider",
+    ):
         model: BaseModel = getattr(config, section)
         assert model.model_fields_set == set(type(model).model_fields), section
     assert config.providers["mock"].model_fields_set == set(MockProviderConfig.model_fields)

@@ -127,8 +127,9 @@ class MockProvider:
             with open(self.config.call_log, "a", encoding="utf-8") as f:
                 f.write(json.dumps({**line, "input": summary}) + "\n")
 
-    async def _simulate(self, ctx: CallContext, model: str, summary: str, tokens: int) -> None:
+    async def _simulate(self, ctx: CallContext, model: str, summary: str, usage: TokenUsage) -> None:
         """One call's fate: scripted or injected failure, rate limit, latency."""
+        tokens = usage.input_tokens + usage.output_tokens
         c = self.config
         started = time.perf_counter()
         call = self._count_call(ctx.job_id)
@@ -153,6 +154,7 @@ class MockProvider:
                 status=status or 200,
                 latency_s=time.perf_counter() - started,
                 rate_limits=_rate_limits(snapshot, error.retry_after_s if error else None),
+                usage=None if error else usage,
                 error=error.error if error else None,
             )
         )
@@ -180,9 +182,7 @@ class MockProvider:
 
     async def chat(self, model: str, request: ChatInput, ctx: CallContext) -> ChatOutput:
         output = self._answer(request)
-        await self._simulate(
-            ctx, model, _last_user(request), output.usage.input_tokens + output.usage.output_tokens
-        )
+        await self._simulate(ctx, model, _last_user(request), output.usage)
         return output
 
     def _answer(self, request: ChatInput) -> ChatOutput:
@@ -205,9 +205,7 @@ class MockProvider:
         output = self._answer(request)
         failure: ProviderError | None = None
         try:
-            await self._simulate(
-                ctx, model, _last_user(request), output.usage.input_tokens + output.usage.output_tokens
-            )
+            await self._simulate(ctx, model, _last_user(request), output.usage)
         except ProviderError as err:
             failure = err
         tokens = split_stream_tokens(output.text)
@@ -222,16 +220,17 @@ class MockProvider:
 
     async def embed(self, model: str, request: EmbeddingInput, ctx: CallContext) -> EmbeddingOutput:
         usage = TokenUsage(sum(count_tokens(t) for t in request.texts), 0)
-        await self._simulate(ctx, model, " | ".join(request.texts), usage.input_tokens)
+        await self._simulate(ctx, model, " | ".join(request.texts), usage)
         dim = self.config.embedding_dim
         return EmbeddingOutput(vectors=tuple(tuple(unit_vector(t, dim)) for t in request.texts), usage=usage)
 
     async def classify(
         self, model: str, request: ClassificationInput, ctx: CallContext
     ) -> ClassificationOutput:
-        await self._simulate(ctx, model, request.text, count_tokens(request.text) + 1)
+        usage = TokenUsage(count_tokens(request.text), 1)
+        await self._simulate(ctx, model, request.text, usage)
         label = _pick_label(request.text, request.labels)
-        return ClassificationOutput(label=label, usage=TokenUsage(count_tokens(request.text), 1))
+        return ClassificationOutput(label=label, usage=usage)
 
     async def aclose(self) -> None:
         return None

@@ -20,6 +20,7 @@ from broker.config import LanewayConfig
 from broker.connection import connect_nats
 from broker.deadletters import DeadLetterStore
 from broker.events import EventLog
+from broker.metrics import MetricsServer, WorkerMetrics, start_metrics_server
 from broker.model import LANES
 from laneway.errors import ConfigError
 from workers.batching import ClassificationBatcher, EmbeddingBatcher
@@ -47,6 +48,7 @@ class WorkerPool:
         nats_url: str,
         providers: Sequence[str] | None = None,
         name: str = "laneway-worker",
+        metrics_port: int | None = None,
     ) -> None:
         self.config = config
         self.nats_url = nats_url
@@ -64,6 +66,10 @@ class WorkerPool:
         self._runner: JobRunner | None = None
         self._events: EventLog | None = None
         self._batchers: dict[tuple[str, str, int, float], tuple[EmbeddingBatcher, ClassificationBatcher]] = {}
+        self.metrics = WorkerMetrics()
+        # None: the config's port; 0 there means off, but 0 passed here picks a free port.
+        self._metrics_port = (config.metrics.worker_port or None) if metrics_port is None else metrics_port
+        self._metrics_server: MetricsServer | None = None
 
     async def __aenter__(self) -> WorkerPool:
         try:
@@ -77,6 +83,11 @@ class WorkerPool:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port the ``/metrics`` endpoint listens on; None when it is off."""
+        return self._metrics_server.port if self._metrics_server is not None else None
 
     @property
     def in_flight(self) -> int:
@@ -116,8 +127,15 @@ class WorkerPool:
             lanes_by_provider[name] = [t.LaneConsumer(r, lane) for lane in LANES for r in routes]
         self._events = await EventLog(self._nc).__aenter__()
         self._runner = JobRunner(
-            self._events, DeadLetterStore(self._nc, self._events), targets, ack_wait_s=cfg.queue.ack_wait_s
+            self._events,
+            DeadLetterStore(self._nc, self._events),
+            targets,
+            ack_wait_s=cfg.queue.ack_wait_s,
+            metrics=self.metrics,
         )
+        if self._metrics_port is not None:
+            self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
+            log.info("worker metrics serving", metrics_addr=f"127.0.0.1:{port}")
         self._cancel_sub = await self._nc.subscribe(t.CANCEL_ALL, cb=self._on_cancel)
         for name, consumers in lanes_by_provider.items():
             if not consumers:
@@ -158,6 +176,9 @@ class WorkerPool:
         for provider in self._providers:
             await provider.aclose()
         self._providers.clear()
+        metrics_server, self._metrics_server = self._metrics_server, None
+        if metrics_server is not None:
+            await metrics_server.close()
         if self._cancel_sub is not None and self._nc is not None and not self._nc.is_closed:
             await self._cancel_sub.unsubscribe()
         self._cancel_sub = None

@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from broker import topology as t
 from broker.deadletters import DeadLetterStore
 from broker.events import EventConflict, EventLog, first_event
+from broker.metrics import WorkerMetrics
 from broker.model import (
     ChatInput,
     ClassificationInput,
@@ -38,7 +39,7 @@ from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
 from workers.batching import ClassificationBatcher, EmbeddingBatcher
 from workers.classify import classify_exception
-from workers.provider import CallContext, Provider, ProviderError, call_provider
+from workers.provider import CallContext, Provider, ProviderError, ResponseInfo, call_provider
 from workers.retry import HANDED_BACK, WORKER_LOST, RetryPolicy, decide, next_attempt
 from workers.streaming import DeltaWriter
 
@@ -73,8 +74,10 @@ class JobRunner:
         targets: dict[str, Target],
         *,
         ack_wait_s: float,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self._events = events
+        self._metrics = metrics
         self._dlq = dead_letters
         self._targets = targets
         self._heartbeat_s = max(0.2, ack_wait_s / 3)
@@ -128,9 +131,13 @@ class JobRunner:
 
     async def _append(self, event: JobEvent, expect_last: int) -> int:
         try:
-            return await self._events.append(event, expect_last=expect_last)
+            seq = await self._events.append(event, expect_last=expect_last)
         except EventConflict as err:
             raise _Lost from err
+        # A hand-back is a stopping worker's, not a failed attempt: no retry counted.
+        if self._metrics is not None and not (event.error is not None and event.error.code == HANDED_BACK):
+            self._metrics.job_event(event)
+        return seq
 
     async def _run(self, msg: Msg, job: QueuedJob, bound: Logger) -> None:
         prev, seq = await self._previous(msg, job)
@@ -169,8 +176,22 @@ class JobRunner:
             not_before=None,
         )
         seq = await self._append(running, seq)
+        if self._metrics is not None and prev.started_at is None:
+            self._metrics.job_started(running)
         bound.debug("job started", attempt=running.attempt, provider=target.provider.name)
-        ctx = CallContext(job.job_id, running.attempt, job.spec.metadata, deadline)
+        answered = False
+
+        def observe(info: ResponseInfo) -> None:
+            nonlocal answered
+            answered = True
+            if self._metrics is not None:
+                self._metrics.provider_answer(
+                    info.provider, info.model, info.status, info.latency_s, info.usage
+                )
+                limits = info.rate_limits
+                self._metrics.rate_limits(info.provider, limits.remaining_requests, limits.remaining_tokens)
+
+        ctx = CallContext(job.job_id, running.attempt, job.spec.metadata, deadline, observe=observe)
         try:
             async with self._lease(msg, job.job_id):
                 outcome, running, seq = await self._call(target, job, running, seq, ctx)
@@ -185,6 +206,11 @@ class JobRunner:
                 task.uncancel()
             raise _Lost from None
         if isinstance(outcome, ProviderError):
+            if self._metrics is not None:
+                self._metrics.provider_error(target.provider.name, outcome.error)
+                if not answered and outcome.error.http_status == 0:
+                    # No answer at all (connection failure, timeout): nothing was reported.
+                    self._metrics.provider_answer(target.provider.name, target.model, 0, 0.0, None)
             await self._failed(msg, job, running, seq, outcome, bound)
             return
         await self._append(running.next(JobState.SUCCEEDED, result=outcome), seq)
