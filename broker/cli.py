@@ -43,6 +43,12 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help=f"YAML config file (default: ./{DEFAULT_CONFIG} if present)."),
 ]
+MetricsOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Serve /metrics on 127.0.0.1:PORT (0: a free port; default: the config's metrics block)."
+    ),
+]
 NatsOpt = Annotated[
     str | None, typer.Option("--nats-url", help="NATS server URL (default: $NATS_URL, then nats.url).")
 ]
@@ -113,11 +119,16 @@ def broker(
     config: ConfigOpt = None,
     nats_url: NatsOpt = None,
     grpc_addr: Annotated[str | None, typer.Option(help="Listen address (default: broker.grpc_addr).")] = None,
+    metrics_port: MetricsOpt = None,
 ) -> None:
     """Run a broker: the gRPC API in front of JetStream."""
     from broker.server import BrokerServer
 
-    _serve(config, nats_url, lambda cfg, url: BrokerServer(cfg, nats_url=url, grpc_addr=grpc_addr))
+    _serve(
+        config,
+        nats_url,
+        lambda cfg, url: BrokerServer(cfg, nats_url=url, grpc_addr=grpc_addr, metrics_port=metrics_port),
+    )
 
 
 @app.command()
@@ -127,11 +138,16 @@ def worker(
     provider: Annotated[
         list[str] | None, typer.Option(help="Serve only these providers (repeatable).")
     ] = None,
+    metrics_port: MetricsOpt = None,
 ) -> None:
     """Run a worker process: provider pools pulling their routes' lanes."""
     from workers.pool import WorkerPool
 
-    _serve(config, nats_url, lambda cfg, url: WorkerPool(cfg, nats_url=url, providers=provider))
+    _serve(
+        config,
+        nats_url,
+        lambda cfg, url: WorkerPool(cfg, nats_url=url, providers=provider, metrics_port=metrics_port),
+    )
 
 
 @app.command()
@@ -141,6 +157,15 @@ def up(
     nats_url: NatsOpt = None,
     data_dir: Annotated[Path, typer.Option(help="Embedded NATS data directory.")] = Path(".laneway"),
     workers: Annotated[int, typer.Option(help="Worker processes to start.", min=1)] = 1,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            help="/metrics of the broker on this port (or the next free one), workers on the "
+            "next free ports after it; 0 turns metrics off.",
+            min=0,
+            max=65535,
+        ),
+    ] = 9100,
 ) -> None:
     """Run the whole stack: embedded nats-server (unless a URL is given), a broker, workers."""
     from broker.stack import run_stack
@@ -155,6 +180,7 @@ def up(
             grpc_addr=grpc_addr or cfg.broker.grpc_addr,
             data_dir=data_dir,
             workers=workers,
+            metrics_port=metrics_port,
         )
     )
 

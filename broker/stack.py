@@ -64,6 +64,7 @@ async def run_stack(
     grpc_addr: str,
     data_dir: Path,
     workers: int,
+    metrics_port: int = 0,
 ) -> None:
     async with contextlib.AsyncExitStack() as stack:
         if not nats_url:
@@ -84,19 +85,43 @@ async def run_stack(
         stack.push_async_callback(_stop_children, children, config.workers.shutdown_grace_s + 5)
         if config.fake_provider is not None:
             children.append(await _start_fake_provider(base, config))
-        broker_proc = await asyncio.create_subprocess_exec(*base, "broker", *common, "--grpc-addr", grpc_addr)
+        ports = _metrics_ports(metrics_port, 1 + workers)
+        metrics = [["--metrics-port", str(p)] if p else [] for p in ports]
+        broker_proc = await asyncio.create_subprocess_exec(
+            *base, "broker", *common, "--grpc-addr", grpc_addr, *metrics[0]
+        )
         children.append(broker_proc)
-        for _ in range(workers):
-            children.append(await asyncio.create_subprocess_exec(*base, "worker", *common))
+        for i in range(workers):
+            children.append(await asyncio.create_subprocess_exec(*base, "worker", *common, *metrics[1 + i]))
         await _wait_serving(grpc_addr, broker_proc)
         route = next(iter(config.routes))
         print(
             f"\nLaneway is up: broker on {grpc_addr}, NATS at {nats_url}, {workers} worker process(es).\n"
-            f"Try:  laneway submit --route {route} --priority high --text hello --wait\n"
+            + (
+                f"Metrics: http://127.0.0.1:{ports[0]}/metrics (broker), "
+                + ", ".join(f"http://127.0.0.1:{p}/metrics" for p in ports[1:])
+                + " (workers).\n"
+                if metrics_port
+                else ""
+            )
+            + f"Try:  laneway submit --route {route} --priority high --text hello --wait\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )
         await _until_stop(children)
+
+
+def _metrics_ports(first: int, count: int) -> list[int]:
+    """``count`` free loopback ports from ``first`` up (all 0 when metrics are off)."""
+    if not first:
+        return [0] * count
+    ports: list[int] = []
+    port = first
+    while len(ports) < count and port <= 65535:
+        if _port_free(port):
+            ports.append(port)
+        port += 1
+    return ports + [0] * (count - len(ports))
 
 
 async def _start_fake_provider(base: list[str], config: LanewayConfig) -> asyncio.subprocess.Process:

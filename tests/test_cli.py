@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+import httpx
 import nats
 import pytest
 
@@ -74,9 +75,11 @@ async def test_config_check_names_line_and_key(tmp_path: Path) -> None:
 async def _up(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
     """Run `laneway up`, submit through it, stop it with Ctrl-C (SIGINT)."""
     addr = f"127.0.0.1:{free_port()}"
+    metrics = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "broker.cli", "up", "--grpc-addr", addr, "--data-dir", str(tmp_path / "data"),
-        *extra, cwd=ROOT, env={**os.environ, "FAKE_PROVIDER_PORT": str(free_port()), **(env or {})},
+        "--metrics-port", str(metrics), *extra,
+        cwd=ROOT, env={**os.environ, "FAKE_PROVIDER_PORT": str(free_port()), **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
@@ -95,6 +98,12 @@ async def _up(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) ->
         assert code == 0, err
         assert "delta='over'" in out
         assert out.strip().endswith("SUCCEEDED attempt=1 provider=fake-openai text='over http'")
+        # The banner says where the broker's metrics are, and they count what we submitted.
+        url = re.search(rb"Metrics: (http://127\.0\.0\.1:\d+/metrics) \(broker\)", banner)
+        assert url is not None and url[1] == f"http://127.0.0.1:{metrics}/metrics".encode()
+        async with httpx.AsyncClient() as http:
+            scraped = (await http.get(url[1].decode())).text
+        assert 'laneway_submitted_total{lane="normal",route="chat"} 1.0' in scraped
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:
