@@ -25,14 +25,13 @@ from broker.dlq_wire import (
     encode_dead_letter,
 )
 from broker.events import EventLog
-from broker.inbox import direct_get
+from broker.inbox import DIRECT_GET_BATCH, direct_get
 from broker.jspub import PublishRejected, PublishUnanswered, publish_acked
 from broker.model import JobEvent, QueuedJob
 from laneway.errors import Unavailable
 
 __all__ = ["DeadLetterFilter", "DeadLetterStore", "StoredDeadLetter"]
 
-_BATCH = 256
 # A page scans at most this many dead letters, so a selective filter over a huge
 # queue answers in bounded time (with a token to go on).
 _MAX_SCAN = 10_000
@@ -111,8 +110,8 @@ class DeadLetterStore:
     async def get_many(self, job_ids: Sequence[str]) -> dict[str, StoredDeadLetter]:
         """The dead letters of the given jobs that have one."""
         out: dict[str, StoredDeadLetter] = {}
-        for i in range(0, len(job_ids), _BATCH):
-            subjects = [t.dlq_filter(job_id=j) for j in job_ids[i : i + _BATCH]]
+        for i in range(0, len(job_ids), DIRECT_GET_BATCH):
+            subjects = [t.dlq_filter(job_id=j) for j in job_ids[i : i + DIRECT_GET_BATCH]]
             request = {"multi_last": subjects, "batch": len(subjects)}
             for msg in await direct_get(
                 self._nc, self._events.mux, t.DLQ_DIRECT_GET, request, timeout=self._timeout
@@ -137,7 +136,7 @@ class DeadLetterStore:
         # The first page of a time filter starts at the first candidate by time.
         by_time = where.since is not None and not after_seq
         while scanned < _MAX_SCAN:
-            request: dict[str, object] = {"next_by_subj": subject, "batch": _BATCH}
+            request: dict[str, object] = {"next_by_subj": subject, "batch": DIRECT_GET_BATCH}
             if by_time and where.since is not None:
                 request["start_time"] = where.since.isoformat()
                 by_time = False
@@ -154,7 +153,7 @@ class DeadLetterStore:
                     if len(out) == size:
                         return out, stored.stream_seq
                 start = stored.stream_seq + 1
-            if len(msgs) < _BATCH:
+            if len(msgs) < DIRECT_GET_BATCH:
                 return out, 0
         return out, start - 1
 

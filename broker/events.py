@@ -21,16 +21,14 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from broker import topology as t
-from broker.inbox import ReplyMux, direct_get, status_of
-from broker.jspub import PublishRejected, PublishUnanswered, publish_acked, publish_many
+from broker.inbox import DIRECT_GET_BATCH, ReplyMux, direct_get, status_of
+from broker.jspub import WRONG_LAST_SEQUENCE, PublishRejected, PublishUnanswered, publish_acked, publish_many
 from broker.model import FINAL_STATES, JobEvent, JobState, QueuedJob
 from broker.wire import decode_event, encode_event
 from laneway.errors import LanewayError, Unavailable
 
 __all__ = ["EventConflict", "EventLog", "StoredEvent", "first_event", "is_scheduled"]
 
-_WRONG_LAST_SEQUENCE = 10071
-_BATCH = 256
 _FINAL_NAMES = frozenset(s.name for s in FINAL_STATES)
 
 
@@ -148,8 +146,8 @@ class EventLog:
     async def latest(self, job_ids: Sequence[str]) -> dict[str, StoredEvent]:
         """The latest event of each job that has one, in one batched read per 256 jobs."""
         out: dict[str, StoredEvent] = {}
-        for i in range(0, len(job_ids), _BATCH):
-            subjects = [t.event_subject(j) for j in job_ids[i : i + _BATCH]]
+        for i in range(0, len(job_ids), DIRECT_GET_BATCH):
+            subjects = [t.event_subject(j) for j in job_ids[i : i + DIRECT_GET_BATCH]]
             for event in await self._get_batch({"multi_last": subjects, "batch": len(subjects)}):
                 out[event.job_id] = event
         return out
@@ -159,10 +157,10 @@ class EventLog:
         events: list[StoredEvent] = []
         start = 1
         while True:
-            request = {"seq": start, "next_by_subj": t.event_subject(job_id), "batch": _BATCH}
+            request = {"seq": start, "next_by_subj": t.event_subject(job_id), "batch": DIRECT_GET_BATCH}
             batch = await self._get_batch(request)
             events.extend(e for e in batch if e.job_seq > after_job_seq)
-            if len(batch) < _BATCH:
+            if len(batch) < DIRECT_GET_BATCH:
                 return events
             start = batch[-1].stream_seq + 1
 
@@ -185,6 +183,6 @@ def _append_message(event: JobEvent, expect_last: int) -> tuple[str, bytes, dict
 def _append_error(event: JobEvent, err: PublishRejected | PublishUnanswered) -> LanewayError:
     if isinstance(err, PublishUnanswered):
         return Unavailable("event store did not answer in time")
-    if err.err_code == _WRONG_LAST_SEQUENCE:
+    if err.err_code == WRONG_LAST_SEQUENCE:
         return EventConflict(f"job {event.job_id}: event log moved on")
     return Unavailable(f"event store rejected the write: {err.description}")

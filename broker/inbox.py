@@ -25,7 +25,10 @@ from nats.aio.subscription import Subscription
 
 from laneway.errors import Unavailable
 
-__all__ = ["ReplyMux", "direct_get", "reply_inbox", "status_of", "unsubscribe_quietly"]
+__all__ = ["DIRECT_GET_BATCH", "ReplyMux", "direct_get", "reply_inbox", "status_of", "unsubscribe_quietly"]
+
+# Messages asked for per batched direct get.
+DIRECT_GET_BATCH = 256
 
 
 def status_of(msg: Msg) -> str:

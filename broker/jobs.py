@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,13 @@ from nats.js.kv import KeyValue
 
 from broker import topology as t
 from broker.events import EventConflict, EventLog, StoredEvent, first_event, is_scheduled
-from broker.jspub import PublishRejected, PublishUnanswered, publish_acked, publish_many
+from broker.jspub import (
+    WRONG_LAST_SEQUENCE,
+    PublishRejected,
+    PublishUnanswered,
+    publish_acked,
+    publish_many,
+)
 from broker.metrics import BrokerMetrics
 from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.watch import EventFeed
@@ -49,7 +54,6 @@ from laneway.errors import (
 __all__ = ["JobStore", "Submitted"]
 
 _PUBLISH_ATTEMPTS = 4
-_WRONG_LAST_SEQUENCE = 10071
 # An idempotency claim this old whose job has no event was left by a broker that
 # died between claiming and enqueueing: the next submission takes the key over.
 _STALE_CLAIM_S = 10.0
@@ -229,8 +233,7 @@ class JobStore:
 
     async def _debounce(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
         """Replace the key's pending schedule with this job's; supersede the one replaced."""
-        digest = hashlib.sha256(job.spec.debounce_key.encode()).hexdigest()[:32]
-        subject = t.debounce_subject(job.spec.route, digest)
+        subject = t.debounce_subject(job.spec.route, job.spec.debounce_key)
         headers = _job_headers(job, event_seq)
         js = self._nc.jetstream()
         for _ in range(16):
@@ -245,7 +248,7 @@ class JobStore:
             except PublishUnanswered as err:
                 raise Unavailable("job queue did not accept the job in time") from err
             except PublishRejected as err:
-                if err.err_code == _WRONG_LAST_SEQUENCE:
+                if err.err_code == WRONG_LAST_SEQUENCE:
                     continue  # another submission with the key came first: look again
                 raise Unavailable(f"job queue rejected the job: {err.description}") from err
             if replaced and replaced != job.job_id:
@@ -273,7 +276,7 @@ class JobStore:
         (None, without a round trip, for a job without a key)."""
         if not spec.idempotency_key:
             return None
-        digest = hashlib.sha256(f"{spec.route}\0{spec.idempotency_key}".encode()).hexdigest()
+        digest = t.idempotency_entry(spec.route, spec.idempotency_key)
         claim = f"{job_id} {time.time():.3f}".encode()
         try:
             await self._idempotency.create(digest, claim)

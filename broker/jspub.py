@@ -19,7 +19,10 @@ from nats.aio.msg import Msg
 
 from broker.inbox import ReplyMux, status_of
 
-__all__ = ["PublishRejected", "PublishUnanswered", "publish_acked", "publish_many"]
+__all__ = ["WRONG_LAST_SEQUENCE", "PublishRejected", "PublishUnanswered", "publish_acked", "publish_many"]
+
+# JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
+WRONG_LAST_SEQUENCE = 10071
 
 
 class PublishRejected(Exception):

@@ -14,13 +14,13 @@ from datetime import timedelta
 from broker.deadletters import DeadLetterFilter, DeadLetterStore
 from broker.jobs import JobStore, Submitted
 from broker.model import JobSpec, utcnow
+from broker.wire import MAX_METADATA
 from laneway.errors import ApiError
 
 __all__ = ["REDRIVEN_FROM", "redrive"]
 
 # Metadata key on a redriven job: the dead-lettered job it repeats.
 REDRIVEN_FROM = "laneway.redriven_from"
-_MAX_METADATA = 64
 
 
 async def redrive(
@@ -40,7 +40,7 @@ async def redrive(
     for n, stored in enumerate(chosen):
         old = stored.dead_letter.job
         metadata = dict(old.spec.metadata)
-        if len(metadata) < _MAX_METADATA or REDRIVEN_FROM in metadata:
+        if len(metadata) < MAX_METADATA or REDRIVEN_FROM in metadata:
             metadata[REDRIVEN_FROM] = old.job_id
         wait = n / rate_per_s
         specs.append(

@@ -31,6 +31,7 @@ Nobody else spells a subject, stream, consumer or bucket name.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -89,6 +90,7 @@ __all__ = [
     "dlq_subject",
     "ensure_topology",
     "event_subject",
+    "idempotency_entry",
     "job_id_of",
     "job_subject",
     "pull_subject",
@@ -141,8 +143,15 @@ def delay_subject(job_id: str) -> str:
     return f"{SCHED_PREFIX}.at.{job_id}"
 
 
-def debounce_subject(route: str, key_digest: str) -> str:
-    return f"{SCHED_PREFIX}.debounce.{route}.{key_digest}"
+def debounce_subject(route: str, debounce_key: str) -> str:
+    # Hashed: a caller's key may hold anything, a subject token may not.
+    digest = hashlib.sha256(debounce_key.encode()).hexdigest()[:32]
+    return f"{SCHED_PREFIX}.debounce.{route}.{digest}"
+
+
+def idempotency_entry(route: str, idempotency_key: str) -> str:
+    """The idempotency bucket's key for a route's caller key (hashed for the same reason)."""
+    return hashlib.sha256(f"{route}\0{idempotency_key}".encode()).hexdigest()
 
 
 def dlq_subject(route: str, job_id: str) -> str:

@@ -38,6 +38,7 @@ from laneway.v1 import job_pb2, queue_pb2
 __all__ = [
     "LANE_FROM_PB",
     "LANE_TO_PB",
+    "MAX_METADATA",
     "NAME_RE",
     "decode_event",
     "decode_queued_job",
@@ -76,7 +77,7 @@ _FINISH_TO_PB = {
 }
 _FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
 
-_MAX_METADATA = 64
+MAX_METADATA = 64
 _MAX_METADATA_KEY = 128
 _MAX_METADATA_VALUE = 1024
 _MAX_IDEMPOTENCY_KEY = 256
@@ -115,8 +116,8 @@ def spec_from_pb(
         lane = LANE_FROM_PB[pb.lane]
     else:
         raise _bad(f"{field}.lane", f"unknown lane {pb.lane} (use LANE_HIGH, LANE_NORMAL or LANE_LOW)")
-    if len(pb.metadata) > _MAX_METADATA:
-        raise _bad(f"{field}.metadata", f"at most {_MAX_METADATA} entries")
+    if len(pb.metadata) > MAX_METADATA:
+        raise _bad(f"{field}.metadata", f"at most {MAX_METADATA} entries")
     for key, value in pb.metadata.items():
         if not key or len(key) > _MAX_METADATA_KEY:
             raise _bad(f"{field}.metadata", f"keys must be 1-{_MAX_METADATA_KEY} characters")

@@ -212,9 +212,7 @@ async def test_duplicate_submit_returns_original_after_broker_restart(nats_serve
 
 async def test_stale_claim_of_a_crashed_broker_is_taken_over(broker, client, nats_server) -> None:
     # A claim left by a broker that died before writing the job's first event.
-    import hashlib
-
-    digest = hashlib.sha256(b"chat\0key-1").hexdigest()
+    digest = t.idempotency_entry("chat", "key-1")
     nc = await nats.connect(nats_server.url)
     kv = await nc.jetstream().key_value(t.IDEMPOTENCY_BUCKET)
     await kv.create(digest, f"01ghostjob0000000000000000 {time.time() - 60:.3f}".encode())
