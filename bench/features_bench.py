@@ -17,24 +17,17 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
-import sys
 from pathlib import Path
-from typing import Any
-
-import nats
 
 import laneway
 from bench.measure import Count, Latency, Throughput, closed_loop, paced
 from bench.report import progress
 from bench.settings import Settings
-from bench.stack import Workspace, wait_grpc_health, wait_pull_waiting, wait_stream_empty
+from bench.stack import Workspace, diagnose, start_stack, wait_stream_empty
 from broker import topology as topo
-from broker.config import load_config
-from broker.natsd import free_port
 from laneway.v1 import job_pb2
 
-__all__ = ["EMBED_ROUTE", "Results", "follow", "run_features", "start_stack"]
+__all__ = ["EMBED_ROUTE", "Results", "follow", "run_features"]
 
 Results = dict[str, Throughput | Latency | Count]
 
@@ -67,34 +60,6 @@ routes:
 BATCHING = (("off", 1, 0.0), ("on", 32, 2.0))
 
 
-async def start_stack(ws: Workspace, config_body: str, route: str) -> tuple[str, Any, dict[str, int | None]]:
-    """Start nats, broker and worker on ``config_body`` (a config without its
-    ``broker`` section); return the broker address, a NATS connection and pids.
-
-    A copy of ``bench.laneway_bench._start_stack`` (private, with its config fixed)
-    taking the config and the route to wait on."""
-    server = await ws.start_nats()
-    port = free_port()
-    addr = f"127.0.0.1:{port}"
-    config = ws.dir / "laneway.yaml"
-    config.write_text(f'broker:\n  grpc_addr: "{addr}"\n' + config_body)
-    load_config(config)  # fail here, with the config error, rather than in a child
-    cli = [sys.executable, "-m", "broker.cli"]
-    common = ["--config", str(config), "--nats-url", server.url]
-    broker = await ws.spawn("broker", [*cli, "broker", *common, "--grpc-addr", addr])
-    await wait_grpc_health(addr, broker)
-    # The broker created the topology; the worker only checks it.
-    worker = await ws.spawn("worker", [*cli, "worker", *common])
-    nc = await nats.connect(server.url, name="bench-observer")
-    try:
-        await wait_pull_waiting(nc.jetstream(), topo.JOBS_STREAM, topo.consumer_name(route, "normal"), worker)
-    except BaseException:
-        await nc.close()
-        raise
-    pids = {"bench": os.getpid(), "nats-server": ws.nats_pid, "broker": broker.pid, "worker": worker.pid}
-    return addr, nc, pids
-
-
 def _check_embedding(event: job_pb2.JobEvent) -> str | None:
     if event.state != job_pb2.JOB_STATE_SUCCEEDED:
         state = job_pb2.JobState.Name(event.state)
@@ -103,16 +68,6 @@ def _check_embedding(event: job_pb2.JobEvent) -> str | None:
     if len(vectors) != 1 or len(vectors[0].values) != EMBED_DIM:
         return "SUCCEEDED with a wrong result"
     return None
-
-
-async def _diagnose(client: laneway.AsyncClient, job_id: str, why: str) -> str:
-    """Why a job has no final event in its stream, with its state according to GetJob
-    (a copy of the private ``bench.laneway_bench._diagnose``)."""
-    try:
-        state = job_pb2.JobState.Name((await client.get_job(job_id)).state)
-    except Exception as err:
-        state = f"GetJob failed: {type(err).__name__}"
-    return f"{why} (GetJob says {state})"
 
 
 async def follow(client: laneway.AsyncClient, job_ids: list[str], timeout: float) -> list[str]:
@@ -129,7 +84,7 @@ async def follow(client: laneway.AsyncClient, job_ids: list[str], timeout: float
         why = f"no final event streamed within {timeout:.0f}s"
     failures = [f for f in (_check_embedding(finals[j]) for j in job_ids if j in finals) if f]
     missing = [j for j in job_ids if j not in finals]
-    failures.extend(await asyncio.gather(*(_diagnose(client, j, why) for j in missing)))
+    failures.extend(await asyncio.gather(*(diagnose(client, j, why) for j in missing)))
     return failures
 
 

@@ -16,30 +16,22 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import sys
 import time
-from typing import Any
-
-import nats
 
 import laneway
 from bench.measure import Failures, Latency, Throughput, closed_loop, paced
 from bench.report import progress
 from bench.settings import PROMPT, ROUTE, Settings, chat_input
-from bench.stack import Child, Workspace, wait_grpc_health, wait_pull_waiting, wait_stream_empty
+from bench.stack import Child, Workspace, diagnose, start_stack, wait_stream_empty
 from broker import topology as topo
-from broker.config import load_config
-from broker.natsd import free_port
 from laneway.v1 import job_pb2
 
 __all__ = ["run_laneway"]
 
 Results = dict[str, Throughput | Latency]
 
+# Without its broker section: start_stack adds the address it picked.
 CONFIG = """\
-broker:
-  grpc_addr: "127.0.0.1:{port}"
 queue:
   ack_wait_s: 30
 workers:
@@ -56,30 +48,6 @@ routes:
 """
 
 
-async def _start_stack(ws: Workspace) -> tuple[str, Any, dict[str, int | None]]:
-    """Start nats, broker, worker; return the broker address, a NATS connection and pids."""
-    server = await ws.start_nats()
-    port = free_port()
-    config = ws.dir / "laneway.yaml"
-    config.write_text(CONFIG.format(port=port, route=ROUTE))
-    load_config(config)  # fail here, with the config error, rather than in a child
-    addr = f"127.0.0.1:{port}"
-    cli = [sys.executable, "-m", "broker.cli"]
-    common = ["--config", str(config), "--nats-url", server.url]
-    broker = await ws.spawn("broker", [*cli, "broker", *common, "--grpc-addr", addr])
-    await wait_grpc_health(addr, broker)
-    # The broker created the topology; the worker only checks it.
-    worker = await ws.spawn("worker", [*cli, "worker", *common])
-    nc = await nats.connect(server.url, name="bench-observer")
-    try:
-        await wait_pull_waiting(nc.jetstream(), topo.JOBS_STREAM, topo.consumer_name(ROUTE, "normal"), worker)
-    except BaseException:
-        await nc.close()
-        raise
-    pids = {"bench": os.getpid(), "nats-server": ws.nats_pid, "broker": broker.pid, "worker": worker.pid}
-    return addr, nc, pids
-
-
 def _check_finals(job_ids: list[str], finals: dict[str, job_pb2.JobEvent]) -> list[str]:
     failures: list[str] = []
     for job_id in job_ids:
@@ -90,15 +58,6 @@ def _check_finals(job_ids: list[str], finals: dict[str, job_pb2.JobEvent]) -> li
         elif event.result.chat.text != PROMPT:
             failures.append("SUCCEEDED with a wrong result")
     return failures
-
-
-async def _diagnose(client: laneway.AsyncClient, job_id: str, why: str) -> str:
-    """Why a job has no final event in its stream, with its state according to GetJob."""
-    try:
-        state = job_pb2.JobState.Name((await client.get_job(job_id)).state)
-    except Exception as err:
-        state = f"GetJob failed: {type(err).__name__}"
-    return f"{why} (GetJob says {state})"
 
 
 async def _follow(client: laneway.AsyncClient, job_ids: list[str], timeout: float) -> list[str]:
@@ -115,7 +74,7 @@ async def _follow(client: laneway.AsyncClient, job_ids: list[str], timeout: floa
         why = f"no final event streamed within {timeout:.0f}s"
     missing = [j for j in job_ids if j not in finals]
     failures = _check_finals([j for j in job_ids if j in finals], finals)
-    failures.extend(await asyncio.gather(*(_diagnose(client, j, why) for j in missing)))
+    failures.extend(await asyncio.gather(*(diagnose(client, j, why) for j in missing)))
     return failures
 
 
@@ -178,7 +137,7 @@ def _alive(children: list[Child]) -> None:
 async def run_laneway(s: Settings) -> Results:
     results: Results = {}
     async with Workspace("laneway") as ws:
-        addr, nc, pids = await _start_stack(ws)
+        addr, nc, pids = await start_stack(ws, CONFIG.format(route=ROUTE), ROUTE)
         try:
             async with laneway.AsyncClient(addr, timeout=30.0) as client:
                 jobs = Jobs(client, s.batch_size, s.follow_timeout_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -20,16 +21,23 @@ from types import TracebackType
 from typing import IO, Any
 
 import grpc
+import nats
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+import laneway
 from bench.procstat import child_pid
-from broker.natsd import EmbeddedNats
+from broker import topology as topo
+from broker.config import load_config
+from broker.natsd import EmbeddedNats, free_port
+from laneway.v1 import job_pb2
 
 __all__ = [
     "REPO",
     "BenchError",
     "Child",
     "Workspace",
+    "diagnose",
+    "start_stack",
     "wait_grpc_health",
     "wait_pull_waiting",
     "wait_stream_empty",
@@ -212,3 +220,37 @@ async def wait_stream_empty(js: Any, stream: str, timeout: float = 10.0) -> int:
         if left == 0 or loop.time() >= deadline:
             return left
         await asyncio.sleep(0.1)  # acks are applied asynchronously: poll under a deadline
+
+
+async def start_stack(ws: Workspace, config_body: str, route: str) -> tuple[str, Any, dict[str, int | None]]:
+    """Start nats, broker and worker on ``config_body`` (a config without its
+    ``broker`` section); return the broker address, a NATS connection and pids."""
+    server = await ws.start_nats()
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    config = ws.dir / "laneway.yaml"
+    config.write_text(f'broker:\n  grpc_addr: "{addr}"\n' + config_body)
+    load_config(config)  # fail here, with the config error, rather than in a child
+    cli = [sys.executable, "-m", "broker.cli"]
+    common = ["--config", str(config), "--nats-url", server.url]
+    broker = await ws.spawn("broker", [*cli, "broker", *common, "--grpc-addr", addr])
+    await wait_grpc_health(addr, broker)
+    # The broker created the topology; the worker only checks it.
+    worker = await ws.spawn("worker", [*cli, "worker", *common])
+    nc = await nats.connect(server.url, name="bench-observer")
+    try:
+        await wait_pull_waiting(nc.jetstream(), topo.JOBS_STREAM, topo.consumer_name(route, "normal"), worker)
+    except BaseException:
+        await nc.close()
+        raise
+    pids = {"bench": os.getpid(), "nats-server": ws.nats_pid, "broker": broker.pid, "worker": worker.pid}
+    return addr, nc, pids
+
+
+async def diagnose(client: laneway.AsyncClient, job_id: str, why: str) -> str:
+    """Why a job has no final event in its stream, with its state according to GetJob."""
+    try:
+        state = job_pb2.JobState.Name((await client.get_job(job_id)).state)
+    except Exception as err:
+        state = f"GetJob failed: {type(err).__name__}"
+    return f"{why} (GetJob says {state})"

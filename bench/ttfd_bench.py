@@ -27,11 +27,11 @@ import httpx
 from httpx_sse import aconnect_sse
 
 import laneway
-from bench.features_bench import Results, start_stack
+from bench.features_bench import Results
 from bench.measure import Failures, Latency, Op, sequential
 from bench.report import progress
 from bench.settings import Settings
-from bench.stack import BenchError, Child, Workspace, wait_stream_empty
+from bench.stack import BenchError, Child, Workspace, start_stack, wait_stream_empty
 from broker import topology as topo
 from broker.natsd import free_port
 from laneway.v1 import job_pb2
