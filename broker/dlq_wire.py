@@ -78,10 +78,6 @@ def attempts_from_history(events: Sequence[JobEvent]) -> tuple[AttemptRecord, ..
     return tuple(out)
 
 
-def _ts_or_none(dt: datetime | None, out: object) -> None:
-    if dt is not None:
-        out.FromDatetime(dt)  # type: ignore[attr-defined]
-
 
 def dead_letter_to_pb(dl: DeadLetter) -> dead_letter_pb2.DeadLetter:
     queued = queued_job_to_pb(dl.job)
@@ -94,7 +90,8 @@ def dead_letter_to_pb(dl: DeadLetter) -> dead_letter_pb2.DeadLetter:
     for a in dl.attempts:
         rec = pb.attempts.add(attempt=a.attempt, provider=a.provider, model=a.model)
         rec.started_at.FromDatetime(a.started_at)
-        _ts_or_none(a.ended_at, rec.ended_at)
+        if a.ended_at is not None:
+            rec.ended_at.FromDatetime(a.ended_at)
         if a.error is not None:
             error_to_pb(a.error, rec.error)
     return pb

@@ -231,8 +231,6 @@ class JobRunner:
                 return await call_provider(provider, target.model, request, ctx), running, seq
             except ProviderError as err:
                 return err, running, seq
-            except (asyncio.CancelledError, _Lost):
-                raise
             except Exception as exc:
                 # An adapter bug or an unexpected library error: classified, never fatal.
                 return classify_exception(exc, provider=provider.name), running, seq
