@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -74,6 +75,19 @@ Lane = Literal["high", "normal", "low"]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0)]
+
+
+def _rates_at_most_one(rates: dict[int, float]) -> dict[int, float]:
+    if sum(rates.values()) > 1 + 1e-9:
+        raise ValueError(f"rates add up to {sum(rates.values()):g}, more than 1")
+    return rates
+
+
+# HTTP error status -> share of calls answered with it (mock and fake provider).
+ErrorRates = Annotated[
+    dict[Annotated[int, Field(ge=400, le=599)], Annotated[float, Field(ge=0, le=1)]],
+    AfterValidator(_rates_at_most_one),
+]
 
 
 class _Model(BaseModel):
@@ -216,7 +230,7 @@ class MockProviderConfig(_Model):
     """Requests per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
     tpm: Annotated[int, Field(ge=0)] = 0
     """Tokens per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
-    error_rates: dict[Annotated[int, Field(ge=400, le=599)], Annotated[float, Field(ge=0, le=1)]] = {}
+    error_rates: ErrorRates = {}
     """Share of calls (0-1) answered with each HTTP error status, e.g. ``{503: 0.05, 429:
     0.01}``, classified like a real provider's answers; the rates add up to at most 1."""
     retry_after_s: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
@@ -230,12 +244,6 @@ class MockProviderConfig(_Model):
     """Chat output: ``echo`` repeats the last user message; any other string is returned as-is."""
     embedding_dim: Annotated[int, Field(ge=1, le=4096)] = 8
     """Length of the vectors returned for embedding jobs."""
-
-    @model_validator(mode="after")
-    def _check_rates(self) -> Self:
-        if sum(self.error_rates.values()) > 1 + 1e-9:
-            raise ValueError(f"error_rates add up to {sum(self.error_rates.values()):g}, more than 1")
-        return self
 
 
 # A discriminated union on `type`: add a provider type's config model with `|`.
@@ -308,7 +316,7 @@ class FakeProviderProcessConfig(_Model):
     """Uniform +/- jitter on the latency, in milliseconds."""
     token_delay_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """Delay per streamed token, in milliseconds."""
-    error_rates: dict[Annotated[int, Field(ge=400, le=599)], Annotated[float, Field(ge=0, le=1)]] = {}
+    error_rates: ErrorRates = {}
     """Share of calls answered with each HTTP error status, e.g. ``{503: 0.01}``."""
 
 
