@@ -78,7 +78,6 @@ def attempts_from_history(events: Sequence[JobEvent]) -> tuple[AttemptRecord, ..
     return tuple(out)
 
 
-
 def dead_letter_to_pb(dl: DeadLetter) -> dead_letter_pb2.DeadLetter:
     queued = queued_job_to_pb(dl.job)
     pb = dead_letter_pb2.DeadLetter(
