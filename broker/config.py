@@ -41,7 +41,12 @@ from broker.config_errors import (
     suggest,
 )
 from broker.model import LANES, NAME_PATTERN
-from broker.provider_config import AnthropicProviderConfig, OpenAIProviderConfig
+from broker.provider_config import (
+    AnthropicProviderConfig,
+    CircuitConfig,
+    LimitsConfig,
+    OpenAIProviderConfig,
+)
 from laneway.errors import ConfigError
 
 __all__ = [
@@ -49,6 +54,7 @@ __all__ = [
     "NAME_PATTERN",
     "BatchConfig",
     "BrokerConfig",
+    "CircuitConfig",
     "ConfigProblem",
     "ConfigValidationError",
     "DeadLetterConfig",
@@ -56,6 +62,7 @@ __all__ = [
     "Lane",
     "LanesConfig",
     "LanewayConfig",
+    "LimitsConfig",
     "MetricsConfig",
     "MockProviderConfig",
     "NatsConfig",
@@ -244,6 +251,11 @@ class MockProviderConfig(_Model):
     """Chat output: ``echo`` repeats the last user message; any other string is returned as-is."""
     embedding_dim: Annotated[int, Field(ge=1, le=4096)] = 8
     """Length of the vectors returned for embedding jobs."""
+    limits: LimitsConfig = LimitsConfig()
+    """Fleet-wide limits the workers keep to when calling this provider (unlike ``rpm``
+    and ``tpm`` above, which make the mock itself refuse)."""
+    circuit: CircuitConfig = CircuitConfig()
+    """Fleet-wide circuit breaker of this provider."""
 
 
 # A discriminated union on `type`: add a provider type's config model with `|`.
@@ -260,7 +272,8 @@ class RouteTarget(_Model):
     model: Annotated[str, Field(min_length=1)]
     """Model name passed to the provider, e.g. ``mock-chat``."""
     weight: Annotated[int, Field(ge=1)] = 1
-    """Relative share of traffic among the route's targets."""
+    """Reserved for weighted spreading between targets; not used yet (targets are
+    preferred in the order listed)."""
 
 
 class BatchConfig(_Model):
@@ -278,7 +291,13 @@ class RouteConfig(_Model):
     """A name clients submit jobs to, mapped to provider/model targets."""
 
     targets: Annotated[tuple[RouteTarget, ...], Field(min_length=1)]
-    """Targets in preference order; the first is the primary."""
+    """Targets in preference order; the first is the primary. A target takes the
+    route's jobs while every target before it is at its limit (overflow) or has its
+    circuit open (failover). Each provider may appear once per route."""
+    when_all_down: Literal["wait", "fail"] = "wait"
+    """When every target a job may use has its circuit open: ``wait`` keeps jobs queued
+    (until their deadline) for the first provider to recover; ``fail`` dead-letters
+    queued jobs with ``no_healthy_target`` and refuses new ones with UNAVAILABLE."""
     max_attempts: Annotated[int | None, Field(ge=1)] = None
     """Attempts per job on this route; unset uses ``workers.max_attempts``."""
     retry_backoff_s: Annotated[float | None, Field(gt=0, allow_inf_nan=False)] = None
@@ -287,6 +306,17 @@ class RouteConfig(_Model):
     """Retry delay cap on this route; unset uses ``workers.retry_backoff_max_s``."""
     batch: BatchConfig | None = None
     """Batching of this route's embedding jobs; unset uses the top-level ``batch``."""
+
+    @field_validator("targets")
+    @classmethod
+    def _check_unique_providers(cls, value: tuple[RouteTarget, ...]) -> tuple[RouteTarget, ...]:
+        # Routing and job pins name targets by provider, so one provider per route.
+        seen: set[str] = set()
+        for target in value:
+            if target.provider in seen:
+                raise ValueError(f"provider '{target.provider}' is listed twice; list each provider once")
+            seen.add(target.provider)
+        return value
 
 
 class MetricsConfig(_Model):

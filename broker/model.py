@@ -130,6 +130,16 @@ class JobSpec:
     # Absolute: the broker turns a submitted delay or debounce window into this instant.
     not_before: datetime | None = None
     debounce_key: str = ""
+    providers: tuple[str, ...] = ()
+    """Only these providers may run the job (empty: any of the route's targets)."""
+    exclude_providers: tuple[str, ...] = ()
+    """Providers that must never run the job."""
+
+    def allows(self, provider: str) -> bool:
+        """Whether ``provider`` may run this job (its pins and exclusions)."""
+        if self.providers and provider not in self.providers:
+            return False
+        return provider not in self.exclude_providers
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "AnthropicProviderConfig",
+    "CircuitConfig",
     "ConfigModel",
     "HttpProviderConfig",
+    "LimitsConfig",
+    "ModelLimits",
     "OpenAIProviderConfig",
 ]
 
@@ -31,6 +34,76 @@ class ConfigModel(BaseModel):
 
     # Frozen: one config object is shared by every task of a process.
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ModelLimits(ConfigModel):
+    """Limits of one model where they differ from the provider's."""
+
+    rpm: Annotated[int, Field(ge=0)] = 0
+    """Requests per minute for this model, fleet-wide; 0: no request limit."""
+    tpm: Annotated[int, Field(ge=0)] = 0
+    """Tokens per minute for this model, fleet-wide; 0: no token limit."""
+
+
+class LimitsConfig(ConfigModel):
+    """What the provider allows, enforced across every worker process sharing the NATS
+    cluster (state in JetStream KV): the fleet together stays within these."""
+
+    rpm: Annotated[int, Field(ge=0)] = 0
+    """Requests per minute the account allows, fleet-wide; 0: no request limit."""
+    tpm: Annotated[int, Field(ge=0)] = 0
+    """Tokens per minute the account allows, fleet-wide; 0: no token limit. A call
+    reserves its prompt estimate (characters / 4) plus its ``max_tokens`` before it is
+    sent, and the reservation is corrected with the usage the provider reports."""
+    max_concurrent: Annotated[int, Field(ge=0)] = 0
+    """Calls in flight at once across the fleet; 0: only each process's ``concurrency``."""
+    models: dict[Annotated[str, Field(min_length=1)], ModelLimits] = {}
+    """Per-model ``rpm``/``tpm`` where a model's limits differ from the provider's; a
+    model listed here is limited by its own entry instead of the provider-wide one."""
+    burst_s: _Seconds = 1.0
+    """Burst allowance, in seconds of the rate: after a quiet spell up to
+    ``rpm / 60 * burst_s`` requests may go at once."""
+    decrease_factor: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)] = 0.5
+    """On a 429 or overload answer, the fleet's rate is multiplied by this."""
+    recovery_s: _Seconds = 30.0
+    """Seconds for the adaptive rate to climb back from zero to the configured limit
+    (it grows linearly once the provider stops refusing)."""
+    min_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.05
+    """The adaptive rate never drops below this fraction of the configured limit."""
+
+    def for_model(self, model: str) -> tuple[int, int]:
+        """(rpm, tpm) that apply to calls of ``model``."""
+        own = self.models.get(model)
+        return (own.rpm, own.tpm) if own is not None else (self.rpm, self.tpm)
+
+    def key_for(self, provider: str, model: str) -> str:
+        """The limiter state a call of ``model`` draws on: its own if listed, else the provider's."""
+        return f"{provider}.{model}" if model in self.models else provider
+
+
+class CircuitConfig(ConfigModel):
+    """The provider's circuit breaker, shared by the whole fleet: when it opens, no
+    worker calls the provider and its routes' jobs go to their next healthy target."""
+
+    enabled: bool = True
+    """Turn the breaker off to keep calling a failing provider (jobs then retry as usual)."""
+    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    """Failures in a row, counted across the fleet, that open the circuit. Failures are
+    transient errors: 5xx, timeouts, connection errors, stalls; not 429s or bad input."""
+    error_rate: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 0.5
+    """Share of a process's calls in the last ``window_s`` failing that opens the circuit..."""
+    min_calls: Annotated[int, Field(ge=1)] = 20
+    """...once that window holds at least this many calls."""
+    window_s: _Seconds = 10.0
+    """Length of the error-rate window, in seconds."""
+    open_s: _Seconds = 5.0
+    """Seconds the circuit stays open before a few probe calls test the provider; each
+    failed probe doubles it, up to ``max_open_s``."""
+    max_open_s: _Seconds = 60.0
+    """Cap on how long the circuit stays open between probes."""
+    probes: Annotated[int, Field(ge=1)] = 3
+    """Probe calls (at most this many in flight, fleet-wide) that must all succeed to
+    close the circuit again; traffic then returns gradually, through the limiter."""
 
 
 class HttpProviderConfig(ConfigModel):
@@ -47,10 +120,11 @@ class HttpProviderConfig(ConfigModel):
     concurrency: Annotated[int, Field(ge=1)] = 16
     """Most calls one worker process runs against this provider at once (also the size
     of its HTTP connection pool)."""
-    rpm: Annotated[int, Field(ge=0)] = 0
-    """Requests per minute the account allows; 0 means unknown or unlimited."""
-    tpm: Annotated[int, Field(ge=0)] = 0
-    """Tokens per minute the account allows; 0 means unknown or unlimited."""
+    limits: LimitsConfig = LimitsConfig()
+    """Fleet-wide rate and concurrency limits of this provider (adaptive: cut on 429s,
+    Retry-After honoured by every worker, rate-limit headers heeded)."""
+    circuit: CircuitConfig = CircuitConfig()
+    """Fleet-wide circuit breaker of this provider."""
     connect_timeout_s: _Seconds = 5.0
     """Seconds to wait for a TCP/TLS connection to the API."""
     first_token_timeout_s: _Seconds = 30.0

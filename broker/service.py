@@ -55,9 +55,28 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 f"{field}: unknown route {route!r}{hint}", field=field, reason="UNKNOWN_ROUTE"
             )
 
+    def _check_providers(self, spec: JobSpec, field: str) -> None:
+        targets = [t.provider for t in self._config.routes[spec.route].targets]
+        for key, names in (("providers", spec.providers), ("exclude_providers", spec.exclude_providers)):
+            for index, name in enumerate(names):
+                if name not in targets:
+                    where = f"{field}.{key}[{index}]"
+                    listed = ", ".join(targets)
+                    raise InvalidArgument(
+                        f"{where}: {name!r} is not a target of route {spec.route!r} (targets: {listed})",
+                        field=where,
+                    )
+        if not any(spec.allows(name) for name in targets):
+            raise InvalidArgument(
+                f"{field}.providers: no target of route {spec.route!r} is left to run the job "
+                f"(targets: {', '.join(targets)})",
+                field=f"{field}.providers",
+            )
+
     def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
         spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default)
         self._check_route(spec.route, f"{field}.route")
+        self._check_providers(spec, field)
         if spec.deadline is not None and spec.deadline <= utcnow():
             raise InvalidArgument(f"{field}.deadline: already passed", field=f"{field}.deadline")
         return spec

@@ -25,6 +25,10 @@ Streams:
 Key-value:
 
 - ``laneway_idempotency``: idempotency key digest -> job id, kept 24 h.
+- ``laneway_providers``: fleet-wide provider state (``broker.provider_state``),
+  ``limit.<provider>[.<model digest>]`` for limiter budgets and
+  ``circuit.<provider>`` for circuit breakers; history 1, written with
+  compare-and-set, watched by every worker and broker.
 
 Nobody else spells a subject, stream, consumer or bucket name.
 """
@@ -78,11 +82,13 @@ __all__ = [
     "LIVE_PREFIX",
     "MAX_DELIVERIES_ADVISORY",
     "MIN_SERVER_VERSION",
+    "PROVIDERS_BUCKET",
     "SCHED_PREFIX",
     "LaneConsumer",
     "TopologySettings",
     "cancel_subject",
     "check_server_version",
+    "circuit_key",
     "consumer_name",
     "debounce_subject",
     "delay_subject",
@@ -93,6 +99,7 @@ __all__ = [
     "idempotency_entry",
     "job_id_of",
     "job_subject",
+    "limit_key",
     "pull_subject",
 ]
 
@@ -102,6 +109,7 @@ DLQ_STREAM = "LANEWAY_DLQ"
 ADVISORY_STREAM = "LANEWAY_ADVISORIES"
 ADVISORY_CONSUMER = "dlq_sweeper"
 IDEMPOTENCY_BUCKET = "laneway_idempotency"
+PROVIDERS_BUCKET = "laneway_providers"
 
 JOBS_PREFIX = "laneway.jobs"
 SCHED_PREFIX = "laneway.sched"
@@ -152,6 +160,18 @@ def debounce_subject(route: str, debounce_key: str) -> str:
 def idempotency_entry(route: str, idempotency_key: str) -> str:
     """The idempotency bucket's key for a route's caller key (hashed for the same reason)."""
     return hashlib.sha256(f"{route}\0{idempotency_key}".encode()).hexdigest()
+
+
+def limit_key(provider: str, model: str = "") -> str:
+    """The providers bucket's key of a limiter budget: the provider's, or one model's
+    (hashed: a model name may hold characters a key may not, e.g. ``:``)."""
+    if not model:
+        return f"limit.{provider}"
+    return f"limit.{provider}.{hashlib.sha256(model.encode()).hexdigest()[:16]}"
+
+
+def circuit_key(provider: str) -> str:
+    return f"circuit.{provider}"
 
 
 def dlq_subject(route: str, job_id: str) -> str:
@@ -389,18 +409,14 @@ async def ensure_topology(js: JetStreamContext, settings: TopologySettings) -> N
     for consumer in settings.lane_consumers():
         await _ensure_consumer(js, JOBS_STREAM, _lane_consumer(consumer, settings))
     await _ensure_consumer(js, ADVISORY_STREAM, _advisory_consumer())
-    await _ensure_bucket(js, settings.replicas)
+    await _ensure_bucket(js, IDEMPOTENCY_BUCKET, settings.replicas, ttl=float(_IDEMPOTENCY_TTL_S))
+    await _ensure_bucket(js, PROVIDERS_BUCKET, settings.replicas)
 
 
-async def _ensure_bucket(js: JetStreamContext, replicas: int) -> None:
+async def _ensure_bucket(js: JetStreamContext, bucket: str, replicas: int, ttl: float | None = None) -> None:
     try:
-        await js.key_value(IDEMPOTENCY_BUCKET)
+        await js.key_value(bucket)
     except nats.js.errors.BucketNotFoundError:
         await js.create_key_value(
-            KeyValueConfig(
-                bucket=IDEMPOTENCY_BUCKET,
-                ttl=float(_IDEMPOTENCY_TTL_S),
-                replicas=replicas,
-                storage=StorageType.FILE,
-            )
+            KeyValueConfig(bucket=bucket, ttl=ttl, replicas=replicas, storage=StorageType.FILE)
         )

@@ -7,6 +7,7 @@ Validation errors are ``InvalidArgument`` naming the request field
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -138,7 +139,16 @@ def spec_from_pb(
         deadline=deadline,
         not_before=not_before,
         debounce_key=debounce_key,
+        providers=_names(pb.providers, f"{field}.providers"),
+        exclude_providers=_names(pb.exclude_providers, f"{field}.exclude_providers"),
     )
+
+
+def _names(values: Sequence[str], field: str) -> tuple[str, ...]:
+    for index, name in enumerate(values):
+        if not NAME_RE.match(name):
+            raise _bad(f"{field}[{index}]", f"{name!r} is not a provider name (letters, digits, '-', '_')")
+    return tuple(dict.fromkeys(values))
 
 
 def _schedule_from_pb(pb: job_pb2.JobSpec, field: str, now: datetime) -> tuple[datetime | None, str]:
@@ -221,6 +231,8 @@ def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
     out.idempotency_key = spec.idempotency_key
     _ts(spec.deadline, out.deadline)
     _ts(spec.not_before, out.not_before)
+    out.providers.extend(spec.providers)
+    out.exclude_providers.extend(spec.exclude_providers)
     inp = spec.input
     if isinstance(inp, ChatInput):
         for m in inp.messages:

@@ -12,10 +12,12 @@ from pydantic import BaseModel, ValidationError
 
 from broker.config import (
     LANES,
+    CircuitConfig,
     ConfigProblem,
     ConfigValidationError,
     Lane,
     LanewayConfig,
+    LimitsConfig,
     MockProviderConfig,
     RouteConfig,
     RouteTarget,
@@ -24,6 +26,7 @@ from broker.config import (
     load_config,
     parse_config,
 )
+from broker.provider_config import OpenAIProviderConfig
 from laneway.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "laneway.example.yaml"
@@ -86,6 +89,10 @@ def test_example_file_shows_every_field() -> None:
         model: BaseModel = getattr(config, section)
         assert model.model_fields_set == set(type(model).model_fields), section
     assert config.providers["mock"].model_fields_set == set(MockProviderConfig.model_fields)
+    http = config.providers["fake-openai"]
+    assert isinstance(http, OpenAIProviderConfig)
+    assert http.limits.model_fields_set == set(LimitsConfig.model_fields)
+    assert http.circuit.model_fields_set == set(CircuitConfig.model_fields)
     assert config.routes["chat"].targets[0].model_fields_set == set(RouteTarget.model_fields)
     assert config.routes["chat"].model_fields_set == set(RouteConfig.model_fields)
 

@@ -68,6 +68,8 @@ def job(
     delay: float | timedelta | None = None,
     debounce_key: str = "",
     debounce: float | timedelta | None = None,
+    providers: Iterable[str] = (),
+    exclude_providers: Iterable[str] = (),
 ) -> job_pb2.JobSpec:
     """A job spec; ``lane`` is "high", "normal", "low" or "" for the broker's default.
 
@@ -75,8 +77,17 @@ def job(
     or a timedelta), or ``debounce_key`` with a ``debounce`` window: submissions with
     the same route and key inside the window collapse into one job that runs once,
     the window after the last of them, with the last one's input.
+
+    ``providers`` pins the job to some of the route's targets, ``exclude_providers``
+    keeps it away from some; overflow and failover stay within what is allowed.
     """
-    spec = job_pb2.JobSpec(route=route, metadata=dict(metadata or {}), idempotency_key=idempotency_key)
+    spec = job_pb2.JobSpec(
+        route=route,
+        metadata=dict(metadata or {}),
+        idempotency_key=idempotency_key,
+        providers=list(providers),
+        exclude_providers=list(exclude_providers),
+    )
     # An unknown lane name goes over the wire as an invalid number: the broker names the field.
     spec.lane = cast(job_pb2.Lane.ValueType, _LANES.get(lane, 99))
     if isinstance(input, job_pb2.ChatInput):

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14laneway/v1/job.proto\x12\nlaneway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x0b\x43hatMessage\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.laneway.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x90\x01\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"t\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.laneway.v1.ChatMessage\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.laneway.v1.GenerationParams\x12\x0e\n\x06stream\x18\x03 \x01(\x08\"\x1f\n\x0e\x45mbeddingInput\x12\r\n\x05texts\x18\x01 \x03(\t\"3\n\x13\x43lassificationInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\"\x83\x04\n\x07JobSpec\x12\r\n\x05route\x18\x01 \x01(\t\x12\x1e\n\x04lane\x18\x02 \x01(\x0e\x32\x10.laneway.v1.Lane\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.laneway.v1.ChatInputH\x00\x12/\n\tembedding\x18\x04 \x01(\x0b\x32\x1a.laneway.v1.EmbeddingInputH\x00\x12\x39\n\x0e\x63lassification\x18\x05 \x01(\x0b\x32\x1f.laneway.v1.ClassificationInputH\x00\x12\x33\n\x08metadata\x18\x06 \x03(\x0b\x32!.laneway.v1.JobSpec.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x08\x64\x65\x62ounce\x18\x0b \x01(\x0b\x32\x14.laneway.v1.Debounce\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"B\n\x08\x44\x65\x62ounce\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"r\n\nChatOutput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.laneway.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"c\n\x0f\x45mbeddingOutput\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.laneway.v1.Embedding\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"L\n\x14\x43lassificationOutput\x12\r\n\x05label\x18\x01 \x01(\t\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"\xab\x01\n\tJobResult\x12&\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x16.laneway.v1.ChatOutputH\x00\x12\x30\n\tembedding\x18\x02 \x01(\x0b\x32\x1b.laneway.v1.EmbeddingOutputH\x00\x12:\n\x0e\x63lassification\x18\x03 \x01(\x0b\x32 .laneway.v1.ClassificationOutputH\x00\x42\x08\n\x06output\"~\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12+\n\x0b\x65rror_class\x18\x03 \x01(\x0e\x32\x16.laneway.v1.ErrorClass\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x05 \x01(\r\"\xa9\x05\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\x12\x1e\n\x04lane\x18\x08 \x01(\x0e\x32\x10.laneway.v1.Lane\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65nqueued_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06result\x18\r \x01(\x0b\x32\x15.laneway.v1.JobResultH\x00\x12%\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x14.laneway.v1.JobErrorH\x00\x12&\n\x05\x64\x65lta\x18\x12 \x01(\x0b\x32\x15.laneway.v1.TextDeltaH\x00\x12\x34\n\x08metadata\x18\x0f \x03(\x0b\x32\".laneway.v1.JobEvent.MetadataEntry\x12.\n\nnot_before\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsuperseded_by\x18\x11 \x01(\t\x12\r\n\x05reset\x18\x13 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t*J\n\x04Lane\x12\x14\n\x10LANE_UNSPECIFIED\x10\x00\x12\r\n\tLANE_HIGH\x10\x01\x12\x0f\n\x0bLANE_NORMAL\x10\x02\x12\x0c\n\x08LANE_LOW\x10\x03*\x99\x02\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x16\n\x12JOB_STATE_RETRYING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x07\x12\x1b\n\x17JOB_STATE_DEAD_LETTERED\x10\x08\x12\x18\n\x14JOB_STATE_SUPERSEDED\x10\t\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\n*h\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*}\n\nErrorClass\x12\x1b\n\x17\x45RROR_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_CLASS_TRANSIENT\x10\x01\x12\x1c\n\x18\x45RROR_CLASS_RATE_LIMITED\x10\x02\x12\x19\n\x15\x45RROR_CLASS_PERMANENT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14laneway/v1/job.proto\x12\nlaneway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x0b\x43hatMessage\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.laneway.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x90\x01\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"t\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.laneway.v1.ChatMessage\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.laneway.v1.GenerationParams\x12\x0e\n\x06stream\x18\x03 \x01(\x08\"\x1f\n\x0e\x45mbeddingInput\x12\r\n\x05texts\x18\x01 \x03(\t\"3\n\x13\x43lassificationInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\"\xb1\x04\n\x07JobSpec\x12\r\n\x05route\x18\x01 \x01(\t\x12\x1e\n\x04lane\x18\x02 \x01(\x0e\x32\x10.laneway.v1.Lane\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.laneway.v1.ChatInputH\x00\x12/\n\tembedding\x18\x04 \x01(\x0b\x32\x1a.laneway.v1.EmbeddingInputH\x00\x12\x39\n\x0e\x63lassification\x18\x05 \x01(\x0b\x32\x1f.laneway.v1.ClassificationInputH\x00\x12\x33\n\x08metadata\x18\x06 \x03(\x0b\x32!.laneway.v1.JobSpec.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x08\x64\x65\x62ounce\x18\x0b \x01(\x0b\x32\x14.laneway.v1.Debounce\x12\x11\n\tproviders\x18\x0c \x03(\t\x12\x19\n\x11\x65xclude_providers\x18\r \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"B\n\x08\x44\x65\x62ounce\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"r\n\nChatOutput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.laneway.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"c\n\x0f\x45mbeddingOutput\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.laneway.v1.Embedding\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"L\n\x14\x43lassificationOutput\x12\r\n\x05label\x18\x01 \x01(\t\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"\xab\x01\n\tJobResult\x12&\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x16.laneway.v1.ChatOutputH\x00\x12\x30\n\tembedding\x18\x02 \x01(\x0b\x32\x1b.laneway.v1.EmbeddingOutputH\x00\x12:\n\x0e\x63lassification\x18\x03 \x01(\x0b\x32 .laneway.v1.ClassificationOutputH\x00\x42\x08\n\x06output\"~\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12+\n\x0b\x65rror_class\x18\x03 \x01(\x0e\x32\x16.laneway.v1.ErrorClass\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x05 \x01(\r\"\xa9\x05\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\x12\x1e\n\x04lane\x18\x08 \x01(\x0e\x32\x10.laneway.v1.Lane\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65nqueued_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06result\x18\r \x01(\x0b\x32\x15.laneway.v1.JobResultH\x00\x12%\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x14.laneway.v1.JobErrorH\x00\x12&\n\x05\x64\x65lta\x18\x12 \x01(\x0b\x32\x15.laneway.v1.TextDeltaH\x00\x12\x34\n\x08metadata\x18\x0f \x03(\x0b\x32\".laneway.v1.JobEvent.MetadataEntry\x12.\n\nnot_before\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsuperseded_by\x18\x11 \x01(\t\x12\r\n\x05reset\x18\x13 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t*J\n\x04Lane\x12\x14\n\x10LANE_UNSPECIFIED\x10\x00\x12\r\n\tLANE_HIGH\x10\x01\x12\x0f\n\x0bLANE_NORMAL\x10\x02\x12\x0c\n\x08LANE_LOW\x10\x03*\x99\x02\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x16\n\x12JOB_STATE_RETRYING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x07\x12\x1b\n\x17JOB_STATE_DEAD_LETTERED\x10\x08\x12\x18\n\x14JOB_STATE_SUPERSEDED\x10\t\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\n*h\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*}\n\nErrorClass\x12\x1b\n\x17\x45RROR_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_CLASS_TRANSIENT\x10\x01\x12\x1c\n\x18\x45RROR_CLASS_RATE_LIMITED\x10\x02\x12\x19\n\x15\x45RROR_CLASS_PERMANENT\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,16 +37,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOBSPEC_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_JOBEVENT_METADATAENTRY']._loaded_options = None
   _globals['_JOBEVENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_LANE']._serialized_start=2502
-  _globals['_LANE']._serialized_end=2576
-  _globals['_JOBSTATE']._serialized_start=2579
-  _globals['_JOBSTATE']._serialized_end=2860
-  _globals['_CHATROLE']._serialized_start=2862
-  _globals['_CHATROLE']._serialized_end=2966
-  _globals['_FINISHREASON']._serialized_start=2969
-  _globals['_FINISHREASON']._serialized_end=3128
-  _globals['_ERRORCLASS']._serialized_start=3130
-  _globals['_ERRORCLASS']._serialized_end=3255
+  _globals['_LANE']._serialized_start=2548
+  _globals['_LANE']._serialized_end=2622
+  _globals['_JOBSTATE']._serialized_start=2625
+  _globals['_JOBSTATE']._serialized_end=2906
+  _globals['_CHATROLE']._serialized_start=2908
+  _globals['_CHATROLE']._serialized_end=3012
+  _globals['_FINISHREASON']._serialized_start=3015
+  _globals['_FINISHREASON']._serialized_end=3174
+  _globals['_ERRORCLASS']._serialized_start=3176
+  _globals['_ERRORCLASS']._serialized_end=3301
   _globals['_CHATMESSAGE']._serialized_start=101
   _globals['_CHATMESSAGE']._serialized_end=167
   _globals['_GENERATIONPARAMS']._serialized_start=170
@@ -58,29 +58,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATIONINPUT']._serialized_start=467
   _globals['_CLASSIFICATIONINPUT']._serialized_end=518
   _globals['_JOBSPEC']._serialized_start=521
-  _globals['_JOBSPEC']._serialized_end=1036
-  _globals['_JOBSPEC_METADATAENTRY']._serialized_start=980
-  _globals['_JOBSPEC_METADATAENTRY']._serialized_end=1027
-  _globals['_DEBOUNCE']._serialized_start=1038
-  _globals['_DEBOUNCE']._serialized_end=1104
-  _globals['_TOKENUSAGE']._serialized_start=1106
-  _globals['_TOKENUSAGE']._serialized_end=1163
-  _globals['_CHATOUTPUT']._serialized_start=1165
-  _globals['_CHATOUTPUT']._serialized_end=1279
-  _globals['_EMBEDDING']._serialized_start=1281
-  _globals['_EMBEDDING']._serialized_end=1308
-  _globals['_EMBEDDINGOUTPUT']._serialized_start=1310
-  _globals['_EMBEDDINGOUTPUT']._serialized_end=1409
-  _globals['_CLASSIFICATIONOUTPUT']._serialized_start=1411
-  _globals['_CLASSIFICATIONOUTPUT']._serialized_end=1487
-  _globals['_JOBRESULT']._serialized_start=1490
-  _globals['_JOBRESULT']._serialized_end=1661
-  _globals['_JOBERROR']._serialized_start=1663
-  _globals['_JOBERROR']._serialized_end=1789
-  _globals['_JOBEVENT']._serialized_start=1792
-  _globals['_JOBEVENT']._serialized_end=2473
-  _globals['_JOBEVENT_METADATAENTRY']._serialized_start=980
-  _globals['_JOBEVENT_METADATAENTRY']._serialized_end=1027
-  _globals['_TEXTDELTA']._serialized_start=2475
-  _globals['_TEXTDELTA']._serialized_end=2500
+  _globals['_JOBSPEC']._serialized_end=1082
+  _globals['_JOBSPEC_METADATAENTRY']._serialized_start=1026
+  _globals['_JOBSPEC_METADATAENTRY']._serialized_end=1073
+  _globals['_DEBOUNCE']._serialized_start=1084
+  _globals['_DEBOUNCE']._serialized_end=1150
+  _globals['_TOKENUSAGE']._serialized_start=1152
+  _globals['_TOKENUSAGE']._serialized_end=1209
+  _globals['_CHATOUTPUT']._serialized_start=1211
+  _globals['_CHATOUTPUT']._serialized_end=1325
+  _globals['_EMBEDDING']._serialized_start=1327
+  _globals['_EMBEDDING']._serialized_end=1354
+  _globals['_EMBEDDINGOUTPUT']._serialized_start=1356
+  _globals['_EMBEDDINGOUTPUT']._serialized_end=1455
+  _globals['_CLASSIFICATIONOUTPUT']._serialized_start=1457
+  _globals['_CLASSIFICATIONOUTPUT']._serialized_end=1533
+  _globals['_JOBRESULT']._serialized_start=1536
+  _globals['_JOBRESULT']._serialized_end=1707
+  _globals['_JOBERROR']._serialized_start=1709
+  _globals['_JOBERROR']._serialized_end=1835
+  _globals['_JOBEVENT']._serialized_start=1838
+  _globals['_JOBEVENT']._serialized_end=2519
+  _globals['_JOBEVENT_METADATAENTRY']._serialized_start=1026
+  _globals['_JOBEVENT_METADATAENTRY']._serialized_end=1073
+  _globals['_TEXTDELTA']._serialized_start=2521
+  _globals['_TEXTDELTA']._serialized_end=2546
 # @@protoc_insertion_point(module_scope)

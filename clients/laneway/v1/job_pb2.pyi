@@ -344,6 +344,8 @@ class JobSpec(_message.Message):
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     DELAY_FIELD_NUMBER: _builtins.int
     DEBOUNCE_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_PROVIDERS_FIELD_NUMBER: _builtins.int
     route: _builtins.str
     """Route name (a model group from the config file)."""
     lane: Global___Lane.ValueType
@@ -377,6 +379,17 @@ class JobSpec(_message.Message):
     def debounce(self) -> Global___Debounce:
         """Optional: collapse submissions that share a key (see Debounce)."""
 
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional: only these providers (of the route's targets) may run the job, e.g.
+        for data residency. Empty allows every target. Overflow and failover stay
+        inside this set.
+        """
+
+    @_builtins.property
+    def exclude_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Optional: providers (of the route's targets) that must never run the job."""
+
     def __init__(
         self,
         *,
@@ -391,10 +404,12 @@ class JobSpec(_message.Message):
         not_before: _timestamp_pb2.Timestamp | None = ...,
         delay: _duration_pb2.Duration | None = ...,
         debounce: Global___Debounce | None = ...,
+        providers: _abc.Iterable[_builtins.str] | None = ...,
+        exclude_providers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "input", b"input", "not_before", b"not_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "idempotency_key", b"idempotency_key", "input", b"input", "lane", b"lane", "metadata", b"metadata", "not_before", b"not_before", "route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "exclude_providers", b"exclude_providers", "idempotency_key", b"idempotency_key", "input", b"input", "lane", b"lane", "metadata", b"metadata", "not_before", b"not_before", "providers", b"providers", "route", b"route"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "embedding", "classification"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015

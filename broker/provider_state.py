@@ -1,0 +1,362 @@
+"""Fleet-wide provider state: the rate limiter's budget and the circuit breaker. Pure.
+
+Both live in JetStream KV (bucket ``laneway_providers``, one key each, see
+``broker.topology``), written with compare-and-set by every worker process and
+read by brokers for ``GetProviderHealth``. This module holds only the state and
+its transitions; ``workers.limiter`` does the IO. Every function takes ``now``
+(unix seconds) so tests can replay exact timelines without a server.
+
+Limiter: a GCRA (generic cell rate algorithm) over requests and one over tokens.
+``req_tat`` is the theoretical arrival time of the next request at the current
+rate; a grant of ``k`` requests moves it ``k`` intervals on, and is allowed while
+it stays within ``burst_s`` of now. That is a token bucket stored as one number,
+so a grant is one small compare-and-set, and a process draws several requests in
+one write when the rate is high. The rate adapts: a 429 cuts it (multiplicative
+decrease) and pauses the whole fleet for the Retry-After; it then climbs back
+linearly over ``recovery_s``. Rate-limit headers close to the wall cap the rate
+until the provider's reset. ``holders`` counts calls in flight per worker
+process for ``max_concurrent``; entries expire, so a crashed process's calls do
+not hold the budget for ever.
+
+Circuit: closed, open, half-open. ``consecutive`` counts failures in a row across
+the fleet; a process also opens the circuit when its own recent error rate is
+over the threshold. An open circuit turns half-open at ``open_until``; up to
+``probes`` probe calls then run, and if they all succeed it closes, while a
+failed probe opens it again for twice as long.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from broker.provider_config import CircuitConfig, LimitsConfig
+
+__all__ = [
+    "HOLDER_TTL_S",
+    "CircuitState",
+    "LimitState",
+    "Phase",
+    "decode_circuit",
+    "decode_limit",
+    "encode_state",
+    "new_limit",
+]
+
+Phase = Literal["closed", "open", "half_open"]
+
+# A process refreshes its holder entry well within this; a dead one's entry lapses.
+HOLDER_TTL_S = 10.0
+# Several workers see the same wave of 429s; one cut per this long, not one per answer.
+_CUT_GAP_S = 1.0
+# Rate-limit headers: below this share of the limit remaining, spread what is left.
+_LOW_WATER = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """One limit key's budget (a provider, or one of its models)."""
+
+    rpm: int
+    """Configured requests per minute (0: no request limit)."""
+    tpm: int
+    """Configured tokens per minute (0: no token limit)."""
+    max_concurrent: int = 0
+    """Configured calls in flight across the fleet (0: no limit)."""
+    rate: float = 1.0
+    """Adaptive fraction of the configured limits in force at ``updated``."""
+    updated: float = 0.0
+    req_tat: float = 0.0
+    tok_tat: float = 0.0
+    paused_until: float = 0.0
+    """No call goes out before this (a fleet-wide Retry-After, or headers at the wall)."""
+    pause_reason: str = ""
+    cut_at: float = 0.0
+    header_rpm: float = 0.0
+    """Request rate the provider's headers leave room for, until ``header_until``."""
+    header_until: float = 0.0
+    holders: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Worker id -> (calls in flight, expiry) for ``max_concurrent``."""
+    granted: int = 0
+    """Requests granted since the state was created."""
+    limited: int = 0
+    """429 or overload answers seen."""
+
+    # --- reading ---------------------------------------------------------------
+
+    def fraction(self, now: float, recovery_s: float) -> float:
+        """The adaptive rate fraction now: it climbs back after the pause ends."""
+        since = max(0.0, now - max(self.updated, self.paused_until))
+        return min(1.0, self.rate + since / recovery_s)
+
+    def current_rpm(self, now: float, limits: LimitsConfig) -> float:
+        """Requests per minute allowed now (``inf`` without a request limit)."""
+        rpm = self.rpm * self.fraction(now, limits.recovery_s) if self.rpm else math.inf
+        if self.header_rpm and now < self.header_until:
+            rpm = min(rpm, self.header_rpm)
+        return rpm
+
+    def current_tpm(self, now: float, limits: LimitsConfig) -> float:
+        return self.tpm * self.fraction(now, limits.recovery_s) if self.tpm else math.inf
+
+    def in_flight(self, now: float, *, excluding: str = "") -> int:
+        return sum(n for worker, (n, until) in self.holders.items() if worker != excluding and until > now)
+
+    def wait_s(self, now: float, limits: LimitsConfig) -> float:
+        """Seconds until one more request could be granted (0: now). Concurrency is
+        not included: it frees when a call ends, not at a known time."""
+        wait = max(0.0, self.paused_until - now)
+        rpm = self.current_rpm(now, limits)
+        if math.isfinite(rpm):
+            wait = max(wait, self.req_tat - now - limits.burst_s)
+        return wait
+
+    def at_limit(self, now: float, limits: LimitsConfig) -> bool:
+        """Whether a request now would be refused (rate, pause or concurrency)."""
+        if self.wait_s(now, limits) > 0:
+            return True
+        return bool(self.max_concurrent) and self.in_flight(now) >= self.max_concurrent
+
+    def budget(self, now: float, limits: LimitsConfig) -> float:
+        """Requests that could be granted right now (``inf`` when nothing limits them)."""
+        left = self._rate_budget(now, limits)
+        if self.max_concurrent:
+            left = min(left, max(0, self.max_concurrent - self.in_flight(now)))
+        return left
+
+    def _rate_budget(self, now: float, limits: LimitsConfig) -> float:
+        if now < self.paused_until:
+            return 0.0
+        rpm = self.current_rpm(now, limits)
+        if not math.isfinite(rpm):
+            return math.inf
+        interval = 60.0 / max(rpm, 1e-9)
+        start = max(self.req_tat, now)
+        return max(0.0, math.floor((now + limits.burst_s - start) / interval) + 1)
+
+    # --- transitions -------------------------------------------------------------
+
+    def grant(
+        self, now: float, want: int, limits: LimitsConfig, *, worker: str, holding: int
+    ) -> tuple[LimitState, int]:
+        """Grant up to ``want`` requests to ``worker`` (which already has ``holding``
+        calls in flight): the new state and how many were granted."""
+        budget = self._rate_budget(now, limits)
+        if self.max_concurrent:
+            budget = min(
+                budget, max(0, self.max_concurrent - self.in_flight(now, excluding=worker) - holding)
+            )
+        granted = int(min(want, budget))
+        if granted <= 0:
+            return self, 0
+        state = self._rebased(now, limits)
+        rpm = state.current_rpm(now, limits)
+        req_tat = state.req_tat
+        if math.isfinite(rpm):
+            req_tat = max(req_tat, now) + granted * 60.0 / max(rpm, 1e-9)
+        holders = state.holders
+        if self.max_concurrent:
+            holders = _live(holders, now) | {worker: (holding + granted, now + HOLDER_TTL_S)}
+        return replace(state, req_tat=req_tat, holders=holders, granted=state.granted + granted), granted
+
+    def refund(self, now: float, count: int, limits: LimitsConfig) -> LimitState:
+        """Give back requests granted but not used (the queue had fewer jobs)."""
+        rpm = self.current_rpm(now, limits)
+        if count <= 0 or not math.isfinite(rpm):
+            return self
+        req_tat = max(now, self.req_tat - count * 60.0 / max(rpm, 1e-9))
+        return replace(self, req_tat=req_tat, granted=max(0, self.granted - count))
+
+    def hold(self, now: float, worker: str, holding: int) -> LimitState:
+        """Record ``worker``'s calls in flight (``max_concurrent``); 0 removes it."""
+        holders = {w: h for w, h in _live(self.holders, now).items() if w != worker}
+        if holding > 0:
+            holders[worker] = (holding, now + HOLDER_TTL_S)
+        return replace(self, holders=holders)
+
+    def reserve_tokens(self, now: float, tokens: int, limits: LimitsConfig) -> tuple[LimitState, float]:
+        """Reserve ``tokens`` for one call: the new state, or the unchanged state and
+        the seconds to wait before the reservation fits."""
+        tpm = self.current_tpm(now, limits)
+        if not math.isfinite(tpm) or tokens <= 0:
+            return self, 0.0
+        per_token = 60.0 / max(tpm, 1e-9)
+        start = max(self.tok_tat, now)
+        # A call larger than the whole burst can never fit; let it go when the bucket is full.
+        cost = min(tokens * per_token, max(limits.burst_s, 60.0))
+        if start + cost > now + max(limits.burst_s, 60.0) and start > now:
+            return self, start + cost - now - max(limits.burst_s, 60.0)
+        return replace(self, tok_tat=start + cost), 0.0
+
+    def reconcile_tokens(self, now: float, delta: int, limits: LimitsConfig) -> LimitState:
+        """Correct a reservation by ``delta`` tokens (actual minus reserved)."""
+        tpm = self.current_tpm(now, limits)
+        if not math.isfinite(tpm) or delta == 0:
+            return self
+        return replace(self, tok_tat=max(now, self.tok_tat + delta * 60.0 / max(tpm, 1e-9)))
+
+    def rate_limited(
+        self, now: float, retry_after_s: float | None, limits: LimitsConfig, reason: str = "429"
+    ) -> LimitState:
+        """The provider refused a call: cut the rate and pause the fleet for Retry-After."""
+        state = self._rebased(now, limits)
+        rate = state.rate
+        cut_at = state.cut_at
+        if now - state.cut_at >= _CUT_GAP_S:
+            rate = max(limits.min_fraction, state.rate * limits.decrease_factor)
+            cut_at = now
+        paused, why = state.paused_until, state.pause_reason
+        if retry_after_s is not None and now + retry_after_s > paused:
+            paused, why = now + retry_after_s, f"retry-after {retry_after_s:g}s ({reason})"
+        return replace(
+            state,
+            rate=rate,
+            cut_at=cut_at,
+            paused_until=paused,
+            pause_reason=why,
+            req_tat=max(state.req_tat, paused),
+            limited=state.limited + 1,
+        )
+
+    def headers(
+        self,
+        now: float,
+        *,
+        remaining: int | None,
+        limit: int | None,
+        reset_s: float | None,
+        limits: LimitsConfig,
+    ) -> LimitState | None:
+        """Heed the provider's request headers; None when they change nothing.
+
+        Out of requests: pause the fleet until the reset. Nearly out: spread what
+        is left evenly until the reset instead of running into the wall.
+        """
+        if remaining is None or reset_s is None or reset_s <= 0:
+            return None
+        until = now + reset_s
+        if remaining <= 0:
+            if until <= self.paused_until + 0.05:
+                return None
+            return replace(self, paused_until=until, pause_reason="rate-limit headers: none remaining")
+        low = _LOW_WATER * (limit or self.rpm or 0)
+        if remaining >= low:
+            if self.header_until and now >= self.header_until:
+                return replace(self, header_rpm=0.0, header_until=0.0)
+            return None
+        rpm = remaining / reset_s * 60.0
+        if (
+            self.header_rpm
+            and abs(rpm - self.header_rpm) < 0.1 * self.header_rpm
+            and until <= self.header_until + 1
+        ):
+            return None
+        return replace(self, header_rpm=rpm, header_until=until)
+
+    def _rebased(self, now: float, limits: LimitsConfig) -> LimitState:
+        # Fold the recovery so far into `rate`, so later cuts start from the real rate.
+        if now <= self.updated:
+            return self
+        return replace(self, rate=self.fraction(now, limits.recovery_s), updated=max(now, self.paused_until))
+
+
+def _live(holders: dict[str, tuple[int, float]], now: float) -> dict[str, tuple[int, float]]:
+    return {w: h for w, h in holders.items() if h[1] > now}
+
+
+def new_limit(rpm: int, tpm: int, max_concurrent: int, now: float) -> LimitState:
+    return LimitState(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, updated=now)
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitState:
+    """One provider's circuit breaker."""
+
+    phase: Phase = "closed"
+    """As stored; ``effective`` turns an expired open phase into half-open."""
+    consecutive: int = 0
+    """Failures in a row across the fleet."""
+    opened_at: float = 0.0
+    open_until: float = 0.0
+    open_s: float = 0.0
+    """How long the current open phase lasts; doubles with each failed probe."""
+    probes: dict[str, float] = field(default_factory=dict)
+    """Probe id -> expiry of probe calls in flight (half-open)."""
+    probe_ok: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0
+    opens: int = 0
+    """Times the circuit has opened."""
+
+    def effective(self, now: float) -> Phase:
+        if self.phase == "open" and now >= self.open_until:
+            return "half_open"
+        return self.phase
+
+    def allows_calls(self, now: float) -> bool:
+        """Whether ordinary (non-probe) calls may go out."""
+        return self.effective(now) == "closed"
+
+    def failure(self, now: float, message: str, cfg: CircuitConfig, *, trip: bool = False) -> CircuitState:
+        """A call failed with a transient error; ``trip``: the caller's own error rate is over."""
+        state = replace(self, consecutive=self.consecutive + 1, last_error=message[:300], last_error_at=now)
+        phase = self.effective(now)
+        if phase == "half_open":
+            return state._open(now, min(cfg.max_open_s, max(cfg.open_s, self.open_s * 2)))
+        if phase == "closed" and (trip or state.consecutive >= cfg.consecutive_failures):
+            return state._open(now, cfg.open_s)
+        return state
+
+    def success(self, now: float, cfg: CircuitConfig, *, probe: str = "") -> CircuitState | None:
+        """A call succeeded; None when nothing changes (the common case: no write)."""
+        phase = self.effective(now)
+        if phase == "closed":
+            return replace(self, consecutive=0) if self.consecutive else None
+        if phase == "open":
+            return None  # a call from before the circuit opened; proves nothing
+        probes = {p: until for p, until in self.probes.items() if p != probe and until > now}
+        ok = self.probe_ok + (1 if probe in self.probes else 0)
+        if ok >= cfg.probes:
+            return CircuitState(
+                last_error=self.last_error, last_error_at=self.last_error_at, opens=self.opens
+            )
+        return replace(self, phase="half_open", probes=probes, probe_ok=ok, consecutive=0)
+
+    def take_probe(self, now: float, probe: str, cfg: CircuitConfig, ttl_s: float) -> CircuitState | None:
+        """Claim a probe call in the half-open phase; None when none is free."""
+        if self.effective(now) != "half_open":
+            return None
+        probes = {p: until for p, until in self.probes.items() if until > now}
+        if len(probes) + self.probe_ok >= cfg.probes:
+            return None
+        probes[probe] = now + ttl_s
+        return replace(self, phase="half_open", probes=probes)
+
+    def _open(self, now: float, open_s: float) -> CircuitState:
+        return replace(
+            self,
+            phase="open",
+            opened_at=now,
+            open_until=now + open_s,
+            open_s=open_s,
+            probes={},
+            probe_ok=0,
+            opens=self.opens + 1,
+        )
+
+
+def encode_state(state: LimitState | CircuitState) -> bytes:
+    return json.dumps(asdict(state), separators=(",", ":")).encode()
+
+
+def decode_limit(data: bytes) -> LimitState:
+    raw: dict[str, Any] = json.loads(data)
+    raw["holders"] = {w: (int(h[0]), float(h[1])) for w, h in raw.get("holders", {}).items()}
+    return LimitState(**raw)
+
+
+def decode_circuit(data: bytes) -> CircuitState:
+    raw: dict[str, Any] = json.loads(data)
+    return CircuitState(**raw)
