@@ -1,9 +1,10 @@
 """``make bench``: Laneway's throughput and latency next to baselines measured in
 the same run (a raw nats-py JetStream loop and a raw grpc.aio echo), then its
 features: embedding batching on against off, and the time to the first streamed
-delta through Laneway against calling the provider directly.
+delta through Laneway against calling the provider directly; and what metrics cost
+(throughput with metrics off against on, in one run).
 
-    .venv/bin/python -m bench [--jobs N] [--quick] [--only laneway|baselines|features]
+    .venv/bin/python -m bench [--jobs N] [--quick] [--only laneway|baselines|features|metrics]
 
 Prints a table with ratios and the spec's targets, and writes the figures to
 ``bench/results/latest.json`` (or ``--output``). Exits 1 when a job failed or was
@@ -39,7 +40,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=None, help="jobs per throughput phase (default 3000)")
     p.add_argument("--quick", action="store_true", help="small N and a short paced phase (< 60 s)")
     p.add_argument(
-        "--only", choices=("laneway", "baselines", "features"), help="run only one side, or only the features"
+        "--only",
+        choices=("laneway", "baselines", "features", "metrics"),
+        help="run only one side, or only the features, or only the metrics overhead",
     )
     p.add_argument("--unary-concurrency", type=int, default=64, help="unary jobs in flight (default 64)")
     p.add_argument("--batches-in-flight", type=int, default=6, help="SubmitBatch calls in flight (default 6)")
@@ -67,6 +70,7 @@ async def _run(s: Settings, only: str | None) -> dict[str, Throughput | Latency 
     from bench.baselines import run_baselines
     from bench.features_bench import run_features
     from bench.laneway_bench import run_laneway
+    from bench.metrics_bench import run_metrics
 
     # SIGTERM cancels the run like Ctrl-C does, so children are stopped and temp dirs removed.
     task = asyncio.current_task()
@@ -79,6 +83,8 @@ async def _run(s: Settings, only: str | None) -> dict[str, Throughput | Latency 
         results.update(await run_laneway(s))
     if only in (None, "features"):
         results.update(await run_features(s))
+    if only in (None, "metrics"):
+        results.update(await run_metrics(s))
     return results
 
 
@@ -113,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{meta['nats_server']}, {meta['payload_bytes']}-byte jobs, {s.jobs} jobs per throughput phase, "
         f"run took {elapsed:.0f}s"
     )
-    rows = comparison_rows(results)
+    from bench.metrics_bench import metrics_rows
+
+    rows = comparison_rows(results) + metrics_rows(results)
     print_report(results, rows, header=header)
     write_json(
         args.output,

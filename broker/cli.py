@@ -24,6 +24,7 @@ import laneway
 from broker.cli_common import DEFAULT_ADDR, AddrOpt, client_call, echo_json
 from broker.cli_dlq import dlq_app
 from broker.cli_fake import fake_provider
+from broker.cli_ops import providers, stats, top
 from broker.config import LanewayConfig, config_json_schema, default_config, load_config
 from broker.logs import configure_logging
 from laneway.errors import LanewayError
@@ -36,6 +37,9 @@ config_app = typer.Typer(no_args_is_help=True, help="Check and describe config f
 app.add_typer(config_app, name="config")
 app.add_typer(dlq_app, name="dlq")
 app.command("fake-provider")(fake_provider)
+app.command()(providers)
+app.command()(stats)
+app.command()(top)
 
 DEFAULT_CONFIG = "laneway.example.yaml"
 

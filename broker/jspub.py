@@ -58,6 +58,8 @@ async def publish_many(
 ) -> list[int | PublishRejected | PublishUnanswered]:
     """Publish all, then wait for all acks: one round trip for a whole batch, and no
     task or request future per message. Returns each message's stream sequence or error."""
+    if not items:
+        return []  # asyncio.wait refuses an empty set (a batch whose jobs were all refused)
     loop = asyncio.get_running_loop()
     futures: list[asyncio.Future[Msg]] = [loop.create_future() for _ in items]
     with contextlib.ExitStack() as routes:

@@ -134,7 +134,8 @@ class LimitState:
             return math.inf
         interval = 60.0 / max(rpm, 1e-9)
         start = max(self.req_tat, now)
-        return max(0.0, math.floor((now + limits.burst_s - start) / interval) + 1)
+        # The epsilon keeps float error in a refunded tat from losing a whole request.
+        return max(0.0, math.floor((now + limits.burst_s - start) / interval + 1e-9) + 1)
 
     # --- transitions -------------------------------------------------------------
 
@@ -219,6 +220,13 @@ class LimitState:
             req_tat=max(state.req_tat, paused),
             limited=state.limited + 1,
         )
+
+    def soft_start(self, now: float, limits: LimitsConfig) -> LimitState:
+        """A provider back from an outage gets its traffic back gradually: the rate
+        restarts cut, as after a 429, and climbs over ``recovery_s``."""
+        state = self._rebased(now, limits)
+        rate = min(state.rate, max(limits.min_fraction, limits.decrease_factor))
+        return replace(state, rate=rate, cut_at=now)
 
     def headers(
         self,
@@ -333,6 +341,12 @@ class CircuitState:
             return None
         probes[probe] = now + ttl_s
         return replace(self, phase="half_open", probes=probes)
+
+    def drop_probe(self, probe: str) -> CircuitState | None:
+        """Give back a claimed probe that found no job to call with."""
+        if probe not in self.probes:
+            return None
+        return replace(self, probes={p: until for p, until in self.probes.items() if p != probe})
 
     def _open(self, now: float, open_s: float) -> CircuitState:
         return replace(

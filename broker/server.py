@@ -19,7 +19,9 @@ from broker.deadletters import DeadLetterStore
 from broker.events import EventLog
 from broker.jobs import JobStore
 from broker.metrics import BrokerMetrics, MetricsServer, start_metrics_server
+from broker.provider_health import ProviderHealthView
 from broker.service import BrokerServicer
+from broker.stats import QueueStats
 from broker.sweeper import MaxDeliverySweeper
 from broker.watch import EventFeed
 from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
@@ -92,6 +94,8 @@ class BrokerServer:
         )
         dead_letters = DeadLetterStore(self._nc, events)
         await self._exit.enter_async_context(MaxDeliverySweeper(self._nc, events, dead_letters))
+        providers = await self._exit.enter_async_context(ProviderHealthView(self._nc, self.config))
+        stats = QueueStats(js, t.TopologySettings.from_config(self.config).lane_consumers())
         # Room for a full batch of maximum-size jobs; each job's own limit is checked with a clear message.
         max_message = max(64 * 1024 * 1024, 2 * self.config.broker.max_payload_bytes)
         self._server = grpc.aio.server(
@@ -106,7 +110,7 @@ class BrokerServer:
             ]
         )
         broker_service_pb2_grpc.add_BrokerServiceServicer_to_server(
-            BrokerServicer(store, dead_letters, self.config), self._server
+            BrokerServicer(store, dead_letters, self.config, health=providers, stats=stats), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

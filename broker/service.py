@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import AsyncIterator
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -18,13 +18,16 @@ from broker.deadletters import DeadLetterFilter, DeadLetterStore
 from broker.dlq_wire import dead_letter_to_pb
 from broker.jobs import JobStore, Submitted
 from broker.model import JobSpec, utcnow
+from broker.ops_wire import provider_health_to_pb, stats_to_pb
+from broker.provider_health import ProviderHealthView
 from broker.redrive import redrive
+from broker.stats import QueueStats
 from broker.status import stream_errors, unary_errors
 from broker.wire import LANE_FROM_PB, NAME_RE, spec_from_pb
-from laneway.errors import ApiError, InvalidArgument, ResourceExhausted
+from laneway.errors import ApiError, InvalidArgument, ResourceExhausted, Unavailable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
-from laneway.v1 import dead_letter_pb2, job_pb2
+from laneway.v1 import dead_letter_pb2, job_pb2, ops_pb2
 
 __all__ = ["BrokerServicer"]
 
@@ -36,10 +39,20 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 class BrokerServicer(pb_grpc.BrokerServiceServicer):
-    def __init__(self, store: JobStore, dead_letters: DeadLetterStore, config: LanewayConfig) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        dead_letters: DeadLetterStore,
+        config: LanewayConfig,
+        *,
+        health: ProviderHealthView,
+        stats: QueueStats,
+    ) -> None:
         self._store = store
         self._dead_letters = dead_letters
         self._config = config
+        self._health = health
+        self._stats = stats
 
     def _requested(self, request: pb.SubmitRequest | pb.RunRequest) -> JobSpec:
         if not request.HasField("job"):
@@ -73,12 +86,28 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 field=f"{field}.providers",
             )
 
+    def _check_not_all_down(self, spec: JobSpec, field: str) -> None:
+        # `when_all_down: fail`: refuse now rather than queue a job no provider will take.
+        # Half-open counts as up: its probes may close the circuit any moment.
+        route = self._config.routes[spec.route]
+        if route.when_all_down != "fail":
+            return
+        usable = [t.provider for t in route.targets if spec.allows(t.provider)]
+        if usable and all(self._health.circuit_open(p) for p in usable):
+            raise Unavailable(
+                f"{field}: every provider route {spec.route!r} may use has its circuit open "
+                f"({', '.join(usable)}) and the route's when_all_down is fail; nothing was enqueued",
+                reason="NO_HEALTHY_TARGET",
+            )
+
     def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
         spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default)
         self._check_route(spec.route, f"{field}.route")
         self._check_providers(spec, field)
         if spec.deadline is not None and spec.deadline <= utcnow():
             raise InvalidArgument(f"{field}.deadline: already passed", field=f"{field}.deadline")
+        # Last: a request that is wrong should hear so, whatever the providers' state.
+        self._check_not_all_down(spec, field)
         return spec
 
     @unary_errors
@@ -104,7 +133,10 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 specs.append(self._spec(job, f"jobs[{i}]"))
             except ApiError as err:
                 specs.append(err)
-        outcomes = await self._store.submit_many(specs)
+        # Nothing to publish when every job was refused (e.g. all targets down): skip the store.
+        outcomes: list[Submitted | ApiError] = [s for s in specs if isinstance(s, ApiError)]
+        if len(outcomes) < len(specs):
+            outcomes = await self._store.submit_many(specs)
         response = pb.SubmitBatchResponse()
         for outcome in outcomes:
             item = response.outcomes.add()
@@ -224,6 +256,28 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 item.error.message = outcome.message
                 item.error.field = outcome.field
         return response
+
+    @unary_errors
+    async def GetProviderHealth(
+        self, request: ops_pb2.GetProviderHealthRequest, context: Ctx
+    ) -> ops_pb2.GetProviderHealthResponse:
+        for i, name in enumerate(request.providers):
+            if name not in self._config.providers:
+                known = ", ".join(self._config.providers)
+                raise InvalidArgument(
+                    f"providers[{i}]: unknown provider {name!r} (known: {known})", field=f"providers[{i}]"
+                )
+        wanted = set(request.providers)
+        names = [n for n in self._config.providers if not wanted or n in wanted]
+        response = ops_pb2.GetProviderHealthResponse()
+        response.providers.extend(provider_health_to_pb(h) for h in self._health.health(names))
+        return response
+
+    @unary_errors
+    async def GetStats(self, request: ops_pb2.GetStatsRequest, context: Ctx) -> ops_pb2.GetStatsResponse:
+        snapshot = await self._stats.read()
+        now = datetime.now(UTC)
+        return stats_to_pb(self._config, snapshot, self._health.health(now=now.timestamp()), now)
 
 
 def _filter(pb_filter: dead_letter_pb2.DeadLetterFilter, field: str) -> DeadLetterFilter:

@@ -12,8 +12,13 @@ async def _snapshot(url: str) -> dict[str, object]:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
+        # KV streams' consumers are watchers that come and go with processes.
         streams = {
-            s.config.name: (s.config.subjects, s.config.retention, s.state.consumer_count)
+            s.config.name: (
+                s.config.subjects,
+                s.config.retention,
+                0 if s.config.name.startswith("KV_") else s.state.consumer_count,
+            )
             for s in await js.streams_info()
         }
         consumers = sorted(c.name for c in await js.consumers_info(t.JOBS_STREAM))

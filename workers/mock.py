@@ -117,6 +117,7 @@ class MockProvider:
     def _log_call(self, ctx: CallContext, model: str, summary: str) -> None:
         if self.config.call_log:
             line: dict[str, object] = {
+                "t": time.time(),
                 "provider": self.name,
                 "model": model,
                 "job_id": ctx.job_id,

@@ -1,12 +1,14 @@
 """A worker process: provider pools pulling their routes' lanes.
 
 Each provider gets its own slots (its ``concurrency``) and pulls the lanes of
-the routes whose primary target it is, high lanes before low. Multi-target
-routing (overflow, failover) builds on this in the limiter.
+every route it is a target of, high lanes before low, through its routing gate
+(``workers.routing``): the primary while it has fleet budget and a closed
+circuit, later targets when the ones before them are full or down.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from types import TracebackType
 
@@ -20,13 +22,15 @@ from broker.config import LanewayConfig
 from broker.connection import connect_nats
 from broker.deadletters import DeadLetterStore
 from broker.events import EventLog
-from broker.metrics import MetricsServer, WorkerMetrics, start_metrics_server
+from broker.metrics import MetricsServer, WorkerMetrics, provider_prices, start_metrics_server
 from broker.model import LANES
 from laneway.errors import ConfigError
 from workers.batching import ClassificationBatcher, EmbeddingBatcher
+from workers.limiter import FleetLimiter
 from workers.provider import Provider, build_provider
 from workers.puller import LanePuller
 from workers.retry import RetryPolicy
+from workers.routing import RouteGate, TargetChooser
 from workers.runner import JobRunner, Target
 
 __all__ = ["WorkerPool"]
@@ -65,8 +69,9 @@ class WorkerPool:
         self._pullers: list[LanePuller] = []
         self._runner: JobRunner | None = None
         self._events: EventLog | None = None
+        self._limiter: FleetLimiter | None = None
         self._batchers: dict[tuple[str, str, int, float], tuple[EmbeddingBatcher, ClassificationBatcher]] = {}
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(prices=provider_prices(config.providers))
         # None: the config's port; 0 there means off, but 0 passed here picks a free port.
         self._metrics_port = (config.metrics.worker_port or None) if metrics_port is None else metrics_port
         self._metrics_server: MetricsServer | None = None
@@ -103,54 +108,68 @@ class WorkerPool:
         )
         js = self._nc.jetstream()
         await t.ensure_topology(js, t.TopologySettings.from_config(cfg))
-        targets: dict[str, Target] = {}
-        lanes_by_provider: dict[str, list[t.LaneConsumer]] = {}
+        targets: dict[tuple[str, str], Target] = {}
         for name in self._provider_names:
             provider = build_provider(name, cfg.providers[name])
             self._providers.append(provider)
-            routes = [r for r in cfg.routes if cfg.route_primary(r).provider == name]
-            for route in routes:
-                model = cfg.route_primary(route).model
-                batch = cfg.routes[route].batch or cfg.batch
-                embed, classify = None, None
-                if batch.max_items > 1:
-                    key = (name, model, batch.max_items, batch.max_wait_ms)
-                    if key not in self._batchers:
-                        items, wait = batch.max_items, batch.max_wait_ms / 1000
-                        self._batchers[key] = (
-                            EmbeddingBatcher(provider, model, max_items=items, max_wait_s=wait),
-                            ClassificationBatcher(provider, model, max_items=items, max_wait_s=wait),
-                        )
-                    embed, classify = self._batchers[key]
-                targets[route] = Target(provider, model, RetryPolicy.for_route(cfg, route), embed, classify)
-            # Lane-major order: every route's high lane before any normal lane.
-            lanes_by_provider[name] = [t.LaneConsumer(r, lane) for lane in LANES for r in routes]
+            for route, route_cfg in cfg.routes.items():
+                model = next((t.model for t in route_cfg.targets if t.provider == name), None)
+                if model is None:
+                    continue
+                embed, classify = self._batchers_for(provider, model, route)
+                retry = RetryPolicy.for_route(cfg, route)
+                targets[(route, name)] = Target(provider, model, retry, embed, classify)
         self._events = await EventLog(self._nc).__aenter__()
+        self._limiter = await FleetLimiter(js, cfg.providers, metrics=self.metrics).__aenter__()
+        served = dict.fromkeys(self._provider_names, True)
         self._runner = JobRunner(
             self._events,
             DeadLetterStore(self._nc, self._events),
             targets,
             ack_wait_s=cfg.queue.ack_wait_s,
             metrics=self.metrics,
+            limiter=self._limiter,
+            chooser=TargetChooser(self._limiter, cfg, served),
         )
         if self._metrics_port is not None:
             self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
             log.info("worker metrics serving", metrics_addr=f"127.0.0.1:{port}")
         self._cancel_sub = await self._nc.subscribe(t.CANCEL_ALL, cb=self._on_cancel)
-        for name, consumers in lanes_by_provider.items():
+        for name in self._provider_names:
+            gate = RouteGate(self._limiter, cfg, name)
+            # Lane-major order: every route's high lane before any normal lane.
+            consumers = [t.LaneConsumer(r, lane) for lane in LANES for r in gate.routes]
             if not consumers:
-                log.warning("provider is no route's primary target; it pulls nothing", provider=name)
+                log.warning("provider is no route's target; it pulls nothing", provider=name)
                 continue
             puller = LanePuller(
                 self._nc,
                 consumers,
                 capacity=cfg.providers[name].concurrency,
-                handler=self._runner.handle,
+                handler=functools.partial(self._runner.handle, provider=name),
                 shares=cfg.lanes.guaranteed_share,
+                gate=gate,
             )
+            self._limiter.on_change(puller.wake)
             puller.start()
             self._pullers.append(puller)
-        log.info("worker pulling", providers=self._provider_names, routes=sorted(targets))
+        log.info("worker pulling", providers=self._provider_names, routes=sorted({r for r, _ in targets}))
+
+    def _batchers_for(
+        self, provider: Provider, model: str, route: str
+    ) -> tuple[EmbeddingBatcher | None, ClassificationBatcher | None]:
+        """The batchers a route's jobs share on ``provider``/``model`` (None: batching off)."""
+        batch = self.config.routes[route].batch or self.config.batch
+        if batch.max_items <= 1:
+            return None, None
+        key = (provider.name, model, batch.max_items, batch.max_wait_ms)
+        if key not in self._batchers:
+            items, wait = batch.max_items, batch.max_wait_ms / 1000
+            self._batchers[key] = (
+                EmbeddingBatcher(provider, model, max_items=items, max_wait_s=wait),
+                ClassificationBatcher(provider, model, max_items=items, max_wait_s=wait),
+            )
+        return self._batchers[key]
 
     def _on_reconnected(self) -> None:
         # Waiting pull requests die with the old connection (the server forgets them).
@@ -176,6 +195,9 @@ class WorkerPool:
         for provider in self._providers:
             await provider.aclose()
         self._providers.clear()
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            await limiter.close()
         metrics_server, self._metrics_server = self._metrics_server, None
         if metrics_server is not None:
             await metrics_server.close()

@@ -21,6 +21,13 @@ lanes); a parked delivery that finds every slot taken is handed back at once
 (nak), so the process never runs more jobs than its capacity and work waits in
 the durable queue, not in worker memory.
 
+Every pull goes through a gate (``workers.routing.RouteGate``): a lane is pulled
+only for as many jobs as the fleet-wide limiter granted this provider, and only
+when routing says this provider should take the route's work (its circuit, the
+targets ahead of it on the route). Grants a pull did not use are refunded. A
+gated lane is asked again when the gate says, or at once when any provider's
+state changes (``wake``).
+
 Guaranteed shares keep a saturated high lane from starving the lanes below it.
 A lane with share ``s`` (``lanes.guaranteed_share``) gets at least that fraction
 of this puller's job starts while it has waiting work; 0 means strict priority.
@@ -39,9 +46,10 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -51,12 +59,37 @@ from nats.aio.subscription import Subscription
 from broker.inbox import reply_inbox, status_of, unsubscribe_quietly
 from broker.topology import LaneConsumer, pull_subject
 from workers.lane_shares import LaneShares
+from workers.routing import Admission, Grant
 
-__all__ = ["JobHandler", "LanePuller"]
+__all__ = ["Gate", "JobHandler", "LanePuller"]
 
 log = structlog.get_logger("laneway.worker")
 
-JobHandler = Callable[[Msg, LaneConsumer], Awaitable[None]]
+JobHandler = Callable[[Msg, LaneConsumer, Grant], Awaitable[None]]
+
+
+class Gate(Protocol):
+    """Decides how many jobs of a lane may be pulled now (``workers.routing.RouteGate``)."""
+
+    async def admit(self, consumer: LaneConsumer, want: int) -> Admission: ...
+
+    async def release(self, consumer: LaneConsumer, unused: int, probe: str = "") -> None: ...
+
+    def may_park(self, consumer: LaneConsumer) -> bool: ...
+
+
+class _Open:
+    """No gate: every lane may always be pulled."""
+
+    async def admit(self, consumer: LaneConsumer, want: int) -> Admission:
+        return Admission(want)
+
+    async def release(self, consumer: LaneConsumer, unused: int, probe: str = "") -> None:
+        return None
+
+    def may_park(self, consumer: LaneConsumer) -> bool:
+        return True
+
 
 # Lane names; a TypeVar because Mapping keys are invariant and the config's are a Literal.
 LaneName = TypeVar("LaneName", bound=str)
@@ -86,8 +119,12 @@ class LanePuller:
         park_s: float = 5.0,
         request_timeout_s: float = 1.0,
         shares: Mapping[LaneName, float] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._nc = nc
+        self._gate: Gate = gate or _Open()
+        # Seconds until a gated lane should be asked again (inf: none is gated).
+        self._gated_for = math.inf
         self._consumers = tuple(consumers)
         self._capacity = capacity
         self._handler = handler
@@ -134,6 +171,11 @@ class LanePuller:
             await unsubscribe_quietly(park.sub)
         self._parks.clear()
 
+    def wake(self) -> None:
+        """A provider's shared state changed: a gated lane may be open now."""
+        if self._gated_for != math.inf:
+            self._wake.set()
+
     def forget_parks(self) -> None:
         """After a reconnect: parked pulls are gone server-side, so re-park now rather
         than at their local expiry (nats.py does not re-send pull requests, #504)."""
@@ -158,12 +200,16 @@ class LanePuller:
         self._wake.clear()
         await self._expire_parks(loop.time())
         free = self._free()
+        self._gated_for = math.inf
         if free >= self._refill or (free > 0 and self._busy == 0):
             if await self._sweep():
                 return
             await self._park_idle_lanes(loop.time())
+        timeout = self._next_park_deadline(loop.time())
+        if self._gated_for != math.inf:
+            timeout = self._gated_for if timeout is None else min(timeout, self._gated_for)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._next_park_deadline(loop.time())):
+            async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
     async def _sweep(self) -> int:
@@ -176,9 +222,7 @@ class LanePuller:
             if consumer.name in parked:
                 # A waiting pull means the lane had nothing; the server hands it the next job itself.
                 continue
-            msgs = await self._pull_now(consumer, free)
-            for msg in msgs:
-                self._dispatch(msg, consumer)
+            msgs = await self._gated_pull(consumer, free)
             total += len(msgs)
             if len(msgs) == free:
                 # The lane may hold more. Slots freed meanwhile go to it (or a higher
@@ -202,16 +246,33 @@ class LanePuller:
                     break
                 if consumer.name in parked:
                     continue  # known empty; its parked pull delivers (and counts) any new job
-                msgs = await self._pull_now(consumer, want - got)
-                for msg in msgs:
-                    self._dispatch(msg, consumer)
-                got += len(msgs)
+                got += len(await self._gated_pull(consumer, want - got))
             total += got
             if got < want:
                 # What the lane lacks is work, not slots: owing it more would only let it
                 # jump the queue in a burst once work arrives.
                 self._shares.settle(lane)
         return total
+
+    async def _gated_pull(self, consumer: LaneConsumer, want: int) -> list[Msg]:
+        """Pull what the gate grants (at most ``want``), dispatch it, refund the rest."""
+        admission = await self._gate.admit(consumer, want)
+        if admission.granted <= 0:
+            self._gated_for = min(self._gated_for, admission.retry_s)
+            return []
+        try:
+            msgs = await self._pull_now(consumer, admission.granted)
+        except BaseException:
+            await self._gate.release(consumer, admission.granted, admission.probe)
+            raise
+        grant = Grant(held=True, probe=admission.probe)
+        for index, msg in enumerate(msgs):
+            # A probe grant covers one job; any other job of the batch holds a plain slot.
+            self._dispatch(msg, consumer, grant if index == 0 else Grant(held=True))
+        if len(msgs) < admission.granted:
+            unused_probe = admission.probe if not msgs else ""
+            await self._gate.release(consumer, admission.granted - len(msgs), unused_probe)
+        return msgs
 
     async def _pull_now(self, consumer: LaneConsumer, batch: int) -> list[Msg]:
         replies: asyncio.Queue[Msg] = asyncio.Queue()
@@ -248,7 +309,7 @@ class LanePuller:
         for consumer in self._consumers:
             if self._stopping:
                 return
-            if consumer.name in parked:
+            if consumer.name in parked or not self._gate.may_park(consumer):
                 continue
             inbox = self._nc.new_inbox()
             callback = functools.partial(self._on_park_reply, consumer=consumer, inbox=inbox)
@@ -267,7 +328,8 @@ class LanePuller:
         park = self._parks.pop(inbox, None)
         if not status:
             # Even while stopping: the handler sees the pool is closing and hands the job back.
-            self._dispatch(msg, consumer)
+            # A parked pull holds no budget: the handler takes it before calling.
+            self._dispatch(msg, consumer, Grant())
         self._wake.set()
         if park is not None:
             await unsubscribe_quietly(park.sub)
@@ -287,20 +349,25 @@ class LanePuller:
     async def _request(self, consumer: LaneConsumer, body: Mapping[str, object], reply: str) -> None:
         await self._nc.publish(pull_subject(consumer.name), json.dumps(body).encode(), reply=reply)
 
-    def _dispatch(self, msg: Msg, consumer: LaneConsumer) -> None:
+    def _dispatch(self, msg: Msg, consumer: LaneConsumer, grant: Grant) -> None:
         if self._busy >= self._capacity:
             # A parked pull delivered while the slots filled up: hand the job back at once.
-            task = asyncio.create_task(msg.nak())
+            task = asyncio.create_task(self._hand_back(msg, consumer, grant))
         else:
             self._busy += 1
             self._shares.started(consumer.lane)
-            task = asyncio.create_task(self._handle(msg, consumer))
+            task = asyncio.create_task(self._handle(msg, consumer, grant))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)
 
-    async def _handle(self, msg: Msg, consumer: LaneConsumer) -> None:
+    async def _hand_back(self, msg: Msg, consumer: LaneConsumer, grant: Grant) -> None:
+        await msg.nak()
+        if grant.held:
+            await self._gate.release(consumer, 1)
+
+    async def _handle(self, msg: Msg, consumer: LaneConsumer, grant: Grant) -> None:
         try:
-            await self._handler(msg, consumer)
+            await self._handler(msg, consumer, grant)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -1,8 +1,10 @@
 """What happens after a failed attempt: retry when, or dead-letter why. Pure.
 
 The attempt budget counts only attempts that could have succeeded: a
-rate-limited attempt (the provider refused to try) and a job handed back by a
-stopping worker are repeated under the same attempt number. A worker lost
+rate-limited attempt (the provider refused to try), a failure at a provider
+whose circuit is open (the outage is the breaker's business: the job fails over
+or waits) and a job handed back by a stopping worker are repeated under the
+same attempt number. A worker lost
 mid-call (crash, lease expiry) spends its attempt, so a job that kills workers
 reaches dead letters after ``max_attempts`` instead of looping.
 """
@@ -17,6 +19,7 @@ from broker.model import ErrorClass, JobError, JobEvent, JobState
 
 __all__ = [
     "HANDED_BACK",
+    "PROVIDER_DOWN",
     "WORKER_LOST",
     "Decision",
     "RetryPolicy",
@@ -27,6 +30,9 @@ __all__ = [
 # Error codes the worker itself records.
 HANDED_BACK = "handed_back"
 WORKER_LOST = "worker_lost"
+# A failure at a provider whose circuit it opened (or found open): the outage is the
+# breaker's to handle, so the job goes to another target or waits, without paying an attempt.
+PROVIDER_DOWN = "circuit_open"
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ def _spent(event: JobEvent) -> bool:
     error = event.error
     if event.state is not JobState.RETRYING or error is None:
         return True
-    return not (error.error_class is ErrorClass.RATE_LIMITED or error.code == HANDED_BACK)
+    return not (error.error_class is ErrorClass.RATE_LIMITED or error.code in (HANDED_BACK, PROVIDER_DOWN))
 
 
 def next_attempt(previous: JobEvent) -> int:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import structlog
@@ -39,8 +40,11 @@ from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
 from workers.batching import ClassificationBatcher, EmbeddingBatcher
 from workers.classify import classify_exception
+from workers.feedback import learn, reserve_tokens
+from workers.limiter import FleetLimiter
 from workers.provider import CallContext, Provider, ProviderError, ResponseInfo, call_provider
-from workers.retry import HANDED_BACK, WORKER_LOST, RetryPolicy, decide, next_attempt
+from workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, RetryPolicy, decide, next_attempt
+from workers.routing import Choice, Grant, TargetChooser, estimate_tokens
 from workers.streaming import DeltaWriter
 
 __all__ = ["JobRunner", "Target"]
@@ -67,19 +71,29 @@ class _Lost(Exception):
 
 
 class JobRunner:
+    """Runs the jobs every provider pool of this process pulls.
+
+    ``targets`` maps (route, provider) to where such a job goes; a job runs on the
+    provider whose pool pulled it unless routing (``chooser``) picks another.
+    """
+
     def __init__(
         self,
         events: EventLog,
         dead_letters: DeadLetterStore,
-        targets: dict[str, Target],
+        targets: dict[tuple[str, str], Target],
         *,
         ack_wait_s: float,
         metrics: WorkerMetrics | None = None,
+        limiter: FleetLimiter | None = None,
+        chooser: TargetChooser | None = None,
     ) -> None:
         self._events = events
         self._metrics = metrics
         self._dlq = dead_letters
         self._targets = targets
+        self._limiter = limiter
+        self._chooser = chooser
         self._heartbeat_s = max(0.2, ack_wait_s / 3)
         self._running: dict[str, asyncio.Task[None]] = {}
         self.closing = False
@@ -92,14 +106,22 @@ class JobRunner:
         task.cancel()
         return True
 
-    async def handle(self, msg: Msg, consumer: t.LaneConsumer) -> None:
+    async def handle(self, msg: Msg, consumer: t.LaneConsumer, grant: Grant, *, provider: str) -> None:
+        """Run a job the pool of ``provider`` pulled, holding ``grant``."""
         if self.closing:
             await msg.nak()  # shutting down: hand the job back at once
+            await self._refund(grant, provider, consumer.route)
             return
         job = decode_queued_job(msg.data)
         bound = log.bind(job_id=job.job_id, route=job.spec.route, lane=job.spec.lane)
         try:
-            await self._run(msg, job, bound)
+            choice = await self._choose(job, provider, grant)
+            if choice.no_target:
+                await self._no_target(msg, job, bound)
+            elif not choice.provider:
+                await msg.nak(delay=choice.delay_s)  # no attempt made: back to the queue
+            else:
+                await self._run_with_slot(msg, job, choice, bound)
         except _Lost:
             # Someone else moved the job on; finish it if it is final, else leave it to its owner.
             latest = await self._events.last(job.job_id)
@@ -112,6 +134,37 @@ class JobRunner:
             # Shutdown past its grace period: hand back now, no waiting for the lease.
             await msg.nak()
             raise
+
+    async def _choose(self, job: QueuedJob, provider: str, grant: Grant) -> Choice:
+        if self._chooser is None:
+            return Choice(provider, grant.probe)
+        return await self._chooser.choose(job, provider, grant)
+
+    async def _refund(self, grant: Grant, provider: str, route: str) -> None:
+        if grant.held and self._limiter is not None:
+            await self._limiter.refund(provider, self._targets[(route, provider)].model, 1)
+
+    async def _run_with_slot(self, msg: Msg, job: QueuedJob, choice: Choice, bound: Logger) -> None:
+        """Run on the chosen target, which holds one budget slot for this job: the
+        call uses it, or it is refunded if the job ends before a call."""
+        called = False
+        try:
+            called = await self._run(msg, job, choice, bound)
+        finally:
+            if not called:
+                await self._refund(Grant(held=True), choice.provider, job.spec.route)
+
+    async def _no_target(self, msg: Msg, job: QueuedJob, bound: Logger) -> None:
+        prev, seq = await self._previous(msg, job)
+        if prev.state.is_final:
+            await self._finished(msg, job, prev)
+            return
+        err = JobError(
+            "no_healthy_target",
+            f"every provider route {job.spec.route!r} may use has its circuit open (when_all_down: fail)",
+            ErrorClass.PERMANENT,
+        )
+        await self._dead_letter(msg, job, prev, seq, err, bound)
 
     async def _finished(self, msg: Msg, job: QueuedJob, final: JobEvent) -> None:
         """Ack a job whose log is final, completing a dead-letter move cut short by a crash."""
@@ -139,13 +192,14 @@ class JobRunner:
             self._metrics.job_event(event)
         return seq
 
-    async def _run(self, msg: Msg, job: QueuedJob, bound: Logger) -> None:
+    async def _run(self, msg: Msg, job: QueuedJob, choice: Choice, bound: Logger) -> bool:
+        """Run one attempt on ``choice``'s provider; whether the provider was called."""
         prev, seq = await self._previous(msg, job)
         if prev.state.is_final:
             await self._finished(msg, job, prev)  # redelivered after it finished: no second call
-            return
+            return False
         now = utcnow()
-        target = self._targets[job.spec.route]
+        target = self._targets[(job.spec.route, choice.provider)]
         if prev.state is JobState.RUNNING:
             # Redelivered while its log says running: the last worker died or lost its lease.
             lost = JobError(
@@ -156,7 +210,7 @@ class JobRunner:
             decision = decide(target.retry, prev.attempt, lost, None)
             if not decision.retry:
                 await self._dead_letter(msg, job, prev, seq, lost, bound)
-                return
+                return False
             prev = prev.next(JobState.RETRYING, error=lost, reset=_streams(job))
             seq = await self._append(prev, seq)
         deadline = job.spec.deadline
@@ -166,7 +220,11 @@ class JobRunner:
             )
             await self._append(prev.next(JobState.EXPIRED, error=err), seq)
             await msg.ack()
-            return
+            return False
+        estimate = estimate_tokens(job.spec.input)
+        limiter, name = self._limiter, target.provider.name
+        if limiter is not None and not await reserve_tokens(limiter, msg, name, target.model, estimate):
+            return False
         running = prev.next(
             JobState.RUNNING,
             attempt=next_attempt(prev),
@@ -180,10 +238,12 @@ class JobRunner:
             self._metrics.job_started(running)
         bound.debug("job started", attempt=running.attempt, provider=target.provider.name)
         answered = False
+        seen: list[ResponseInfo] = []
 
         def observe(info: ResponseInfo) -> None:
             nonlocal answered
             answered = True
+            seen.append(info)
             if self._metrics is not None:
                 self._metrics.provider_answer(
                     info.provider, info.model, info.status, info.latency_s, info.usage
@@ -196,6 +256,7 @@ class JobRunner:
             async with self._lease(msg, job.job_id):
                 outcome, running, seq = await self._call(target, job, running, seq, ctx)
         except asyncio.CancelledError:
+            self._call_ended(target)
             if self.closing:
                 await self._hand_back(job, running, seq)
                 raise
@@ -205,6 +266,22 @@ class JobRunner:
             if task is not None:
                 task.uncancel()
             raise _Lost from None
+        except BaseException:
+            self._call_ended(target)
+            raise
+        self._call_ended(target)
+        down = False
+        if self._limiter is not None:
+            down = await learn(self._limiter, name, target.model, choice.probe, seen, outcome, estimate)
+        if isinstance(outcome, ProviderError) and down:
+            outcome = ProviderError(
+                JobError(
+                    PROVIDER_DOWN,
+                    f"{target.provider.name} is down (circuit open): {outcome.error.message}",
+                    ErrorClass.TRANSIENT,
+                    outcome.error.http_status,
+                )
+            )
         if isinstance(outcome, ProviderError):
             if self._metrics is not None:
                 self._metrics.provider_error(target.provider.name, outcome.error)
@@ -212,9 +289,14 @@ class JobRunner:
                     # No answer at all (connection failure, timeout): nothing was reported.
                     self._metrics.provider_answer(target.provider.name, target.model, 0, 0.0, None)
             await self._failed(msg, job, running, seq, outcome, bound)
-            return
+            return True
         await self._append(running.next(JobState.SUCCEEDED, result=outcome), seq)
         await msg.ack()
+        return True
+
+    def _call_ended(self, target: Target) -> None:
+        if self._limiter is not None:
+            self._limiter.call_ended(target.provider.name, target.model)
 
     async def _call(
         self, target: Target, job: QueuedJob, running: JobEvent, seq: int, ctx: CallContext
@@ -236,9 +318,14 @@ class JobRunner:
                 return classify_exception(exc, provider=provider.name), running, seq
         writer = DeltaWriter(self._events, running, seq)
         outcome: JobResult | ProviderError | None = None
+        sent = time.perf_counter()
+        first = True
         try:
             async for piece in provider.chat_stream(target.model, request, ctx):
                 if isinstance(piece, str):
+                    if first and self._metrics is not None:
+                        self._metrics.first_token(provider.name, target.model, time.perf_counter() - sent)
+                    first = False
                     writer.add(piece)
                 else:
                     outcome = piece
@@ -266,7 +353,11 @@ class JobRunner:
         self, msg: Msg, job: QueuedJob, running: JobEvent, seq: int, err: ProviderError, bound: Logger
     ) -> None:
         error = err.error
-        decision = decide(self._targets[job.spec.route].retry, running.attempt, error, err.retry_after_s)
+        retry = next(t.retry for (route, _), t in self._targets.items() if route == job.spec.route)
+        decision = decide(retry, running.attempt, error, err.retry_after_s)
+        if error.code == PROVIDER_DOWN:
+            # Straight back to the queue: another target (or the healed provider's probes) takes it.
+            decision = replace(decision, retry=True, delay_s=0.05)
         if not decision.retry:
             await self._dead_letter(msg, job, running, seq, error, bound)
             return

@@ -28,9 +28,10 @@ from grpc_status import rpc_status
 from laneway.dead_letters import DeadLetterPage, Redriven, dlq_filter, item_error, redrive_request, redriven
 from laneway.errors import ApiError, Unavailable, error_for_code
 from laneway.inputs import JobInput, job
+from laneway.ops import health_request
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
-from laneway.v1 import job_pb2
+from laneway.v1 import job_pb2, ops_pb2
 
 __all__ = [
     "FINAL_STATES",
@@ -302,6 +303,21 @@ class AsyncClient:
             raise _map_error(err) from None
         return redriven(r)
 
+    async def get_provider_health(self, providers: Sequence[str] = ()) -> list[ops_pb2.ProviderHealth]:
+        """Circuit state, rate and budget of ``providers`` (default: all); see ``laneway.ops``."""
+        try:
+            r = await self._stub.GetProviderHealth(health_request(providers), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+        return list(r.providers)
+
+    async def get_stats(self) -> ops_pb2.GetStatsResponse:
+        """Queue figures per route and lane, dead letters, and provider health."""
+        try:
+            return await self._stub.GetStats(ops_pb2.GetStatsRequest(), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+
 
 class Client:
     """Blocking client with the same methods as ``AsyncClient``."""
@@ -426,3 +442,17 @@ class Client:
         except grpc.RpcError as err:
             raise _map_error(err) from None
         return redriven(r)
+
+    def get_provider_health(self, providers: Sequence[str] = ()) -> list[ops_pb2.ProviderHealth]:
+        try:
+            return list(
+                self._stub.GetProviderHealth(health_request(providers), timeout=self._timeout).providers
+            )
+        except grpc.RpcError as err:
+            raise _map_error(err) from None
+
+    def get_stats(self) -> ops_pb2.GetStatsResponse:
+        try:
+            return self._stub.GetStats(ops_pb2.GetStatsRequest(), timeout=self._timeout)
+        except grpc.RpcError as err:
+            raise _map_error(err) from None

@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from laneway.v1 import dead_letter_pb2 as laneway_dot_v1_dot_dead__letter__pb2
 from laneway.v1 import job_pb2 as laneway_dot_v1_dot_job__pb2
+from laneway.v1 import ops_pb2 as laneway_dot_v1_dot_ops__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flaneway/v1/broker_service.proto\x12\nlaneway.v1\x1a\x1claneway/v1/dead_letter.proto\x1a\x14laneway/v1/job.proto\"1\n\rSubmitRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\"3\n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"7\n\x12SubmitBatchRequest\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.laneway.v1.JobSpec\">\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"]\n\rSubmitOutcome\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemError\"B\n\x13SubmitBatchResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.laneway.v1.SubmitOutcome\"\xb8\x01\n\x14StreamResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12G\n\x0cresume_after\x18\x02 \x03(\x0b\x32\x31.laneway.v1.StreamResultsRequest.ResumeAfterEntry\x12\x12\n\nfinal_only\x18\x03 \x01(\x08\x1a\x32\n\x10ResumeAfterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"<\n\x15StreamResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"B\n\nRunRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12\x12\n\nfinal_only\x18\x02 \x01(\x08\"E\n\x0bRunResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"K\n\x11\x43\x61ncelJobResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"m\n\x16ListDeadLettersRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.DeadLetterFilter\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x17ListDeadLettersResponse\x12,\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x16.laneway.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xad\x01\n\x19RedriveDeadLettersRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.DeadLetterFilter\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\r\n\x05route\x18\x03 \x01(\t\x12\x1e\n\x04lane\x18\x04 \x01(\x0e\x32\x10.laneway.v1.Lane\x12\x17\n\x0frate_per_second\x18\x05 \x01(\x01\x12\r\n\x05limit\x18\x06 \x01(\r\"Y\n\x08Redriven\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nnew_job_id\x18\x02 \x01(\t\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemError\"D\n\x1aRedriveDeadLettersResponse\x12&\n\x08redriven\x18\x01 \x03(\x0b\x32\x14.laneway.v1.Redriven2\xfe\x04\n\rBrokerService\x12?\n\x06Submit\x12\x19.laneway.v1.SubmitRequest\x1a\x1a.laneway.v1.SubmitResponse\x12N\n\x0bSubmitBatch\x12\x1e.laneway.v1.SubmitBatchRequest\x1a\x1f.laneway.v1.SubmitBatchResponse\x12V\n\rStreamResults\x12 .laneway.v1.StreamResultsRequest\x1a!.laneway.v1.StreamResultsResponse0\x01\x12\x38\n\x03Run\x12\x16.laneway.v1.RunRequest\x1a\x17.laneway.v1.RunResponse0\x01\x12?\n\x06GetJob\x12\x19.laneway.v1.GetJobRequest\x1a\x1a.laneway.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.laneway.v1.CancelJobRequest\x1a\x1d.laneway.v1.CancelJobResponse\x12Z\n\x0fListDeadLetters\x12\".laneway.v1.ListDeadLettersRequest\x1a#.laneway.v1.ListDeadLettersResponse\x12\x63\n\x12RedriveDeadLetters\x12%.laneway.v1.RedriveDeadLettersRequest\x1a&.laneway.v1.RedriveDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flaneway/v1/broker_service.proto\x12\nlaneway.v1\x1a\x1claneway/v1/dead_letter.proto\x1a\x14laneway/v1/job.proto\x1a\x14laneway/v1/ops.proto\"1\n\rSubmitRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\"3\n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"7\n\x12SubmitBatchRequest\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.laneway.v1.JobSpec\">\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"]\n\rSubmitOutcome\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemError\"B\n\x13SubmitBatchResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.laneway.v1.SubmitOutcome\"\xb8\x01\n\x14StreamResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12G\n\x0cresume_after\x18\x02 \x03(\x0b\x32\x31.laneway.v1.StreamResultsRequest.ResumeAfterEntry\x12\x12\n\nfinal_only\x18\x03 \x01(\x08\x1a\x32\n\x10ResumeAfterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"<\n\x15StreamResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"B\n\nRunRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12\x12\n\nfinal_only\x18\x02 \x01(\x08\"E\n\x0bRunResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"K\n\x11\x43\x61ncelJobResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"m\n\x16ListDeadLettersRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.DeadLetterFilter\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x17ListDeadLettersResponse\x12,\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x16.laneway.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xad\x01\n\x19RedriveDeadLettersRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.DeadLetterFilter\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\r\n\x05route\x18\x03 \x01(\t\x12\x1e\n\x04lane\x18\x04 \x01(\x0e\x32\x10.laneway.v1.Lane\x12\x17\n\x0frate_per_second\x18\x05 \x01(\x01\x12\r\n\x05limit\x18\x06 \x01(\r\"Y\n\x08Redriven\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nnew_job_id\x18\x02 \x01(\t\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemError\"D\n\x1aRedriveDeadLettersResponse\x12&\n\x08redriven\x18\x01 \x03(\x0b\x32\x14.laneway.v1.Redriven2\xa7\x06\n\rBrokerService\x12?\n\x06Submit\x12\x19.laneway.v1.SubmitRequest\x1a\x1a.laneway.v1.SubmitResponse\x12N\n\x0bSubmitBatch\x12\x1e.laneway.v1.SubmitBatchRequest\x1a\x1f.laneway.v1.SubmitBatchResponse\x12V\n\rStreamResults\x12 .laneway.v1.StreamResultsRequest\x1a!.laneway.v1.StreamResultsResponse0\x01\x12\x38\n\x03Run\x12\x16.laneway.v1.RunRequest\x1a\x17.laneway.v1.RunResponse0\x01\x12?\n\x06GetJob\x12\x19.laneway.v1.GetJobRequest\x1a\x1a.laneway.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.laneway.v1.CancelJobRequest\x1a\x1d.laneway.v1.CancelJobResponse\x12Z\n\x0fListDeadLetters\x12\".laneway.v1.ListDeadLettersRequest\x1a#.laneway.v1.ListDeadLettersResponse\x12\x63\n\x12RedriveDeadLetters\x12%.laneway.v1.RedriveDeadLettersRequest\x1a&.laneway.v1.RedriveDeadLettersResponse\x12`\n\x11GetProviderHealth\x12$.laneway.v1.GetProviderHealthRequest\x1a%.laneway.v1.GetProviderHealthResponse\x12\x45\n\x08GetStats\x12\x1b.laneway.v1.GetStatsRequest\x1a\x1c.laneway.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,46 +36,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._loaded_options = None
   _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITREQUEST']._serialized_start=99
-  _globals['_SUBMITREQUEST']._serialized_end=148
-  _globals['_SUBMITRESPONSE']._serialized_start=150
-  _globals['_SUBMITRESPONSE']._serialized_end=201
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=203
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=258
-  _globals['_BATCHITEMERROR']._serialized_start=260
-  _globals['_BATCHITEMERROR']._serialized_end=322
-  _globals['_SUBMITOUTCOME']._serialized_start=324
-  _globals['_SUBMITOUTCOME']._serialized_end=417
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=419
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=485
-  _globals['_STREAMRESULTSREQUEST']._serialized_start=488
-  _globals['_STREAMRESULTSREQUEST']._serialized_end=672
-  _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_start=622
-  _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_end=672
-  _globals['_STREAMRESULTSRESPONSE']._serialized_start=674
-  _globals['_STREAMRESULTSRESPONSE']._serialized_end=734
-  _globals['_RUNREQUEST']._serialized_start=736
-  _globals['_RUNREQUEST']._serialized_end=802
-  _globals['_RUNRESPONSE']._serialized_start=804
-  _globals['_RUNRESPONSE']._serialized_end=873
-  _globals['_GETJOBREQUEST']._serialized_start=875
-  _globals['_GETJOBREQUEST']._serialized_end=906
-  _globals['_GETJOBRESPONSE']._serialized_start=908
-  _globals['_GETJOBRESPONSE']._serialized_end=959
-  _globals['_CANCELJOBREQUEST']._serialized_start=961
-  _globals['_CANCELJOBREQUEST']._serialized_end=1011
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1013
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1088
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1090
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1199
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1201
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1297
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=1300
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=1473
-  _globals['_REDRIVEN']._serialized_start=1475
-  _globals['_REDRIVEN']._serialized_end=1564
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=1566
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=1634
-  _globals['_BROKERSERVICE']._serialized_start=1637
-  _globals['_BROKERSERVICE']._serialized_end=2275
+  _globals['_SUBMITREQUEST']._serialized_start=121
+  _globals['_SUBMITREQUEST']._serialized_end=170
+  _globals['_SUBMITRESPONSE']._serialized_start=172
+  _globals['_SUBMITRESPONSE']._serialized_end=223
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=225
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=280
+  _globals['_BATCHITEMERROR']._serialized_start=282
+  _globals['_BATCHITEMERROR']._serialized_end=344
+  _globals['_SUBMITOUTCOME']._serialized_start=346
+  _globals['_SUBMITOUTCOME']._serialized_end=439
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=441
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=507
+  _globals['_STREAMRESULTSREQUEST']._serialized_start=510
+  _globals['_STREAMRESULTSREQUEST']._serialized_end=694
+  _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_start=644
+  _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_end=694
+  _globals['_STREAMRESULTSRESPONSE']._serialized_start=696
+  _globals['_STREAMRESULTSRESPONSE']._serialized_end=756
+  _globals['_RUNREQUEST']._serialized_start=758
+  _globals['_RUNREQUEST']._serialized_end=824
+  _globals['_RUNRESPONSE']._serialized_start=826
+  _globals['_RUNRESPONSE']._serialized_end=895
+  _globals['_GETJOBREQUEST']._serialized_start=897
+  _globals['_GETJOBREQUEST']._serialized_end=928
+  _globals['_GETJOBRESPONSE']._serialized_start=930
+  _globals['_GETJOBRESPONSE']._serialized_end=981
+  _globals['_CANCELJOBREQUEST']._serialized_start=983
+  _globals['_CANCELJOBREQUEST']._serialized_end=1033
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1035
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1110
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1112
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1221
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1223
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1319
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=1322
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=1495
+  _globals['_REDRIVEN']._serialized_start=1497
+  _globals['_REDRIVEN']._serialized_end=1586
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=1588
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=1656
+  _globals['_BROKERSERVICE']._serialized_start=1659
+  _globals['_BROKERSERVICE']._serialized_end=2466
 # @@protoc_insertion_point(module_scope)

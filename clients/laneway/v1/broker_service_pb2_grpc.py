@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from laneway.v1 import broker_service_pb2 as laneway_dot_v1_dot_broker__service__pb2
+from laneway.v1 import ops_pb2 as laneway_dot_v1_dot_ops__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -75,6 +76,16 @@ class BrokerServiceStub:
                 request_serializer=laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersRequest.SerializeToString,
                 response_deserializer=laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.GetProviderHealth = channel.unary_unary(
+                '/laneway.v1.BrokerService/GetProviderHealth',
+                request_serializer=laneway_dot_v1_dot_ops__pb2.GetProviderHealthRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_ops__pb2.GetProviderHealthResponse.FromString,
+                _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/laneway.v1.BrokerService/GetStats',
+                request_serializer=laneway_dot_v1_dot_ops__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_ops__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
@@ -140,6 +151,20 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetProviderHealth(self, request, context):
+        """Circuit state, rate and budget of providers, from the fleet-wide state in JetStream KV.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStats(self, request, context):
+        """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +207,16 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.RedriveDeadLetters,
                     request_deserializer=laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersRequest.FromString,
                     response_serializer=laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersResponse.SerializeToString,
+            ),
+            'GetProviderHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProviderHealth,
+                    request_deserializer=laneway_dot_v1_dot_ops__pb2.GetProviderHealthRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_ops__pb2.GetProviderHealthResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=laneway_dot_v1_dot_ops__pb2.GetStatsRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_ops__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -401,6 +436,60 @@ class BrokerService:
             '/laneway.v1.BrokerService/RedriveDeadLetters',
             laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersRequest.SerializeToString,
             laneway_dot_v1_dot_broker__service__pb2.RedriveDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProviderHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/GetProviderHealth',
+            laneway_dot_v1_dot_ops__pb2.GetProviderHealthRequest.SerializeToString,
+            laneway_dot_v1_dot_ops__pb2.GetProviderHealthResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/GetStats',
+            laneway_dot_v1_dot_ops__pb2.GetStatsRequest.SerializeToString,
+            laneway_dot_v1_dot_ops__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

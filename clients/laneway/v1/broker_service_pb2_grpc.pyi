@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from grpc import aio as _aio
 from laneway.v1 import broker_service_pb2 as _broker_service_pb2
+from laneway.v1 import ops_pb2 as _ops_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -55,6 +56,10 @@ class BrokerServiceStub:
     """Submit dead-lettered jobs again (as new jobs), optionally onto another route
     or lane, paced so a large redrive does not flood a provider.
     """
+    GetProviderHealth: _grpc.UnaryUnaryMultiCallable[_ops_pb2.GetProviderHealthRequest, _ops_pb2.GetProviderHealthResponse]
+    """Circuit state, rate and budget of providers, from the fleet-wide state in JetStream KV."""
+    GetStats: _grpc.UnaryUnaryMultiCallable[_ops_pb2.GetStatsRequest, _ops_pb2.GetStatsResponse]
+    """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health."""
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -83,6 +88,10 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """Submit dead-lettered jobs again (as new jobs), optionally onto another route
     or lane, paced so a large redrive does not flood a provider.
     """
+    GetProviderHealth: _aio.UnaryUnaryMultiCallable[_ops_pb2.GetProviderHealthRequest, _ops_pb2.GetProviderHealthResponse]  # type: ignore[assignment]
+    """Circuit state, rate and budget of providers, from the fleet-wide state in JetStream KV."""
+    GetStats: _aio.UnaryUnaryMultiCallable[_ops_pb2.GetStatsRequest, _ops_pb2.GetStatsResponse]  # type: ignore[assignment]
+    """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health."""
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Laneway's broker: submit AI jobs, follow their events, poll and cancel them."""
@@ -156,5 +165,21 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Submit dead-lettered jobs again (as new jobs), optionally onto another route
         or lane, paced so a large redrive does not flood a provider.
         """
+
+    @_abc_1.abstractmethod
+    def GetProviderHealth(
+        self,
+        request: _ops_pb2.GetProviderHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.GetProviderHealthResponse, _abc.Awaitable[_ops_pb2.GetProviderHealthResponse]]:
+        """Circuit state, rate and budget of providers, from the fleet-wide state in JetStream KV."""
+
+    @_abc_1.abstractmethod
+    def GetStats(
+        self,
+        request: _ops_pb2.GetStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.GetStatsResponse, _abc.Awaitable[_ops_pb2.GetStatsResponse]]:
+        """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health."""
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,210 @@
+"""Provider health as the broker sees it: the fleet-wide limiter and circuit state.
+
+Workers keep that state in the ``laneway_providers`` KV bucket (``workers.limiter``,
+compare-and-set). ``ProviderHealthView`` follows the whole bucket with one watcher
+and keeps the latest decoded value of every key in memory, so ``GetProviderHealth``,
+``GetStats`` and the ``when_all_down: fail`` check at submit read memory, never
+JetStream. ``provider_health`` turns that state into the figures an operator wants;
+it is pure and takes ``now`` like ``broker.provider_state``.
+
+A key that is absent means no worker has needed it yet: the circuit is closed and
+the budget full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from broker import topology as t
+from broker.config import LanewayConfig, ProviderConfig
+from broker.provider_state import CircuitState, LimitState, Phase, decode_circuit, decode_limit, new_limit
+
+__all__ = ["LimitHealth", "ProviderHealth", "ProviderHealthView", "provider_health"]
+
+log = structlog.get_logger("laneway.broker")
+
+# The first snapshot of the bucket normally takes milliseconds; past this the broker
+# serves anyway (keys missing from the view read as closed/full until they arrive).
+_INITIAL_LOAD_S = 5.0
+
+ProviderState = LimitState | CircuitState
+
+
+@dataclass(frozen=True, slots=True)
+class LimitHealth:
+    """One limiter budget (the provider's, or one model's) at a moment."""
+
+    model: str
+    configured_rpm: int
+    configured_tpm: int
+    current_rpm: float
+    """``inf`` when no request limit applies."""
+    budget: float
+    """Requests that could start now; ``inf`` when nothing limits them."""
+    in_flight: int
+    paused_until: float
+    """0 when not paused (a pause that has ended reads as none)."""
+    pause_reason: str
+    rate_fraction: float
+    granted: int
+    limited: int
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderHealth:
+    """One provider's health at a moment."""
+
+    provider: str
+    type: str
+    circuit_enabled: bool
+    phase: Phase
+    """Effective at the moment: an open phase past ``open_until`` reads as half-open."""
+    open_until: float
+    """0 unless open."""
+    max_concurrent: int
+    consecutive_failures: int
+    opens: int
+    last_error: str
+    last_error_at: float
+    limit: LimitHealth
+    models: tuple[LimitHealth, ...]
+
+
+def _limit_health(model: str, state: LimitState, provider: ProviderConfig, now: float) -> LimitHealth:
+    limits = provider.limits
+    paused = state.paused_until if now < state.paused_until else 0.0
+    return LimitHealth(
+        model=model,
+        configured_rpm=state.rpm,
+        configured_tpm=state.tpm,
+        current_rpm=state.current_rpm(now, limits),
+        budget=state.budget(now, limits),
+        in_flight=state.in_flight(now),
+        paused_until=paused,
+        pause_reason=state.pause_reason if paused else "",
+        rate_fraction=state.fraction(now, limits.recovery_s),
+        granted=state.granted,
+        limited=state.limited,
+    )
+
+
+def provider_health(
+    name: str, provider: ProviderConfig, states: Mapping[str, ProviderState], now: float
+) -> ProviderHealth:
+    """``name``'s health from the bucket's ``states`` (by key; missing keys are fresh)."""
+    limits = provider.limits
+
+    def limit_state(model: str) -> LimitState:
+        found = states.get(t.limit_key(name, model))
+        if isinstance(found, LimitState):
+            return found
+        rpm, tpm = limits.for_model(model) if model else (limits.rpm, limits.tpm)
+        return new_limit(rpm, tpm, limits.max_concurrent, now)
+
+    found = states.get(t.circuit_key(name))
+    circuit = found if isinstance(found, CircuitState) else CircuitState()
+    enabled = provider.circuit.enabled
+    # A breaker turned off in the config never holds calls back, whatever was stored before.
+    phase: Phase = circuit.effective(now) if enabled else "closed"
+    return ProviderHealth(
+        provider=name,
+        type=provider.type,
+        circuit_enabled=enabled,
+        phase=phase,
+        open_until=circuit.open_until if phase == "open" else 0.0,
+        max_concurrent=limits.max_concurrent,
+        consecutive_failures=circuit.consecutive,
+        opens=circuit.opens,
+        last_error=circuit.last_error,
+        last_error_at=circuit.last_error_at,
+        limit=_limit_health("", limit_state(""), provider, now),
+        models=tuple(_limit_health(m, limit_state(m), provider, now) for m in limits.models),
+    )
+
+
+class ProviderHealthView:
+    """The latest provider state of the fleet, followed live from the KV bucket.
+
+    ``async with ProviderHealthView(nc, config) as view:`` loads the bucket before
+    returning, then follows every put and delete until exit.
+    """
+
+    def __init__(self, nc: NatsClient, config: LanewayConfig) -> None:
+        self._nc = nc
+        self._config = config
+        self._states: dict[str, ProviderState] = {}
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+
+    async def __aenter__(self) -> ProviderHealthView:
+        kv = await self._nc.jetstream().key_value(t.PROVIDERS_BUCKET)
+        # Latest value per key first (history 1 anyway), then every change; deletes included.
+        self._watcher = await kv.watchall()
+        self._task = asyncio.create_task(self._follow(self._watcher), name="provider-health-view")
+        try:
+            await asyncio.wait_for(self._loaded.wait(), _INITIAL_LOAD_S)
+        except TimeoutError:
+            log.warning("provider state not loaded in time; serving while it loads")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):  # the connection may already be gone
+                await watcher.stop()  # type: ignore[no-untyped-call]
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is None:  # the watcher's marker: the initial values are all in
+                self._loaded.set()
+                continue
+            self.apply(entry.key, entry.value, deleted=entry.operation in (KV_DEL, KV_PURGE))
+
+    def apply(self, key: str, value: bytes | None, *, deleted: bool = False) -> None:
+        """Record one bucket entry (public so tests can replay entries without a server)."""
+        if deleted or not value:
+            self._states.pop(key, None)
+            return
+        try:
+            if key.startswith("circuit."):
+                self._states[key] = decode_circuit(value)
+            elif key.startswith("limit."):
+                self._states[key] = decode_limit(value)
+        except (ValueError, TypeError, KeyError) as exc:
+            # A newer worker's format this broker cannot read: keep serving the rest.
+            self._states.pop(key, None)
+            log.warning("unreadable provider state", key=key, error=repr(exc))
+
+    def health(self, providers: list[str] | None = None, now: float | None = None) -> list[ProviderHealth]:
+        """Health of ``providers`` (default: every configured one), in config order."""
+        at = time.time() if now is None else now
+        names = providers if providers is not None else list(self._config.providers)
+        return [provider_health(n, self._config.providers[n], self._states, at) for n in names]
+
+    def circuit_open(self, provider: str, now: float | None = None) -> bool:
+        """Whether ``provider``'s circuit is open now (half-open does not count: probes run)."""
+        if not self._config.providers[provider].circuit.enabled:
+            return False
+        found = self._states.get(t.circuit_key(provider))
+        at = time.time() if now is None else now
+        return isinstance(found, CircuitState) and found.effective(at) == "open"

@@ -1,0 +1,189 @@
+"""The fleet-wide limiter and circuit breaker as pure state transitions (no server)."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from broker.provider_config import CircuitConfig, LimitsConfig
+from broker.provider_state import (
+    CircuitState,
+    LimitState,
+    decode_circuit,
+    decode_limit,
+    encode_state,
+    new_limit,
+)
+
+LIMITS = LimitsConfig(rpm=600, burst_s=1.0, recovery_s=10.0)
+
+
+def test_a_burst_then_exactly_the_rate() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    state, granted = state.grant(0.0, 100, LIMITS, worker="w", holding=0)
+    # burst_s=1 at 10/s: the request due now plus ten more.
+    assert granted == 11
+    state, granted = state.grant(0.0, 5, LIMITS, worker="w", holding=0)
+    assert granted == 0
+    assert math.isclose(state.wait_s(0.0, LIMITS), 0.1)
+    state, granted = state.grant(0.1, 5, LIMITS, worker="w", holding=0)
+    assert granted == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.0, 0.5), st.integers(1, 20), st.sampled_from(["a", "b", "c", "d"])),
+        min_size=1,
+        max_size=300,
+    )
+)
+def test_no_schedule_of_grants_beats_the_limit(steps: list[tuple[float, int, str]]) -> None:
+    """Whatever several workers ask, and when, no 60 s window holds more than the
+    limit plus the burst allowance."""
+    state = new_limit(600, 0, 0, now=0.0)
+    now = 0.0
+    grants: list[tuple[float, int]] = []
+    for gap, want, worker in steps:
+        now += gap
+        state, granted = state.grant(now, want, LIMITS, worker=worker, holding=0)
+        if granted:
+            grants.append((now, granted))
+    for start, _ in grants:
+        in_window = sum(n for t, n in grants if start <= t < start + 60.0)
+        assert in_window <= 600 + 11
+
+
+def test_refund_returns_budget() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    state, granted = state.grant(0.0, 11, LIMITS, worker="w", holding=0)
+    assert granted == 11 and state.budget(0.0, LIMITS) == 0
+    state = state.refund(0.0, 4, LIMITS)
+    assert state.budget(0.0, LIMITS) == 4
+
+
+def test_429_cuts_the_rate_pauses_for_retry_after_and_recovers_linearly() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    state = state.rate_limited(5.0, 3.0, LIMITS)
+    assert state.paused_until == 8.0 and "retry-after 3s" in state.pause_reason
+    assert state.budget(7.9, LIMITS) == 0
+    assert state.current_rpm(8.0, LIMITS) == 300.0
+    # recovery_s=10: from half to full takes 5 s after the pause ends.
+    assert math.isclose(state.current_rpm(10.5, LIMITS), 450.0)
+    assert state.current_rpm(13.0, LIMITS) == 600.0
+    # A wave of 429s within a second is one cut, not one per answer.
+    again = state.rate_limited(5.5, None, LIMITS)
+    assert again.current_rpm(8.0, LIMITS) == 300.0
+    assert again.limited == 2
+
+
+def test_the_rate_never_drops_below_its_floor() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    for second in range(20):
+        state = state.rate_limited(float(second) * 2, None, LIMITS)
+    assert state.current_rpm(40.0, LIMITS) >= 600 * LIMITS.min_fraction
+
+
+def test_soft_start_after_an_outage_climbs_back() -> None:
+    state = new_limit(600, 0, 0, now=0.0).soft_start(100.0, LIMITS)
+    assert state.current_rpm(100.0, LIMITS) == 300.0
+    assert state.current_rpm(105.0, LIMITS) == 600.0
+
+
+def test_headers_near_the_wall_spread_what_is_left() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    assert state.headers(0.0, remaining=500, limit=600, reset_s=10.0, limits=LIMITS) is None
+    slowed = state.headers(0.0, remaining=20, limit=600, reset_s=10.0, limits=LIMITS)
+    assert slowed is not None
+    assert math.isclose(slowed.current_rpm(1.0, LIMITS), 120.0)  # 20 requests over 10 s
+    assert slowed.current_rpm(10.5, LIMITS) == 600.0  # past the reset
+    empty = state.headers(0.0, remaining=0, limit=600, reset_s=4.0, limits=LIMITS)
+    assert empty is not None and empty.paused_until == 4.0
+
+
+def test_max_concurrent_counts_every_workers_calls_and_forgets_dead_ones() -> None:
+    limits = LimitsConfig(max_concurrent=4)
+    state = new_limit(0, 0, 4, now=0.0)
+    state, a = state.grant(0.0, 3, limits, worker="a", holding=0)
+    state, b = state.grant(0.0, 3, limits, worker="b", holding=0)
+    assert (a, b) == (3, 1)
+    state = state.hold(1.0, "a", 1)  # two of a's calls ended
+    state, b2 = state.grant(1.0, 5, limits, worker="b", holding=1)
+    assert b2 == 2
+    # Worker a dies: its holding lapses after HOLDER_TTL_S.
+    state, b3 = state.grant(30.0, 5, limits, worker="b", holding=0)
+    assert b3 == 4
+
+
+def test_token_reservations_wait_and_reconcile() -> None:
+    limits = LimitsConfig(tpm=6000, burst_s=1.0)
+    state = new_limit(0, 6000, 0, now=0.0)
+    # A minute's worth of tokens may go at once; more waits.
+    state, wait = state.reserve_tokens(0.0, 6000, limits)
+    assert wait == 0.0
+    same, wait = state.reserve_tokens(0.0, 1000, limits)
+    assert same is state and math.isclose(wait, 10.0)
+    # The call used 3000 fewer tokens than reserved: that budget comes back.
+    state = state.reconcile_tokens(0.0, -3000, limits)
+    _, wait = state.reserve_tokens(0.0, 1000, limits)
+    assert wait == 0.0
+
+
+CIRCUIT = CircuitConfig(consecutive_failures=3, open_s=5.0, max_open_s=20.0, probes=2)
+
+
+def test_circuit_opens_after_consecutive_failures_and_a_success_resets_the_streak() -> None:
+    c = CircuitState()
+    c = c.failure(0.0, "503", CIRCUIT)
+    c = c.failure(0.1, "503", CIRCUIT)
+    reset = c.success(0.2, CIRCUIT)
+    assert reset is not None and reset.consecutive == 0
+    assert c.success(0.2, CIRCUIT) is not None
+    assert CircuitState().success(0.0, CIRCUIT) is None  # nothing to write
+    c = c.failure(0.3, "503: down", CIRCUIT)
+    assert c.effective(0.3) == "open" and c.open_until == 5.3 and c.last_error == "503: down"
+    assert not c.allows_calls(1.0)
+
+
+def test_error_rate_trip_opens_at_once() -> None:
+    c = CircuitState().failure(0.0, "timeout", CIRCUIT, trip=True)
+    assert c.phase == "open"
+
+
+def test_half_open_probes_close_it_or_reopen_for_longer() -> None:
+    c = CircuitState().failure(0.0, "x", CIRCUIT, trip=True)
+    assert c.effective(4.9) == "open" and c.effective(5.0) == "half_open"
+    assert c.take_probe(4.0, "p", CIRCUIT, 30.0) is None  # still open
+    c1 = c.take_probe(5.0, "p1", CIRCUIT, 30.0)
+    assert c1 is not None
+    c2 = c1.take_probe(5.0, "p2", CIRCUIT, 30.0)
+    assert c2 is not None
+    assert c2.take_probe(5.0, "p3", CIRCUIT, 30.0) is None  # both probe places taken
+    after_one = c2.success(5.1, CIRCUIT, probe="p1")
+    assert after_one is not None and after_one.effective(5.1) == "half_open"
+    closed = after_one.success(5.2, CIRCUIT, probe="p2")
+    assert closed is not None and closed.effective(5.2) == "closed" and closed.opens == 1
+    # A failed probe reopens it for twice as long.
+    reopened = c1.failure(5.1, "still down", CIRCUIT)
+    assert reopened.effective(5.1) == "open" and reopened.open_until == 15.1
+    assert reopened.failure(15.2, "x", CIRCUIT).open_s == 20.0  # capped at max_open_s
+
+
+def test_expired_probes_free_their_place() -> None:
+    c = CircuitState().failure(0.0, "x", CIRCUIT, trip=True)
+    c = c.take_probe(5.0, "a", CIRCUIT, 1.0) or c
+    c = c.take_probe(5.0, "b", CIRCUIT, 1.0) or c
+    assert c.take_probe(5.5, "c", CIRCUIT, 1.0) is None
+    assert c.take_probe(6.5, "c", CIRCUIT, 1.0) is not None
+
+
+def test_states_round_trip_through_json() -> None:
+    limit = new_limit(600, 1000, 3, 1.0)
+    limit, _ = limit.grant(1.0, 2, LimitsConfig(rpm=600, tpm=1000, max_concurrent=3), worker="w", holding=0)
+    assert decode_limit(encode_state(limit)) == limit
+    circuit = CircuitState().failure(0.0, "x", CIRCUIT, trip=True).take_probe(5.0, "p", CIRCUIT, 3.0)
+    assert circuit is not None
+    assert decode_circuit(encode_state(circuit)) == circuit
+    assert isinstance(decode_limit(encode_state(LimitState(rpm=1, tpm=0))), LimitState)

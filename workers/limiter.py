@@ -1,0 +1,401 @@
+"""The fleet-wide limiter and circuit breakers: ``broker.provider_state`` over JetStream KV.
+
+Every worker process keeps a watched cache of the ``laneway_providers`` bucket
+(``workers.provider_store``). Decisions read the cache; changes are
+compare-and-set updates against it. So the fleet shares one budget per provider
+and one breaker, and a Retry-After or an opened circuit reaches every process
+within milliseconds, with no datastore besides NATS.
+
+Writes are kept off the hot path where nothing changes: an unlimited provider is
+never written; a success writes only when it resets a failure streak or counts a
+probe; ``max_concurrent`` holdings are flushed at most twice a second.
+
+Budgets are granted in requests before a job is pulled (``grant``), so work waits
+in the durable queue, never in worker memory; grants not used are refunded.
+
+Times are unix seconds (``time.time``): processes on several machines need
+synchronised clocks (NTP), as with any time-window rate limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import structlog
+from nats.js import JetStreamContext
+
+from broker import topology as t
+from broker.metrics import WorkerMetrics
+from broker.provider_config import CircuitConfig, LimitsConfig
+from broker.provider_state import CircuitState, LimitState, new_limit
+from workers.provider import RateLimits
+from workers.provider_store import ProviderStateStore
+
+__all__ = ["FleetLimiter"]
+
+log = structlog.get_logger("laneway.limiter")
+
+R = TypeVar("R")
+
+_FLUSH_S = 0.5
+# A claimed probe that never reports (its worker died) frees its place after this.
+_PROBE_TTL_S = 30.0
+
+
+class FleetLimiter:
+    """``async with FleetLimiter(js, providers) as limiter``: shared budgets and breakers."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        providers: Mapping[str, Any],
+        *,
+        worker_id: str = "",
+        metrics: WorkerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = ProviderStateStore(js, clock)
+        self._limits_cfg: dict[str, LimitsConfig] = {n: p.limits for n, p in providers.items()}
+        self._circuit_cfg: dict[str, CircuitConfig] = {n: p.circuit for n, p in providers.items()}
+        self.worker_id = worker_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._metrics = metrics
+        self._clock = clock
+        self._flusher: asyncio.Task[None] | None = None
+        self._holding: dict[str, int] = {}
+        self._written_holding: dict[str, int] = {}
+        # Recent (time, ok) per provider: this process's error rate for the breaker.
+        self._window: dict[str, deque[tuple[float, bool]]] = {}
+
+    async def __aenter__(self) -> FleetLimiter:
+        await self._store.start()
+        self._flusher = asyncio.create_task(self._flush_loop(), name="laneway-limiter-flush")
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        flusher, self._flusher = self._flusher, None
+        if flusher is not None:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await flusher
+            # Leave no holdings behind: other processes may use them at once.
+            for key in [k for k, n in self._written_holding.items() if n]:
+                with contextlib.suppress(Exception):
+                    await self._hold(key, 0)
+        await self._store.close()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` whenever any provider's state changes (any process's write)."""
+        self._store.on_change(listener)
+
+    # --- reading (from the cache) ----------------------------------------------------
+
+    def limits_of(self, provider: str) -> LimitsConfig:
+        return self._limits_cfg[provider]
+
+    def limit_key(self, provider: str, model: str) -> str:
+        limits = self._limits_cfg[provider]
+        return t.limit_key(provider, model if model in limits.models else "")
+
+    def limited(self, provider: str, model: str) -> bool:
+        """Whether calls of ``provider``/``model`` draw on a budget at all."""
+        limits = self._limits_cfg[provider]
+        rpm, tpm = limits.for_model(model)
+        return bool(rpm or tpm or limits.max_concurrent)
+
+    def limit_state(self, provider: str, model: str) -> LimitState:
+        cached = self._store.cached(self.limit_key(provider, model), LimitState)
+        return cached if cached is not None else self._fresh_limit(provider, model)
+
+    def circuit_state(self, provider: str) -> CircuitState:
+        cached = self._store.cached(t.circuit_key(provider), CircuitState)
+        return cached if cached is not None else CircuitState()
+
+    def phase(self, provider: str) -> str:
+        if not self._circuit_cfg[provider].enabled:
+            return "closed"
+        return self.circuit_state(provider).effective(self._clock())
+
+    def at_limit(self, provider: str, model: str) -> bool:
+        """Whether ``provider``/``model`` could not take a call right now (rate, pause,
+        fleet concurrency), as far as this process knows."""
+        if not self.limited(provider, model):
+            return False
+        return self.limit_state(provider, model).at_limit(self._clock(), self._limits_cfg[provider])
+
+    def wait_s(self, provider: str, model: str) -> float:
+        if not self.limited(provider, model):
+            return 0.0
+        return self.limit_state(provider, model).wait_s(self._clock(), self._limits_cfg[provider])
+
+    def reopens_in(self, provider: str) -> float:
+        """Seconds until an open circuit turns half-open (0 if it is not open)."""
+        state = self.circuit_state(provider)
+        return max(0.0, state.open_until - self._clock()) if state.phase == "open" else 0.0
+
+    # --- limiter ---------------------------------------------------------------------
+
+    async def grant(self, provider: str, model: str, want: int) -> int:
+        """Take up to ``want`` requests of budget now; how many were granted."""
+        if want <= 0:
+            return 0
+        if not self.limited(provider, model):
+            return want
+        limits = self._limits_cfg[provider]
+        key = self.limit_key(provider, model)
+        holding = self._holding.get(key, 0)
+
+        def change(state: LimitState, now: float) -> tuple[LimitState, int]:
+            return state.grant(now, want, limits, worker=self.worker_id, holding=holding)
+
+        granted = await self._change_limit(provider, model, change, 0)
+        if granted:
+            self._holding[key] = holding + granted
+            if limits.max_concurrent:
+                self._written_holding[key] = holding + granted
+            self._report_limit(provider, model)
+        return granted
+
+    async def refund(self, provider: str, model: str, count: int) -> None:
+        """Give back ``count`` granted requests that were not sent."""
+        if count <= 0 or not self.limited(provider, model):
+            return
+        limits = self._limits_cfg[provider]
+        key = self.limit_key(provider, model)
+        self._holding[key] = max(0, self._holding.get(key, 0) - count)
+
+        def change(state: LimitState, now: float) -> tuple[LimitState, None]:
+            return state.refund(now, count, limits), None
+
+        await self._change_limit(provider, model, change, None)
+
+    def call_ended(self, provider: str, model: str) -> None:
+        """A granted call finished: its concurrency slot frees (flushed shortly)."""
+        if self.limited(provider, model):
+            key = self.limit_key(provider, model)
+            self._holding[key] = max(0, self._holding.get(key, 0) - 1)
+
+    async def reserve_tokens(self, provider: str, model: str, tokens: int) -> float:
+        """Reserve ``tokens`` of the token budget; 0.0 when reserved, else the seconds
+        to wait before asking again (nothing is reserved then)."""
+        limits = self._limits_cfg[provider]
+        if not limits.for_model(model)[1]:
+            return 0.0
+
+        def change(state: LimitState, now: float) -> tuple[LimitState, float]:
+            return state.reserve_tokens(now, tokens, limits)
+
+        return await self._change_limit(provider, model, change, 0.0)
+
+    async def observe(self, provider: str, model: str, limits_seen: RateLimits, *, refused: bool) -> None:
+        """Learn from one answer: a refusal (429/overload) cuts the fleet's rate and
+        pauses it for the Retry-After; rate-limit headers near the wall slow it."""
+        limits = self._limits_cfg[provider]
+        if refused and self._metrics is not None:
+            self._metrics.rate_limited(provider, limits_seen.retry_after_s)
+        if not self.limited(provider, model):
+            if refused and limits_seen.retry_after_s:
+                # No budget configured, but a Retry-After still holds for the whole fleet.
+                await self._pause_unlimited(provider, model, limits_seen.retry_after_s)
+            return
+
+        def change(state: LimitState, now: float) -> tuple[LimitState | None, None]:
+            if refused:
+                return state.rate_limited(now, limits_seen.retry_after_s, limits), None
+            updated = state.headers(
+                now,
+                remaining=limits_seen.remaining_requests,
+                limit=limits_seen.limit_requests,
+                reset_s=limits_seen.reset_requests_s,
+                limits=limits,
+            )
+            return updated, None
+
+        await self._change_limit(provider, model, change, None)
+        self._report_limit(provider, model)
+
+    async def reconcile_tokens(self, provider: str, model: str, delta: int) -> None:
+        limits = self._limits_cfg[provider]
+        if not delta or not limits.for_model(model)[1]:
+            return
+
+        def change(state: LimitState, now: float) -> tuple[LimitState, None]:
+            return state.reconcile_tokens(now, delta, limits), None
+
+        await self._change_limit(provider, model, change, None)
+
+    async def _pause_unlimited(self, provider: str, model: str, retry_after_s: float) -> None:
+        # An unlimited provider still gets a state entry, so the pause is shared.
+        key = self.limit_key(provider, model)
+        limits = self._limits_cfg[provider]
+
+        def change(state: LimitState, now: float) -> tuple[LimitState, None]:
+            return state.rate_limited(now, retry_after_s, limits), None
+
+        await self._store.change(key, lambda: self._fresh_limit(provider, model), change, None)
+
+    def paused_s(self, provider: str, model: str) -> float:
+        """Seconds the fleet still waits for a Retry-After of ``provider`` (any limit)."""
+        cached = self._store.cached(self.limit_key(provider, model), LimitState)
+        return max(0.0, cached.paused_until - self._clock()) if cached is not None else 0.0
+
+    # --- circuit breaker ---------------------------------------------------------------
+
+    async def failed(self, provider: str, message: str) -> str:
+        """Record a transient failure; returns the circuit's phase after it."""
+        cfg = self._circuit_cfg[provider]
+        if not cfg.enabled:
+            return "closed"
+        trip = self._record(provider, ok=False, cfg=cfg)
+
+        def change(state: CircuitState, now: float) -> tuple[CircuitState, str]:
+            new = state.failure(now, message, cfg, trip=trip)
+            return new, new.effective(now)
+
+        before = self.circuit_state(provider).phase
+        phase = await self._store.change(t.circuit_key(provider), CircuitState, change, "closed")
+        if phase == "open" and before != "open":
+            log.warning("circuit opened", provider=provider, error=message[:200])
+        self._report_circuit(provider)
+        return phase
+
+    async def succeeded(self, provider: str, probe: str = "") -> None:
+        cfg = self._circuit_cfg[provider]
+        if not cfg.enabled:
+            return
+        self._record(provider, ok=True, cfg=cfg)
+        now = self._clock()
+        if self.circuit_state(provider).success(now, cfg, probe=probe) is None:
+            return  # closed with no failure streak: nothing to write
+
+        def change(state: CircuitState, now: float) -> tuple[CircuitState | None, None]:
+            return state.success(now, cfg, probe=probe), None
+
+        before = self.circuit_state(provider).phase
+        await self._store.change(t.circuit_key(provider), CircuitState, change, None)
+        if before != "closed" and self.circuit_state(provider).phase == "closed":
+            log.info("circuit closed", provider=provider)
+            if self.limited(provider, ""):
+                limits = self._limits_cfg[provider]
+
+                def restart(state: LimitState, now: float) -> tuple[LimitState, None]:
+                    return state.soft_start(now, limits), None
+
+                await self._change_limit(provider, "", restart, None)
+        self._report_circuit(provider)
+
+    async def take_probe(self, provider: str) -> str:
+        """Claim a probe call of a half-open circuit: its id, or "" if none is free."""
+        cfg = self._circuit_cfg[provider]
+        probe = f"{self.worker_id}-{uuid.uuid4().hex[:8]}"
+
+        def change(state: CircuitState, now: float) -> tuple[CircuitState | None, str]:
+            new = state.take_probe(now, probe, cfg, _PROBE_TTL_S)
+            return new, probe if new is not None else ""
+
+        return await self._store.change(t.circuit_key(provider), CircuitState, change, "")
+
+    async def drop_probe(self, provider: str, probe: str) -> None:
+        """Give back a probe claim that found no job."""
+
+        def change(state: CircuitState, now: float) -> tuple[CircuitState | None, None]:
+            return state.drop_probe(probe), None
+
+        await self._store.change(t.circuit_key(provider), CircuitState, change, None)
+
+    def probe_free(self, provider: str) -> bool:
+        """Whether a half-open circuit has a probe place free (as far as the cache knows)."""
+        state = self.circuit_state(provider)
+        now = self._clock()
+        live = sum(1 for until in state.probes.values() if until > now)
+        return (
+            state.effective(now) == "half_open" and live + state.probe_ok < self._circuit_cfg[provider].probes
+        )
+
+    def _record(self, provider: str, *, ok: bool, cfg: CircuitConfig) -> bool:
+        """Add a call to this process's window; whether its error rate trips the breaker."""
+        now = self._clock()
+        window = self._window.setdefault(provider, deque())
+        window.append((now, ok))
+        while window and window[0][0] < now - cfg.window_s:
+            window.popleft()
+        if len(window) < cfg.min_calls:
+            return False
+        failures = sum(1 for _, good in window if not good)
+        return failures / len(window) >= cfg.error_rate
+
+    # --- compare-and-set over the cache --------------------------------------------------
+
+    def _fresh_limit(self, provider: str, model: str) -> LimitState:
+        limits = self._limits_cfg[provider]
+        rpm, tpm = limits.for_model(model)
+        return new_limit(rpm, tpm, limits.max_concurrent, self._clock())
+
+    async def _change_limit(
+        self,
+        provider: str,
+        model: str,
+        change: Callable[[LimitState, float], tuple[LimitState | None, R]],
+        failed: R,
+    ) -> R:
+        key = self.limit_key(provider, model)
+        return await self._store.change(key, lambda: self._fresh_limit(provider, model), change, failed)
+
+    async def _hold(self, key: str, holding: int) -> None:
+        provider = key.split(".")[1]
+        limits = self._limits_cfg.get(provider)
+        if limits is None:
+            return
+
+        def change(state: LimitState, now: float) -> tuple[LimitState, None]:
+            return state.hold(now, self.worker_id, holding), None
+
+        fresh = new_limit(limits.rpm, limits.tpm, limits.max_concurrent, 0.0)
+        await self._store.change(key, lambda: fresh, change, None)
+        self._written_holding[key] = holding
+
+    async def _flush_loop(self) -> None:
+        # Concurrency holdings go out lazily (a freed slot reaches the fleet within
+        # _FLUSH_S), and are refreshed before they expire while calls run.
+        refreshed: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(_FLUSH_S)  # a flush period, not synchronisation
+            now = self._clock()
+            for key, holding in list(self._holding.items()):
+                written = self._written_holding.get(key)
+                stale = holding > 0 and now - refreshed.get(key, 0.0) > 3.0
+                if written is None and holding == 0:
+                    continue
+                if holding != written or stale:
+                    try:
+                        await self._hold(key, holding)
+                        refreshed[key] = now
+                    except Exception:
+                        log.exception("flushing concurrency holdings failed")
+
+    # --- metrics ----------------------------------------------------------------------------
+
+    def _report_limit(self, provider: str, model: str) -> None:
+        if self._metrics is None or not self.limited(provider, model):
+            return
+        now = self._clock()
+        limits = self._limits_cfg[provider]
+        state = self.limit_state(provider, model)
+        label = model if model in limits.models else ""
+        self._metrics.limiter(provider, label, state.current_rpm(now, limits), state.budget(now, limits))
+
+    def _report_circuit(self, provider: str) -> None:
+        if self._metrics is not None:
+            self._metrics.circuit(provider, self.phase(provider))
