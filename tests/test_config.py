@@ -443,3 +443,13 @@ def test_json_schema_has_docstring_descriptions() -> None:
     for name, model in _all_models(schema).items():
         for field, prop in model["properties"].items():
             assert prop.get("description"), f"{name}.{field} has no docstring"
+
+
+def test_readme_config_example_is_valid() -> None:
+    text = (EXAMPLE.parent / "README.md").read_text()
+    block = text.split("<!-- config-example")[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    config = parse_config(block, source="README.md")
+    assert config.routes["summarise"].targets[1].provider == "openai"
+    openai = config.providers["openai"]
+    assert openai.limits.for_model("gpt-4o") == (500, 30000)
+    assert openai.limits.for_model("gpt-4o-mini") == (5000, 2_000_000)

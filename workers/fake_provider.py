@@ -11,6 +11,14 @@ and malformed bodies::
         ...  # point an adapter at fake.base_url
         assert fake.requests[0].headers["authorization"] == "Bearer k"
 
+Every model call is logged with its status (``fake.calls``), and a process that
+did not start the fake can read and steer it over HTTP: ``GET /_laneway/stats``,
+``GET /_laneway/calls?after=SEQ`` and ``POST /_laneway/control`` (change the error
+rates or latency, script the next answers; see ``workers.fake_common.parse_control``)::
+
+    curl -d '{"script": [{"status": 429, "retry_after_s": 5}]}' localhost:8080/_laneway/control
+    curl -d '{"error_rates": {"503": 1.0}}' localhost:8080/_laneway/control
+
 Behaviour (limits, injected errors, latency, tokens) comes from
 ``workers.simulation``; the wire shapes from ``fake_openai``/``fake_anthropic``.
 """
@@ -30,8 +38,8 @@ from typing import Any
 from aiohttp import web
 
 from workers.fake_anthropic import AnthropicDialect
-from workers.fake_common import BadRequest, ChatCall, Dialect, Reply, StepKind
-from workers.fake_http import pause, send_json, send_stream
+from workers.fake_common import BadRequest, CallLog, ChatCall, Control, Dialect, Reply, StepKind
+from workers.fake_http import add_admin_routes, call_recorder, pause, send_json, send_stream
 from workers.fake_openai import OpenAIDialect, parse_embedding_input
 from workers.simulation import (
     ErrorInjector,
@@ -140,9 +148,12 @@ class FakeProvider:
     def __init__(self, settings: FakeProviderSettings | None = None, *, seed: int | None = None) -> None:
         self.settings = s = settings or FakeProviderSettings()
         self.requests: list[ReceivedRequest] = []
+        self.calls = CallLog()
+        """Every model call with the status it was answered with."""
         self._rng = random.Random(seed)
         self._limiter = RateLimiter(s.rpm, s.tpm)
         self._errors = ErrorInjector(s.error_rates, self._rng)
+        self._error_rates = dict(s.error_rates)
         self._latency = LatencyModel(s.latency_ms, s.latency_jitter_ms)
         self._steps: deque[Step] = deque()
         # Set on exit: handlers waiting (latency, stalls) end at once instead of
@@ -174,11 +185,48 @@ class FakeProvider:
             else:
                 self._steps.append(Step(kind=step))
 
+    def control(self, control: Control) -> dict[str, Any]:
+        """Change behaviour at runtime (what ``POST /_laneway/control`` does); the new state.
+        Raises ``BadRequest`` (changing nothing) for a scripted answer ``Step`` refuses."""
+        try:
+            steps = [
+                Step(a.status, a.kind, a.retry_after_s, a.error_code)
+                for a in control.script
+                for _ in range(a.repeat)
+            ]
+        except ValueError as err:
+            raise BadRequest(f"script: {err}", "script") from None
+        if control.error_rates is not None:
+            self._errors = ErrorInjector(control.error_rates, self._rng)
+            self._error_rates = dict(control.error_rates)
+        if control.latency_ms is not None or control.latency_jitter_ms is not None:
+            old = self._latency
+            mean = old.mean_ms if control.latency_ms is None else control.latency_ms
+            jitter = old.jitter_ms if control.latency_jitter_ms is None else control.latency_jitter_ms
+            self._latency = LatencyModel(mean, jitter)
+        if control.clear_script:
+            self._steps.clear()
+        self._steps.extend(steps)
+        if control.reset_log:
+            self.calls.clear()
+        return self._state()
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "error_rates": {str(k): v for k, v in sorted(self._error_rates.items())},
+            "latency_ms": self._latency.mean_ms,
+            "latency_jitter_ms": self._latency.jitter_ms,
+            "scripted": len(self._steps),
+            "rpm": self.settings.rpm,
+            "tpm": self.settings.tpm,
+        }
+
     async def __aenter__(self) -> FakeProvider:
         if self._runner is not None:
             raise RuntimeError("FakeProvider is already running")
         self._closing.clear()
-        app = web.Application()
+        app = web.Application(middlewares=[call_recorder(self.calls)])
+        add_admin_routes(app, self.calls, self.control, self._state)
         app.router.add_post("/v1/chat/completions", self._openai_chat)
         app.router.add_post("/v1/messages", self._anthropic_chat)
         app.router.add_post("/v1/embeddings", self._embeddings)
