@@ -13,8 +13,6 @@ the budget full.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,11 +20,11 @@ from types import TracebackType
 
 import structlog
 from nats.aio.client import Client as NatsClient
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from broker import topology as t
 from broker.config import LanewayConfig, ProviderConfig
-from broker.provider_state import CircuitState, LimitState, Phase, decode_circuit, decode_limit, new_limit
+from broker.provider_state import CircuitState, LimitState, Phase, new_limit
+from broker.provider_store import ProviderStateStore
 
 __all__ = ["LimitHealth", "ProviderHealth", "ProviderHealthView", "provider_health"]
 
@@ -139,22 +137,13 @@ class ProviderHealthView:
     """
 
     def __init__(self, nc: NatsClient, config: LanewayConfig) -> None:
-        self._nc = nc
         self._config = config
-        self._states: dict[str, ProviderState] = {}
-        self._watcher: KeyValue.KeyWatcher | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._loaded = asyncio.Event()
+        self._store = ProviderStateStore(nc.jetstream())
+        # Revisions for replayed entries: above any real one, increasing.
+        self._replayed = 1 << 62
 
     async def __aenter__(self) -> ProviderHealthView:
-        kv = await self._nc.jetstream().key_value(t.PROVIDERS_BUCKET)
-        # Latest value per key first (history 1 anyway), then every change; deletes included.
-        self._watcher = await kv.watchall()
-        self._task = asyncio.create_task(self._follow(self._watcher), name="provider-health-view")
-        try:
-            await asyncio.wait_for(self._loaded.wait(), _INITIAL_LOAD_S)
-        except TimeoutError:
-            log.warning("provider state not loaded in time; serving while it loads")
+        await self._store.start(load_timeout_s=_INITIAL_LOAD_S)
         return self
 
     async def __aexit__(
@@ -163,48 +152,24 @@ class ProviderHealthView:
         await self.close()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        watcher, self._watcher = self._watcher, None
-        if watcher is not None:
-            with contextlib.suppress(Exception):  # the connection may already be gone
-                await watcher.stop()  # type: ignore[no-untyped-call]
+        await self._store.close()
 
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is None:  # the watcher's marker: the initial values are all in
-                self._loaded.set()
-                continue
-            self.apply(entry.key, entry.value, deleted=entry.operation in (KV_DEL, KV_PURGE))
-
-    def apply(self, key: str, value: bytes | None, *, deleted: bool = False) -> None:
+    def apply(self, key: str, value: bytes | None, *, deleted: bool = False, rev: int = 0) -> None:
         """Record one bucket entry (public so tests can replay entries without a server)."""
-        if deleted or not value:
-            self._states.pop(key, None)
-            return
-        try:
-            if key.startswith("circuit."):
-                self._states[key] = decode_circuit(value)
-            elif key.startswith("limit."):
-                self._states[key] = decode_limit(value)
-        except (ValueError, TypeError, KeyError) as exc:
-            # A newer worker's format this broker cannot read: keep serving the rest.
-            self._states.pop(key, None)
-            log.warning("unreadable provider state", key=key, error=repr(exc))
+        self._replayed += 1
+        self._store.apply(key, rev or self._replayed, value, deleted=deleted)
 
     def health(self, providers: list[str] | None = None, now: float | None = None) -> list[ProviderHealth]:
         """Health of ``providers`` (default: every configured one), in config order."""
         at = time.time() if now is None else now
         names = providers if providers is not None else list(self._config.providers)
-        return [provider_health(n, self._config.providers[n], self._states, at) for n in names]
+        states = self._store.states()
+        return [provider_health(n, self._config.providers[n], states, at) for n in names]
 
     def circuit_open(self, provider: str, now: float | None = None) -> bool:
         """Whether ``provider``'s circuit is open now (half-open does not count: probes run)."""
         if not self._config.providers[provider].circuit.enabled:
             return False
-        found = self._states.get(t.circuit_key(provider))
+        found = self._store.cached(t.circuit_key(provider), CircuitState)
         at = time.time() if now is None else now
-        return isinstance(found, CircuitState) and found.effective(at) == "open"
+        return found is not None and found.effective(at) == "open"

@@ -36,8 +36,8 @@ from broker import topology as t
 from broker.metrics import WorkerMetrics
 from broker.provider_config import CircuitConfig, LimitsConfig
 from broker.provider_state import CircuitState, LimitState, new_limit
+from broker.provider_store import ProviderStateStore
 from workers.provider import RateLimits
-from workers.provider_store import ProviderStateStore
 
 __all__ = ["FleetLimiter"]
 

@@ -1,5 +1,8 @@
 """A process's view of the ``laneway_providers`` KV bucket, and compare-and-set on it.
 
+Workers' limiters change provider state through it; brokers only read it (for
+``GetProviderHealth``, ``GetStats`` and the ``when_all_down: fail`` check).
+
 The cache is fed by a KV watch (an ordered consumer, so only stored values
 arrive: a write that loses its compare-and-set is never seen) and by this
 process's own successful writes; revisions keep it from going backwards. A
@@ -19,7 +22,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.js import JetStreamContext
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from broker import topology as t
 from broker.provider_state import CircuitState, LimitState, decode_circuit, decode_limit, encode_state
@@ -45,11 +48,18 @@ class ProviderStateStore:
         self._task: asyncio.Task[None] | None = None
         self._cache: dict[str, tuple[int, LimitState | CircuitState]] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._loaded = asyncio.Event()
 
-    async def start(self) -> None:
+    async def start(self, *, load_timeout_s: float = 5.0) -> None:
+        """Follow the bucket; returns once its current values are in (or after
+        ``load_timeout_s``, serving meanwhile: missing keys read as fresh state)."""
         self._kv = await self._js.key_value(t.PROVIDERS_BUCKET)
         self._watcher = await self._kv.watchall()
         self._task = asyncio.create_task(self._follow(self._watcher), name="laneway-provider-state-watch")
+        try:
+            await asyncio.wait_for(self._loaded.wait(), load_timeout_s)
+        except TimeoutError:
+            log.warning("provider state not loaded in time; serving while it loads")
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -65,6 +75,22 @@ class ProviderStateStore:
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` whenever any provider's state changes (any process's write)."""
         self._listeners.append(listener)
+
+    def states(self) -> dict[str, LimitState | CircuitState]:
+        """Every known key's latest state."""
+        return {key: state for key, (_, state) in self._cache.items()}
+
+    def apply(self, key: str, rev: int, value: bytes | None, *, deleted: bool = False) -> None:
+        """Record one bucket entry (public so tests can replay entries without a server)."""
+        if deleted or not value:
+            self._cache.pop(key, None)
+            return
+        try:
+            self._store(key, rev, _decode(key, value))
+        except (ValueError, TypeError, KeyError) as exc:
+            # A newer worker's format this process cannot read: keep serving the rest.
+            self._cache.pop(key, None)
+            log.warning("unreadable provider state", key=key, error=repr(exc))
 
     def cached(self, key: str, kind: type[S]) -> S | None:
         entry = self._cache.get(key)
@@ -127,15 +153,11 @@ class ProviderStateStore:
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
-            if entry is None or entry.revision is None:
+            if entry is None:  # the watcher's marker: the initial values are all in
+                self._loaded.set()
                 continue
-            if entry.operation in ("DEL", "PURGE") or not entry.value:
-                self._cache.pop(entry.key, None)
-                continue
-            try:
-                self._store(entry.key, entry.revision, _decode(entry.key, entry.value))
-            except (ValueError, TypeError) as exc:
-                log.warning("unreadable provider state", key=entry.key, error=str(exc))
+            deleted = entry.operation in (KV_DEL, KV_PURGE)
+            self.apply(entry.key, entry.revision or 0, entry.value, deleted=deleted)
 
 
 def _decode(key: str, value: bytes) -> LimitState | CircuitState:
