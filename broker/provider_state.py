@@ -217,7 +217,8 @@ class LimitState:
             cut_at=cut_at,
             paused_until=paused,
             pause_reason=why,
-            req_tat=max(state.req_tat, paused),
+            # No burst when the pause ends: one request, then the (cut) rate.
+            req_tat=max(state.req_tat, paused + limits.burst_s if paused > now else 0.0),
             limited=state.limited + 1,
         )
 

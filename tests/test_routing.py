@@ -37,12 +37,15 @@ providers:
   healing: {type: mock, concurrency: 8, call_log: "LOG", circuit: {open_s: 1, probes: 2}}
   solo: {type: mock, concurrency: 8, call_log: "LOG", limits: {rpm: 600, burst_s: 0.5}}
   doomed: {type: mock, concurrency: 8, call_log: "LOG"}
+  first: {type: mock, concurrency: 8, call_log: "LOG", limits: {rpm: 120}}
+  second: {type: mock, concurrency: 8, call_log: "LOG", limits: {rpm: 120}}
 routes:
   duo: {targets: [{provider: primary, model: m}, {provider: secondary, model: m}]}
   failover: {targets: [{provider: flaky, model: m}, {provider: secondary, model: m}]}
   heal: {targets: [{provider: healing, model: m}, {provider: secondary, model: m}]}
   solo: {targets: [{provider: solo, model: m}]}
   doomed: {targets: [{provider: doomed, model: m}], when_all_down: fail}
+  overflow: {targets: [{provider: first, model: m}, {provider: second, model: m}]}
 """
 
 SUCCEEDED = J.JOB_STATE_SUCCEEDED
@@ -109,6 +112,28 @@ async def test_limit_holds_across_pools_and_overflow_takes_the_rest(
     assert len(primary) >= 3 and most_in_window(primary, 1.0) <= 3 + 2
     assert len(primary) + len(secondary) == 60
     assert {j.provider for j in jobs} == {"primary", "secondary"}
+
+
+async def test_overflow_fills_both_limits(
+    two_pools: None, client: laneway.AsyncClient, call_log: Path
+) -> None:
+    # Two targets of 2 requests/s each and a backlog: together they run about 4/s.
+    for i in range(40):
+        await client.submit("overflow", laneway.chat(f"job {i}"))
+
+    async def enough() -> bool:
+        return len(calls(call_log)) >= 24
+
+    await eventually(enough, timeout=20)
+    log = calls(call_log)
+    first = [float(c["t"]) for c in log if c["provider"] == "first"]  # type: ignore[arg-type]
+    second = [float(c["t"]) for c in log if c["provider"] == "second"]  # type: ignore[arg-type]
+    for times in (first, second):
+        assert most_in_window(times, 1.0) <= 3 + 2  # each within its own limit
+    assert len(second) >= 6  # the overflow went somewhere
+    assert len(first) >= 0.4 * len(log)  # and the primary kept its share
+    span = max(first + second) - min(first + second)
+    assert len(log) >= 3 + 3 + 4 * span - 2  # both ran at their limits, not one after the other
 
 
 async def test_failover_sends_jobs_to_the_next_target_without_failing_them(

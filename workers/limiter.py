@@ -132,12 +132,12 @@ class FleetLimiter:
         """Whether ``provider``/``model`` could not take a call right now (rate, pause,
         fleet concurrency), as far as this process knows."""
         if not self.limited(provider, model):
-            return False
+            return self.paused_s(provider, model) > 0
         return self.limit_state(provider, model).at_limit(self._clock(), self._limits_cfg[provider])
 
     def wait_s(self, provider: str, model: str) -> float:
         if not self.limited(provider, model):
-            return 0.0
+            return self.paused_s(provider, model)
         return self.limit_state(provider, model).wait_s(self._clock(), self._limits_cfg[provider])
 
     def reopens_in(self, provider: str) -> float:
@@ -152,7 +152,8 @@ class FleetLimiter:
         if want <= 0:
             return 0
         if not self.limited(provider, model):
-            return want
+            # No budget to draw on, but a fleet-wide Retry-After still holds.
+            return 0 if self.paused_s(provider, model) > 0 else want
         limits = self._limits_cfg[provider]
         key = self.limit_key(provider, model)
         holding = self._holding.get(key, 0)

@@ -97,6 +97,17 @@ LaneName = TypeVar("LaneName", bound=str)
 # Idle heartbeat of parked pulls: a pull the server lost (a reconnect, a consumer
 # moving) is noticed after two missed beats instead of at its expiry.
 _HEARTBEAT_S = 1.0
+# How soon a lane the gate would not let us park on is swept again.
+_UNPARKED_RECHECK_S = 0.1
+
+
+@dataclass
+class _Granted:
+    """Budget a sweep holds for one route: requests not yet used, an unused probe claim."""
+
+    consumer: LaneConsumer
+    left: int
+    probe: str
 
 
 @dataclass
@@ -213,8 +224,20 @@ class LanePuller:
                 await self._wake.wait()
 
     async def _sweep(self) -> int:
+        # Budget is asked for once per route per sweep and what is left refunded at the
+        # end: asking per lane would grant and refund for every empty lane, and that
+        # churn makes the provider look free to the targets behind it.
+        budget: dict[str, _Granted] = {}
+        try:
+            return await self._sweep_lanes(budget)
+        finally:
+            for granted in budget.values():
+                if granted.left > 0 or granted.probe:
+                    await self._gate.release(granted.consumer, granted.left, granted.probe)
+
+    async def _sweep_lanes(self, budget: dict[str, _Granted]) -> int:
         parked = {p.consumer for p in self._parks.values()}
-        total = await self._serve_owed_lanes(parked) if self._shares.enabled else 0
+        total = await self._serve_owed_lanes(parked, budget) if self._shares.enabled else 0
         for consumer in self._consumers:
             free = self._free()
             if free <= 0 or self._stopping:
@@ -222,7 +245,7 @@ class LanePuller:
             if consumer.name in parked:
                 # A waiting pull means the lane had nothing; the server hands it the next job itself.
                 continue
-            msgs = await self._gated_pull(consumer, free)
+            msgs = await self._gated_pull(consumer, free, budget)
             total += len(msgs)
             if len(msgs) == free:
                 # The lane may hold more. Slots freed meanwhile go to it (or a higher
@@ -230,7 +253,7 @@ class LanePuller:
                 break
         return total
 
-    async def _serve_owed_lanes(self, parked: set[str]) -> int:
+    async def _serve_owed_lanes(self, parked: set[str], budget: dict[str, _Granted]) -> int:
         """Give lanes behind their guaranteed share first pick of the free slots."""
         total = 0
         for lane, consumers in self._by_lane.items():
@@ -246,7 +269,7 @@ class LanePuller:
                     break
                 if consumer.name in parked:
                     continue  # known empty; its parked pull delivers (and counts) any new job
-                got += len(await self._gated_pull(consumer, want - got))
+                got += len(await self._gated_pull(consumer, want - got, budget))
             total += got
             if got < want:
                 # What the lane lacks is work, not slots: owing it more would only let it
@@ -254,24 +277,23 @@ class LanePuller:
                 self._shares.settle(lane)
         return total
 
-    async def _gated_pull(self, consumer: LaneConsumer, want: int) -> list[Msg]:
-        """Pull what the gate grants (at most ``want``), dispatch it, refund the rest."""
-        admission = await self._gate.admit(consumer, want)
-        if admission.granted <= 0:
-            self._gated_for = min(self._gated_for, admission.retry_s)
+    async def _gated_pull(self, consumer: LaneConsumer, want: int, budget: dict[str, _Granted]) -> list[Msg]:
+        """Pull at most ``want`` jobs within the route's budget for this sweep, and dispatch them."""
+        granted = budget.get(consumer.route)
+        if granted is None:
+            admission = await self._gate.admit(consumer, max(want, self._free()))
+            granted = budget[consumer.route] = _Granted(consumer, admission.granted, admission.probe)
+            if admission.granted <= 0:
+                self._gated_for = min(self._gated_for, admission.retry_s)
+        batch = min(want, granted.left)
+        if batch <= 0:
             return []
-        try:
-            msgs = await self._pull_now(consumer, admission.granted)
-        except BaseException:
-            await self._gate.release(consumer, admission.granted, admission.probe)
-            raise
-        grant = Grant(held=True, probe=admission.probe)
-        for index, msg in enumerate(msgs):
-            # A probe grant covers one job; any other job of the batch holds a plain slot.
-            self._dispatch(msg, consumer, grant if index == 0 else Grant(held=True))
-        if len(msgs) < admission.granted:
-            unused_probe = admission.probe if not msgs else ""
-            await self._gate.release(consumer, admission.granted - len(msgs), unused_probe)
+        msgs = await self._pull_now(consumer, batch)
+        granted.left -= len(msgs)
+        for msg in msgs:
+            # A probe covers one call: the first job takes it, the others hold plain slots.
+            probe, granted.probe = granted.probe, ""
+            self._dispatch(msg, consumer, Grant(held=True, probe=probe))
         return msgs
 
     async def _pull_now(self, consumer: LaneConsumer, batch: int) -> list[Msg]:
@@ -309,7 +331,12 @@ class LanePuller:
         for consumer in self._consumers:
             if self._stopping:
                 return
-            if consumer.name in parked or not self._gate.may_park(consumer):
+            if consumer.name in parked:
+                continue
+            if not self._gate.may_park(consumer):
+                # Not allowed to wait on this lane (e.g. an overflow target while the
+                # targets ahead have room): look again soon, or when any provider's state changes.
+                self._gated_for = min(self._gated_for, _UNPARKED_RECHECK_S)
                 continue
             inbox = self._nc.new_inbox()
             callback = functools.partial(self._on_park_reply, consumer=consumer, inbox=inbox)
