@@ -116,7 +116,8 @@ async def test_permanent_error_goes_straight_to_dead_letters(broker, client, nat
 async def test_redrive_after_an_outage_succeeds_and_empties_the_queue(broker, client, nats_server) -> None:
     down = make_config(
         # Breaker off: this outage is meant to exhaust attempts (with it on, jobs wait).
-        "providers: {mock: {type: mock, error_rates: {503: 1.0}, circuit: {enabled: false}}, slow: {type: mock}}\n"
+        "providers: {mock: {type: mock, error_rates: {503: 1.0}, circuit: {enabled: false}},"
+        " slow: {type: mock}}\n"
         "workers: {max_attempts: 2, retry_backoff_s: 0.02, retry_backoff_max_s: 0.05}"
     )
     async with WorkerPool(down, nats_url=nats_server.url):
