@@ -63,15 +63,20 @@ workers:
   retry_backoff_s: 0.02
   retry_backoff_max_s: 0.05
   shutdown_grace_s: 0.5  # an 800 ms call is handed back
+# The model predicts each job from its own behaviour; a shared circuit breaker would
+# couple jobs (one that always fails could open it for the others), so it is off
+# here and tested on its own in test_routing.py.
 providers:
   mock:
     type: mock
     concurrency: 8
     call_log: '{calls}/chat.jsonl'
+    circuit: {{enabled: false}}
   crashy:
     type: mock
     concurrency: 4
     call_log: '{calls}/crashy.jsonl'
+    circuit: {{enabled: false}}
 routes:
   chat:
     targets: [{{provider: mock, model: mock-chat}}]

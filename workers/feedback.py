@@ -44,7 +44,8 @@ async def learn(
     outcome: JobResult | ProviderError,
     estimate: int,
 ) -> bool:
-    """Feed the limiter and the breaker; whether the provider is now down (circuit not closed)."""
+    """Feed the limiter and the breaker; whether the failure is the provider's known
+    outage (its circuit was already open when the call failed), costing no attempt."""
     refused = isinstance(outcome, ProviderError) and outcome.error.error_class is ErrorClass.RATE_LIMITED
     used = 0
     for info in seen:
@@ -59,8 +60,12 @@ async def learn(
     if used:
         await limiter.reconcile_tokens(provider, model, used - estimate)
     if isinstance(outcome, ProviderError) and outcome.error.error_class is ErrorClass.TRANSIENT:
-        phase = await limiter.failed(provider, f"{outcome.error.code}: {outcome.error.message}")
-        return phase != "closed"
+        before = limiter.phase(provider)
+        await limiter.failed(provider, f"{outcome.error.code}: {outcome.error.message}")
+        # Only a call caught by an outage others had already detected is excused its
+        # attempt. The failure that opens the circuit, and a failed probe, are real
+        # tries: otherwise a job that always fails would hold the circuit open for ever.
+        return not probe and before != "closed"
     # An answer, even a refusal or a rejection of the input, shows the provider is up.
     await limiter.succeeded(provider, probe)
     return False

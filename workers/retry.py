@@ -30,8 +30,8 @@ __all__ = [
 # Error codes the worker itself records.
 HANDED_BACK = "handed_back"
 WORKER_LOST = "worker_lost"
-# A failure at a provider whose circuit it opened (or found open): the outage is the
-# breaker's to handle, so the job goes to another target or waits, without paying an attempt.
+# A call caught by an outage the breaker had already detected: the job goes to another
+# target or waits, without paying an attempt.
 PROVIDER_DOWN = "circuit_open"
 
 
