@@ -8,12 +8,13 @@ PROTOC := $(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients --gr
 	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 	--mypy_out=clients --mypy_grpc_out=clients
 
-.PHONY: help venv run test lint format typecheck buf-lint proto proto-check pytest bench node-deps clean
+.PHONY: help venv run test lint format typecheck buf-lint proto proto-check pytest bench scenarios node-deps clean
 
 help:
 	@echo "make run    - create .venv, install, start nats + broker + workers (laneway up)"
 	@echo "make test   - lint, type-check, buf lint, generated-code drift check, pytest"
 	@echo "make bench  - throughput and latency against raw nats-py and grpc.aio baselines"
+	@echo "make scenarios - limiter and routing scenarios against their targets (~10 min)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +66,10 @@ pytest: venv
 
 bench: venv
 	$(BIN)/python -m bench
+
+# Each scenario alone: .venv/bin/python -m bench.scenarios goodput [--duration S] [--output F]
+scenarios: venv
+	$(BIN)/python -m bench.scenarios all --output bench/results/scenarios.json
 
 clean:
 	rm -rf build .laneway .pytest_cache .mypy_cache .ruff_cache

@@ -27,6 +27,7 @@ from broker.cli_fake import fake_provider
 from broker.cli_ops import providers, stats, top
 from broker.config import LanewayConfig, config_json_schema, default_config, load_config
 from broker.logs import configure_logging
+from broker.tracing import setup_tracing
 from laneway.errors import LanewayError
 from laneway.v1 import job_pb2
 
@@ -100,10 +101,12 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
 def _serve(
     config: Path | None,
     nats_url: str | None,
+    service: str,
     part: Callable[[LanewayConfig, str], AbstractAsyncContextManager[object]],
 ) -> None:
     """Run one part of the stack until SIGINT/SIGTERM, then close it gracefully."""
     configure_logging()
+    setup_tracing(service)  # off unless the OTEL_* environment asks for it
     cfg, _ = _load(config)
     url = _nats_url(nats_url, cfg)
     if not url:
@@ -131,6 +134,7 @@ def broker(
     _serve(
         config,
         nats_url,
+        "laneway-broker",
         lambda cfg, url: BrokerServer(cfg, nats_url=url, grpc_addr=grpc_addr, metrics_port=metrics_port),
     )
 
@@ -150,6 +154,7 @@ def worker(
     _serve(
         config,
         nats_url,
+        "laneway-worker",
         lambda cfg, url: WorkerPool(cfg, nats_url=url, providers=provider, metrics_port=metrics_port),
     )
 

@@ -71,7 +71,12 @@ def fake_provider(
         str, typer.Option(help="Chat output: 'echo' (the last user message) or a text.")
     ] = "echo",
 ) -> None:
-    """Run a fake OpenAI/Anthropic provider over HTTP; prints its base URL, stops on Ctrl-C."""
+    """Run a fake OpenAI/Anthropic provider over HTTP; prints its base URL, stops on Ctrl-C.
+
+    Its calls and counters are at GET /_laneway/stats and /_laneway/calls?after=SEQ;
+    POST /_laneway/control changes error rates or latency, or scripts the next answers,
+    e.g. {"script": [{"status": 429, "retry_after_s": 5}]}.
+    """
     from workers.fake_provider import FakeProviderSettings
 
     api_key = ""

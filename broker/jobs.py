@@ -39,6 +39,7 @@ from broker.jspub import (
 )
 from broker.metrics import BrokerMetrics
 from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
+from broker.tracing import inject_headers
 from broker.watch import EventFeed
 from broker.wire import encode_queued_job
 from laneway.errors import (
@@ -352,6 +353,8 @@ def _queue_subject(job: QueuedJob) -> str:
 def _job_headers(job: QueuedJob, event_seq: int) -> dict[str, str]:
     # Nats-Msg-Id: a retried publish after a lost ack stores the job only once.
     headers = {"Nats-Msg-Id": job.job_id, t.HDR_EVENT_SEQ: str(event_seq)}
+    # traceparent: the worker's spans and log lines join the submitter's trace.
+    inject_headers(headers)
     if is_scheduled(job):
         assert job.spec.not_before is not None
         at = job.spec.not_before.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from opentelemetry.trace import Span
 
 from broker.config import LanewayConfig
 from broker.deadletters import DeadLetterFilter, DeadLetterStore
@@ -23,6 +24,7 @@ from broker.provider_health import ProviderHealthView
 from broker.redrive import redrive
 from broker.stats import QueueStats
 from broker.status import stream_errors, unary_errors
+from broker.tracing import server_span
 from broker.wire import LANE_FROM_PB, NAME_RE, spec_from_pb
 from laneway.errors import ApiError, InvalidArgument, ResourceExhausted, Unavailable
 from laneway.v1 import broker_service_pb2 as pb
@@ -112,11 +114,22 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
 
     @unary_errors
     async def Submit(self, request: pb.SubmitRequest, context: Ctx) -> pb.SubmitResponse:
-        done = await self._store.submit(self._requested(request))
-        return pb.SubmitResponse(job_id=done.job_id, duplicate=done.duplicate)
+        # The span is current while the job is published: its context goes in the job's headers.
+        with server_span("laneway.submit", "Submit", context.invocation_metadata()) as span:
+            spec = self._requested(request)
+            _job_attributes(span, spec)
+            done = await self._store.submit(spec)
+            span.set_attribute("laneway.job_id", done.job_id)
+            return pb.SubmitResponse(job_id=done.job_id, duplicate=done.duplicate)
 
     @unary_errors
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Ctx) -> pb.SubmitBatchResponse:
+        # One span for the call; every job of the batch is its child (no span per job).
+        with server_span("laneway.submit", "SubmitBatch", context.invocation_metadata()) as span:
+            span.set_attribute("laneway.batch_size", len(request.jobs))
+            return await self._submit_batch(request)
+
+    async def _submit_batch(self, request: pb.SubmitBatchRequest) -> pb.SubmitBatchResponse:
         limit = self._config.broker.max_batch_jobs
         if not request.jobs:
             raise InvalidArgument("jobs: at least one job is required", field="jobs")
@@ -173,11 +186,16 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
 
     @stream_errors
     async def Run(self, request: pb.RunRequest, context: Ctx) -> AsyncIterator[pb.RunResponse]:
-        spec = self._requested(request)
-        async for done, stored in self._store.run(spec, final_only=request.final_only):
-            response = pb.RunResponse(duplicate=done.duplicate)
-            response.event.MergeFromString(stored.data)
-            yield response
+        # The span covers the whole call, submit to final event: Run's latency is the job's.
+        with server_span("laneway.submit", "Run", context.invocation_metadata()) as span:
+            spec = self._requested(request)
+            _job_attributes(span, spec)
+            async for done, stored in self._store.run(spec, final_only=request.final_only):
+                if span.is_recording():
+                    span.set_attribute("laneway.job_id", done.job_id)
+                response = pb.RunResponse(duplicate=done.duplicate)
+                response.event.MergeFromString(stored.data)
+                yield response
 
     @unary_errors
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
@@ -278,6 +296,11 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         snapshot = await self._stats.read()
         now = datetime.now(UTC)
         return stats_to_pb(self._config, snapshot, self._health.health(now=now.timestamp()), now)
+
+
+def _job_attributes(span: Span, spec: JobSpec) -> None:
+    if span.is_recording():
+        span.set_attributes({"laneway.route": spec.route, "laneway.lane": spec.lane})
 
 
 def _filter(pb_filter: dead_letter_pb2.DeadLetterFilter, field: str) -> DeadLetterFilter:

@@ -537,6 +537,107 @@ async def test_latency_and_token_delay() -> None:
         assert time.monotonic() - begin >= 0.1 + 5 * 0.02
 
 
+# --- the admin surface: call log, counters, runtime control ----------------------------------
+
+
+def admin(fake: FakeProvider, path: str) -> str:
+    return f"http://127.0.0.1:{fake.port}/_laneway/{path}"
+
+
+async def test_admin_stats_and_call_log_count_model_calls_by_status() -> None:
+    async with started(rpm=2) as (provider, client):
+        before = time.time()
+        for _ in range(3):
+            await client.post("/chat/completions", json=CHAT)
+        await client.get("/models")  # not a model call: not logged
+        stats = (await client.get(admin(provider, "stats"))).json()
+        assert stats["calls"] == 3
+        assert stats["ok"] == 2
+        assert stats["by_status"] == {"200": 2, "429": 1}
+        assert stats["rpm"] == 2
+        log = (await client.get(admin(provider, "calls"), params={"after": 0})).json()
+        assert [c["seq"] for c in log["calls"]] == [1, 2, 3]
+        assert [c["status"] for c in log["calls"]] == [200, 200, 429]
+        # A 2 rpm bucket refills one request in 30 s (less the time since the first call).
+        assert 25 < float(log["calls"][2]["retry_after"]) <= 30
+        assert all(before <= c["arrived"] <= c["answered"] <= time.time() for c in log["calls"])
+        assert log["next"] == 3
+        # A cursor returns only what came after it.
+        await client.post("/embeddings", json={"model": "fake-embedding", "input": "x"})
+        later = (await client.get(admin(provider, "calls"), params={"after": log["next"]})).json()
+        assert [(c["seq"], c["path"]) for c in later["calls"]] == [(4, "/v1/embeddings")]
+        assert provider.calls.stats()["calls"] == 4
+
+
+async def test_admin_control_scripts_answers_with_retry_after() -> None:
+    async with started() as (provider, client):
+        r = await client.post(
+            admin(provider, "control"), json={"script": [{"status": 429, "retry_after_s": 5, "repeat": 2}]}
+        )
+        assert r.status_code == 200
+        assert r.json()["scripted"] == 2
+        answers = [await client.post("/chat/completions", json=CHAT) for _ in range(3)]
+        assert [a.status_code for a in answers] == [429, 429, 200]
+        assert answers[0].headers["retry-after"] == "5"
+        statuses = [(c.status, c.retry_after) for c in provider.calls.records]
+        assert statuses == [(429, "5"), (429, "5"), (200, None)]
+
+
+async def test_admin_control_changes_error_rates_and_resets_the_log() -> None:
+    async with started() as (provider, client):
+        await client.post("/chat/completions", json=CHAT)
+        r = await client.post(
+            admin(provider, "control"), json={"error_rates": {"503": 1.0}, "reset_log": True}
+        )
+        assert r.json()["error_rates"] == {"503": 1.0}
+        assert [(await client.post("/chat/completions", json=CHAT)).status_code for _ in range(3)] == [
+            503
+        ] * 3
+        stats = (await client.get(admin(provider, "stats"))).json()
+        assert (stats["calls"], stats["by_status"], stats["last_seq"]) == (3, {"503": 3}, 4)
+        await client.post(admin(provider, "control"), json={"error_rates": {}})
+        assert (await client.post("/chat/completions", json=CHAT)).status_code == 200
+        r = await client.post(admin(provider, "control"), json={"latency_ms": 150})
+        assert r.json()["latency_ms"] == 150
+        begin = time.monotonic()
+        await client.post("/chat/completions", json=CHAT)
+        assert time.monotonic() - begin >= 0.15
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({"error_rate": {"503": 1}}, "unknown keys"),
+        ({"error_rates": {"503": 0.7, "429": 0.5}}, "error_rates"),
+        ({"error_rates": {"abc": 0.1}}, "error_rates"),
+        ({"script": [{"status": 429, "repeat": 0}]}, "script[0].repeat"),
+        ({"script": [{"status": 429, "kind": "stall"}]}, "script"),
+        ({"latency_ms": -1}, "latency_ms"),
+        ({"clear_script": "yes"}, "clear_script"),
+        ([1, 2], "JSON object"),
+    ],
+)
+async def test_admin_control_rejects_bad_requests_and_changes_nothing(body: object, names: str) -> None:
+    async with started() as (provider, client):
+        r = await client.post(admin(provider, "control"), json=body)
+        assert r.status_code == 400
+        assert names in r.json()["error"]
+        stats = (await client.get(admin(provider, "stats"))).json()
+        assert (stats["scripted"], stats["error_rates"], stats["latency_ms"]) == (0, {}, 0.0)
+
+
+async def test_admin_logs_a_call_the_client_abandoned() -> None:
+    async with started() as (provider, client):
+        provider.script("stall")
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/chat/completions", json=CHAT, timeout=0.2)
+        deadline = time.monotonic() + 5
+        while not provider.calls.records:  # the server notices the client left asynchronously
+            assert time.monotonic() < deadline, "the abandoned call was never logged"
+            await asyncio.sleep(0.02)
+        assert provider.calls.records[0].status == 499
+
+
 # --- the command ---------------------------------------------------------------------------
 
 

@@ -249,8 +249,10 @@ async def test_limit_holds_across_worker_processes_started_and_stopped(
     assert all(j.state == SUCCEEDED for j in jobs)
     times = [float(c["t"]) for c in calls(call_log, "solo")]  # type: ignore[arg-type]
     # 600 rpm with half a second of burst: 6 at once, then 10 a second, whichever
-    # processes are alive (a killed process's job may be called a second time).
-    assert most_in_window(times, 1.0) <= 6 + 10
+    # processes are alive (a killed process's job may be called a second time). Budget
+    # is granted before the pull, so the moment a call reaches the provider trails its
+    # grant by a varying few milliseconds (more on a loaded machine): one call of slack.
+    assert most_in_window(times, 2.0) <= 6 + 20 + 1
     assert max(times) - min(times) >= (len(times) - 6) / 10 - 0.2
 
 

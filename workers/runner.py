@@ -46,6 +46,7 @@ from workers.provider import CallContext, Provider, ProviderError, ResponseInfo,
 from workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, RetryPolicy, decide, next_attempt
 from workers.routing import Choice, Grant, TargetChooser, estimate_tokens
 from workers.streaming import DeltaWriter
+from workers.tracing_spans import attempt_started, job_trace, note_event, provider_call
 
 __all__ = ["JobRunner", "Target"]
 
@@ -113,27 +114,29 @@ class JobRunner:
             await self._refund(grant, provider, consumer.route)
             return
         job = decode_queued_job(msg.data)
-        bound = log.bind(job_id=job.job_id, route=job.spec.route, lane=job.spec.lane)
-        try:
-            choice = await self._choose(job, provider, grant)
-            if choice.no_target:
-                await self._no_target(msg, job, bound)
-            elif not choice.provider:
-                await msg.nak(delay=choice.delay_s)  # no attempt made: back to the queue
-            else:
-                await self._run_with_slot(msg, job, choice, bound)
-        except _Lost:
-            # Someone else moved the job on; finish it if it is final, else leave it to its owner.
-            latest = await self._events.last(job.job_id)
-            if latest is not None and latest.final:
-                await self._finished(msg, job, latest.decode())
-        except Unavailable as err:
-            bound.warning("event store unavailable; job handed back", error=str(err))
-            await msg.nak(delay=1.0)
-        except asyncio.CancelledError:
-            # Shutdown past its grace period: hand back now, no waiting for the lease.
-            await msg.nak()
-            raise
+        # The submitter's trace (from the message headers) is current for the whole delivery.
+        with job_trace(msg, job) as trace_id:
+            bound = log.bind(job_id=job.job_id, route=job.spec.route, lane=job.spec.lane, trace_id=trace_id)
+            try:
+                choice = await self._choose(job, provider, grant)
+                if choice.no_target:
+                    await self._no_target(msg, job, bound)
+                elif not choice.provider:
+                    await msg.nak(delay=choice.delay_s)  # no attempt made: back to the queue
+                else:
+                    await self._run_with_slot(msg, job, choice, bound)
+            except _Lost:
+                # Someone else moved the job on; finish it if it is final, else leave it to its owner.
+                latest = await self._events.last(job.job_id)
+                if latest is not None and latest.final:
+                    await self._finished(msg, job, latest.decode())
+            except Unavailable as err:
+                bound.warning("event store unavailable; job handed back", error=str(err))
+                await msg.nak(delay=1.0)
+            except asyncio.CancelledError:
+                # Shutdown past its grace period: hand back now, no waiting for the lease.
+                await msg.nak()
+                raise
 
     async def _choose(self, job: QueuedJob, provider: str, grant: Grant) -> Choice:
         if self._chooser is None:
@@ -187,6 +190,7 @@ class JobRunner:
             seq = await self._events.append(event, expect_last=expect_last)
         except EventConflict as err:
             raise _Lost from err
+        note_event(event)
         # A hand-back is a stopping worker's, not a failed attempt: no retry counted.
         if self._metrics is not None and not (event.error is not None and event.error.code == HANDED_BACK):
             self._metrics.job_event(event)
@@ -223,8 +227,14 @@ class JobRunner:
             return False
         estimate = estimate_tokens(job.spec.input)
         limiter, name = self._limiter, target.provider.name
-        if limiter is not None and not await reserve_tokens(limiter, msg, name, target.model, estimate):
-            return False
+        if limiter is not None:
+            paused = limiter.paused_s(name, target.model)
+            if paused > 0:
+                # A Retry-After reached the fleet after this job got its budget: wait it out in the queue.
+                await msg.nak(delay=paused)
+                return False
+            if not await reserve_tokens(limiter, msg, name, target.model, estimate):
+                return False
         running = prev.next(
             JobState.RUNNING,
             attempt=next_attempt(prev),
@@ -236,7 +246,9 @@ class JobRunner:
         seq = await self._append(running, seq)
         if self._metrics is not None and prev.started_at is None:
             self._metrics.job_started(running)
-        bound.debug("job started", attempt=running.attempt, provider=target.provider.name)
+        attempt_started(running)
+        bound = bound.bind(attempt=running.attempt, provider=target.provider.name)
+        bound.debug("job started")
         answered = False
         seen: list[ResponseInfo] = []
 
@@ -254,7 +266,9 @@ class JobRunner:
         ctx = CallContext(job.job_id, running.attempt, job.spec.metadata, deadline, observe=observe)
         try:
             async with self._lease(msg, job.job_id):
-                outcome, running, seq = await self._call(target, job, running, seq, ctx)
+                with provider_call(target.provider, target.model, job.spec.input) as call:
+                    outcome, running, seq = await self._call(target, job, running, seq, ctx)
+                    call.record(outcome)
         except asyncio.CancelledError:
             self._call_ended(target)
             if self.closing:
