@@ -73,6 +73,7 @@ class FleetLimiter:
         self._written_holding: dict[str, int] = {}
         # Recent (time, ok) per provider: this process's error rate for the breaker.
         self._window: dict[str, deque[tuple[float, bool]]] = {}
+        self._window_failures: dict[str, int] = {}
 
     async def __aenter__(self) -> FleetLimiter:
         await self._store.start()
@@ -329,12 +330,14 @@ class FleetLimiter:
         """Add a call to this process's window; whether its error rate trips the breaker."""
         now = self._clock()
         window = self._window.setdefault(provider, deque())
+        # A running count: the window may hold thousands of calls at high rates.
+        failures = self._window_failures.get(provider, 0) + (not ok)
         window.append((now, ok))
         while window and window[0][0] < now - cfg.window_s:
-            window.popleft()
-        if len(window) < cfg.min_calls:
+            failures -= not window.popleft()[1]
+        self._window_failures[provider] = failures
+        if ok or len(window) < cfg.min_calls:
             return False
-        failures = sum(1 for _, good in window if not good)
         return failures / len(window) >= cfg.error_rate
 
     # --- compare-and-set over the cache --------------------------------------------------

@@ -116,7 +116,9 @@ class JobRunner:
         job = decode_queued_job(msg.data)
         # The submitter's trace (from the message headers) is current for the whole delivery.
         with job_trace(msg, job) as trace_id:
-            bound = log.bind(job_id=job.job_id, route=job.spec.route, lane=job.spec.lane, trace_id=trace_id)
+            bound = log.bind(job_id=job.job_id, route=job.spec.route, lane=job.spec.lane)
+            if trace_id:
+                bound = bound.bind(trace_id=trace_id)
             try:
                 choice = await self._choose(job, provider, grant)
                 if choice.no_target:
