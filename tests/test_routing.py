@@ -37,6 +37,7 @@ providers:
   healing: {type: mock, concurrency: 8, call_log: "LOG", circuit: {open_s: 1, probes: 2}}
   solo: {type: mock, concurrency: 8, call_log: "LOG", limits: {rpm: 600, burst_s: 0.5}}
   doomed: {type: mock, concurrency: 8, call_log: "LOG"}
+  narrow: {type: mock, concurrency: 8, call_log: "LOG", latency_ms: 300, limits: {max_concurrent: 2}}
   first: {type: mock, concurrency: 8, call_log: "LOG", limits: {rpm: 120}}
   second: {type: mock, concurrency: 8, call_log: "LOG", limits: {rpm: 120}}
 routes:
@@ -46,6 +47,7 @@ routes:
   solo: {targets: [{provider: solo, model: m}]}
   doomed: {targets: [{provider: doomed, model: m}], when_all_down: fail}
   overflow: {targets: [{provider: first, model: m}, {provider: second, model: m}]}
+  narrow: {targets: [{provider: narrow, model: m}]}
 """
 
 SUCCEEDED = J.JOB_STATE_SUCCEEDED
@@ -134,6 +136,19 @@ async def test_overflow_fills_both_limits(
     assert len(first) >= 0.4 * len(log)  # and the primary kept its share
     span = max(first + second) - min(first + second)
     assert len(log) >= 3 + 3 + 4 * span - 2  # both ran at their limits, not one after the other
+
+
+async def test_max_concurrent_holds_across_pools(
+    two_pools: None, client: laneway.AsyncClient, call_log: Path
+) -> None:
+    ids = [(await client.submit("narrow", laneway.chat(f"job {i}"))).job_id for i in range(8)]
+    jobs = await wait_all(client, ids)
+    assert all(j.state == SUCCEEDED for j in jobs)
+    starts = sorted(float(c["t"]) for c in calls(call_log, "narrow"))  # type: ignore[arg-type]
+    # Each call takes 300 ms: at most two may have started within any 300 ms.
+    assert most_in_window(starts, 0.29) <= 2
+    # Freed slots reach the other pool within a flush (0.5 s), so the calls keep going.
+    assert starts[-1] - starts[0] < 4 * (0.3 + 0.5)
 
 
 async def test_failover_sends_jobs_to_the_next_target_without_failing_them(
