@@ -162,6 +162,27 @@ class LimitState:
             holders = _live(holders, now) | {worker: (holding + granted, now + HOLDER_TTL_S)}
         return replace(state, req_tat=req_tat, holders=holders, granted=state.granted + granted), granted
 
+    def reserve(
+        self, now: float, limits: LimitsConfig, *, horizon_s: float
+    ) -> tuple[LimitState, float] | None:
+        """Book the next request slot, even one up to ``horizon_s`` ahead: the new state
+        and the seconds to wait before sending. Bookings are served in the order they
+        are made, so a job that waits is not overtaken by later askers. None when no slot
+        comes within the horizon, during a pause, or under a concurrency limit (a slot
+        there frees when a call ends, not at a known time)."""
+        if self.max_concurrent or now < self.paused_until:
+            return None
+        rpm = self.current_rpm(now, limits)
+        if not math.isfinite(rpm):
+            return self, 0.0
+        state = self._rebased(now, limits)
+        start = max(state.req_tat, now)
+        wait = max(0.0, start - limits.burst_s - now)
+        if wait > horizon_s:
+            return None
+        booked = replace(state, req_tat=start + 60.0 / max(rpm, 1e-9), granted=state.granted + 1)
+        return booked, wait
+
     def refund(self, now: float, count: int, limits: LimitsConfig) -> LimitState:
         """Give back requests granted but not used (the queue had fewer jobs)."""
         rpm = self.current_rpm(now, limits)

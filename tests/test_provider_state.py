@@ -56,6 +56,21 @@ def test_no_schedule_of_grants_beats_the_limit(steps: list[tuple[float, int, str
         assert in_window <= 600 + 11
 
 
+def test_reservations_book_future_slots_in_order() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    state, _ = state.grant(0.0, 11, LIMITS, worker="w", holding=0)  # the burst is gone
+    booked = state.reserve(0.0, LIMITS, horizon_s=1.0)
+    assert booked is not None
+    state, wait = booked
+    assert math.isclose(wait, 0.1)
+    # The slot is taken: a plain grant at that moment finds nothing, the next booking waits longer.
+    assert state.grant(0.1, 1, LIMITS, worker="x", holding=0)[1] == 0
+    later = state.reserve(0.0, LIMITS, horizon_s=1.0)
+    assert later is not None and math.isclose(later[1], 0.2)
+    assert state.reserve(0.0, LIMITS, horizon_s=0.05) is None
+    assert state.rate_limited(0.0, 5.0, LIMITS).reserve(1.0, LIMITS, horizon_s=10) is None
+
+
 def test_refund_returns_budget() -> None:
     state = new_limit(600, 0, 0, now=0.0)
     state, granted = state.grant(0.0, 11, LIMITS, worker="w", holding=0)

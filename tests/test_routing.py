@@ -151,6 +151,25 @@ async def test_max_concurrent_holds_across_pools(
     assert starts[-1] - starts[0] < 4 * (0.3 + 0.5)
 
 
+async def test_high_job_takes_the_next_budget_slot_behind_a_low_backlog(
+    two_pools: None, client: laneway.AsyncClient
+) -> None:
+    # "first" allows 2 calls a second (after a burst of 3): 20 low jobs are a 9 s backlog.
+    low = [(await client.submit("overflow", laneway.chat(f"low {i}"), lane="low")).job_id for i in range(20)]
+    await eventually(lambda: _started(client, low[:3]), timeout=10)
+    high = await client.submit("overflow", laneway.chat("urgent"), lane="high", providers=["first"])
+    (job,) = await wait_all(client, [high.job_id])
+    waited = job.started_at.ToDatetime() - job.enqueued_at.ToDatetime()
+    # A slot comes every 0.5 s; the job gets the next one or, if a pool already took
+    # that one as it pulled, the one after. The 9 s low backlog does not delay it.
+    assert job.provider == "first" and waited.total_seconds() < 2 * 0.5 + 0.3
+
+
+async def _started(client: laneway.AsyncClient, ids: list[str]) -> bool:
+    jobs = await asyncio.gather(*(client.get_job(i) for i in ids))
+    return all(j.HasField("started_at") for j in jobs)
+
+
 async def test_failover_sends_jobs_to_the_next_target_without_failing_them(
     two_pools: None, client: laneway.AsyncClient, call_log: Path
 ) -> None:

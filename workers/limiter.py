@@ -170,6 +170,23 @@ class FleetLimiter:
             self._report_limit(provider, model)
         return granted
 
+    async def reserve(self, provider: str, model: str, horizon_s: float) -> float | None:
+        """Book one request slot up to ``horizon_s`` ahead: seconds to wait before
+        sending, or None when none can be booked (see ``LimitState.reserve``)."""
+        if not self.limited(provider, model):
+            return None if self.paused_s(provider, model) > 0 else 0.0
+        limits = self._limits_cfg[provider]
+        key = self.limit_key(provider, model)
+
+        def change(state: LimitState, now: float) -> tuple[LimitState | None, float | None]:
+            booked = state.reserve(now, limits, horizon_s=horizon_s)
+            return (None, None) if booked is None else booked
+
+        wait = await self._change_limit(provider, model, change, None)
+        if wait is not None:
+            self._holding[key] = self._holding.get(key, 0) + 1
+        return wait
+
     async def refund(self, provider: str, model: str, count: int) -> None:
         """Give back ``count`` granted requests that were not sent."""
         if count <= 0 or not self.limited(provider, model):

@@ -179,7 +179,9 @@ class TargetChooser:
             name = target.provider
             if name == pulled_by or name not in self._served or not job.spec.allows(name):
                 continue
-            if lim.phase(name) == "closed" and await lim.grant(name, target.model, 1):
+            # Wait a moment for its next slot rather than hand the job back: handed back,
+            # it would come straight back to this pool while the job's target is full.
+            if lim.phase(name) == "closed" and await self._wait_for_budget(name, target.model):
                 return Choice(name)
         allowed = [t.provider for t in route.targets if job.spec.allows(t.provider)]
         if all(lim.phase(name) == "open" for name in allowed):
@@ -189,8 +191,13 @@ class TargetChooser:
         return Choice(delay_s=0.25)
 
     async def _wait_for_budget(self, provider: str, model: str) -> bool:
-        """A parked delivery came without budget: wait a little for a slot."""
+        """Wait a little for a budget slot (a parked delivery, or a job this pool may not run)."""
         lim = self._limiter
+        # Book the next slot, so this job goes before anyone who asks later.
+        booked = await lim.reserve(provider, model, _PARKED_WAIT_S)
+        if booked is not None:
+            await asyncio.sleep(booked)  # until the booked slot, not synchronisation
+            return True
         loop = asyncio.get_running_loop()
         give_up = loop.time() + _PARKED_WAIT_S
         while True:
