@@ -188,7 +188,10 @@ class LimitState:
         rpm = self.current_rpm(now, limits)
         if count <= 0 or not math.isfinite(rpm):
             return self
-        req_tat = max(now, self.req_tat - count * 60.0 / max(rpm, 1e-9))
+        # During a pause, refunds (jobs that learnt of it before their call) must not
+        # bring back the burst that the pause's end is kept free of.
+        floor = self.paused_until + limits.burst_s if now < self.paused_until else now
+        req_tat = max(floor, self.req_tat - count * 60.0 / max(rpm, 1e-9))
         return replace(self, req_tat=req_tat, granted=max(0, self.granted - count))
 
     def hold(self, now: float, worker: str, holding: int) -> LimitState:

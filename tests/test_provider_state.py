@@ -94,6 +94,14 @@ def test_429_cuts_the_rate_pauses_for_retry_after_and_recovers_linearly() -> Non
     assert again.limited == 2
 
 
+def test_refunds_during_a_pause_do_not_bring_back_a_burst() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    state, _ = state.grant(0.0, 11, LIMITS, worker="w", holding=0)
+    state = state.rate_limited(0.5, 5.0, LIMITS)
+    state = state.refund(1.0, 11, LIMITS)  # the granted jobs saw the pause and went back
+    assert state.budget(5.5, LIMITS) == 1  # one request when the pause ends, then the rate
+
+
 def test_the_rate_never_drops_below_its_floor() -> None:
     state = new_limit(600, 0, 0, now=0.0)
     for second in range(20):
