@@ -1,7 +1,7 @@
-"""The fleet-wide limiter and circuit breakers: ``broker.provider_state`` over JetStream KV.
+"""The fleet-wide limiter (with the circuit breakers of ``workers.breaker``) over JetStream KV.
 
 Every worker process keeps a watched cache of the ``laneway_providers`` bucket
-(``workers.provider_store``). Decisions read the cache; changes are
+(``broker.provider_store``). Decisions read the cache; changes are
 compare-and-set updates against it. So the fleet shares one budget per provider
 and one breaker, and a Retry-After or an opened circuit reaches every process
 within milliseconds, with no datastore besides NATS.
@@ -24,7 +24,6 @@ import contextlib
 import os
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -34,9 +33,10 @@ from nats.js import JetStreamContext
 
 from broker import topology as t
 from broker.metrics import WorkerMetrics
-from broker.provider_config import CircuitConfig, LimitsConfig
-from broker.provider_state import CircuitState, LimitState, new_limit
+from broker.provider_config import LimitsConfig
+from broker.provider_state import LimitState, new_limit
 from broker.provider_store import ProviderStateStore
+from workers.breaker import CircuitBreakers
 from workers.provider import RateLimits
 
 __all__ = ["FleetLimiter"]
@@ -46,11 +46,9 @@ log = structlog.get_logger("laneway.limiter")
 R = TypeVar("R")
 
 _FLUSH_S = 0.5
-# A claimed probe that never reports (its worker died) frees its place after this.
-_PROBE_TTL_S = 30.0
 
 
-class FleetLimiter:
+class FleetLimiter(CircuitBreakers):
     """``async with FleetLimiter(js, providers) as limiter``: shared budgets and breakers."""
 
     def __init__(
@@ -62,18 +60,14 @@ class FleetLimiter:
         metrics: WorkerMetrics | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._store = ProviderStateStore(js, clock)
+        store = ProviderStateStore(js, clock)
+        worker_id = worker_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        circuits = {n: p.circuit for n, p in providers.items()}
+        super().__init__(store, circuits, worker_id=worker_id, metrics=metrics, clock=clock)
         self._limits_cfg: dict[str, LimitsConfig] = {n: p.limits for n, p in providers.items()}
-        self._circuit_cfg: dict[str, CircuitConfig] = {n: p.circuit for n, p in providers.items()}
-        self.worker_id = worker_id or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._metrics = metrics
-        self._clock = clock
         self._flusher: asyncio.Task[None] | None = None
         self._holding: dict[str, int] = {}
         self._written_holding: dict[str, int] = {}
-        # Recent (time, ok) per provider: this process's error rate for the breaker.
-        self._window: dict[str, deque[tuple[float, bool]]] = {}
-        self._window_failures: dict[str, int] = {}
 
     async def __aenter__(self) -> FleetLimiter:
         await self._store.start()
@@ -120,15 +114,6 @@ class FleetLimiter:
         cached = self._store.cached(self.limit_key(provider, model), LimitState)
         return cached if cached is not None else self._fresh_limit(provider, model)
 
-    def circuit_state(self, provider: str) -> CircuitState:
-        cached = self._store.cached(t.circuit_key(provider), CircuitState)
-        return cached if cached is not None else CircuitState()
-
-    def phase(self, provider: str) -> str:
-        if not self._circuit_cfg[provider].enabled:
-            return "closed"
-        return self.circuit_state(provider).effective(self._clock())
-
     def at_limit(self, provider: str, model: str) -> bool:
         """Whether ``provider``/``model`` could not take a call right now (rate, pause,
         fleet concurrency), as far as this process knows."""
@@ -141,12 +126,17 @@ class FleetLimiter:
             return self.paused_s(provider, model)
         return self.limit_state(provider, model).wait_s(self._clock(), self._limits_cfg[provider])
 
-    def reopens_in(self, provider: str) -> float:
-        """Seconds until an open circuit turns half-open (0 if it is not open)."""
-        state = self.circuit_state(provider)
-        return max(0.0, state.open_until - self._clock()) if state.phase == "open" else 0.0
-
     # --- limiter ---------------------------------------------------------------------
+
+    async def _soft_start(self, provider: str) -> None:
+        # A provider back from an outage gets its traffic back gradually.
+        if self.limited(provider, ""):
+            limits = self._limits_cfg[provider]
+
+            def restart(state: LimitState, now: float) -> tuple[LimitState, None]:
+                return state.soft_start(now, limits), None
+
+            await self._change_limit(provider, "", restart, None)
 
     async def grant(self, provider: str, model: str, want: int) -> int:
         """Take up to ``want`` requests of budget now; how many were granted."""
@@ -270,93 +260,6 @@ class FleetLimiter:
         cached = self._store.cached(self.limit_key(provider, model), LimitState)
         return max(0.0, cached.paused_until - self._clock()) if cached is not None else 0.0
 
-    # --- circuit breaker ---------------------------------------------------------------
-
-    async def failed(self, provider: str, message: str) -> str:
-        """Record a transient failure; returns the circuit's phase after it."""
-        cfg = self._circuit_cfg[provider]
-        if not cfg.enabled:
-            return "closed"
-        trip = self._record(provider, ok=False, cfg=cfg)
-
-        def change(state: CircuitState, now: float) -> tuple[CircuitState, str]:
-            new = state.failure(now, message, cfg, trip=trip)
-            return new, new.effective(now)
-
-        before = self.circuit_state(provider).phase
-        phase = await self._store.change(t.circuit_key(provider), CircuitState, change, "closed")
-        if phase == "open" and before != "open":
-            log.warning("circuit opened", provider=provider, error=message[:200])
-        self._report_circuit(provider)
-        return phase
-
-    async def succeeded(self, provider: str, probe: str = "") -> None:
-        cfg = self._circuit_cfg[provider]
-        if not cfg.enabled:
-            return
-        self._record(provider, ok=True, cfg=cfg)
-        now = self._clock()
-        if self.circuit_state(provider).success(now, cfg, probe=probe) is None:
-            return  # closed with no failure streak: nothing to write
-
-        def change(state: CircuitState, now: float) -> tuple[CircuitState | None, None]:
-            return state.success(now, cfg, probe=probe), None
-
-        before = self.circuit_state(provider).phase
-        await self._store.change(t.circuit_key(provider), CircuitState, change, None)
-        if before != "closed" and self.circuit_state(provider).phase == "closed":
-            log.info("circuit closed", provider=provider)
-            if self.limited(provider, ""):
-                limits = self._limits_cfg[provider]
-
-                def restart(state: LimitState, now: float) -> tuple[LimitState, None]:
-                    return state.soft_start(now, limits), None
-
-                await self._change_limit(provider, "", restart, None)
-        self._report_circuit(provider)
-
-    async def take_probe(self, provider: str) -> str:
-        """Claim a probe call of a half-open circuit: its id, or "" if none is free."""
-        cfg = self._circuit_cfg[provider]
-        probe = f"{self.worker_id}-{uuid.uuid4().hex[:8]}"
-
-        def change(state: CircuitState, now: float) -> tuple[CircuitState | None, str]:
-            new = state.take_probe(now, probe, cfg, _PROBE_TTL_S)
-            return new, probe if new is not None else ""
-
-        return await self._store.change(t.circuit_key(provider), CircuitState, change, "")
-
-    async def drop_probe(self, provider: str, probe: str) -> None:
-        """Give back a probe claim that found no job."""
-
-        def change(state: CircuitState, now: float) -> tuple[CircuitState | None, None]:
-            return state.drop_probe(probe), None
-
-        await self._store.change(t.circuit_key(provider), CircuitState, change, None)
-
-    def probe_free(self, provider: str) -> bool:
-        """Whether a half-open circuit has a probe place free (as far as the cache knows)."""
-        state = self.circuit_state(provider)
-        now = self._clock()
-        live = sum(1 for until in state.probes.values() if until > now)
-        return (
-            state.effective(now) == "half_open" and live + state.probe_ok < self._circuit_cfg[provider].probes
-        )
-
-    def _record(self, provider: str, *, ok: bool, cfg: CircuitConfig) -> bool:
-        """Add a call to this process's window; whether its error rate trips the breaker."""
-        now = self._clock()
-        window = self._window.setdefault(provider, deque())
-        # A running count: the window may hold thousands of calls at high rates.
-        failures = self._window_failures.get(provider, 0) + (not ok)
-        window.append((now, ok))
-        while window and window[0][0] < now - cfg.window_s:
-            failures -= not window.popleft()[1]
-        self._window_failures[provider] = failures
-        if ok or len(window) < cfg.min_calls:
-            return False
-        return failures / len(window) >= cfg.error_rate
-
     # --- compare-and-set over the cache --------------------------------------------------
 
     def _fresh_limit(self, provider: str, model: str) -> LimitState:
@@ -416,7 +319,3 @@ class FleetLimiter:
         state = self.limit_state(provider, model)
         label = model if model in limits.models else ""
         self._metrics.limiter(provider, label, state.current_rpm(now, limits), state.budget(now, limits))
-
-    def _report_circuit(self, provider: str) -> None:
-        if self._metrics is not None:
-            self._metrics.circuit(provider, self.phase(provider))
