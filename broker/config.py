@@ -395,6 +395,15 @@ class LanewayConfig(_Model):
         """The first (preferred) target of ``route``; KeyError if there is no such route."""
         return self.routes[route].targets[0]
 
+    def routes_of(self, provider: str) -> dict[str, str]:
+        """Route -> model for every route ``provider`` is a target of, in config order."""
+        return {
+            name: target.model
+            for name, route in self.routes.items()
+            for target in route.targets
+            if target.provider == provider
+        }
+
 
 def default_config() -> LanewayConfig:
     """Defaults everywhere, one ``mock`` provider and a ``chat`` route to it."""

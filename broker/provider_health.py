@@ -23,7 +23,7 @@ from nats.aio.client import Client as NatsClient
 
 from broker import topology as t
 from broker.config import LanewayConfig, ProviderConfig
-from broker.provider_state import CircuitState, LimitState, Phase, new_limit
+from broker.provider_state import CircuitState, LimitState, Phase, fresh_limit
 from broker.provider_store import ProviderStateStore
 
 __all__ = ["LimitHealth", "ProviderHealth", "ProviderHealthView", "provider_health"]
@@ -103,10 +103,7 @@ def provider_health(
 
     def limit_state(model: str) -> LimitState:
         found = states.get(t.limit_key(name, model))
-        if isinstance(found, LimitState):
-            return found
-        rpm, tpm = limits.for_model(model) if model else (limits.rpm, limits.tpm)
-        return new_limit(rpm, tpm, limits.max_concurrent, now)
+        return found if isinstance(found, LimitState) else fresh_limit(limits, model, now)
 
     found = states.get(t.circuit_key(name))
     circuit = found if isinstance(found, CircuitState) else CircuitState()

@@ -42,6 +42,7 @@ __all__ = [
     "decode_circuit",
     "decode_limit",
     "encode_state",
+    "fresh_limit",
     "new_limit",
 ]
 
@@ -301,6 +302,12 @@ def _live(holders: dict[str, tuple[int, float]], now: float) -> dict[str, tuple[
 
 def new_limit(rpm: int, tpm: int, max_concurrent: int, now: float) -> LimitState:
     return LimitState(rpm=rpm, tpm=tpm, max_concurrent=max_concurrent, updated=now)
+
+
+def fresh_limit(limits: LimitsConfig, model: str, now: float) -> LimitState:
+    """The state of a budget nobody has drawn on yet: ``model``'s limits, or the provider's."""
+    rpm, tpm = limits.for_model(model)
+    return new_limit(rpm, tpm, limits.max_concurrent, now)
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,7 @@ from nats.js import JetStreamContext
 from broker import topology as t
 from broker.metrics import WorkerMetrics
 from broker.provider_config import LimitsConfig
-from broker.provider_state import LimitState, new_limit
+from broker.provider_state import LimitState, fresh_limit
 from broker.provider_store import ProviderStateStore
 from workers.breaker import CircuitBreakers
 from workers.provider import RateLimits
@@ -97,9 +97,6 @@ class FleetLimiter(CircuitBreakers):
 
     # --- reading (from the cache) ----------------------------------------------------
 
-    def limits_of(self, provider: str) -> LimitsConfig:
-        return self._limits_cfg[provider]
-
     def limit_key(self, provider: str, model: str) -> str:
         limits = self._limits_cfg[provider]
         return t.limit_key(provider, model if model in limits.models else "")
@@ -116,14 +113,11 @@ class FleetLimiter(CircuitBreakers):
 
     def at_limit(self, provider: str, model: str) -> bool:
         """Whether ``provider``/``model`` could not take a call right now (rate, pause,
-        fleet concurrency), as far as this process knows."""
-        if not self.limited(provider, model):
-            return self.paused_s(provider, model) > 0
+        fleet concurrency), as far as this process knows. Without a configured limit
+        only a fleet-wide Retry-After pause counts."""
         return self.limit_state(provider, model).at_limit(self._clock(), self._limits_cfg[provider])
 
     def wait_s(self, provider: str, model: str) -> float:
-        if not self.limited(provider, model):
-            return self.paused_s(provider, model)
         return self.limit_state(provider, model).wait_s(self._clock(), self._limits_cfg[provider])
 
     # --- limiter ---------------------------------------------------------------------
@@ -214,11 +208,8 @@ class FleetLimiter(CircuitBreakers):
         limits = self._limits_cfg[provider]
         if refused and self._metrics is not None:
             self._metrics.rate_limited(provider, limits_seen.retry_after_s)
-        if not self.limited(provider, model):
-            if refused and limits_seen.retry_after_s:
-                # No budget configured, but a Retry-After still holds for the whole fleet.
-                await self._pause_unlimited(provider, model, limits_seen.retry_after_s)
-            return
+        if not self.limited(provider, model) and not (refused and limits_seen.retry_after_s):
+            return  # no budget to adjust; only a Retry-After holds for the fleet regardless
 
         def change(state: LimitState, now: float) -> tuple[LimitState | None, None]:
             if refused:
@@ -245,16 +236,6 @@ class FleetLimiter(CircuitBreakers):
 
         await self._change_limit(provider, model, change, None)
 
-    async def _pause_unlimited(self, provider: str, model: str, retry_after_s: float) -> None:
-        # An unlimited provider still gets a state entry, so the pause is shared.
-        key = self.limit_key(provider, model)
-        limits = self._limits_cfg[provider]
-
-        def change(state: LimitState, now: float) -> tuple[LimitState, None]:
-            return state.rate_limited(now, retry_after_s, limits), None
-
-        await self._store.change(key, lambda: self._fresh_limit(provider, model), change, None)
-
     def paused_s(self, provider: str, model: str) -> float:
         """Seconds the fleet still waits for a Retry-After of ``provider`` (any limit)."""
         cached = self._store.cached(self.limit_key(provider, model), LimitState)
@@ -263,9 +244,7 @@ class FleetLimiter(CircuitBreakers):
     # --- compare-and-set over the cache --------------------------------------------------
 
     def _fresh_limit(self, provider: str, model: str) -> LimitState:
-        limits = self._limits_cfg[provider]
-        rpm, tpm = limits.for_model(model)
-        return new_limit(rpm, tpm, limits.max_concurrent, self._clock())
+        return fresh_limit(self._limits_cfg[provider], model, self._clock())
 
     async def _change_limit(
         self,
@@ -286,8 +265,8 @@ class FleetLimiter(CircuitBreakers):
         def change(state: LimitState, now: float) -> tuple[LimitState, None]:
             return state.hold(now, self.worker_id, holding), None
 
-        fresh = new_limit(limits.rpm, limits.tpm, limits.max_concurrent, 0.0)
-        await self._store.change(key, lambda: fresh, change, None)
+        # Holdings are only flushed for keys a grant already created; fresh is a fallback.
+        await self._store.change(key, lambda: fresh_limit(limits, "", self._clock()), change, None)
         self._written_holding[key] = holding
 
     async def _flush_loop(self) -> None:

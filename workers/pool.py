@@ -112,16 +112,12 @@ class WorkerPool:
         for name in self._provider_names:
             provider = build_provider(name, cfg.providers[name])
             self._providers.append(provider)
-            for route, route_cfg in cfg.routes.items():
-                model = next((t.model for t in route_cfg.targets if t.provider == name), None)
-                if model is None:
-                    continue
+            for route, model in cfg.routes_of(name).items():
                 embed, classify = self._batchers_for(provider, model, route)
                 retry = RetryPolicy.for_route(cfg, route)
                 targets[(route, name)] = Target(provider, model, retry, embed, classify)
         self._events = await EventLog(self._nc).__aenter__()
         self._limiter = await FleetLimiter(js, cfg.providers, metrics=self.metrics).__aenter__()
-        served = dict.fromkeys(self._provider_names, True)
         self._runner = JobRunner(
             self._events,
             DeadLetterStore(self._nc, self._events),
@@ -129,7 +125,7 @@ class WorkerPool:
             ack_wait_s=cfg.queue.ack_wait_s,
             metrics=self.metrics,
             limiter=self._limiter,
-            chooser=TargetChooser(self._limiter, cfg, served),
+            chooser=TargetChooser(self._limiter, cfg, self._provider_names),
         )
         if self._metrics_port is not None:
             self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)

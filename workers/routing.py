@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from broker.config import LanewayConfig, RouteTarget
@@ -69,20 +69,17 @@ class RouteGate:
         self._limiter = limiter
         self._config = config
         self.provider = provider
-        self._model: dict[str, str] = {}
+        self._model = config.routes_of(provider)
+        # The targets each route prefers to this provider.
         self._ahead: dict[str, tuple[RouteTarget, ...]] = {}
-        for name, route in config.routes.items():
-            for index, target in enumerate(route.targets):
-                if target.provider == provider:
-                    self._model[name] = target.model
-                    self._ahead[name] = route.targets[:index]
+        for name in self._model:
+            targets = config.routes[name].targets
+            index = next(i for i, target in enumerate(targets) if target.provider == provider)
+            self._ahead[name] = targets[:index]
 
     @property
     def routes(self) -> list[str]:
         return list(self._model)
-
-    def model(self, route: str) -> str:
-        return self._model[route]
 
     def _available(self, target: RouteTarget) -> bool:
         lim = self._limiter
@@ -151,7 +148,7 @@ class Choice:
 class TargetChooser:
     """Picks the target a pulled job runs on, taking budget for it."""
 
-    def __init__(self, limiter: FleetLimiter, config: LanewayConfig, served: Mapping[str, object]) -> None:
+    def __init__(self, limiter: FleetLimiter, config: LanewayConfig, served: Iterable[str]) -> None:
         self._limiter = limiter
         self._config = config
         self._served = set(served)  # providers with a pool in this process

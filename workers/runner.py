@@ -369,7 +369,7 @@ class JobRunner:
         self, msg: Msg, job: QueuedJob, running: JobEvent, seq: int, err: ProviderError, bound: Logger
     ) -> None:
         error = err.error
-        retry = next(t.retry for (route, _), t in self._targets.items() if route == job.spec.route)
+        retry = self._targets[(job.spec.route, running.provider)].retry
         decision = decide(retry, running.attempt, error, err.retry_after_s)
         if error.code == PROVIDER_DOWN:
             # Straight back to the queue: another target (or the healed provider's probes) takes it.
