@@ -211,6 +211,13 @@ class WorkersConfig(_Model):
     shutdown_grace_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
     """Seconds a stopping worker lets in-flight calls finish before it abandons them
     (they are then redelivered to another worker)."""
+    eager_start_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    """A job a worker gets within this many seconds of its submission starts its
+    provider call while its RUNNING event is being written, saving a NATS round trip
+    on latency and time to first token. The price: a job cancelled within this window
+    may reach the provider before the cancel is seen (the call is aborted as soon as
+    the write is refused). Jobs that waited longer, or were delivered again, wait for
+    their RUNNING event first. 0 turns it off."""
 
     @field_validator("retry_backoff_max_s")
     @classmethod

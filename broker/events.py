@@ -12,7 +12,8 @@ one job, the latest of many jobs in one batched request, or a job's history.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -22,12 +23,19 @@ from nats.aio.msg import Msg
 
 from broker import topology as t
 from broker.inbox import DIRECT_GET_BATCH, ReplyMux, direct_get, status_of
-from broker.jspub import WRONG_LAST_SEQUENCE, PublishRejected, PublishUnanswered, publish_acked, publish_many
+from broker.jspub import (
+    WRONG_LAST_SEQUENCE,
+    PublishRejected,
+    PublishUnanswered,
+    ack_outcome,
+    publish_many,
+    send_acked,
+)
 from broker.model import FINAL_STATES, JobEvent, JobState, QueuedJob
 from broker.wire import decode_event, encode_event
 from laneway.errors import LanewayError, Unavailable
 
-__all__ = ["EventConflict", "EventLog", "StoredEvent", "first_event", "is_scheduled"]
+__all__ = ["EventConflict", "EventLog", "PendingAppend", "StoredEvent", "first_event", "is_scheduled"]
 
 _FINAL_NAMES = frozenset(s.name for s in FINAL_STATES)
 
@@ -85,6 +93,64 @@ def first_event(job: QueuedJob) -> JobEvent:
     )
 
 
+class PendingAppend:
+    """An append that was sent and whose answer may not be in yet.
+
+    Lets a writer overlap the round trip with other work: ``stored()`` waits for
+    the answer and returns the new stream sequence, or raises what ``append``
+    would have raised (EventConflict, Unavailable). Safe to await more than once.
+    """
+
+    __slots__ = ("_future", "_result", "_timeout", "event")
+
+    def __init__(self, event: JobEvent, future: asyncio.Future[Msg], timeout: float) -> None:
+        self.event = event
+        self._future = future
+        self._timeout = timeout
+        self._result: int | LanewayError | None = None
+
+    @property
+    def refused(self) -> bool:
+        """Whether the store's answer is in and refuses the write."""
+        return self._result is not None and not isinstance(self._result, int)
+
+    def when_refused(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` as soon as the store answers with a refusal (a conflict or
+        an error); never when the write is stored or no answer comes."""
+
+        def check(future: asyncio.Future[Msg]) -> None:
+            if future.cancelled() or future.exception() is not None:
+                return  # no answer: nothing refused
+            if not isinstance(self._outcome(future.result()), int):
+                callback()
+
+        self._future.add_done_callback(check)
+
+    def _outcome(self, msg: Msg) -> int | LanewayError:
+        if self._result is None:
+            ack = ack_outcome(msg)
+            self._result = ack if isinstance(ack, int) else _append_error(self.event, ack)
+        return self._result
+
+    async def stored(self) -> int:
+        if self._result is None and self._future.cancelled():
+            raise Unavailable("event store answer was abandoned")
+        if self._result is None:
+            try:
+                # Not shielded: a cancelled waiter (an aborted attempt) gives up on the
+                # answer, and a later look reports the write's outcome as unknown.
+                msg = await self._future
+            except TimeoutError:
+                self._result = _append_error(self.event, PublishUnanswered("no ack in time"))
+            else:
+                self._outcome(msg)
+        result = self._result
+        assert result is not None
+        if isinstance(result, int):
+            return result
+        raise result
+
+
 class EventLog:
     """Append to and read job event logs. ``async with EventLog(nc) as log``."""
 
@@ -105,13 +171,14 @@ class EventLog:
     async def append(self, event: JobEvent, *, expect_last: int) -> int:
         """Append ``event`` if the subject's last stream sequence is ``expect_last``
         (0: the subject must be empty). Returns the new stream sequence."""
-        try:
-            seq, _duplicate = await publish_acked(
-                self._nc, *_append_message(event, expect_last), timeout=self._timeout
-            )
-        except (PublishRejected, PublishUnanswered) as err:
-            raise _append_error(event, err) from err
-        return seq
+        return await (await self.send(event, expect_last=expect_last)).stored()
+
+    async def send(self, event: JobEvent, *, expect_last: int) -> PendingAppend:
+        """Start ``append`` without waiting for its answer."""
+        future = await send_acked(
+            self._nc, self._mux, *_append_message(event, expect_last), timeout=self._timeout
+        )
+        return PendingAppend(event, future, self._timeout)
 
     async def append_many(self, appends: Sequence[tuple[JobEvent, int]]) -> list[int | LanewayError]:
         """``append`` for many jobs' logs in one round trip; each result is the new

@@ -82,10 +82,36 @@ class ReplyMux:
         finally:
             self._routes.pop(token, None)
 
+    def one_reply(self, timeout: float) -> tuple[str, asyncio.Future[Msg]]:
+        """A reply subject and the future its first message resolves, or that fails
+        with TimeoutError after ``timeout`` seconds. The route goes when the future is
+        done (or cancelled), so no block has to stay open for it."""
+        token = str(next(self._tokens))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        timer = loop.call_later(timeout, _expire, future)
+
+        def resolve(msg: Msg) -> None:
+            if not future.done():
+                future.set_result(msg)
+
+        def done(_future: asyncio.Future[Msg]) -> None:
+            self._routes.pop(token, None)
+            timer.cancel()
+
+        self._routes[token] = resolve
+        future.add_done_callback(done)
+        return f"{self._prefix}.{token}", future
+
     async def _on_msg(self, msg: Msg) -> None:
         callback = self._routes.get(msg.subject.rsplit(".", 1)[-1])
         if callback is not None:
             callback(msg)
+
+
+def _expire(future: asyncio.Future[Msg]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError())
 
 
 async def direct_get(

@@ -8,8 +8,6 @@ the broker's CPU. Here the ack JSON is read directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import json
 from collections.abc import Sequence
 
@@ -19,7 +17,15 @@ from nats.aio.msg import Msg
 
 from broker.inbox import ReplyMux, status_of
 
-__all__ = ["WRONG_LAST_SEQUENCE", "PublishRejected", "PublishUnanswered", "publish_acked", "publish_many"]
+__all__ = [
+    "WRONG_LAST_SEQUENCE",
+    "PublishRejected",
+    "PublishUnanswered",
+    "ack_outcome",
+    "publish_acked",
+    "publish_many",
+    "send_acked",
+]
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 WRONG_LAST_SEQUENCE = 10071
@@ -57,29 +63,44 @@ async def publish_many(
     nc: NatsClient, mux: ReplyMux, items: Sequence[tuple[str, bytes, dict[str, str]]], *, timeout: float
 ) -> list[int | PublishRejected | PublishUnanswered]:
     """Publish all, then wait for all acks: one round trip for a whole batch, and no
-    task or request future per message. Returns each message's stream sequence or error."""
+    task per message. Returns each message's stream sequence or error."""
     if not items:
         return []  # asyncio.wait refuses an empty set (a batch whose jobs were all refused)
-    loop = asyncio.get_running_loop()
-    futures: list[asyncio.Future[Msg]] = [loop.create_future() for _ in items]
-    with contextlib.ExitStack() as routes:
-        replies = [routes.enter_context(mux.route(functools.partial(_resolve, f))) for f in futures]
-        for (subject, payload, headers), reply in zip(items, replies, strict=True):
-            await nc.publish(subject, payload, reply=reply, headers=headers)
-        await asyncio.wait(futures, timeout=timeout)
+    futures: list[asyncio.Future[Msg]] = []
+    try:
+        for subject, payload, headers in items:
+            futures.append(await send_acked(nc, mux, subject, payload, headers, timeout=timeout))
+        await asyncio.wait(futures)  # each fails on its own at the timeout
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
     return [_ack(f) for f in futures]
 
 
-def _resolve(future: asyncio.Future[Msg], msg: Msg) -> None:
-    if not future.done():
-        future.set_result(msg)
+async def send_acked(
+    nc: NatsClient, mux: ReplyMux, subject: str, payload: bytes, headers: dict[str, str], *, timeout: float
+) -> asyncio.Future[Msg]:
+    """Publish now; the returned future resolves with the stream's ack (read it with
+    ``ack_outcome``), or fails with TimeoutError when none comes within ``timeout``.
+    The caller may do other work meanwhile."""
+    reply, future = mux.one_reply(timeout)
+    try:
+        await nc.publish(subject, payload, reply=reply, headers=headers)
+    except BaseException:
+        future.cancel()  # drops the route
+        raise
+    return future
 
 
 def _ack(future: asyncio.Future[Msg]) -> int | PublishRejected | PublishUnanswered:
-    if not future.done():
-        future.cancel()
+    if future.cancelled() or future.exception() is not None:
         return PublishUnanswered("no ack in time")
-    msg = future.result()
+    return ack_outcome(future.result())
+
+
+def ack_outcome(msg: Msg) -> int | PublishRejected | PublishUnanswered:
+    """What a stream's answer to a publish says: the stored sequence, or why not."""
     if status_of(msg) == "503":
         return PublishUnanswered("no stream for the subject")
     ack = json.loads(msg.data)

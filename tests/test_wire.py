@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from hypothesis import given
+from hypothesis import strategies as st
 
 from broker import topology as t
 from broker.events import first_event
@@ -10,8 +15,11 @@ from broker.model import (
     ChatInput,
     ChatMessage,
     ChatOutput,
+    ClassificationInput,
+    EmbeddingInput,
     EmbeddingOutput,
     ErrorClass,
+    GenerationParams,
     JobError,
     JobSpec,
     JobState,
@@ -22,6 +30,8 @@ from broker.model import (
 )
 from broker.wire import (
     NAME_RE,
+    _dt,
+    _ts,
     decode_event,
     decode_queued_job,
     encode_event,
@@ -46,6 +56,34 @@ def _job() -> QueuedJob:
 
 def test_queued_job_round_trip() -> None:
     job = _job()
+    assert decode_queued_job(encode_queued_job(job)) == job
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        JobSpec(
+            route="chat",
+            lane="low",
+            input=ChatInput(
+                (ChatMessage("user", "hi"),),
+                GenerationParams(max_tokens=5, temperature=0.0, top_p=0.5, stop=("x", "y")),
+                stream=True,
+            ),
+            not_before=utcnow(),
+            debounce_key="user-7",
+            providers=("a", "b"),
+            exclude_providers=("c",),
+        ),
+        JobSpec(route="embed", lane="normal", input=EmbeddingInput(("one", "two"))),
+        JobSpec(
+            route="tag", lane="high", input=ClassificationInput("text", ("yes", "no")), deadline=utcnow()
+        ),
+    ],
+)
+def test_queued_job_round_trip_every_input_and_field(spec: JobSpec) -> None:
+    # Queued jobs are decoded without validation (it ran at submit): nothing may be lost.
+    job = QueuedJob(job_id=new_job_id(), spec=spec, enqueued_at=utcnow())
     assert decode_queued_job(encode_queued_job(job)) == job
 
 
@@ -127,3 +165,35 @@ def test_old_servers_are_refused_with_a_reason(version: str) -> None:
 @pytest.mark.parametrize("version", ["2.12.0", "2.15.1", "3.0.0-beta"])
 def test_current_servers_pass(version: str) -> None:
     t.check_server_version(version)
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31, 23, 59, 59), timezones=st.just(UTC)
+    )
+)
+def test_timestamp_conversion_matches_protobufs_own(dt: datetime) -> None:
+
+    ours, theirs = Timestamp(), Timestamp()
+    _ts(dt, ours)
+    theirs.FromDatetime(dt)
+    assert ours == theirs
+    assert _dt(ours) == theirs.ToDatetime(tzinfo=UTC) == dt
+
+
+_HEADER_LINE = st.tuples(
+    st.binary(max_size=12)
+    | st.sampled_from([b"Nats-Sequence", b" Laneway-Job-Seq ", b"bad name", b"\xc3\xa9"]),
+    st.sampled_from([b":", b": ", b"", b":\t"]),
+    st.binary(max_size=16) | st.sampled_from([b"42", b" SUCCEEDED ", b"\xff\xfe"]),
+).map(b"".join)
+
+
+@given(st.lists(_HEADER_LINE, max_size=8))
+def test_fast_header_parser_matches_the_librarys(lines: list[bytes]) -> None:
+    from nats.aio.client import Client
+
+    from broker.connection import FastHeaderClient
+
+    raw = b"\r\n".join(lines) + b"\r\n\r\n"
+    assert FastHeaderClient._parse_header_lines(raw) == Client._parse_header_lines(raw)

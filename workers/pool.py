@@ -25,6 +25,7 @@ from broker.events import EventLog
 from broker.metrics import MetricsServer, WorkerMetrics, provider_prices, start_metrics_server
 from broker.model import LANES
 from laneway.errors import ConfigError
+from workers.attempts import Attempts
 from workers.batching import ClassificationBatcher, EmbeddingBatcher
 from workers.limiter import FleetLimiter
 from workers.provider import Provider, build_provider
@@ -70,6 +71,7 @@ class WorkerPool:
         self._runner: JobRunner | None = None
         self._events: EventLog | None = None
         self._limiter: FleetLimiter | None = None
+        self._attempts: Attempts | None = None
         self._batchers: dict[tuple[str, str, int, float], tuple[EmbeddingBatcher, ClassificationBatcher]] = {}
         self.metrics = WorkerMetrics(prices=provider_prices(config.providers))
         # None: the config's port; 0 there means off, but 0 passed here picks a free port.
@@ -95,6 +97,12 @@ class WorkerPool:
         return self._metrics_server.port if self._metrics_server is not None else None
 
     @property
+    def starts_early(self) -> bool:
+        """Whether fresh jobs start their calls while their RUNNING event is written
+        (``workers.eager_start_s``; off for a moment after start-up)."""
+        return self._attempts is not None and self._attempts.starts_early
+
+    @property
     def in_flight(self) -> int:
         return sum(p.in_flight for p in self._pullers)
 
@@ -118,11 +126,15 @@ class WorkerPool:
                 targets[(route, name)] = Target(provider, model, retry, embed, classify)
         self._events = await EventLog(self._nc).__aenter__()
         self._limiter = await FleetLimiter(js, cfg.providers, metrics=self.metrics).__aenter__()
+        # Leases renewed at a third of ack_wait: two renewals can go missing before a lease does.
+        self._attempts = await Attempts(
+            max(0.2, cfg.queue.ack_wait_s / 3), eager_start_s=cfg.workers.eager_start_s
+        ).__aenter__()
         self._runner = JobRunner(
             self._events,
             DeadLetterStore(self._nc, self._events),
             targets,
-            ack_wait_s=cfg.queue.ack_wait_s,
+            attempts=self._attempts,
             metrics=self.metrics,
             limiter=self._limiter,
             chooser=TargetChooser(self._limiter, cfg, self._provider_names),
@@ -131,6 +143,8 @@ class WorkerPool:
             self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
             log.info("worker metrics serving", metrics_addr=f"127.0.0.1:{port}")
         self._cancel_sub = await self._nc.subscribe(t.CANCEL_ALL, cb=self._on_cancel)
+        await self._nc.flush()  # the server has our subscription: no cancel from now on is missed
+        self._attempts.listening()
         for name in self._provider_names:
             gate = RouteGate(self._limiter, cfg, name)
             # Lane-major order: every route's high lane before any normal lane.
@@ -184,6 +198,9 @@ class WorkerPool:
         for puller in self._pullers:
             await puller.drain(self.config.workers.shutdown_grace_s)
         self._pullers.clear()
+        attempts, self._attempts = self._attempts, None
+        if attempts is not None:
+            await attempts.close()
         for batchers in self._batchers.values():
             for batcher in batchers:
                 await batcher.aclose()

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncIterator
+import functools
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -22,7 +21,7 @@ from nats.aio.msg import Msg
 
 from broker import topology as t
 from broker.deadletters import DeadLetterStore
-from broker.events import EventConflict, EventLog, first_event
+from broker.events import EventConflict, EventLog, PendingAppend, first_event
 from broker.metrics import WorkerMetrics
 from broker.model import (
     ChatInput,
@@ -38,6 +37,7 @@ from broker.model import (
 )
 from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
+from workers.attempts import Attempts
 from workers.batching import ClassificationBatcher, EmbeddingBatcher
 from workers.classify import classify_exception
 from workers.feedback import learn, reserve_tokens
@@ -45,7 +45,7 @@ from workers.limiter import FleetLimiter
 from workers.provider import CallContext, Provider, ProviderError, ResponseInfo, call_provider
 from workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, RetryPolicy, decide, next_attempt
 from workers.routing import Choice, Grant, TargetChooser, estimate_tokens
-from workers.streaming import DeltaWriter
+from workers.streaming import DeltaWriter, stream_chat
 from workers.tracing_spans import attempt_started, job_trace, note_event, provider_call
 
 __all__ = ["JobRunner", "Target"]
@@ -84,7 +84,7 @@ class JobRunner:
         dead_letters: DeadLetterStore,
         targets: dict[tuple[str, str], Target],
         *,
-        ack_wait_s: float,
+        attempts: Attempts,
         metrics: WorkerMetrics | None = None,
         limiter: FleetLimiter | None = None,
         chooser: TargetChooser | None = None,
@@ -95,17 +95,12 @@ class JobRunner:
         self._targets = targets
         self._limiter = limiter
         self._chooser = chooser
-        self._heartbeat_s = max(0.2, ack_wait_s / 3)
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._attempts = attempts
         self.closing = False
 
     def cancel_running(self, job_id: str) -> bool:
         """Abort the provider call of a job that was cancelled (its CANCELLED event is stored)."""
-        task = self._running.get(job_id)
-        if task is None:
-            return False
-        task.cancel()
-        return True
+        return self._attempts.cancel(job_id)
 
     async def handle(self, msg: Msg, consumer: t.LaneConsumer, grant: Grant, *, provider: str) -> None:
         """Run a job the pool of ``provider`` pulled, holding ``grant``."""
@@ -245,12 +240,16 @@ class JobRunner:
             started_at=prev.started_at or now,
             not_before=None,
         )
-        seq = await self._append(running, seq)
+        written = await self._events.send(running, expect_last=seq)
+        eager = self._attempts.may_start_early(msg, job.job_id, (now - job.enqueued_at).total_seconds())
+        if not eager:
+            await self._stored(written)
+        note_event(running)
         if self._metrics is not None and prev.started_at is None:
             self._metrics.job_started(running)
         attempt_started(running)
         bound = bound.bind(attempt=running.attempt, provider=target.provider.name)
-        bound.debug("job started")
+        bound.debug("job started", eager=eager)
         answered = False
         seen: list[ResponseInfo] = []
 
@@ -267,18 +266,25 @@ class JobRunner:
 
         ctx = CallContext(job.job_id, running.attempt, job.spec.metadata, deadline, observe=observe)
         try:
-            async with self._lease(msg, job.job_id):
+            with self._attempts.hold(msg, job.job_id):
+                if eager:
+                    # Someone else moved the job on (a cancel) before our RUNNING: abort the call.
+                    written.when_refused(functools.partial(self._attempts.cancel, job.job_id))
                 with provider_call(target.provider, target.model, job.spec.input) as call:
-                    outcome, running, seq = await self._call(target, job, running, seq, ctx)
+                    outcome, running, seq = await self._call(target, job, written, ctx)
                     call.record(outcome)
         except asyncio.CancelledError:
             self._call_ended(target)
+            task = asyncio.current_task()
+            if written.refused:
+                if task is not None:
+                    task.uncancel()
+                await self._stored(written)  # raises: _Lost, or Unavailable
             if self.closing:
-                await self._hand_back(job, running, seq)
+                await self._hand_back(job, written)
                 raise
             # CancelJob stored CANCELLED already; our log view is stale. The cancel was
             # ours to consume, so the task carries on (to ack) as if never cancelled.
-            task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
             raise _Lost from None
@@ -314,52 +320,42 @@ class JobRunner:
         if self._limiter is not None:
             self._limiter.call_ended(target.provider.name, target.model)
 
+    async def _stored(self, written: PendingAppend) -> int:
+        try:
+            return await written.stored()
+        except EventConflict as err:
+            raise _Lost from err
+
     async def _call(
-        self, target: Target, job: QueuedJob, running: JobEvent, seq: int, ctx: CallContext
+        self, target: Target, job: QueuedJob, written: PendingAppend, ctx: CallContext
     ) -> tuple[JobResult | ProviderError, JobEvent, int]:
         """Call the provider: the result or its classified error, and the log's new tail
-        (a streaming call appends its deltas as it goes)."""
+        (the stored RUNNING event, or a streaming call's last delta)."""
         provider, request = target.provider, job.spec.input
+        outcome: JobResult | ProviderError
         if not (isinstance(request, ChatInput) and request.stream):
             try:
                 if isinstance(request, EmbeddingInput) and target.embed_batcher is not None:
-                    return await target.embed_batcher.embed(request, ctx), running, seq
-                if isinstance(request, ClassificationInput) and target.classify_batcher is not None:
-                    return await target.classify_batcher.classify(request, ctx), running, seq
-                return await call_provider(provider, target.model, request, ctx), running, seq
+                    outcome = await target.embed_batcher.embed(request, ctx)
+                elif isinstance(request, ClassificationInput) and target.classify_batcher is not None:
+                    outcome = await target.classify_batcher.classify(request, ctx)
+                else:
+                    outcome = await call_provider(provider, target.model, request, ctx)
             except ProviderError as err:
-                return err, running, seq
+                outcome = err
             except Exception as exc:
                 # An adapter bug or an unexpected library error: classified, never fatal.
-                return classify_exception(exc, provider=provider.name), running, seq
-        writer = DeltaWriter(self._events, running, seq)
-        outcome: JobResult | ProviderError | None = None
-        sent = time.perf_counter()
-        first = True
+                outcome = classify_exception(exc, provider=provider.name)
+            return outcome, written.event, await self._stored(written)
+        writer = DeltaWriter(self._events, written)
+        metrics = self._metrics
+        first_token = (
+            functools.partial(metrics.first_token, provider.name, target.model)
+            if metrics is not None
+            else None
+        )
         try:
-            async for piece in provider.chat_stream(target.model, request, ctx):
-                if isinstance(piece, str):
-                    if first and self._metrics is not None:
-                        self._metrics.first_token(provider.name, target.model, time.perf_counter() - sent)
-                    first = False
-                    writer.add(piece)
-                else:
-                    outcome = piece
-            if outcome is None:
-                raise ProviderError(
-                    JobError("truncated_stream", f"{provider.name}: stream ended without a result")
-                )
-        except ProviderError as err:
-            outcome = err
-        except EventConflict as err:
-            await writer.aclose()
-            raise _Lost from err
-        except asyncio.CancelledError:
-            await writer.aclose()
-            raise
-        except Exception as exc:
-            outcome = classify_exception(exc, provider=provider.name)
-        try:
+            outcome = await stream_chat(provider, target.model, request, ctx, writer, first_token=first_token)
             last, seq = await writer.finish()
         except EventConflict as err:
             raise _Lost from err
@@ -406,31 +402,12 @@ class JobRunner:
         bound.info("job dead-lettered", attempt=prev.attempt, code=error.code)
         await self._finished(msg, job, final)
 
-    async def _hand_back(self, job: QueuedJob, running: JobEvent, seq: int) -> None:
+    async def _hand_back(self, job: QueuedJob, written: PendingAppend) -> None:
         """Record that a stopping worker gave the job back, so the attempt is not charged."""
         back = JobError(HANDED_BACK, "the worker stopped before the call finished", ErrorClass.TRANSIENT)
         with contextlib.suppress(_Lost, Unavailable):
-            await self._append(running.next(JobState.RETRYING, error=back, reset=_streams(job)), seq)
-
-    @contextlib.asynccontextmanager
-    async def _lease(self, msg: Msg, job_id: str) -> AsyncIterator[None]:
-        """Keep the lease alive while the provider call runs; make the call cancellable."""
-        current = asyncio.current_task()
-        assert current is not None
-        self._running[job_id] = current
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
-        try:
-            yield
-        finally:
-            self._running.pop(job_id, None)
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
-
-    async def _heartbeat(self, msg: Msg) -> None:
-        while True:
-            await asyncio.sleep(self._heartbeat_s)  # lease renewal period, not synchronisation
-            await msg.in_progress()
+            seq = await self._stored(written)
+            await self._append(written.event.next(JobState.RETRYING, error=back, reset=_streams(job)), seq)
 
 
 def _streams(job: QueuedJob) -> bool:

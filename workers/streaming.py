@@ -6,17 +6,25 @@ worker that lost the job (cancelled, lease taken over) stops at its first
 rejected write. Appends are sequential per job; deltas that arrive while one
 is in flight are coalesced into the next, so a fast provider costs a few writes
 rather than one per token, and the first delta is written at once.
+
+The attempt's RUNNING event may still be on its way when the first delta
+arrives (the call starts while it is written): the writer waits for its answer
+before appending after it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Callable
 
-from broker.events import EventLog
-from broker.model import JobEvent, JobState
+from broker.events import EventConflict, EventLog, PendingAppend
+from broker.model import ChatInput, JobError, JobEvent, JobResult, JobState
+from workers.classify import classify_exception
+from workers.provider import CallContext, Provider, ProviderError
 
-__all__ = ["DeltaWriter"]
+__all__ = ["DeltaWriter", "stream_chat"]
 
 
 class DeltaWriter:
@@ -26,10 +34,11 @@ class DeltaWriter:
     job's log moved on without us.
     """
 
-    def __init__(self, events: EventLog, running: JobEvent, seq: int) -> None:
+    def __init__(self, events: EventLog, running: PendingAppend) -> None:
         self._events = events
-        self.last = running
-        self.seq = seq
+        self._running = running
+        self.last = running.event
+        self.seq: int | None = None
         self._pending: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._failed: BaseException | None = None
@@ -45,6 +54,8 @@ class DeltaWriter:
 
     async def _flush(self) -> None:
         try:
+            if self.seq is None:
+                self.seq = await self._running.stored()
             while self._pending:
                 event = self.last.next(JobState.RUNNING, delta="".join(self._pending))
                 self._pending.clear()
@@ -61,6 +72,8 @@ class DeltaWriter:
             await asyncio.shield(self._task)
         if self._failed is not None:
             raise self._failed
+        if self.seq is None:
+            self.seq = await self._running.stored()
         return self.last, self.seq
 
     async def aclose(self) -> None:
@@ -70,3 +83,45 @@ class DeltaWriter:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def stream_chat(
+    provider: Provider,
+    model: str,
+    request: ChatInput,
+    ctx: CallContext,
+    writer: DeltaWriter,
+    *,
+    first_token: Callable[[float], None] | None = None,
+) -> JobResult | ProviderError:
+    """Run a streaming chat call, handing each delta to ``writer``; the result, or the
+    classified error (a stream that ends without a result is ``truncated_stream``).
+
+    Raises EventConflict when the job's log moved on, and CancelledError when the
+    attempt was aborted; unwritten deltas are dropped in both cases.
+    """
+    sent = time.perf_counter()
+    outcome: JobResult | ProviderError | None = None
+    first = True
+    try:
+        async for piece in provider.chat_stream(model, request, ctx):
+            if isinstance(piece, str):
+                if first and first_token is not None:
+                    first_token(time.perf_counter() - sent)
+                first = False
+                writer.add(piece)
+            else:
+                outcome = piece
+        if outcome is None:
+            raise ProviderError(
+                JobError("truncated_stream", f"{provider.name}: stream ended without a result")
+            )
+    except ProviderError as err:
+        return err
+    except BaseException as exc:
+        if isinstance(exc, Exception) and not isinstance(exc, EventConflict):
+            # An adapter bug or an unexpected library error: classified, never fatal.
+            return classify_exception(exc, provider=provider.name)
+        await writer.aclose()
+        raise
+    return outcome
