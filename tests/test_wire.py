@@ -197,3 +197,44 @@ def test_fast_header_parser_matches_the_librarys(lines: list[bytes]) -> None:
 
     raw = b"\r\n".join(lines) + b"\r\n\r\n"
     assert FastHeaderClient._parse_header_lines(raw) == Client._parse_header_lines(raw)
+
+
+def test_next_event_carries_every_field_but_the_payload() -> None:
+    import dataclasses
+
+    from broker.model import JobEvent
+
+    start = utcnow()
+    sample: dict[str, object] = {
+        "job_id": "j",
+        "seq": 4,
+        "state": JobState.RUNNING,
+        "route": "chat",
+        "lane": "low",
+        "time": start,
+        "enqueued_at": start,
+        "attempt": 2,
+        "provider": "p",
+        "model": "m",
+        "started_at": start,
+        "finished_at": start,
+        "result": ChatOutput("text"),
+        "error": JobError("e", "m"),
+        "metadata": {"k": "v"},
+        "not_before": start,
+        "superseded_by": "other",
+        "delta": "piece",
+        "reset": True,
+    }
+    # A field added to JobEvent must be added here, and to JobEvent.next.
+    assert set(sample) == {f.name for f in dataclasses.fields(JobEvent)}
+    after = JobEvent(**sample).next(JobState.RETRYING)  # type: ignore[arg-type]
+    payload = {"result": None, "error": None, "delta": None, "reset": False}
+    for name, value in sample.items():
+        if name in payload:
+            assert getattr(after, name) == payload[name], name
+        elif name not in ("seq", "state", "time"):
+            assert getattr(after, name) == value, name
+    assert (after.seq, after.state) == (5, JobState.RETRYING) and after.time >= start
+    done = after.next(JobState.SUCCEEDED)
+    assert done.finished_at == done.time  # a final event is stamped finished
