@@ -104,9 +104,12 @@ def _direct(http: httpx.AsyncClient, base_url: str, samples: list[float]) -> Op:
         parts: list[str] = []
         async with aconnect_sse(http, "POST", url, json=body) as source:
             source.response.raise_for_status()
+            # Read to the end of the body, past [DONE]: a response closed early cannot
+            # go back to httpx's pool, and every call would open a new connection (the
+            # openai adapter reads its streams to the end for the same reason).
             async for sse in source.aiter_sse():
                 if sse.data.strip() == "[DONE]":
-                    break
+                    continue
                 for choice in json.loads(sse.data).get("choices") or ():
                     content = (choice.get("delta") or {}).get("content")
                     if content and choice.get("index", 0) == 0:

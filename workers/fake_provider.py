@@ -140,6 +140,8 @@ class ReceivedRequest:
     """Request headers, names lower-cased."""
     time: float
     """``time.monotonic()`` on arrival, to check how long clients waited between calls."""
+    peer: str = ""
+    """The client's ``host:port``: one value across calls means one reused connection."""
 
 
 class FakeProvider:
@@ -266,6 +268,7 @@ class FakeProvider:
             json=body if isinstance(body, dict) else {},
             headers={k.lower(): v for k, v in request.headers.items()},
             time=time.monotonic(),
+            peer=_peer(request),
         )
         self.requests.append(received)
         if raw and not isinstance(body, dict):
@@ -427,3 +430,9 @@ class _Refused(Exception):
 
 
 _UNSCRIPTED = Step()
+
+
+def _peer(request: web.Request) -> str:
+    transport = request.transport
+    address = transport.get_extra_info("peername") if transport is not None else None
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) else ""

@@ -193,7 +193,10 @@ class TargetChooser:
         # Book the next slot, so this job goes before anyone who asks later.
         booked = await lim.reserve(provider, model, _PARKED_WAIT_S)
         if booked is not None:
-            await asyncio.sleep(booked)  # until the booked slot, not synchronisation
+            if booked > 0:
+                # Until the booked slot, not synchronisation. A slot free now costs no
+                # sleep(0): yielding would let the pull loop's sweep run before this job.
+                await asyncio.sleep(booked)
             return True
         loop = asyncio.get_running_loop()
         give_up = loop.time() + _PARKED_WAIT_S

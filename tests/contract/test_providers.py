@@ -365,6 +365,18 @@ async def test_abandoned_stream_frees_its_connection(subject: Subject) -> None:
     assert out.text == "next call"
 
 
+async def test_streamed_calls_reuse_one_connection(subject: Subject) -> None:
+    fake = subject.http()
+    # A stream read only up to its terminator would leave the rest of the body unread,
+    # and httpx then closes the connection: every call would pay a new connection
+    # (to a real provider, a TLS handshake).
+    for text in ("one", "two", "three"):
+        out = await collect(subject.provider.chat_stream(subject.model, chat(text), subject.ctx()))
+        assert isinstance(out[-1], ChatOutput)
+    peers = [r.peer for r in fake.requests[-3:]]
+    assert peers[0] and len(set(peers)) == 1, peers
+
+
 # --- reporting and secrets -------------------------------------------------------------
 
 

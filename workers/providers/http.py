@@ -183,6 +183,10 @@ def _no_answer(exc: BaseException, provider: str) -> ProviderError:
     return classify_exception(exc, provider=provider)
 
 
+# How long the end of a streamed body may take to arrive after its terminator.
+_DRAIN_S = 0.5
+
+
 class StreamState(Protocol):
     """One vendor's reading of a chat stream; ``done`` once its terminator came.
     ``feed`` returns an event's text delta, if any, and raises ValueError on a
@@ -361,6 +365,7 @@ class HttpProvider(Generic[C]):
                 if not state.done:
                     raise self._truncated("the stream ended without its terminator", status)
                 output = state.output()
+                await _drain(events, loop.time() + _DRAIN_S)
             except (TimeoutError, ValueError, LookupError, TypeError, httpx.HTTPError, ProviderError) as exc:
                 timed_out = loop.time() >= deadline
                 err = self._stream_error(exc, status, first=first, total=timed_out)
@@ -401,3 +406,17 @@ class HttpProvider(Generic[C]):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+async def _drain(events: AsyncIterator[ServerSentEvent], deadline: float) -> None:
+    """Read what follows a stream's terminator (normally just the end of the body).
+
+    A response closed before its body was read to the end cannot go back to the
+    connection pool: every streamed call would then open a new connection, and to a
+    real provider a TLS handshake. A server that keeps talking is cut off at
+    ``deadline``: the answer is complete, only the connection is lost.
+    """
+    with contextlib.suppress(TimeoutError, httpx.HTTPError, SSEError):
+        async with asyncio.timeout_at(deadline):
+            async for _ in events:
+                pass
