@@ -26,6 +26,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from broker import topology as t
 from broker.provider_state import CircuitState, LimitState, decode_circuit, decode_limit, encode_state
+from broker.tasks import cancel_and_wait
 
 __all__ = ["ProviderStateStore"]
 
@@ -63,10 +64,7 @@ class ProviderStateStore:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_and_wait(task, Exception)
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             with contextlib.suppress(Exception):

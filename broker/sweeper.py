@@ -28,6 +28,7 @@ from broker.deadletters import DeadLetterStore
 from broker.dlq_wire import MAX_DELIVERIES_CODE
 from broker.events import EventConflict, EventLog, first_event
 from broker.model import ErrorClass, JobError, JobState
+from broker.tasks import cancel_and_wait
 from broker.wire import decode_queued_job
 from laneway.errors import LanewayError
 
@@ -58,12 +59,9 @@ class MaxDeliverySweeper:
     ) -> None:
         self._stopping = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            # nats-py's fetch may turn our cancellation into a TimeoutError (wait_for on
-            # 3.11); the loop then sees _stopping and ends anyway.
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await task
+        # nats-py's fetch may turn our cancellation into a TimeoutError (wait_for on
+        # 3.11); the loop then sees _stopping and ends anyway.
+        await cancel_and_wait(task, TimeoutError)
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):

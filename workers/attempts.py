@@ -33,6 +33,8 @@ from types import TracebackType
 import nats.errors
 from nats.aio.msg import Msg
 
+from broker.tasks import cancel_and_wait
+
 __all__ = ["Attempts"]
 
 # Allowance for the broker's clock (a job's enqueued_at) being ahead of ours.
@@ -63,10 +65,7 @@ class Attempts:
 
     async def close(self) -> None:
         task, self._loop_task = self._loop_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     def listening(self) -> None:
         """Every cancel notice reaches ``cancel`` from now on (call once subscribed)."""

@@ -36,6 +36,7 @@ from broker.metrics import WorkerMetrics
 from broker.provider_config import LimitsConfig
 from broker.provider_state import LimitState, fresh_limit
 from broker.provider_store import ProviderStateStore
+from broker.tasks import cancel_and_wait
 from workers.breaker import CircuitBreakers
 from workers.provider import RateLimits
 
@@ -82,9 +83,7 @@ class FleetLimiter(CircuitBreakers):
     async def close(self) -> None:
         flusher, self._flusher = self._flusher, None
         if flusher is not None:
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await flusher
+            await cancel_and_wait(flusher, Exception)
             # Leave no holdings behind: other processes may use them at once.
             for key in [k for k, n in self._written_holding.items() if n]:
                 with contextlib.suppress(Exception):

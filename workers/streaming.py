@@ -15,12 +15,12 @@ before appending after it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
 from broker.events import EventConflict, EventLog, PendingAppend
 from broker.model import ChatInput, JobError, JobEvent, JobResult, JobState
+from broker.tasks import cancel_and_wait
 from workers.classify import classify_exception
 from workers.provider import CallContext, Provider, ProviderError
 
@@ -79,10 +79,7 @@ class DeltaWriter:
     async def aclose(self) -> None:
         """Abandon unwritten deltas (the attempt was cancelled)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
 
 async def stream_chat(
