@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from broker.event_wire import error_from_pb, error_to_pb
 from broker.model import ErrorClass, JobError, JobEvent, JobState, QueuedJob
-from broker.wire import error_from_pb, error_to_pb, queued_job_from_pb, queued_job_to_pb
+from broker.wire import queued_job_from_pb, queued_job_to_pb
 from laneway.v1 import dead_letter_pb2, queue_pb2
 
 __all__ = [

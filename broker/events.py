@@ -22,6 +22,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from broker import topology as t
+from broker.event_wire import decode_event, encode_event
 from broker.inbox import DIRECT_GET_BATCH, ReplyMux, direct_get, status_of
 from broker.jspub import (
     WRONG_LAST_SEQUENCE,
@@ -32,7 +33,6 @@ from broker.jspub import (
     send_acked,
 )
 from broker.model import FINAL_STATES, JobEvent, JobState, QueuedJob
-from broker.wire import decode_event, encode_event
 from laneway.errors import LanewayError, Unavailable
 
 __all__ = ["EventConflict", "EventLog", "PendingAppend", "StoredEvent", "first_event", "is_scheduled"]

@@ -1,4 +1,6 @@
-"""Protobuf <-> domain conversion and request validation. Pure: no IO.
+"""Job specs and queued jobs <-> protobuf, and request validation. Pure: no IO.
+
+Events, results and errors are ``broker.event_wire``; timestamps ``broker.timestamps``.
 
 Validation errors are ``InvalidArgument`` naming the request field
 (``job.input.chat.messages[0].content``), so callers know exactly what to fix.
@@ -10,28 +12,18 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from broker.model import (
     NAME_PATTERN,
     ChatInput,
     ChatMessage,
-    ChatOutput,
     ClassificationInput,
-    ClassificationOutput,
     EmbeddingInput,
-    EmbeddingOutput,
-    ErrorClass,
     GenerationParams,
-    JobError,
-    JobEvent,
     JobInput,
-    JobResult,
     JobSpec,
-    JobState,
     QueuedJob,
-    TokenUsage,
 )
+from broker.timestamps import set_timestamp, to_datetime
 from laneway.errors import InvalidArgument
 from laneway.v1 import job_pb2, queue_pb2
 
@@ -40,14 +32,8 @@ __all__ = [
     "LANE_TO_PB",
     "MAX_METADATA",
     "NAME_RE",
-    "decode_event",
     "decode_queued_job",
-    "encode_event",
     "encode_queued_job",
-    "error_from_pb",
-    "error_to_pb",
-    "event_from_pb",
-    "event_to_pb",
     "queued_job_from_pb",
     "queued_job_to_pb",
     "spec_from_pb",
@@ -69,14 +55,6 @@ _ROLE_TO_PB = {
     "user": job_pb2.CHAT_ROLE_USER,
     "assistant": job_pb2.CHAT_ROLE_ASSISTANT,
 }
-_FINISH_TO_PB = {
-    "stop": job_pb2.FINISH_REASON_STOP,
-    "length": job_pb2.FINISH_REASON_LENGTH,
-    "content_filter": job_pb2.FINISH_REASON_CONTENT_FILTER,
-    "tool_calls": job_pb2.FINISH_REASON_TOOL_CALLS,
-}
-_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
-
 MAX_METADATA = 64
 _MAX_METADATA_KEY = 128
 _MAX_METADATA_VALUE = 1024
@@ -86,25 +64,6 @@ _MAX_DEBOUNCE_KEY = 256
 
 def _bad(field: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"{field}: {message}", field=field, reason="INVALID_FIELD")
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
-def _ts(dt: datetime | None, out: Timestamp) -> None:
-    # Integer arithmetic on timedeltas (C) rather than Timestamp.FromDatetime (pure
-    # Python): several timestamps go into every event on the hot path. Same result.
-    if dt is not None:
-        if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=UTC)  # naive means UTC, as FromDatetime takes it
-        micros = (dt - _EPOCH) // _MICROSECOND
-        out.seconds, rest = divmod(micros, 1_000_000)
-        out.nanos = rest * 1000
-
-
-def _dt(ts: Timestamp) -> datetime:
-    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 # --- JobSpec -------------------------------------------------------------------------
@@ -135,7 +94,7 @@ def spec_from_pb(
             raise _bad(f"{field}.metadata[{key}]", f"at most {_MAX_METADATA_VALUE} characters")
     if len(pb.idempotency_key) > _MAX_IDEMPOTENCY_KEY:
         raise _bad(f"{field}.idempotency_key", f"at most {_MAX_IDEMPOTENCY_KEY} characters")
-    deadline = _dt(pb.deadline) if pb.HasField("deadline") else None
+    deadline = to_datetime(pb.deadline) if pb.HasField("deadline") else None
     not_before, debounce_key = _schedule_from_pb(pb, field, now or datetime.now(UTC))
     if not_before is not None and deadline is not None and not_before >= deadline:
         raise _bad(f"{field}.deadline", "is not after the time the job becomes visible (not_before/delay)")
@@ -166,7 +125,7 @@ def _schedule_from_pb(pb: job_pb2.JobSpec, field: str, now: datetime) -> tuple[d
     if len(given) > 1:
         raise _bad(f"{field}.{given[1]}", f"set at most one of not_before, delay, debounce (got {given})")
     if pb.HasField("not_before"):
-        return _dt(pb.not_before), ""
+        return to_datetime(pb.not_before), ""
     if pb.HasField("delay"):
         delay = pb.delay.ToTimedelta()
         if delay < timedelta(0):
@@ -238,8 +197,8 @@ def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
     out.lane = LANE_TO_PB[spec.lane]
     out.metadata.update(spec.metadata)
     out.idempotency_key = spec.idempotency_key
-    _ts(spec.deadline, out.deadline)
-    _ts(spec.not_before, out.not_before)
+    set_timestamp(spec.deadline, out.deadline)
+    set_timestamp(spec.not_before, out.not_before)
     out.providers.extend(spec.providers)
     out.exclude_providers.extend(spec.exclude_providers)
     inp = spec.input
@@ -287,8 +246,8 @@ def _spec_from_trusted_pb(pb: job_pb2.JobSpec, debounce_key: str) -> JobSpec:
         input=inp,
         metadata=dict(pb.metadata),
         idempotency_key=pb.idempotency_key,
-        deadline=_dt(pb.deadline) if pb.HasField("deadline") else None,
-        not_before=_dt(pb.not_before) if pb.HasField("not_before") else None,
+        deadline=to_datetime(pb.deadline) if pb.HasField("deadline") else None,
+        not_before=to_datetime(pb.not_before) if pb.HasField("not_before") else None,
         debounce_key=debounce_key,
         providers=tuple(pb.providers),
         exclude_providers=tuple(pb.exclude_providers),
@@ -305,7 +264,7 @@ def encode_queued_job(job: QueuedJob) -> bytes:
 def queued_job_to_pb(job: QueuedJob) -> queue_pb2.QueuedJob:
     pb = queue_pb2.QueuedJob(job_id=job.job_id, debounce_key=job.spec.debounce_key)
     spec_to_pb(job.spec, pb.spec)
-    _ts(job.enqueued_at, pb.enqueued_at)
+    set_timestamp(job.enqueued_at, pb.enqueued_at)
     return pb
 
 
@@ -315,124 +274,4 @@ def decode_queued_job(data: bytes) -> QueuedJob:
 
 def queued_job_from_pb(pb: queue_pb2.QueuedJob) -> QueuedJob:
     spec = _spec_from_trusted_pb(pb.spec, pb.debounce_key)
-    return QueuedJob(job_id=pb.job_id, spec=spec, enqueued_at=_dt(pb.enqueued_at))
-
-
-# --- Results and events --------------------------------------------------------------
-
-
-def _usage_to_pb(u: TokenUsage, out: job_pb2.TokenUsage) -> None:
-    out.input_tokens = u.input_tokens
-    out.output_tokens = u.output_tokens
-
-
-def _usage_from_pb(pb: job_pb2.TokenUsage) -> TokenUsage:
-    return TokenUsage(input_tokens=pb.input_tokens, output_tokens=pb.output_tokens)
-
-
-def _result_to_pb(r: JobResult, out: job_pb2.JobResult) -> None:
-    if isinstance(r, ChatOutput):
-        out.chat.text = r.text
-        out.chat.finish_reason = _FINISH_TO_PB.get(r.finish_reason, job_pb2.FINISH_REASON_UNSPECIFIED)
-        _usage_to_pb(r.usage, out.chat.usage)
-    elif isinstance(r, EmbeddingOutput):
-        for vec in r.vectors:
-            out.embedding.embeddings.add(values=vec)
-        _usage_to_pb(r.usage, out.embedding.usage)
-    else:
-        out.classification.label = r.label
-        _usage_to_pb(r.usage, out.classification.usage)
-
-
-def _result_from_pb(pb: job_pb2.JobResult) -> JobResult:
-    kind = pb.WhichOneof("output")
-    if kind == "chat":
-        return ChatOutput(
-            text=pb.chat.text,
-            finish_reason=_FINISH_FROM_PB.get(pb.chat.finish_reason, "stop"),
-            usage=_usage_from_pb(pb.chat.usage),
-        )
-    if kind == "embedding":
-        return EmbeddingOutput(
-            vectors=tuple(tuple(e.values) for e in pb.embedding.embeddings),
-            usage=_usage_from_pb(pb.embedding.usage),
-        )
-    return ClassificationOutput(label=pb.classification.label, usage=_usage_from_pb(pb.classification.usage))
-
-
-def event_to_pb(e: JobEvent) -> job_pb2.JobEvent:
-    pb = job_pb2.JobEvent(
-        job_id=e.job_id,
-        seq=e.seq,
-        state=int(e.state),  # type: ignore[arg-type]
-        attempt=e.attempt,
-        provider=e.provider,
-        model=e.model,
-        route=e.route,
-        lane=LANE_TO_PB[e.lane],
-        metadata=e.metadata,
-    )
-    _ts(e.time, pb.time)
-    _ts(e.enqueued_at, pb.enqueued_at)
-    _ts(e.started_at, pb.started_at)
-    _ts(e.finished_at, pb.finished_at)
-    _ts(e.not_before, pb.not_before)
-    pb.superseded_by = e.superseded_by
-    pb.reset = e.reset
-    if e.result is not None:
-        _result_to_pb(e.result, pb.result)
-    elif e.error is not None:
-        error_to_pb(e.error, pb.error)
-    elif e.delta is not None:
-        pb.delta.text = e.delta
-    return pb
-
-
-def error_to_pb(e: JobError, out: job_pb2.JobError) -> None:
-    out.code = e.code
-    out.message = e.message
-    out.error_class = int(e.error_class)  # type: ignore[assignment]
-    out.retryable = e.retryable
-    out.http_status = e.http_status
-
-
-def error_from_pb(pb: job_pb2.JobError) -> JobError:
-    return JobError(
-        code=pb.code,
-        message=pb.message,
-        error_class=ErrorClass(pb.error_class or ErrorClass.TRANSIENT),
-        http_status=pb.http_status,
-    )
-
-
-def event_from_pb(pb: job_pb2.JobEvent) -> JobEvent:
-    error = error_from_pb(pb.error) if pb.HasField("error") else None
-    return JobEvent(
-        job_id=pb.job_id,
-        seq=pb.seq,
-        state=JobState(pb.state),
-        route=pb.route,
-        lane=LANE_FROM_PB.get(pb.lane, "normal"),
-        time=_dt(pb.time),
-        enqueued_at=_dt(pb.enqueued_at),
-        attempt=pb.attempt,
-        provider=pb.provider,
-        model=pb.model,
-        started_at=_dt(pb.started_at) if pb.HasField("started_at") else None,
-        finished_at=_dt(pb.finished_at) if pb.HasField("finished_at") else None,
-        result=_result_from_pb(pb.result) if pb.HasField("result") else None,
-        error=error,
-        metadata=dict(pb.metadata),
-        not_before=_dt(pb.not_before) if pb.HasField("not_before") else None,
-        superseded_by=pb.superseded_by,
-        delta=pb.delta.text if pb.HasField("delta") else None,
-        reset=pb.reset,
-    )
-
-
-def encode_event(e: JobEvent) -> bytes:
-    return event_to_pb(e).SerializeToString()
-
-
-def decode_event(data: bytes) -> JobEvent:
-    return event_from_pb(job_pb2.JobEvent.FromString(data))
+    return QueuedJob(job_id=pb.job_id, spec=spec, enqueued_at=to_datetime(pb.enqueued_at))

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 
+from broker.event_wire import encode_event
 from broker.events import EventConflict, EventLog, StoredEvent, first_event
 from broker.model import ChatInput, ChatMessage, ChatOutput, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.server import BrokerServer
 from broker.watch import EventFeed
-from broker.wire import encode_event
 
 
 @pytest.fixture

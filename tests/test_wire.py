@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from broker import topology as t
+from broker.event_wire import decode_event, encode_event
 from broker.events import first_event
 from broker.model import (
     ChatInput,
@@ -28,16 +29,8 @@ from broker.model import (
     new_job_id,
     utcnow,
 )
-from broker.wire import (
-    NAME_RE,
-    _dt,
-    _ts,
-    decode_event,
-    decode_queued_job,
-    encode_event,
-    encode_queued_job,
-    spec_from_pb,
-)
+from broker.timestamps import set_timestamp, to_datetime
+from broker.wire import NAME_RE, decode_queued_job, encode_queued_job, spec_from_pb
 from laneway.errors import InvalidArgument, TopologyError
 from laneway.v1 import job_pb2
 
@@ -175,10 +168,10 @@ def test_current_servers_pass(version: str) -> None:
 def test_timestamp_conversion_matches_protobufs_own(dt: datetime) -> None:
 
     ours, theirs = Timestamp(), Timestamp()
-    _ts(dt, ours)
+    set_timestamp(dt, ours)
     theirs.FromDatetime(dt)
     assert ours == theirs
-    assert _dt(ours) == theirs.ToDatetime(tzinfo=UTC) == dt
+    assert to_datetime(ours) == theirs.ToDatetime(tzinfo=UTC) == dt
 
 
 _HEADER_LINE = st.tuples(
