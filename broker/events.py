@@ -13,9 +13,11 @@ one job, the latest of many jobs in one batched request, or a job's history.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
+from typing import cast
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -99,15 +101,25 @@ class PendingAppend:
     Lets a writer overlap the round trip with other work: ``stored()`` waits for
     the answer and returns the new stream sequence, or raises what ``append``
     would have raised (EventConflict, Unavailable). Safe to await more than once.
+    The future's result is the store's answer, or None when the append was refused
+    before it was sent (``_settle``).
     """
 
-    __slots__ = ("_future", "_result", "_timeout", "event")
+    __slots__ = ("_future", "_result", "_sender", "_timeout", "event")
 
-    def __init__(self, event: JobEvent, future: asyncio.Future[Msg], timeout: float) -> None:
+    def __init__(self, event: JobEvent, future: asyncio.Future[Msg | None], timeout: float) -> None:
         self.event = event
         self._future = future
         self._timeout = timeout
         self._result: int | LanewayError | None = None
+        # The task sending a deferred append (EventLog.send_when): kept so it is owned.
+        self._sender: asyncio.Task[None] | None = None
+
+    def _settle(self, error: LanewayError) -> None:
+        """Refuse the append without sending it (its expectation could not be read)."""
+        self._result = error
+        if not self._future.done():
+            self._future.set_result(None)
 
     @property
     def refused(self) -> bool:
@@ -118,7 +130,7 @@ class PendingAppend:
         """Call ``callback`` as soon as the store answers with a refusal (a conflict or
         an error); never when the write is stored or no answer comes."""
 
-        def check(future: asyncio.Future[Msg]) -> None:
+        def check(future: asyncio.Future[Msg | None]) -> None:
             if future.cancelled() or future.exception() is not None:
                 return  # no answer: nothing refused
             if not isinstance(self._outcome(future.result()), int):
@@ -126,11 +138,11 @@ class PendingAppend:
 
         self._future.add_done_callback(check)
 
-    def _outcome(self, msg: Msg) -> int | LanewayError:
-        if self._result is None:
+    def _outcome(self, msg: Msg | None) -> int | LanewayError:
+        if self._result is None and msg is not None:
             ack = ack_outcome(msg)
             self._result = ack if isinstance(ack, int) else _append_error(self.event, ack)
-        return self._result
+        return self._result if self._result is not None else Unavailable("append neither sent nor refused")
 
     async def stored(self) -> int:
         if self._result is None and self._future.cancelled():
@@ -173,12 +185,38 @@ class EventLog:
         (0: the subject must be empty). Returns the new stream sequence."""
         return await (await self.send(event, expect_last=expect_last)).stored()
 
+    def send_when(self, event: JobEvent, expect_last: Awaitable[int]) -> PendingAppend:
+        """``send`` as soon as ``expect_last`` is known. The pending append is returned
+        at once, so the caller can start other work while the expectation is read; if
+        reading it fails (EventConflict: the log moved on; Unavailable), the append is
+        refused with that error, as if the store had refused it."""
+        outer: asyncio.Future[Msg | None] = asyncio.get_running_loop().create_future()
+        pending = PendingAppend(event, outer, self._timeout)
+
+        async def send() -> None:
+            try:
+                expect = await expect_last
+                inner = await send_acked(
+                    self._nc, self._mux, *_append_message(event, expect), timeout=self._timeout
+                )
+            except LanewayError as err:
+                pending._settle(err)
+                return
+            except BaseException:
+                outer.cancel()
+                raise
+            inner.add_done_callback(functools.partial(_forward, outer))
+
+        pending._sender = asyncio.create_task(send(), name="laneway-deferred-append")
+        return pending
+
     async def send(self, event: JobEvent, *, expect_last: int) -> PendingAppend:
         """Start ``append`` without waiting for its answer."""
         future = await send_acked(
             self._nc, self._mux, *_append_message(event, expect_last), timeout=self._timeout
         )
-        return PendingAppend(event, future, self._timeout)
+        # Future is invariant; a future that only ever holds a Msg is a Msg-or-None one.
+        return PendingAppend(event, cast("asyncio.Future[Msg | None]", future), self._timeout)
 
     async def append_many(self, appends: Sequence[tuple[JobEvent, int]]) -> list[int | LanewayError]:
         """``append`` for many jobs' logs in one round trip; each result is the new
@@ -234,6 +272,17 @@ class EventLog:
     async def _get_batch(self, request: dict[str, object]) -> list[StoredEvent]:
         msgs = await direct_get(self._nc, self._mux, t.EVENTS_DIRECT_GET, request, timeout=self._timeout)
         return [StoredEvent.from_msg(m) for m in msgs]
+
+
+def _forward(outer: asyncio.Future[Msg | None], inner: asyncio.Future[Msg]) -> None:
+    if outer.done():
+        return
+    if inner.cancelled():
+        outer.cancel()
+    elif (exc := inner.exception()) is not None:
+        outer.set_exception(exc)
+    else:
+        outer.set_result(inner.result())
 
 
 def _append_message(event: JobEvent, expect_last: int) -> tuple[str, bytes, dict[str, str]]:

@@ -1,10 +1,15 @@
 """The broker's job operations on JetStream: enqueue, look up, cancel, follow.
 
-Enqueueing writes the job's QUEUED (or SCHEDULED) event first (so the job
-exists for GetJob and StreamResults the moment Submit returns), then the job
-itself, with the event's stream sequence in a header so the first worker can
-continue the log with compare-and-set. A job whose enqueue fails after its
-first event gets a FAILED event: nothing is left half-enqueued and silent.
+Enqueueing writes the job's QUEUED event and the job itself together, and
+returns once both are stored (so the job exists for GetJob and StreamResults the
+moment Submit returns). Writing them one after the other would put a round trip
+on every job's latency; instead the worker that gets the job reads the QUEUED
+event's stream sequence itself (while its provider call starts) to continue the
+log with compare-and-set. A job whose enqueue fails gets a FAILED event, which
+also fences off a worker that already got it (its RUNNING write finds the log
+final): nothing is left half-enqueued and silent. Batches and scheduled jobs,
+which are not latency-bound, write their events first and pass the sequence in
+a header, as the worker then needs no read.
 
 A delayed job is published as a JetStream message schedule that the server
 moves onto the job's lane at ``not_before``. Debounced jobs share one schedule
@@ -16,6 +21,7 @@ replaced ends SUPERSEDED, naming its successor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -38,7 +44,7 @@ from broker.jspub import (
     publish_many,
 )
 from broker.metrics import BrokerMetrics
-from broker.model import ErrorClass, JobError, JobSpec, JobState, QueuedJob, new_job_id, utcnow
+from broker.model import ErrorClass, JobError, JobEvent, JobSpec, JobState, QueuedJob, new_job_id, utcnow
 from broker.tracing import inject_headers
 from broker.watch import EventFeed
 from broker.wire import encode_queued_job
@@ -134,9 +140,35 @@ class JobStore:
         return job, payload
 
     async def _enqueue(self, job: QueuedJob, payload: bytes) -> None:
-        event_seq = await self.events.append(first_event(job), expect_last=0)
-        await self._publish_or_fail(job, payload, event_seq)
+        if job.spec.debounce_key or is_scheduled(job):
+            event_seq = await self.events.append(first_event(job), expect_last=0)
+            await self._publish_or_fail(job, payload, event_seq)
+        else:
+            await self._enqueue_together(job, payload)
         self._count(job)
+
+    async def _enqueue_together(self, job: QueuedJob, payload: bytes) -> None:
+        first = first_event(job)
+        queued = await self.events.send(first, expect_last=0)
+        try:
+            await self._publish_job(job, payload, None)
+        except Unavailable:
+            with contextlib.suppress(EventConflict, Unavailable):
+                seq = await queued.stored()
+                await self._fence(first, seq, "the job queue did not take the job")
+            raise
+        try:
+            await queued.stored()
+        except (EventConflict, Unavailable) as err:
+            # The job is queued without its first event: end its log FAILED, so a
+            # worker that gets it finds it final and drops it.
+            with contextlib.suppress(EventConflict, Unavailable):
+                await self._fence(first, 0, "the event store did not take its first event")
+            raise Unavailable(f"event store did not take the job's first event: {err}") from err
+
+    async def _fence(self, first: JobEvent, expect_last: int, why: str) -> None:
+        failed = first.next(JobState.FAILED, error=JobError("enqueue_failed", why, ErrorClass.TRANSIENT))
+        await self.events.append(failed, expect_last=expect_last)
 
     def _count(self, job: QueuedJob) -> None:
         if self._metrics is not None:
@@ -215,7 +247,7 @@ class JobStore:
             out[i] = result
         return [o if o is not None else InternalError("job not submitted") for o in out]
 
-    async def _publish_job(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
+    async def _publish_job(self, job: QueuedJob, payload: bytes, event_seq: int | None) -> None:
         headers = _job_headers(job, event_seq)
         subject = _queue_subject(job)
         delay = 0.05
@@ -350,9 +382,12 @@ def _queue_subject(job: QueuedJob) -> str:
     return t.delay_subject(job.job_id) if is_scheduled(job) else t.job_subject(job.spec.route, job.spec.lane)
 
 
-def _job_headers(job: QueuedJob, event_seq: int) -> dict[str, str]:
+def _job_headers(job: QueuedJob, event_seq: int | None) -> dict[str, str]:
     # Nats-Msg-Id: a retried publish after a lost ack stores the job only once.
-    headers = {"Nats-Msg-Id": job.job_id, t.HDR_EVENT_SEQ: str(event_seq)}
+    # The first event's sequence, when it is known (None: the worker reads it).
+    headers = {"Nats-Msg-Id": job.job_id}
+    if event_seq is not None:
+        headers[t.HDR_EVENT_SEQ] = str(event_seq)
     # traceparent: the worker's spans and log lines join the submitter's trace.
     inject_headers(headers)
     if is_scheduled(job):

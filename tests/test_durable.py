@@ -358,3 +358,37 @@ async def test_redelivered_finished_job_is_not_run_again(broker, client, nats_se
     assert [c["job_id"] for c in _calls(log)] == [job_id]
     replay = await _events(client, job_id)
     assert replay[-1] == final and len(replay) == final.seq
+
+
+async def test_job_whose_first_event_was_never_stored_never_runs(
+    broker, client, nats_server, tmp_path
+) -> None:
+    # A broker writes a single job's QUEUED event and the job together. If the event
+    # store refused the event (and the broker's FAILED fence too), the job sits in the
+    # queue with no log while its submitter was told the enqueue failed: a worker must
+    # wait for the event, then drop the job rather than run it.
+    from broker.model import QueuedJob, new_job_id, utcnow
+    from broker.wire import encode_queued_job, spec_from_pb
+
+    log = tmp_path / "calls.jsonl"
+    config = make_config(f"providers: {{mock: {{type: mock, call_log: '{log}'}}, slow: {{type: mock}}}}")
+    spec = laneway.job("chat", laneway.chat("never logged"))
+    orphan = QueuedJob(new_job_id(), spec_from_pb(spec, field="job", default_lane="normal"), utcnow())
+    nc = await nats.connect(nats_server.url)
+    try:
+        await nc.jetstream().publish(t.job_subject("chat", "normal"), encode_queued_job(orphan))
+    finally:
+        await nc.close()
+    async with WorkerPool(config, nats_url=nats_server.url):
+        # A normal job on the same lane still runs.
+        assert (await client.run("chat", laneway.chat("logged"))).state == S.JOB_STATE_SUCCEEDED
+
+        async def dropped() -> bool:
+            return await _jobs_in_queue(nats_server.url) == 0
+
+        await eventually(dropped)
+    assert [c["job_id"] for c in _calls(log)] != [] and orphan.job_id not in {
+        c["job_id"] for c in _calls(log)
+    }
+    with pytest.raises(laneway.NotFound):
+        await client.get_job(orphan.job_id)

@@ -135,6 +135,7 @@ class WorkerPool:
             DeadLetterStore(self._nc, self._events),
             targets,
             attempts=self._attempts,
+            events_max_age_s=cfg.queue.events_max_age_s,
             metrics=self.metrics,
             limiter=self._limiter,
             chooser=TargetChooser(self._limiter, cfg, self._provider_names),

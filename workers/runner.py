@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 from broker import topology as t
 from broker.deadletters import DeadLetterStore
-from broker.events import EventConflict, EventLog, PendingAppend, first_event
+from broker.events import EventConflict, EventLog, PendingAppend
 from broker.metrics import WorkerMetrics
 from broker.model import (
     ChatInput,
@@ -42,6 +42,7 @@ from workers.batching import ClassificationBatcher, EmbeddingBatcher
 from workers.classify import classify_exception
 from workers.feedback import learn, reserve_tokens
 from workers.limiter import FleetLimiter
+from workers.log_position import Unlogged, previous, queued_seq
 from workers.provider import CallContext, Provider, ProviderError, ResponseInfo, call_provider
 from workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, RetryPolicy, decide, next_attempt
 from workers.routing import Choice, Grant, TargetChooser, estimate_tokens
@@ -85,6 +86,7 @@ class JobRunner:
         targets: dict[tuple[str, str], Target],
         *,
         attempts: Attempts,
+        events_max_age_s: float = 86_400.0,
         metrics: WorkerMetrics | None = None,
         limiter: FleetLimiter | None = None,
         chooser: TargetChooser | None = None,
@@ -96,6 +98,7 @@ class JobRunner:
         self._limiter = limiter
         self._chooser = chooser
         self._attempts = attempts
+        self._events_max_age_s = events_max_age_s
         self.closing = False
 
     def cancel_running(self, job_id: str) -> bool:
@@ -122,6 +125,9 @@ class JobRunner:
                     await msg.nak(delay=choice.delay_s)  # no attempt made: back to the queue
                 else:
                     await self._run_with_slot(msg, job, choice, bound)
+            except Unlogged:
+                bound.warning("job dropped: its first event was never stored (its enqueue failed)")
+                await msg.term()
             except _Lost:
                 # Someone else moved the job on; finish it if it is final, else leave it to its owner.
                 latest = await self._events.last(job.job_id)
@@ -164,7 +170,7 @@ class JobRunner:
             f"every provider route {job.spec.route!r} may use has its circuit open (when_all_down: fail)",
             ErrorClass.PERMANENT,
         )
-        await self._dead_letter(msg, job, prev, seq, err, bound)
+        await self._dead_letter(msg, job, prev, await self._expect(job, seq), err, bound)
 
     async def _finished(self, msg: Msg, job: QueuedJob, final: JobEvent) -> None:
         """Ack a job whose log is final, completing a dead-letter move cut short by a crash."""
@@ -172,15 +178,17 @@ class JobRunner:
             await self._dlq.ensure(job, final, deliveries=msg.metadata.num_delivered)
         await msg.ack()
 
-    async def _previous(self, msg: Msg, job: QueuedJob) -> tuple[JobEvent, int]:
-        """The job's latest event and its stream sequence."""
-        if msg.metadata.num_delivered == 1 and msg.headers and t.HDR_EVENT_SEQ in msg.headers:
-            return first_event(job), int(msg.headers[t.HDR_EVENT_SEQ])
-        latest = await self._events.last(job.job_id)
-        if latest is None:
-            # Events expired before the job ran (queue older than events_max_age_s).
-            return first_event(job), 0
-        return latest.decode(), latest.stream_seq
+    async def _previous(self, msg: Msg, job: QueuedJob) -> tuple[JobEvent, int | None]:
+        return await previous(self._events, msg, job, events_max_age_s=self._events_max_age_s)
+
+    async def _expect(self, job: QueuedJob, seq: int | None) -> int:
+        """``seq``, or the first event's sequence read from the log when it is None."""
+        if seq is not None:
+            return seq
+        try:
+            return await queued_seq(self._events, job)
+        except EventConflict as err:
+            raise _Lost from err
 
     async def _append(self, event: JobEvent, expect_last: int) -> int:
         try:
@@ -209,6 +217,7 @@ class JobRunner:
                 ErrorClass.TRANSIENT,
             )
             decision = decide(target.retry, prev.attempt, lost, None)
+            seq = await self._expect(job, seq)
             if not decision.retry:
                 await self._dead_letter(msg, job, prev, seq, lost, bound)
                 return False
@@ -219,7 +228,7 @@ class JobRunner:
             err = JobError(
                 "deadline_exceeded", "job deadline passed before it could run", ErrorClass.PERMANENT
             )
-            await self._append(prev.next(JobState.EXPIRED, error=err), seq)
+            await self._append(prev.next(JobState.EXPIRED, error=err), await self._expect(job, seq))
             await msg.ack()
             return False
         estimate = estimate_tokens(job.spec.input)
@@ -240,8 +249,12 @@ class JobRunner:
             started_at=prev.started_at or now,
             not_before=None,
         )
-        written = await self._events.send(running, expect_last=seq)
         eager = self._attempts.may_start_early(msg, job.job_id, (now - job.enqueued_at).total_seconds())
+        if seq is None:
+            # The first event's sequence is read while the call starts (when eager).
+            written = self._events.send_when(running, queued_seq(self._events, job))
+        else:
+            written = await self._events.send(running, expect_last=seq)
         if not eager:
             await self._stored(written)
         note_event(running)
