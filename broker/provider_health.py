@@ -22,8 +22,9 @@ import structlog
 from nats.aio.client import Client as NatsClient
 
 from broker import topology as t
+from broker.circuit_state import CircuitState, Phase
 from broker.config import LanewayConfig, ProviderConfig
-from broker.provider_state import CircuitState, LimitState, Phase, fresh_limit
+from broker.provider_state import LimitState, fresh_limit
 from broker.provider_store import ProviderStateStore
 
 __all__ = ["LimitHealth", "ProviderHealth", "ProviderHealthView", "provider_health"]

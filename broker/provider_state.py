@@ -1,4 +1,5 @@
-"""Fleet-wide provider state: the rate limiter's budget and the circuit breaker. Pure.
+"""Fleet-wide provider state: the rate limiter's budget, and the codec of both it
+and the circuit breaker's state. Pure.
 
 Both live in JetStream KV (bucket ``laneway_providers``, one key each, see
 ``broker.topology``), written with compare-and-set by every worker process and
@@ -13,32 +14,28 @@ it stays within ``burst_s`` of now. That is a token bucket stored as one number,
 so a grant is one small compare-and-set, and a process draws several requests in
 one write when the rate is high. The rate adapts: a 429 cuts it (multiplicative
 decrease) and pauses the whole fleet for the Retry-After; it then climbs back
-linearly over ``recovery_s``. Rate-limit headers close to the wall cap the rate
-until the provider's reset. ``holders`` counts calls in flight per worker
-process for ``max_concurrent``; entries expire, so a crashed process's calls do
-not hold the budget for ever.
+linearly over ``recovery_s``. Rate-limit headers (requests and tokens) close to
+the wall cap the rate until the provider's reset. ``holders`` counts calls in
+flight per worker process for ``max_concurrent``; entries expire, so a crashed
+process's calls do not hold the budget for ever.
 
-Circuit: closed, open, half-open. ``consecutive`` counts failures in a row across
-the fleet; a process also opens the circuit when its own recent error rate is
-over the threshold. An open circuit turns half-open at ``open_until``; up to
-``probes`` probe calls then run, and if they all succeed it closes, while a
-failed probe opens it again for twice as long.
+The circuit breaker's state is in ``broker.circuit_state``; both are encoded
+here for the KV bucket.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
-from broker.provider_config import CircuitConfig, LimitsConfig
+from broker.circuit_state import CircuitState
+from broker.provider_config import LimitsConfig
 
 __all__ = [
     "HOLDER_TTL_S",
-    "CircuitState",
     "LimitState",
-    "Phase",
     "decode_circuit",
     "decode_limit",
     "encode_state",
@@ -46,14 +43,14 @@ __all__ = [
     "new_limit",
 ]
 
-Phase = Literal["closed", "open", "half_open"]
-
 # A process refreshes its holder entry well within this; a dead one's entry lapses.
 HOLDER_TTL_S = 10.0
 # Several workers see the same wave of 429s; one cut per this long, not one per answer.
 _CUT_GAP_S = 1.0
 # Rate-limit headers: below this share of the limit remaining, spread what is left.
 _LOW_WATER = 0.1
+# Longest pause for headers that say nothing remains (the reset may be a minute away).
+_MAX_HEADER_PAUSE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +75,9 @@ class LimitState:
     header_rpm: float = 0.0
     """Request rate the provider's headers leave room for, until ``header_until``."""
     header_until: float = 0.0
+    header_tpm: float = 0.0
+    """Token rate the provider's headers leave room for, until ``header_tpm_until``."""
+    header_tpm_until: float = 0.0
     holders: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Worker id -> (calls in flight, expiry) for ``max_concurrent``."""
     granted: int = 0
@@ -100,7 +100,11 @@ class LimitState:
         return rpm
 
     def current_tpm(self, now: float, limits: LimitsConfig) -> float:
-        return self.tpm * self.fraction(now, limits.recovery_s) if self.tpm else math.inf
+        """Tokens per minute allowed now (``inf`` without a token limit)."""
+        tpm = self.tpm * self.fraction(now, limits.recovery_s) if self.tpm else math.inf
+        if self.header_tpm and now < self.header_tpm_until:
+            tpm = min(tpm, self.header_tpm)
+        return tpm
 
     def in_flight(self, now: float, *, excluding: str = "") -> int:
         return sum(n for worker, (n, until) in self.holders.items() if worker != excluding and until > now)
@@ -262,38 +266,75 @@ class LimitState:
         limit: int | None,
         reset_s: float | None,
         limits: LimitsConfig,
+        remaining_tokens: int | None = None,
+        limit_tokens: int | None = None,
+        reset_tokens_s: float | None = None,
     ) -> LimitState | None:
-        """Heed the provider's request headers; None when they change nothing.
+        """Heed the provider's request and token headers; None when they change nothing.
 
-        Out of requests: pause the fleet until the reset. Nearly out: spread what
-        is left evenly until the reset instead of running into the wall.
+        Out of requests or tokens: pause the fleet until that reset, for at most
+        5 s (every call needs both). Nearly out (under 10 % of the limit left):
+        spread what is left evenly until the reset instead of running into the
+        wall, until an answer shows room again.
         """
-        if remaining is None or reset_s is None or reset_s <= 0:
-            return None
-        until = now + reset_s
-        if remaining <= 0:
-            if until <= self.paused_until + 0.05:
-                return None
-            return replace(self, paused_until=until, pause_reason="rate-limit headers: none remaining")
-        low = _LOW_WATER * (limit or self.rpm or 0)
-        if remaining >= low:
-            if self.header_until and now >= self.header_until:
-                return replace(self, header_rpm=0.0, header_until=0.0)
-            return None
-        rpm = remaining / reset_s * 60.0
-        if (
-            self.header_rpm
-            and abs(rpm - self.header_rpm) < 0.1 * self.header_rpm
-            and until <= self.header_until + 1
-        ):
-            return None
-        return replace(self, header_rpm=rpm, header_until=until)
+        state = self
+        requests = _heeded(now, remaining, limit, reset_s, self.rpm, self.header_rpm, self.header_until)
+        if requests is not None:
+            state = state._heed(now, requests, "requests")
+            state = replace(state, header_rpm=requests[0], header_until=requests[1])
+        tokens = _heeded(
+            now,
+            remaining_tokens,
+            limit_tokens,
+            reset_tokens_s,
+            self.tpm,
+            self.header_tpm,
+            self.header_tpm_until,
+        )
+        if tokens is not None:
+            state = state._heed(now, tokens, "tokens")
+            state = replace(state, header_tpm=tokens[0], header_tpm_until=tokens[1])
+        return None if state == self else state
+
+    def _heed(self, now: float, heeded: tuple[float, float, float], kind: str) -> LimitState:
+        pause = heeded[2]
+        if pause <= self.paused_until + 0.05:
+            return self
+        return replace(self, paused_until=pause, pause_reason=f"rate-limit headers: no {kind} remaining")
 
     def _rebased(self, now: float, limits: LimitsConfig) -> LimitState:
         # Fold the recovery so far into `rate`, so later cuts start from the real rate.
         if now <= self.updated:
             return self
         return replace(self, rate=self.fraction(now, limits.recovery_s), updated=max(now, self.paused_until))
+
+
+def _heeded(
+    now: float,
+    remaining: int | None,
+    limit: int | None,
+    reset_s: float | None,
+    configured: int,
+    cap: float,
+    cap_until: float,
+) -> tuple[float, float, float] | None:
+    """One kind of rate-limit header (requests or tokens) read against the current
+    cap: the new (cap per minute, cap until, pause until), or None to keep all."""
+    if remaining is None or reset_s is None or reset_s <= 0:
+        return None
+    until = now + reset_s
+    if remaining <= 0:
+        # A provider that refills continuously (OpenAI, Anthropic) has room again long
+        # before its "reset" (full again); past this pause, its 429's Retry-After rules.
+        return cap, cap_until, now + min(reset_s, _MAX_HEADER_PAUSE_S)
+    if remaining >= _LOW_WATER * (limit or configured or 0):
+        # Room again: the cap goes at once rather than at its reset, so a provider that
+        # refills continuously is kept busy just above the low water mark.
+        return (0.0, 0.0, 0.0) if cap else None
+    per_minute = remaining / reset_s * 60.0
+    if cap and abs(per_minute - cap) < 0.1 * cap and until <= cap_until + 1:
+        return None
+    return per_minute, until, 0.0
 
 
 def _live(holders: dict[str, tuple[int, float]], now: float) -> dict[str, tuple[int, float]]:
@@ -310,89 +351,6 @@ def fresh_limit(limits: LimitsConfig, model: str, now: float) -> LimitState:
     return new_limit(rpm, tpm, limits.max_concurrent, now)
 
 
-@dataclass(frozen=True, slots=True)
-class CircuitState:
-    """One provider's circuit breaker."""
-
-    phase: Phase = "closed"
-    """As stored; ``effective`` turns an expired open phase into half-open."""
-    consecutive: int = 0
-    """Failures in a row across the fleet."""
-    opened_at: float = 0.0
-    open_until: float = 0.0
-    open_s: float = 0.0
-    """How long the current open phase lasts; doubles with each failed probe."""
-    probes: dict[str, float] = field(default_factory=dict)
-    """Probe id -> expiry of probe calls in flight (half-open)."""
-    probe_ok: int = 0
-    last_error: str = ""
-    last_error_at: float = 0.0
-    opens: int = 0
-    """Times the circuit has opened."""
-
-    def effective(self, now: float) -> Phase:
-        if self.phase == "open" and now >= self.open_until:
-            return "half_open"
-        return self.phase
-
-    def allows_calls(self, now: float) -> bool:
-        """Whether ordinary (non-probe) calls may go out."""
-        return self.effective(now) == "closed"
-
-    def failure(self, now: float, message: str, cfg: CircuitConfig, *, trip: bool = False) -> CircuitState:
-        """A call failed with a transient error; ``trip``: the caller's own error rate is over."""
-        state = replace(self, consecutive=self.consecutive + 1, last_error=message[:300], last_error_at=now)
-        phase = self.effective(now)
-        if phase == "half_open":
-            return state._open(now, min(cfg.max_open_s, max(cfg.open_s, self.open_s * 2)))
-        if phase == "closed" and (trip or state.consecutive >= cfg.consecutive_failures):
-            return state._open(now, cfg.open_s)
-        return state
-
-    def success(self, now: float, cfg: CircuitConfig, *, probe: str = "") -> CircuitState | None:
-        """A call succeeded; None when nothing changes (the common case: no write)."""
-        phase = self.effective(now)
-        if phase == "closed":
-            return replace(self, consecutive=0) if self.consecutive else None
-        if phase == "open":
-            return None  # a call from before the circuit opened; proves nothing
-        probes = {p: until for p, until in self.probes.items() if p != probe and until > now}
-        ok = self.probe_ok + (1 if probe in self.probes else 0)
-        if ok >= cfg.probes:
-            return CircuitState(
-                last_error=self.last_error, last_error_at=self.last_error_at, opens=self.opens
-            )
-        return replace(self, phase="half_open", probes=probes, probe_ok=ok, consecutive=0)
-
-    def take_probe(self, now: float, probe: str, cfg: CircuitConfig, ttl_s: float) -> CircuitState | None:
-        """Claim a probe call in the half-open phase; None when none is free."""
-        if self.effective(now) != "half_open":
-            return None
-        probes = {p: until for p, until in self.probes.items() if until > now}
-        if len(probes) + self.probe_ok >= cfg.probes:
-            return None
-        probes[probe] = now + ttl_s
-        return replace(self, phase="half_open", probes=probes)
-
-    def drop_probe(self, probe: str) -> CircuitState | None:
-        """Give back a claimed probe that found no job to call with."""
-        if probe not in self.probes:
-            return None
-        return replace(self, probes={p: until for p, until in self.probes.items() if p != probe})
-
-    def _open(self, now: float, open_s: float) -> CircuitState:
-        return replace(
-            self,
-            phase="open",
-            opened_at=now,
-            open_until=now + open_s,
-            open_s=open_s,
-            probes={},
-            probe_ok=0,
-            opens=self.opens + 1,
-        )
-
-
 def encode_state(state: LimitState | CircuitState) -> bytes:
     return json.dumps(asdict(state), separators=(",", ":")).encode()
 
@@ -400,9 +358,14 @@ def encode_state(state: LimitState | CircuitState) -> bytes:
 def decode_limit(data: bytes) -> LimitState:
     raw: dict[str, Any] = json.loads(data)
     raw["holders"] = {w: (int(h[0]), float(h[1])) for w, h in raw.get("holders", {}).items()}
-    return LimitState(**raw)
+    # A newer worker may have written fields this one does not know (a rolling upgrade).
+    return LimitState(**{k: v for k, v in raw.items() if k in _LIMIT_FIELDS})
 
 
 def decode_circuit(data: bytes) -> CircuitState:
     raw: dict[str, Any] = json.loads(data)
-    return CircuitState(**raw)
+    return CircuitState(**{k: v for k, v in raw.items() if k in _CIRCUIT_FIELDS})
+
+
+_LIMIT_FIELDS = frozenset(f.name for f in fields(LimitState))
+_CIRCUIT_FIELDS = frozenset(f.name for f in fields(CircuitState))

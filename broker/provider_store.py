@@ -25,7 +25,8 @@ from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from broker import topology as t
-from broker.provider_state import CircuitState, LimitState, decode_circuit, decode_limit, encode_state
+from broker.circuit_state import CircuitState
+from broker.provider_state import LimitState, decode_circuit, decode_limit, encode_state
 from broker.tasks import cancel_and_wait
 
 __all__ = ["ProviderStateStore"]

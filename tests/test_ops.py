@@ -21,9 +21,10 @@ from nats.js.kv import KeyValue
 
 import laneway
 from broker import topology as t
+from broker.circuit_state import CircuitState
 from broker.config import LanewayConfig
 from broker.natsd import EmbeddedNats
-from broker.provider_state import CircuitState, encode_state, new_limit
+from broker.provider_state import encode_state, new_limit
 from broker.server import BrokerServer
 from laneway.ops import circuit_name, delivery_rates, lane_name, oldest_age_s
 from laneway.v1 import job_pb2, ops_pb2

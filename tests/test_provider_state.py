@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from broker.circuit_state import CircuitState
 from broker.provider_config import CircuitConfig, LimitsConfig
 from broker.provider_state import (
-    CircuitState,
     LimitState,
     decode_circuit,
     decode_limit,
@@ -124,6 +125,110 @@ def test_headers_near_the_wall_spread_what_is_left() -> None:
     assert slowed.current_rpm(10.5, LIMITS) == 600.0  # past the reset
     empty = state.headers(0.0, remaining=0, limit=600, reset_s=4.0, limits=LIMITS)
     assert empty is not None and empty.paused_until == 4.0
+
+
+def test_headers_cap_lifts_when_an_answer_shows_room_again() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    slowed = state.headers(0.0, remaining=20, limit=600, reset_s=10.0, limits=LIMITS)
+    assert slowed is not None
+    again = slowed.headers(2.0, remaining=300, limit=600, reset_s=5.0, limits=LIMITS)
+    assert again is not None and again.current_rpm(2.0, LIMITS) == 600.0
+    assert again.headers(3.0, remaining=300, limit=600, reset_s=5.0, limits=LIMITS) is None
+
+
+def test_none_remaining_pauses_at_most_five_seconds() -> None:
+    state = new_limit(600, 6000, 0, now=0.0)
+    empty = state.headers(
+        0.0,
+        remaining=None,
+        limit=None,
+        reset_s=None,
+        remaining_tokens=0,
+        limit_tokens=6000,
+        reset_tokens_s=58.0,
+        limits=LIMITS,
+    )
+    assert empty is not None and empty.paused_until == 5.0
+    assert "tokens" in empty.pause_reason
+    # A later answer saying the same does not push the pause out again within it.
+    assert (
+        empty.headers(
+            0.02,
+            remaining=None,
+            limit=None,
+            reset_s=None,
+            remaining_tokens=0,
+            limit_tokens=6000,
+            reset_tokens_s=58.0,
+            limits=LIMITS,
+        )
+        is None
+    )
+
+
+def test_token_headers_near_the_wall_spread_the_tokens_left() -> None:
+    limits = LimitsConfig(rpm=600, tpm=60_000, burst_s=1.0, recovery_s=10.0)
+    state = new_limit(600, 60_000, 0, now=0.0)
+    assert (
+        state.headers(
+            0.0,
+            remaining=None,
+            limit=None,
+            reset_s=None,
+            remaining_tokens=30_000,
+            limit_tokens=60_000,
+            reset_tokens_s=30.0,
+            limits=limits,
+        )
+        is None
+    )
+    slowed = state.headers(
+        0.0,
+        remaining=500,
+        limit=600,
+        reset_s=1.0,
+        remaining_tokens=1_000,
+        limit_tokens=60_000,
+        reset_tokens_s=10.0,
+        limits=limits,
+    )
+    assert slowed is not None
+    assert math.isclose(slowed.current_tpm(1.0, limits), 6_000.0)  # 1,000 tokens over 10 s
+    assert slowed.current_rpm(1.0, limits) == 600.0  # requests had room
+    assert slowed.current_tpm(10.5, limits) == 60_000.0  # past the reset
+    # 1,000 tokens a call at 6,000 a minute: the first fits the burst, then the calls
+    # are spread 10 s apart.
+    slowed, wait = slowed.reserve_tokens(1.0, 1_000, limits)
+    assert wait == 0.0
+    for _ in range(6):
+        slowed, wait = slowed.reserve_tokens(1.0, 1_000, limits)
+    assert wait > 0
+
+
+def test_token_headers_cap_a_provider_with_no_tpm_configured() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    assert state.current_tpm(0.0, LIMITS) == math.inf
+    slowed = state.headers(
+        0.0,
+        remaining=None,
+        limit=None,
+        reset_s=None,
+        remaining_tokens=100,
+        limit_tokens=10_000,
+        reset_tokens_s=6.0,
+        limits=LIMITS,
+    )
+    assert slowed is not None and math.isclose(slowed.current_tpm(1.0, LIMITS), 1_000.0)
+    assert slowed.current_tpm(7.0, LIMITS) == math.inf
+
+
+def test_state_from_a_newer_worker_decodes() -> None:
+    state = new_limit(600, 0, 0, now=0.0)
+    raw = json.loads(encode_state(state)) | {"field_of_the_future": 1}
+    assert decode_limit(json.dumps(raw).encode()) == state
+    circuit = CircuitState()
+    raw = json.loads(encode_state(circuit)) | {"field_of_the_future": [1]}
+    assert decode_circuit(json.dumps(raw).encode()) == circuit
 
 
 def test_max_concurrent_counts_every_workers_calls_and_forgets_dead_ones() -> None:

@@ -20,9 +20,10 @@ import pytest
 
 import laneway
 from broker import topology as t
+from broker.circuit_state import CircuitState
 from broker.config import LanewayConfig
 from broker.natsd import EmbeddedNats
-from broker.provider_state import CircuitState, encode_state
+from broker.provider_state import encode_state
 from laneway.v1 import job_pb2 as J
 from workers.pool import WorkerPool
 

@@ -1,4 +1,4 @@
-"""Fleet-wide circuit breakers: ``broker.provider_state.CircuitState`` over the shared store.
+"""Fleet-wide circuit breakers: ``broker.circuit_state.CircuitState`` over the shared store.
 
 Failures in a row are counted across the fleet (compare-and-set on
 ``circuit.<provider>``); the error rate over a window is this process's own, and
@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping
 import structlog
 
 from broker import topology as t
+from broker.circuit_state import CircuitState
 from broker.metrics import WorkerMetrics
 from broker.provider_config import CircuitConfig
-from broker.provider_state import CircuitState
 from broker.provider_store import ProviderStateStore
 
 __all__ = ["CircuitBreakers"]

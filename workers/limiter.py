@@ -192,9 +192,9 @@ class FleetLimiter(CircuitBreakers):
     async def reserve_tokens(self, provider: str, model: str, tokens: int) -> float:
         """Reserve ``tokens`` of the token budget; 0.0 when reserved, else the seconds
         to wait before asking again (nothing is reserved then)."""
-        limits = self._limits_cfg[provider]
-        if not limits.for_model(model)[1]:
+        if not self._tokens_limited(provider, model):
             return 0.0
+        limits = self._limits_cfg[provider]
 
         def change(state: LimitState, now: float) -> tuple[LimitState, float]:
             return state.reserve_tokens(now, tokens, limits)
@@ -219,6 +219,9 @@ class FleetLimiter(CircuitBreakers):
                 limit=limits_seen.limit_requests,
                 reset_s=limits_seen.reset_requests_s,
                 limits=limits,
+                remaining_tokens=limits_seen.remaining_tokens,
+                limit_tokens=limits_seen.limit_tokens,
+                reset_tokens_s=limits_seen.reset_tokens_s,
             )
             return updated, None
 
@@ -226,14 +229,22 @@ class FleetLimiter(CircuitBreakers):
         self._report_limit(provider, model)
 
     async def reconcile_tokens(self, provider: str, model: str, delta: int) -> None:
-        limits = self._limits_cfg[provider]
-        if not delta or not limits.for_model(model)[1]:
+        if not delta or not self._tokens_limited(provider, model):
             return
+        limits = self._limits_cfg[provider]
 
         def change(state: LimitState, now: float) -> tuple[LimitState, None]:
             return state.reconcile_tokens(now, delta, limits), None
 
         await self._change_limit(provider, model, change, None)
+
+    def _tokens_limited(self, provider: str, model: str) -> bool:
+        """Whether calls reserve tokens: a configured ``tpm``, or the provider's token
+        headers capping the rate for now (so a limit the config left out still holds)."""
+        if self._limits_cfg[provider].for_model(model)[1]:
+            return True
+        cached = self._store.cached(self.limit_key(provider, model), LimitState)
+        return cached is not None and cached.header_tpm_until > self._clock()
 
     def paused_s(self, provider: str, model: str) -> float:
         """Seconds the fleet still waits for a Retry-After of ``provider`` (any limit)."""

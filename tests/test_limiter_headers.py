@@ -1,0 +1,78 @@
+"""Rate-limit headers reach the fleet: one worker's answer steers another's budget
+through the shared KV state (real nats-server; the pure rules are in
+test_provider_state.py)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+
+from broker.config import LanewayConfig
+from broker.natsd import EmbeddedNats
+from workers.limiter import FleetLimiter
+from workers.provider import RateLimits
+
+from .conftest import eventually, make_config
+
+CONFIG = """
+providers:
+  capped: {type: mock, limits: {rpm: 6000}}
+routes:
+  capped: {targets: [{provider: capped, model: m}]}
+"""
+
+
+@pytest.fixture
+def config() -> LanewayConfig:
+    return make_config(CONFIG)
+
+
+@pytest.fixture
+async def limiters(
+    nats_server: EmbeddedNats, config: LanewayConfig, broker: object
+) -> AsyncIterator[tuple[FleetLimiter, FleetLimiter]]:
+    # Two connections and two caches, like two worker processes.
+    a_nc, b_nc = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    try:
+        async with (
+            FleetLimiter(a_nc.jetstream(), config.providers, worker_id="a") as a,
+            FleetLimiter(b_nc.jetstream(), config.providers, worker_id="b") as b,
+        ):
+            yield a, b
+    finally:
+        await a_nc.close()
+        await b_nc.close()
+
+
+async def test_token_headers_near_the_wall_slow_another_worker_with_no_tpm_configured(
+    limiters: tuple[FleetLimiter, FleetLimiter],
+) -> None:
+    a, b = limiters
+    # No tpm in the config: token reservations cost nothing yet.
+    assert await b.reserve_tokens("capped", "m", 1_000_000) == 0.0
+    # One of a's answers: 600 of 60,000 tokens left, full again in 30 s.
+    seen = RateLimits(limit_tokens=60_000, remaining_tokens=600, reset_tokens_s=30.0)
+    await a.observe("capped", "m", seen, refused=False)
+
+    async def capped() -> bool:
+        return b.limit_state("capped", "m").header_tpm > 0
+
+    await eventually(capped)
+    # 600 tokens over 30 s is 1,200 a minute: 1,200 tokens fit now, then b waits.
+    assert await b.reserve_tokens("capped", "m", 1_000) == 0.0
+    assert await b.reserve_tokens("capped", "m", 1_000) > 0
+
+
+async def test_no_tokens_left_pauses_every_worker(limiters: tuple[FleetLimiter, FleetLimiter]) -> None:
+    a, b = limiters
+    seen = RateLimits(limit_tokens=60_000, remaining_tokens=0, reset_tokens_s=45.0)
+    await a.observe("capped", "m", seen, refused=False)
+
+    async def paused() -> bool:
+        return b.paused_s("capped", "m") > 0
+
+    await eventually(paused)
+    assert 4.0 < b.paused_s("capped", "m") <= 5.0  # not the 45 s to full
+    assert b.at_limit("capped", "m")
