@@ -190,6 +190,24 @@ def test_bad_value_type_names_line() -> None:
     assert "valid integer" in problem.message
 
 
+def test_target_weight_other_than_one_is_refused_not_ignored() -> None:
+    text = """\
+        providers:
+          a: {type: mock}
+          b: {type: mock}
+        routes:
+          chat:
+            targets:
+              - {provider: a, model: m}
+              - provider: b
+                model: m
+                weight: 3
+        """
+    problem = only_problem(text)
+    assert (problem.line, problem.key) == (10, "routes.chat.targets[1].weight")
+    assert "weighted spreading is not supported yet" in problem.message
+
+
 def test_unknown_provider_type_lists_known_types() -> None:
     text = MINIMAL.replace("type: mock", "type: mokc")
     problem = only_problem(text)
