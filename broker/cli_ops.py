@@ -68,10 +68,15 @@ def _when(ts: Timestamp, now: float, *, future: bool) -> str:
 
 
 def _rate(p: ops_pb2.ProviderHealth) -> str:
-    if not p.configured_rpm:
-        return "unlimited"
-    now = f"{p.current_rpm:.0f}" if p.HasField("current_rpm") else "-"
-    return f"{now}/{p.configured_rpm} rpm"
+    parts = []
+    if p.configured_rpm:
+        now = f"{p.current_rpm:.0f}" if p.HasField("current_rpm") else "-"
+        parts.append(f"{now}/{p.configured_rpm} rpm")
+    if p.HasField("current_tpm"):
+        # Shown also without a configured tpm: the provider's token headers cap it then.
+        limit = f"/{p.configured_tpm}" if p.configured_tpm else " (headers)"
+        parts.append(f"{p.current_tpm:.0f}{limit} tpm")
+    return ", ".join(parts) or "unlimited"
 
 
 def _budget(p: ops_pb2.ProviderHealth) -> str:

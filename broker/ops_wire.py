@@ -36,6 +36,8 @@ def _limit_to_pb(limit: LimitHealth, out: ops_pb2.LimitHealth) -> None:
     # inf means no limit: left unset (JSON has no infinity, and clients test presence).
     if math.isfinite(limit.current_rpm):
         out.current_rpm = limit.current_rpm
+    if math.isfinite(limit.current_tpm):
+        out.current_tpm = limit.current_tpm
     if math.isfinite(limit.budget):
         out.budget = limit.budget
     _seconds(limit.paused_until, out.paused_until)
@@ -63,6 +65,8 @@ def provider_health_to_pb(health: ProviderHealth) -> ops_pb2.ProviderHealth:
     _seconds(health.open_until, out.open_until)
     if math.isfinite(health.limit.current_rpm):
         out.current_rpm = health.limit.current_rpm
+    if math.isfinite(health.limit.current_tpm):
+        out.current_tpm = health.limit.current_tpm
     if math.isfinite(health.limit.budget):
         out.budget = health.limit.budget
     _seconds(health.limit.paused_until, out.paused_until)

@@ -47,6 +47,8 @@ class LimitHealth:
     configured_tpm: int
     current_rpm: float
     """``inf`` when no request limit applies."""
+    current_tpm: float
+    """``inf`` when no token limit applies (configured, or from the provider's headers)."""
     budget: float
     """Requests that could start now; ``inf`` when nothing limits them."""
     in_flight: int
@@ -86,6 +88,7 @@ def _limit_health(model: str, state: LimitState, provider: ProviderConfig, now: 
         configured_rpm=state.rpm,
         configured_tpm=state.tpm,
         current_rpm=state.current_rpm(now, limits),
+        current_tpm=state.current_tpm(now, limits),
         budget=state.budget(now, limits),
         in_flight=state.in_flight(now),
         paused_until=paused,

@@ -24,6 +24,7 @@ from broker import topology as t
 from broker.circuit_state import CircuitState
 from broker.config import LanewayConfig
 from broker.natsd import EmbeddedNats
+from broker.provider_config import LimitsConfig
 from broker.provider_state import encode_state, new_limit
 from broker.server import BrokerServer
 from laneway.ops import circuit_name, delivery_rates, lane_name, oldest_age_s
@@ -138,6 +139,36 @@ async def test_health_reflects_kv_state_and_absent_keys_read_fresh(client, kv, c
     with pytest.raises(laneway.InvalidArgument) as err:
         await client.get_provider_health(["nope"])
     assert err.value.field == "providers[0]"
+
+
+async def test_health_shows_a_token_cap_from_the_providers_headers(broker, client, kv) -> None:
+    # backup has no limits configured: its token rate is unlimited until a worker
+    # hears from its headers that it is nearly out of tokens.
+    assert not (await health_of(client, "backup")).HasField("current_tpm")
+    now = time.time()
+    capped = new_limit(0, 0, 0, now).headers(
+        now,
+        remaining=None,
+        limit=None,
+        reset_s=None,
+        remaining_tokens=500,
+        limit_tokens=100_000,
+        reset_tokens_s=30.0,
+        limits=LimitsConfig(),
+    )
+    assert capped is not None
+    await kv.put(t.limit_key("backup"), encode_state(capped))
+
+    async def shown() -> bool:
+        return (await health_of(client, "backup")).HasField("current_tpm")
+
+    await eventually(shown)
+    backup = await health_of(client, "backup")
+    assert backup.current_tpm == pytest.approx(1_000)  # 500 tokens over 30 s
+    assert backup.limit.current_tpm == pytest.approx(1_000)
+    code, out, err = await cli("providers", "--addr", broker.address)
+    assert code == 0, err
+    assert re.search(r"backup\W+closed\W+1000 \(headers\) tpm", out), out
 
 
 async def test_stats_show_queued_lanes_and_dead_letters(client) -> None:

@@ -64,6 +64,7 @@ class LimitHealth(_message.Message):
     RATE_FRACTION_FIELD_NUMBER: _builtins.int
     REQUESTS_GRANTED_FIELD_NUMBER: _builtins.int
     RATE_LIMITED_FIELD_NUMBER: _builtins.int
+    CURRENT_TPM_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Empty for the provider-wide budget."""
     configured_rpm: _builtins.int
@@ -82,6 +83,10 @@ class LimitHealth(_message.Message):
     """Requests granted since the budget was created (cumulative: diff for a rate)."""
     rate_limited: _builtins.int
     """429 or overload answers seen (cumulative)."""
+    current_tpm: _builtins.float
+    """Tokens per minute allowed now (adaptive, and capped while the provider's token
+    headers say it is nearly out); unset when no token limit applies.
+    """
     @_builtins.property
     def paused_until(self) -> _timestamp_pb2.Timestamp:
         """No call goes out before this (a fleet-wide Retry-After); unset when not paused."""
@@ -99,19 +104,24 @@ class LimitHealth(_message.Message):
         rate_fraction: _builtins.float = ...,
         requests_granted: _builtins.int = ...,
         rate_limited: _builtins.int = ...,
+        current_tpm: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "budget", b"budget", "current_rpm", b"current_rpm", "paused_until", b"paused_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "paused_until", b"paused_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "budget", b"budget", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "current_rpm", b"current_rpm", "model", b"model", "pause_reason", b"pause_reason", "paused_until", b"paused_until", "rate_fraction", b"rate_fraction", "rate_limited", b"rate_limited", "requests_granted", b"requests_granted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "model", b"model", "pause_reason", b"pause_reason", "paused_until", b"paused_until", "rate_fraction", b"rate_fraction", "rate_limited", b"rate_limited", "requests_granted", b"requests_granted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
     _WhichOneofReturnType__current_rpm: _TypeAlias = _typing.Literal["current_rpm"]  # noqa: Y015
     _WhichOneofArgType__current_rpm: _TypeAlias = _typing.Literal["_current_rpm", b"_current_rpm"]  # noqa: Y015
+    _WhichOneofReturnType__current_tpm: _TypeAlias = _typing.Literal["current_tpm"]  # noqa: Y015
+    _WhichOneofArgType__current_tpm: _TypeAlias = _typing.Literal["_current_tpm", b"_current_tpm"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__budget) -> _WhichOneofReturnType__budget | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__current_rpm) -> _WhichOneofReturnType__current_rpm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__current_tpm) -> _WhichOneofReturnType__current_tpm | None: ...
 
 Global___LimitHealth: _TypeAlias = LimitHealth  # noqa: Y015
 
@@ -142,6 +152,7 @@ class ProviderHealth(_message.Message):
     OPENS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
+    CURRENT_TPM_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     type: _builtins.str
     """Provider type from the config: mock, openai, anthropic."""
@@ -164,6 +175,8 @@ class ProviderHealth(_message.Message):
     """Failures in a row across the fleet."""
     opens: _builtins.int
     """Times the circuit has opened."""
+    current_tpm: _builtins.float
+    """Provider-wide, as in LimitHealth."""
     @_builtins.property
     def open_until(self) -> _timestamp_pb2.Timestamp:
         """End of the current open phase; unset unless open."""
@@ -202,19 +215,24 @@ class ProviderHealth(_message.Message):
         opens: _builtins.int = ...,
         limit: Global___LimitHealth | None = ...,
         models: _abc.Iterable[Global___LimitHealth] | None = ...,
+        current_tpm: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "budget", b"budget", "current_rpm", b"current_rpm", "last_error_time", b"last_error_time", "limit", b"limit", "open_until", b"open_until", "paused_until", b"paused_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "last_error_time", b"last_error_time", "limit", b"limit", "open_until", b"open_until", "paused_until", b"paused_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "budget", b"budget", "circuit_enabled", b"circuit_enabled", "circuit_state", b"circuit_state", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "consecutive_failures", b"consecutive_failures", "current_rpm", b"current_rpm", "in_flight", b"in_flight", "last_error", b"last_error", "last_error_time", b"last_error_time", "limit", b"limit", "max_concurrent", b"max_concurrent", "models", b"models", "open_until", b"open_until", "opens", b"opens", "pause_reason", b"pause_reason", "paused_until", b"paused_until", "provider", b"provider", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "circuit_enabled", b"circuit_enabled", "circuit_state", b"circuit_state", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "consecutive_failures", b"consecutive_failures", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "in_flight", b"in_flight", "last_error", b"last_error", "last_error_time", b"last_error_time", "limit", b"limit", "max_concurrent", b"max_concurrent", "models", b"models", "open_until", b"open_until", "opens", b"opens", "pause_reason", b"pause_reason", "paused_until", b"paused_until", "provider", b"provider", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
     _WhichOneofReturnType__current_rpm: _TypeAlias = _typing.Literal["current_rpm"]  # noqa: Y015
     _WhichOneofArgType__current_rpm: _TypeAlias = _typing.Literal["_current_rpm", b"_current_rpm"]  # noqa: Y015
+    _WhichOneofReturnType__current_tpm: _TypeAlias = _typing.Literal["current_tpm"]  # noqa: Y015
+    _WhichOneofArgType__current_tpm: _TypeAlias = _typing.Literal["_current_tpm", b"_current_tpm"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__budget) -> _WhichOneofReturnType__budget | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__current_rpm) -> _WhichOneofReturnType__current_rpm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__current_tpm) -> _WhichOneofReturnType__current_tpm | None: ...
 
 Global___ProviderHealth: _TypeAlias = ProviderHealth  # noqa: Y015
 
