@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -44,7 +43,9 @@ from broker.model import LANES, NAME_PATTERN
 from broker.provider_config import (
     AnthropicProviderConfig,
     CircuitConfig,
+    ErrorRates,
     LimitsConfig,
+    MockProviderConfig,
     OpenAIProviderConfig,
 )
 from broker.route_config import BatchConfig, RouteConfig, RouteTarget
@@ -83,19 +84,6 @@ Lane = Literal["high", "normal", "low"]
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0)]
-
-
-def _rates_at_most_one(rates: dict[int, float]) -> dict[int, float]:
-    if sum(rates.values()) > 1 + 1e-9:
-        raise ValueError(f"rates add up to {sum(rates.values()):g}, more than 1")
-    return rates
-
-
-# HTTP error status -> share of calls answered with it (mock and fake provider).
-ErrorRates = Annotated[
-    dict[Annotated[int, Field(ge=400, le=599)], Annotated[float, Field(ge=0, le=1)]],
-    AfterValidator(_rates_at_most_one),
-]
 
 
 class _Model(BaseModel):
@@ -228,42 +216,6 @@ class WorkersConfig(_Model):
         if first is not None and value < first:
             raise ValueError(f"must be at least retry_backoff_s ({first}), got {value}")
         return value
-
-
-class MockProviderConfig(_Model):
-    """A fake provider for tests, demos and benchmarks: no network, tunable latency and failures."""
-
-    type: Literal["mock"] = "mock"
-    """Provider type; selects which settings below are allowed."""
-    concurrency: Annotated[int, Field(ge=1)] = 64
-    """Most calls one worker process runs against this provider at once."""
-    latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    """Mean simulated latency per call, in milliseconds."""
-    latency_jitter_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    """Uniform +/- jitter added to ``latency_ms``, in milliseconds."""
-    rpm: Annotated[int, Field(ge=0)] = 0
-    """Requests per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
-    tpm: Annotated[int, Field(ge=0)] = 0
-    """Tokens per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
-    error_rates: ErrorRates = {}
-    """Share of calls (0-1) answered with each HTTP error status, e.g. ``{503: 0.05, 429:
-    0.01}``, classified like a real provider's answers; the rates add up to at most 1."""
-    retry_after_s: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
-    """Retry-After, in seconds, sent with injected errors; unset sends none."""
-    token_delay_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
-    """Delay before each streamed token of a ``stream`` chat job, in milliseconds."""
-    call_log: str = ""
-    """File to append one JSON line per call to (job id, attempt, input), to see exactly
-    which calls a provider got; empty disables it."""
-    output: str = "echo"
-    """Chat output: ``echo`` repeats the last user message; any other string is returned as-is."""
-    embedding_dim: Annotated[int, Field(ge=1, le=4096)] = 8
-    """Length of the vectors returned for embedding jobs."""
-    limits: LimitsConfig = LimitsConfig()
-    """Fleet-wide limits the workers keep to when calling this provider (unlike ``rpm``
-    and ``tpm`` above, which make the mock itself refuse)."""
-    circuit: CircuitConfig = CircuitConfig()
-    """Fleet-wide circuit breaker of this provider."""
 
 
 # A discriminated union on `type`: add a provider type's config model with `|`.

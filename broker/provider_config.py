@@ -1,4 +1,4 @@
-"""Config blocks of the HTTP provider types (``openai``, ``anthropic``).
+"""Config blocks of the provider types (``mock``, ``openai``, ``anthropic``).
 
 They live apart from ``broker.config``, which imports them into its
 ``ProviderConfig`` union; importing that module's ``_Model`` base from here would
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "AnthropicProviderConfig",
     "CircuitConfig",
     "ConfigModel",
+    "ErrorRates",
     "HttpProviderConfig",
     "LimitsConfig",
+    "MockProviderConfig",
     "ModelLimits",
     "OpenAIProviderConfig",
 ]
@@ -196,3 +198,52 @@ class AnthropicProviderConfig(HttpProviderConfig):
     """Value of the ``anthropic-version`` header."""
     default_max_tokens: Annotated[int, Field(ge=1)] = 1024
     """``max_tokens`` for chat jobs that do not set one (the Messages API requires it)."""
+
+
+def _rates_at_most_one(rates: dict[int, float]) -> dict[int, float]:
+    if sum(rates.values()) > 1 + 1e-9:
+        raise ValueError(f"rates add up to {sum(rates.values()):g}, more than 1")
+    return rates
+
+
+# HTTP error status -> share of calls answered with it (mock and fake provider).
+ErrorRates = Annotated[
+    dict[Annotated[int, Field(ge=400, le=599)], Annotated[float, Field(ge=0, le=1)]],
+    AfterValidator(_rates_at_most_one),
+]
+
+
+class MockProviderConfig(ConfigModel):
+    """A fake provider for tests, demos and benchmarks: no network, tunable latency and failures."""
+
+    type: Literal["mock"] = "mock"
+    """Provider type; selects which settings below are allowed."""
+    concurrency: Annotated[int, Field(ge=1)] = 64
+    """Most calls one worker process runs against this provider at once."""
+    latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Mean simulated latency per call, in milliseconds."""
+    latency_jitter_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Uniform +/- jitter added to ``latency_ms``, in milliseconds."""
+    rpm: Annotated[int, Field(ge=0)] = 0
+    """Requests per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
+    tpm: Annotated[int, Field(ge=0)] = 0
+    """Tokens per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
+    error_rates: ErrorRates = {}
+    """Share of calls (0-1) answered with each HTTP error status, e.g. ``{503: 0.05, 429:
+    0.01}``, classified like a real provider's answers; the rates add up to at most 1."""
+    retry_after_s: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    """Retry-After, in seconds, sent with injected errors; unset sends none."""
+    token_delay_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Delay before each streamed token of a ``stream`` chat job, in milliseconds."""
+    call_log: str = ""
+    """File to append one JSON line per call to (job id, attempt, input), to see exactly
+    which calls a provider got; empty disables it."""
+    output: str = "echo"
+    """Chat output: ``echo`` repeats the last user message; any other string is returned as-is."""
+    embedding_dim: Annotated[int, Field(ge=1, le=4096)] = 8
+    """Length of the vectors returned for embedding jobs."""
+    limits: LimitsConfig = LimitsConfig()
+    """Fleet-wide limits the workers keep to when calling this provider (unlike ``rpm``
+    and ``tpm`` above, which make the mock itself refuse)."""
+    circuit: CircuitConfig = CircuitConfig()
+    """Fleet-wide circuit breaker of this provider."""

@@ -27,12 +27,13 @@ from broker.model import LANES
 from laneway.errors import ConfigError
 from workers.attempts import Attempts
 from workers.batching import ClassificationBatcher, EmbeddingBatcher
+from workers.calling import Target
 from workers.limiter import FleetLimiter
 from workers.provider import Provider, build_provider
 from workers.puller import LanePuller
 from workers.retry import RetryPolicy
 from workers.routing import RouteGate, TargetChooser
-from workers.runner import JobRunner, Target
+from workers.runner import JobRunner
 
 __all__ = ["WorkerPool"]
 

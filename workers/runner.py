@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import timedelta
 
 import structlog
@@ -25,12 +25,9 @@ from broker.events import EventConflict, EventLog, PendingAppend
 from broker.metrics import WorkerMetrics
 from broker.model import (
     ChatInput,
-    ClassificationInput,
-    EmbeddingInput,
     ErrorClass,
     JobError,
     JobEvent,
-    JobResult,
     JobState,
     QueuedJob,
     utcnow,
@@ -38,34 +35,19 @@ from broker.model import (
 from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
 from workers.attempts import Attempts
-from workers.batching import ClassificationBatcher, EmbeddingBatcher
-from workers.classify import classify_exception
+from workers.calling import Target, call_target
 from workers.feedback import learn, reserve_tokens
 from workers.limiter import FleetLimiter
 from workers.log_position import Unlogged, previous, queued_seq
-from workers.provider import CallContext, Provider, ProviderError, ResponseInfo, call_provider
-from workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, RetryPolicy, decide, next_attempt
+from workers.provider import CallContext, ProviderError, ResponseInfo
+from workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, decide, next_attempt
 from workers.routing import Choice, Grant, TargetChooser, estimate_tokens
-from workers.streaming import DeltaWriter, stream_chat
 from workers.tracing_spans import attempt_started, job_trace, note_event, provider_call
 
-__all__ = ["JobRunner", "Target"]
+__all__ = ["JobRunner"]
 
 log = structlog.get_logger("laneway.worker")
 Logger = structlog.typing.FilteringBoundLogger
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where a route's jobs go from this pool, and how they are retried."""
-
-    provider: Provider
-    model: str
-    retry: RetryPolicy
-    embed_batcher: EmbeddingBatcher | None = None
-    """Shares provider calls between this route's embedding jobs, when batching is on."""
-    classify_batcher: ClassificationBatcher | None = None
-    """Shares chat calls between this route's classification jobs, when batching is on."""
 
 
 class _Lost(Exception):
@@ -284,7 +266,12 @@ class JobRunner:
                     # Someone else moved the job on (a cancel) before our RUNNING: abort the call.
                     written.when_refused(functools.partial(self._attempts.cancel, job.job_id))
                 with provider_call(target.provider, target.model, job.spec.input) as call:
-                    outcome, running, seq = await self._call(target, job, written, ctx)
+                    try:
+                        outcome, running, seq = await call_target(
+                            target, job, written, ctx, self._events, self._metrics
+                        )
+                    except EventConflict as err:
+                        raise _Lost from err
                     call.record(outcome)
         except asyncio.CancelledError:
             self._call_ended(target)
@@ -338,41 +325,6 @@ class JobRunner:
             return await written.stored()
         except EventConflict as err:
             raise _Lost from err
-
-    async def _call(
-        self, target: Target, job: QueuedJob, written: PendingAppend, ctx: CallContext
-    ) -> tuple[JobResult | ProviderError, JobEvent, int]:
-        """Call the provider: the result or its classified error, and the log's new tail
-        (the stored RUNNING event, or a streaming call's last delta)."""
-        provider, request = target.provider, job.spec.input
-        outcome: JobResult | ProviderError
-        if not (isinstance(request, ChatInput) and request.stream):
-            try:
-                if isinstance(request, EmbeddingInput) and target.embed_batcher is not None:
-                    outcome = await target.embed_batcher.embed(request, ctx)
-                elif isinstance(request, ClassificationInput) and target.classify_batcher is not None:
-                    outcome = await target.classify_batcher.classify(request, ctx)
-                else:
-                    outcome = await call_provider(provider, target.model, request, ctx)
-            except ProviderError as err:
-                outcome = err
-            except Exception as exc:
-                # An adapter bug or an unexpected library error: classified, never fatal.
-                outcome = classify_exception(exc, provider=provider.name)
-            return outcome, written.event, await self._stored(written)
-        writer = DeltaWriter(self._events, written)
-        metrics = self._metrics
-        first_token = (
-            functools.partial(metrics.first_token, provider.name, target.model)
-            if metrics is not None
-            else None
-        )
-        try:
-            outcome = await stream_chat(provider, target.model, request, ctx, writer, first_token=first_token)
-            last, seq = await writer.finish()
-        except EventConflict as err:
-            raise _Lost from err
-        return outcome, last, seq
 
     async def _failed(
         self, msg: Msg, job: QueuedJob, running: JobEvent, seq: int, err: ProviderError, bound: Logger
