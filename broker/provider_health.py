@@ -26,6 +26,7 @@ from broker.circuit_state import CircuitState, Phase
 from broker.config import LanewayConfig, ProviderConfig
 from broker.provider_state import LimitState, fresh_limit
 from broker.provider_store import ProviderStateStore
+from broker.share_state import ShareState
 
 __all__ = ["LimitHealth", "ProviderHealth", "ProviderHealthView", "provider_health"]
 
@@ -35,7 +36,7 @@ log = structlog.get_logger("laneway.broker")
 # serves anyway (keys missing from the view read as closed/full until they arrive).
 _INITIAL_LOAD_S = 5.0
 
-ProviderState = LimitState | CircuitState
+ProviderState = LimitState | CircuitState | ShareState
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from typing import Any
 
 from broker.circuit_state import CircuitState
 from broker.provider_config import LimitsConfig
+from broker.share_state import ShareState
 
 __all__ = [
     "HOLDER_TTL_S",
@@ -351,7 +352,7 @@ def fresh_limit(limits: LimitsConfig, model: str, now: float) -> LimitState:
     return new_limit(rpm, tpm, limits.max_concurrent, now)
 
 
-def encode_state(state: LimitState | CircuitState) -> bytes:
+def encode_state(state: LimitState | CircuitState | ShareState) -> bytes:
     return json.dumps(asdict(state), separators=(",", ":")).encode()
 
 

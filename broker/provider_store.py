@@ -27,13 +27,15 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from broker import topology as t
 from broker.circuit_state import CircuitState
 from broker.provider_state import LimitState, decode_circuit, decode_limit, encode_state
+from broker.share_state import ShareState, decode_share
 from broker.tasks import cancel_and_wait
 
 __all__ = ["ProviderStateStore"]
 
 log = structlog.get_logger("laneway.limiter")
 
-S = TypeVar("S", LimitState, CircuitState)
+S = TypeVar("S", LimitState, CircuitState, ShareState)
+State = LimitState | CircuitState | ShareState
 R = TypeVar("R")
 
 _CAS_TRIES = 12
@@ -48,7 +50,7 @@ class ProviderStateStore:
         self._kv: KeyValue | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
         self._task: asyncio.Task[None] | None = None
-        self._cache: dict[str, tuple[int, LimitState | CircuitState]] = {}
+        self._cache: dict[str, tuple[int, State]] = {}
         self._listeners: list[Callable[[], None]] = []
         self._loaded = asyncio.Event()
 
@@ -75,7 +77,7 @@ class ProviderStateStore:
         """Call ``listener`` whenever any provider's state changes (any process's write)."""
         self._listeners.append(listener)
 
-    def states(self) -> dict[str, LimitState | CircuitState]:
+    def states(self) -> dict[str, State]:
         """Every known key's latest state."""
         return {key: state for key, (_, state) in self._cache.items()}
 
@@ -142,7 +144,7 @@ class ProviderStateStore:
         if entry.value is not None and entry.revision is not None:
             self._store(key, entry.revision, _decode(key, entry.value))
 
-    def _store(self, key: str, rev: int, state: LimitState | CircuitState) -> None:
+    def _store(self, key: str, rev: int, state: State) -> None:
         cached = self._cache.get(key)
         if cached is not None and cached[0] >= rev:
             return
@@ -159,5 +161,9 @@ class ProviderStateStore:
             self.apply(entry.key, entry.revision or 0, entry.value, deleted=deleted)
 
 
-def _decode(key: str, value: bytes) -> LimitState | CircuitState:
-    return decode_circuit(value) if key.startswith("circuit.") else decode_limit(value)
+def _decode(key: str, value: bytes) -> State:
+    if key.startswith("circuit."):
+        return decode_circuit(value)
+    if key.startswith("share."):
+        return decode_share(value)
+    return decode_limit(value)

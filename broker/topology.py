@@ -27,7 +27,8 @@ Key-value:
 - ``laneway_idempotency``: idempotency key digest -> job id, kept 24 h.
 - ``laneway_providers``: fleet-wide provider state (``broker.provider_state``),
   ``limit.<provider>[.<model digest>]`` for limiter budgets and
-  ``circuit.<provider>`` for circuit breakers; history 1, written with
+  ``circuit.<provider>`` for circuit breakers, ``share.<route>.<tier>`` for a
+  route tier's weighted split (``broker.share_state``); history 1, written with
   compare-and-set, watched by every worker and broker.
 
 Nobody else spells a subject, stream, consumer or bucket name.
@@ -101,6 +102,7 @@ __all__ = [
     "job_subject",
     "limit_key",
     "pull_subject",
+    "share_key",
 ]
 
 JOBS_STREAM = "LANEWAY_JOBS"
@@ -172,6 +174,11 @@ def limit_key(provider: str, model: str = "") -> str:
 
 def circuit_key(provider: str) -> str:
     return f"circuit.{provider}"
+
+
+def share_key(route: str, tier: int) -> str:
+    """The providers bucket's key of a route tier's weighted split (``broker.share_state``)."""
+    return f"share.{route}.{tier}"
 
 
 def dlq_subject(route: str, job_id: str) -> str:

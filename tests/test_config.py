@@ -190,22 +190,54 @@ def test_bad_value_type_names_line() -> None:
     assert "valid integer" in problem.message
 
 
-def test_target_weight_other_than_one_is_refused_not_ignored() -> None:
-    text = """\
+def _tiered(targets: str) -> str:
+    return f"""\
         providers:
-          a: {type: mock}
-          b: {type: mock}
+          a: {{type: mock}}
+          b: {{type: mock}}
+          c: {{type: mock}}
         routes:
           chat:
             targets:
-              - {provider: a, model: m}
-              - provider: b
-                model: m
-                weight: 3
+{targets}
         """
-    problem = only_problem(text)
-    assert (problem.line, problem.key) == (10, "routes.chat.targets[1].weight")
-    assert "weighted spreading is not supported yet" in problem.message
+
+
+def test_targets_sharing_a_tier_are_grouped_in_order() -> None:
+    config = parse_config(
+        _tiered(
+            "              - {provider: a, model: m, tier: 1, weight: 3}\n"
+            "              - {provider: b, model: m, tier: 1}\n"
+            "              - {provider: c, model: m}"
+        )
+    )
+    tiers = [[(x.provider, x.weight) for x in tier] for tier in config.routes["chat"].tiers]
+    assert tiers == [[("a", 3), ("b", 1)], [("c", 1)]]
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [
+        (
+            "              - {provider: a, model: m}\n              - {provider: b, model: m, weight: 3}",
+            "target 'b' has a weight but no tier shared with another target",
+        ),
+        (
+            "              - {provider: a, model: m, tier: 1}\n              - {provider: b, model: m}\n"
+            "              - {provider: c, model: m, tier: 1}",
+            "the targets of tier 1 must be listed next to each other",
+        ),
+        (
+            "              - {provider: a, model: m, tier: 2}\n"
+            "              - {provider: b, model: m, tier: 1}",
+            "tiers go up along the list: tier 1 is listed after tier 2",
+        ),
+    ],
+)
+def test_bad_tiers_name_the_route_and_line(targets: str, message: str) -> None:
+    problem = only_problem(_tiered(targets))
+    assert (problem.line, problem.key) == (7, "routes.chat.targets")
+    assert message in problem.message
 
 
 def test_unknown_provider_type_lists_known_types() -> None:
@@ -471,3 +503,13 @@ def test_readme_config_example_is_valid() -> None:
     openai = config.providers["openai"]
     assert openai.limits.for_model("gpt-4o") == (500, 30000)
     assert openai.limits.for_model("gpt-4o-mini") == (5000, 2_000_000)
+
+
+def test_readme_weighted_tier_example_is_valid() -> None:
+    text = (EXAMPLE.parent / "README.md").read_text()
+    block = text.split("**Weighted tiers.**")[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    targets = textwrap.indent(textwrap.dedent(block), "    ")
+    providers = "".join(f"  {p}: {{type: mock}}\n" for p in ("azure-east", "azure-west", "openai"))
+    config = parse_config(f"providers:\n{providers}routes:\n  chat:\n{targets}", source="README.md")
+    tiers = [[(x.provider, x.weight) for x in tier] for tier in config.routes["chat"].tiers]
+    assert tiers == [[("azure-east", 3), ("azure-west", 1)], [("openai", 1)]]

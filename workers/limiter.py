@@ -94,7 +94,17 @@ class FleetLimiter(CircuitBreakers):
         """Call ``listener`` whenever any provider's state changes (any process's write)."""
         self._store.on_change(listener)
 
+    @property
+    def store(self) -> ProviderStateStore:
+        """The shared state this limiter keeps (other fleet-wide state may live there too)."""
+        return self._store
+
     # --- reading (from the cache) ----------------------------------------------------
+
+    def available(self, provider: str, model: str) -> bool:
+        """Whether ``provider`` takes ordinary calls of ``model`` now: circuit closed and
+        not at a limit (rate, Retry-After pause, fleet concurrency)."""
+        return self.phase(provider) == "closed" and not self.at_limit(provider, model)
 
     def limit_key(self, provider: str, model: str) -> str:
         limits = self._limits_cfg[provider]

@@ -34,6 +34,7 @@ from workers.puller import LanePuller
 from workers.retry import RetryPolicy
 from workers.routing import RouteGate, TargetChooser
 from workers.runner import JobRunner
+from workers.tier_shares import TierShares
 
 __all__ = ["WorkerPool"]
 
@@ -72,6 +73,7 @@ class WorkerPool:
         self._runner: JobRunner | None = None
         self._events: EventLog | None = None
         self._limiter: FleetLimiter | None = None
+        self._shares: TierShares | None = None
         self._attempts: Attempts | None = None
         self._batchers: dict[tuple[str, str, int, float], tuple[EmbeddingBatcher, ClassificationBatcher]] = {}
         self.metrics = WorkerMetrics(prices=provider_prices(config.providers))
@@ -127,6 +129,7 @@ class WorkerPool:
                 targets[(route, name)] = Target(provider, model, retry, embed, classify)
         self._events = await EventLog(self._nc).__aenter__()
         self._limiter = await FleetLimiter(js, cfg.providers, metrics=self.metrics).__aenter__()
+        self._shares = await TierShares(self._limiter, cfg, self._provider_names).__aenter__()
         # Leases renewed at a third of ack_wait: two renewals can go missing before a lease does.
         self._attempts = await Attempts(
             max(0.2, cfg.queue.ack_wait_s / 3), eager_start_s=cfg.workers.eager_start_s
@@ -139,7 +142,7 @@ class WorkerPool:
             events_max_age_s=cfg.queue.events_max_age_s,
             metrics=self.metrics,
             limiter=self._limiter,
-            chooser=TargetChooser(self._limiter, cfg, self._provider_names),
+            chooser=TargetChooser(self._limiter, cfg, self._provider_names, self._shares),
         )
         if self._metrics_port is not None:
             self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
@@ -148,7 +151,7 @@ class WorkerPool:
         await self._nc.flush()  # the server has our subscription: no cancel from now on is missed
         self._attempts.listening()
         for name in self._provider_names:
-            gate = RouteGate(self._limiter, cfg, name)
+            gate = RouteGate(self._limiter, cfg, name, self._shares)
             # Lane-major order: every route's high lane before any normal lane.
             consumers = [t.LaneConsumer(r, lane) for lane in LANES for r in gate.routes]
             if not consumers:
@@ -210,6 +213,9 @@ class WorkerPool:
         for provider in self._providers:
             await provider.aclose()
         self._providers.clear()
+        shares, self._shares = self._shares, None
+        if shares is not None:
+            await shares.close()
         limiter, self._limiter = self._limiter, None
         if limiter is not None:
             await limiter.close()

@@ -35,6 +35,7 @@ from broker.config import LanewayConfig, RouteTarget
 from broker.model import ChatInput, ClassificationInput, EmbeddingInput, JobInput, QueuedJob
 from broker.topology import LaneConsumer
 from workers.limiter import FleetLimiter
+from workers.tier_shares import TierShares
 
 __all__ = ["Admission", "Choice", "Grant", "RouteGate", "TargetChooser", "estimate_tokens"]
 
@@ -43,6 +44,8 @@ __all__ = ["Admission", "Choice", "Grant", "RouteGate", "TargetChooser", "estima
 _OVERFLOW_POLL_S = 0.1
 # A parked delivery waits this long at most for budget before going back to the queue.
 _PARKED_WAIT_S = 2.0
+# A target owing its tier's next starts to the others looks again this often.
+_SHARE_RECHECK_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,25 +68,31 @@ class Admission:
 class RouteGate:
     """The pull gate of one provider's pool across the routes it serves."""
 
-    def __init__(self, limiter: FleetLimiter, config: LanewayConfig, provider: str) -> None:
+    def __init__(
+        self, limiter: FleetLimiter, config: LanewayConfig, provider: str, shares: TierShares | None = None
+    ) -> None:
         self._limiter = limiter
         self._config = config
         self.provider = provider
+        self._shares = shares
         self._model = config.routes_of(provider)
-        # The targets each route prefers to this provider.
+        # The targets each route prefers to this provider: those of the tiers before its own.
         self._ahead: dict[str, tuple[RouteTarget, ...]] = {}
         for name in self._model:
-            targets = config.routes[name].targets
-            index = next(i for i, target in enumerate(targets) if target.provider == provider)
-            self._ahead[name] = targets[:index]
+            tiers = config.routes[name].tiers
+            index = next(i for i, tier in enumerate(tiers) if any(x.provider == provider for x in tier))
+            self._ahead[name] = tuple(x for tier in tiers[:index] for x in tier)
 
     @property
     def routes(self) -> list[str]:
         return list(self._model)
 
     def _available(self, target: RouteTarget) -> bool:
-        lim = self._limiter
-        return lim.phase(target.provider) == "closed" and not lim.at_limit(target.provider, target.model)
+        return self._limiter.available(target.provider, target.model)
+
+    def _weighted(self, route: str) -> TierShares | None:
+        shares = self._shares
+        return shares if shares is not None and shares.weighted(route, self.provider) else None
 
     def _all_open(self, route: str) -> bool:
         targets = self._config.routes[route].targets
@@ -103,6 +112,9 @@ class RouteGate:
             return False
         if lim.at_limit(self.provider, self._model[route]):
             return False
+        shares = self._weighted(route)
+        if shares is not None and shares.allowance(route, self.provider) < 1:
+            return False  # the tier's other targets are owed its next starts
         return all(lim.phase(t.provider) == "open" for t in self._ahead[route])
 
     async def admit(self, consumer: LaneConsumer, want: int) -> Admission:
@@ -116,19 +128,32 @@ class RouteGate:
         if any(self._available(t) for t in self._ahead[route]):
             return Admission(0, _OVERFLOW_POLL_S)
         probe = ""
+        # Probes go regardless of the tier's split: a healing provider is no live peer.
+        shares = self._weighted(route) if phase == "closed" else None
         if phase == "half_open":
             probe = await lim.take_probe(self.provider)
             if not probe:
                 return Admission(0, 0.5)
             want = 1
+        elif shares is not None:
+            allowed = shares.allowance(route, self.provider)
+            if allowed < 1:
+                # The others' starts (a state change) wake the puller; this is the fallback.
+                return Admission(0, _SHARE_RECHECK_S)
+            want = int(min(want, allowed))
         granted = await lim.grant(self.provider, model, want)
         if not granted:
             # Concurrency frees when a call ends (a state change wakes the puller).
             return Admission(0, lim.wait_s(self.provider, model) or 0.25)
+        if shares is not None:
+            shares.started(route, self.provider, granted)  # what the pull leaves unused is given back
         return Admission(granted, probe=probe)
 
     async def release(self, consumer: LaneConsumer, unused: int, probe: str = "") -> None:
         await self._limiter.refund(self.provider, self._model[consumer.route], unused)
+        shares = self._weighted(consumer.route)
+        if shares is not None and not probe:
+            shares.started(consumer.route, self.provider, -unused)
         if probe:
             await self._limiter.drop_probe(self.provider, probe)
 
@@ -148,12 +173,31 @@ class Choice:
 class TargetChooser:
     """Picks the target a pulled job runs on, taking budget for it."""
 
-    def __init__(self, limiter: FleetLimiter, config: LanewayConfig, served: Iterable[str]) -> None:
+    def __init__(
+        self,
+        limiter: FleetLimiter,
+        config: LanewayConfig,
+        served: Iterable[str],
+        shares: TierShares | None = None,
+    ) -> None:
         self._limiter = limiter
         self._config = config
         self._served = set(served)  # providers with a pool in this process
+        self._shares = shares
 
     async def choose(self, job: QueuedJob, pulled_by: str, grant: Grant) -> Choice:
+        choice = await self._choose(job, pulled_by, grant)
+        shares, route = self._shares, job.spec.route
+        if shares is not None and (not grant.held or choice.provider != pulled_by):
+            # The pull counted a held job as a start of its puller (RouteGate.admit):
+            # move it where it runs, or give it back; a parked delivery counts now.
+            if grant.held:
+                shares.started(route, pulled_by, -1)
+            if choice.provider:
+                shares.started(route, choice.provider, 1)
+        return choice
+
+    async def _choose(self, job: QueuedJob, pulled_by: str, grant: Grant) -> Choice:
         lim = self._limiter
         route = self._config.routes[job.spec.route]
         models = {t.provider: t.model for t in route.targets}
