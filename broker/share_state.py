@@ -81,6 +81,12 @@ class ShareState:
         starts = self.starts | {me: self.starts.get(me, 0) + n} if n else self.starts
         return replace(self, credit=credit, seen=self.seen | {me: now}, starts=starts)
 
+    def leave(self, me: str) -> ShareState | None:
+        """``me``'s pool stopped: the others stop waiting for it at once."""
+        if me not in self.seen:
+            return None
+        return replace(self, seen={p: t for p, t in self.seen.items() if p != me})
+
     def touch(self, now: float, me: str) -> ShareState | None:
         """Heartbeat of ``me``'s pool; None while its last one is recent enough."""
         if now - self.seen.get(me, -math.inf) < PRESENT_S / 4:

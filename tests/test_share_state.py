@@ -58,6 +58,13 @@ def test_presence_lapses_and_heartbeats_are_sparse() -> None:
     assert touched is not None and touched.seen["a"] == 10.0 + PRESENT_S / 2
 
 
+def test_a_stopped_pool_leaves_at_once() -> None:
+    state = ShareState().started(10.0, "a", 1, WEIGHTS, BOTH).started(10.0, "b", 1, WEIGHTS, BOTH)
+    left = state.leave("b")
+    assert left is not None and left.present(10.1, "a") and not left.present(10.1, "b")
+    assert left.leave("b") is None
+
+
 def test_round_trip_and_fields_of_a_newer_worker() -> None:
     state = ShareState().started(1.0, "a", 4, WEIGHTS, BOTH)
     raw = json.loads(encode_state(state)) | {"field_of_the_future": 1}

@@ -11,16 +11,19 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
 import pytest
 
 import laneway
+from broker import topology as t
 from broker.circuit_state import CircuitState
 from broker.config import LanewayConfig
 from broker.natsd import EmbeddedNats
+from broker.share_state import ShareState, decode_share
 from laneway.v1 import job_pb2 as J
 from workers.pool import WorkerPool
 
-from .conftest import make_config
+from .conftest import eventually, make_config
 from .test_routing import calls, put_circuit, wait_all
 
 TIERS = """
@@ -72,7 +75,7 @@ async def submit(client: laneway.AsyncClient, route: str, n: int) -> list[str]:
 
 
 async def test_a_tier_splits_its_jobs_by_weight(
-    pools: None, client: laneway.AsyncClient, call_log: Path
+    nats_server: EmbeddedNats, pools: None, client: laneway.AsyncClient, call_log: Path
 ) -> None:
     jobs = await wait_all(client, await submit(client, "split", JOBS), timeout=60)
     assert all(j.state == J.JOB_STATE_SUCCEEDED for j in jobs)
@@ -82,6 +85,25 @@ async def test_a_tier_splits_its_jobs_by_weight(
     # the other's starts reach it; a pull-as-fast-as-you-can split would be about even.
     assert 0.68 <= big / JOBS <= 0.82, (big, small)
     assert not calls(call_log, "spare")  # the next tier only takes overflow and failover
+
+    # The fleet-wide count agrees with the calls: every pull's unused grants and every
+    # parked delivery were accounted for.
+    async def counted() -> bool:
+        state = await share_state(nats_server.url, t.share_key("split", 1))
+        return state.starts == {"big": big, "small": small}
+
+    await eventually(counted, timeout=5)
+
+
+async def share_state(url: str, key: str) -> ShareState:
+    nc = await nats.connect(url)
+    try:
+        kv = await nc.jetstream().key_value(t.PROVIDERS_BUCKET)
+        entry = await kv.get(key)
+        assert entry.value is not None
+        return decode_share(entry.value)
+    finally:
+        await nc.close()
 
 
 async def test_an_open_circuit_gives_its_share_to_the_tier(

@@ -123,7 +123,11 @@ class RouteGate:
         phase = lim.phase(self.provider)
         if phase == "open":
             if self._config.routes[route].when_all_down == "fail" and self._all_open(route):
-                return Admission(want)  # pulled only to be failed fast by the runner
+                # Pulled only to be failed fast by the runner (counted as starts, like any
+                # held job, so that TargetChooser's give-back balances).
+                if (shares := self._weighted(route)) is not None:
+                    shares.started(route, self.provider, want)
+                return Admission(want)
             return Admission(0, max(0.05, lim.reopens_in(self.provider)))
         if any(self._available(t) for t in self._ahead[route]):
             return Admission(0, _OVERFLOW_POLL_S)
@@ -191,7 +195,7 @@ class TargetChooser:
         if shares is not None and (not grant.held or choice.provider != pulled_by):
             # The pull counted a held job as a start of its puller (RouteGate.admit):
             # move it where it runs, or give it back; a parked delivery counts now.
-            if grant.held:
+            if grant.held and not grant.probe:  # a probe's pull counted nothing
                 shares.started(route, pulled_by, -1)
             if choice.provider:
                 shares.started(route, choice.provider, 1)

@@ -11,6 +11,7 @@ several targets) cost nothing here: no key, no writes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ log = structlog.get_logger("laneway.limiter")
 
 # Starts reach the other processes within this; a fast peer may run this far ahead.
 _FLUSH_S = 0.05
+# Longest a stopping worker spends writing its last starts and leaving.
+_CLOSE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,12 @@ class TierShares:
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task, Exception)
-            await self._flush()  # the last starts count
+            # Bounded: a stopping worker does not wait on an unreachable server.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_CLOSE_S):
+                    await self._flush()  # the last starts count
+                    for (_route, provider), tier in self._tiers.items():
+                        await self._leave(tier, provider)
 
     def weighted(self, route: str, provider: str) -> bool:
         """Whether ``provider`` shares a tier of ``route`` with other targets."""
@@ -135,3 +143,12 @@ class TierShares:
             return state.touch(now, provider), True
 
         return await self._store.change(tier.key, ShareState, change, False)
+
+    async def _leave(self, tier: _Tier, provider: str) -> None:
+        """Gone: the tier's other targets stop holding back for this one at once, not
+        after ``PRESENT_S``."""
+
+        def change(state: ShareState, _now: float) -> tuple[ShareState | None, None]:
+            return state.leave(provider), None
+
+        await self._store.change(tier.key, ShareState, change, None)
