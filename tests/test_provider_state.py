@@ -136,52 +136,34 @@ def test_headers_cap_lifts_when_an_answer_shows_room_again() -> None:
     assert again.headers(3.0, remaining=300, limit=600, reset_s=5.0, limits=LIMITS) is None
 
 
-def test_none_remaining_pauses_at_most_five_seconds() -> None:
-    state = new_limit(600, 6000, 0, now=0.0)
-    empty = state.headers(
-        0.0,
+def token_headers(
+    state: LimitState, now: float, remaining: int, limit: int, reset_s: float, limits: LimitsConfig = LIMITS
+) -> LimitState | None:
+    """An answer with token headers only."""
+    return state.headers(
+        now,
         remaining=None,
         limit=None,
         reset_s=None,
-        remaining_tokens=0,
-        limit_tokens=6000,
-        reset_tokens_s=58.0,
-        limits=LIMITS,
+        remaining_tokens=remaining,
+        limit_tokens=limit,
+        reset_tokens_s=reset_s,
+        limits=limits,
     )
+
+
+def test_none_remaining_pauses_at_most_five_seconds() -> None:
+    empty = token_headers(new_limit(600, 6000, 0, now=0.0), 0.0, 0, 6000, 58.0)
     assert empty is not None and empty.paused_until == 5.0
     assert "tokens" in empty.pause_reason
     # A later answer saying the same does not push the pause out again within it.
-    assert (
-        empty.headers(
-            0.02,
-            remaining=None,
-            limit=None,
-            reset_s=None,
-            remaining_tokens=0,
-            limit_tokens=6000,
-            reset_tokens_s=58.0,
-            limits=LIMITS,
-        )
-        is None
-    )
+    assert token_headers(empty, 0.02, 0, 6000, 58.0) is None
 
 
 def test_token_headers_near_the_wall_spread_the_tokens_left() -> None:
     limits = LimitsConfig(rpm=600, tpm=60_000, burst_s=1.0, recovery_s=10.0)
     state = new_limit(600, 60_000, 0, now=0.0)
-    assert (
-        state.headers(
-            0.0,
-            remaining=None,
-            limit=None,
-            reset_s=None,
-            remaining_tokens=30_000,
-            limit_tokens=60_000,
-            reset_tokens_s=30.0,
-            limits=limits,
-        )
-        is None
-    )
+    assert token_headers(state, 0.0, 30_000, 60_000, 30.0, limits) is None
     slowed = state.headers(
         0.0,
         remaining=500,
@@ -196,28 +178,19 @@ def test_token_headers_near_the_wall_spread_the_tokens_left() -> None:
     assert math.isclose(slowed.current_tpm(1.0, limits), 6_000.0)  # 1,000 tokens over 10 s
     assert slowed.current_rpm(1.0, limits) == 600.0  # requests had room
     assert slowed.current_tpm(10.5, limits) == 60_000.0  # past the reset
-    # 1,000 tokens a call at 6,000 a minute: the first fits the burst, then the calls
-    # are spread 10 s apart.
-    slowed, wait = slowed.reserve_tokens(1.0, 1_000, limits)
-    assert wait == 0.0
+    # 1,000 tokens a call at 6,000 a minute: six calls fit the minute's burst, the
+    # seventh waits.
     for _ in range(6):
         slowed, wait = slowed.reserve_tokens(1.0, 1_000, limits)
+        assert wait == 0.0
+    slowed, wait = slowed.reserve_tokens(1.0, 1_000, limits)
     assert wait > 0
 
 
 def test_token_headers_cap_a_provider_with_no_tpm_configured() -> None:
     state = new_limit(600, 0, 0, now=0.0)
     assert state.current_tpm(0.0, LIMITS) == math.inf
-    slowed = state.headers(
-        0.0,
-        remaining=None,
-        limit=None,
-        reset_s=None,
-        remaining_tokens=100,
-        limit_tokens=10_000,
-        reset_tokens_s=6.0,
-        limits=LIMITS,
-    )
+    slowed = token_headers(state, 0.0, 100, 10_000, 6.0)
     assert slowed is not None and math.isclose(slowed.current_tpm(1.0, LIMITS), 1_000.0)
     assert slowed.current_tpm(7.0, LIMITS) == math.inf
 
