@@ -47,6 +47,9 @@ class FakeSpec:
     circuit: dict[str, Any] = field(default_factory=dict)
     concurrency: int = 16
     """Per worker process."""
+    tier: int | None = None
+    """The route target's ``tier`` (None: a tier of its own)."""
+    weight: int = 1
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,11 @@ class StackSpec:
                 f"    limits: {_flow(f.limits)}",
                 f"    circuit: {_flow(f.circuit)}",
             ]
-        targets = ", ".join(f'{{"provider": "{f.name}", "model": "{MODEL}"}}' for f in self.fakes)
+        targets = ", ".join(
+            f'{{"provider": "{f.name}", "model": "{MODEL}", "tier": {"null" if f.tier is None else f.tier},'
+            f' "weight": {f.weight}}}'
+            for f in self.fakes
+        )
         lines += [
             "routes:",
             f"  {ROUTE}:",
