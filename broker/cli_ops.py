@@ -145,7 +145,35 @@ def render_top(
             )
     clock = datetime.fromtimestamp(now).strftime("%H:%M:%S")
     header = Text(f"laneway top  {clock}" + (f"  {note}" if note else ""), style="bold")
-    return Group(header, lanes, render_providers(current.providers, now))
+    parts: list[RenderableType] = [header, lanes]
+    if any(route.tiers for route in current.routes):
+        parts.append(render_tiers(current.routes))
+    parts.append(render_providers(current.providers, now))
+    return Group(*parts)
+
+
+def render_tiers(routes: Sequence[ops_pb2.RouteStats]) -> Table:
+    """Weighted tiers: each target's weight against its share of the starts so far."""
+    table = Table(title="weighted tiers", title_justify="left")
+    for column in ("route", "tier", "provider", "weight", "share of starts", "starts", "owed", "worker"):
+        table.add_column(column, no_wrap=True, justify="left" if column in ("route", "provider") else "right")
+    for route in routes:
+        for tier in route.tiers:
+            weights = sum(x.weight for x in tier.targets)
+            starts = sum(x.starts for x in tier.targets)
+            for index, x in enumerate(tier.targets):
+                share = f"{100 * x.starts / starts:.1f}%" if starts else "-"
+                table.add_row(
+                    route.route if index == 0 else "",
+                    str(tier.tier) if index == 0 else "",
+                    x.provider,
+                    f"{x.weight} ({100 * x.weight / weights:.0f}%)",
+                    share,
+                    str(x.starts),
+                    f"{x.owed:+.1f}",
+                    "present" if x.present else "absent",
+                )
+    return table
 
 
 # --- commands --------------------------------------------------------------------------

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker.config import LanewayConfig
-from broker.provider_health import LimitHealth, ProviderHealth
+from broker.provider_health import LimitHealth, ProviderHealth, TierHealth
 from broker.stats import StatsSnapshot
 from broker.wire import LANE_TO_PB
 from laneway.v1 import ops_pb2
@@ -78,7 +78,11 @@ def provider_health_to_pb(health: ProviderHealth) -> ops_pb2.ProviderHealth:
 
 
 def stats_to_pb(
-    config: LanewayConfig, snapshot: StatsSnapshot, providers: Iterable[ProviderHealth], now: datetime
+    config: LanewayConfig,
+    snapshot: StatsSnapshot,
+    providers: Iterable[ProviderHealth],
+    now: datetime,
+    tiers: Mapping[str, Sequence[TierHealth]] | None = None,
 ) -> ops_pb2.GetStatsResponse:
     out = ops_pb2.GetStatsResponse()
     out.time.FromDatetime(now)
@@ -87,6 +91,12 @@ def stats_to_pb(
         by_route[name] = out.routes.add(
             route=name, dead_letters=snapshot.dead_letters.get(name, 0), when_all_down=route.when_all_down
         )
+        for tier in (tiers or {}).get(name, ()):
+            tier_pb = by_route[name].tiers.add(tier=tier.tier)
+            for x in tier.targets:
+                tier_pb.targets.add(
+                    provider=x.provider, weight=x.weight, starts=x.starts, owed=x.owed, present=x.present
+                )
     for lane in snapshot.lanes:
         item = by_route[lane.route].lanes.add(
             lane=LANE_TO_PB[lane.lane], depth=lane.depth, leased=lane.leased, delivered=lane.delivered

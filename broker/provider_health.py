@@ -28,7 +28,14 @@ from broker.provider_state import LimitState, fresh_limit
 from broker.provider_store import ProviderStateStore
 from broker.share_state import ShareState
 
-__all__ = ["LimitHealth", "ProviderHealth", "ProviderHealthView", "provider_health"]
+__all__ = [
+    "LimitHealth",
+    "ProviderHealth",
+    "ProviderHealthView",
+    "TierHealth",
+    "TierTarget",
+    "provider_health",
+]
 
 log = structlog.get_logger("laneway.broker")
 
@@ -59,6 +66,25 @@ class LimitHealth:
     rate_fraction: float
     granted: int
     limited: int
+
+
+@dataclass(frozen=True, slots=True)
+class TierTarget:
+    """One target of a weighted tier, from the tier's shared split."""
+
+    provider: str
+    weight: int
+    starts: int
+    """Cumulative since the tier's state was created."""
+    owed: float
+    """Starts the split owes it (negative: ahead of its share)."""
+    present: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TierHealth:
+    tier: int
+    targets: tuple[TierTarget, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +193,32 @@ class ProviderHealthView:
         names = providers if providers is not None else list(self._config.providers)
         states = self._store.states()
         return [provider_health(n, self._config.providers[n], states, at) for n in names]
+
+    def tiers(self, route: str, now: float | None = None) -> list[TierHealth]:
+        """The weighted tiers of ``route`` (of several targets), in config order."""
+        at = time.time() if now is None else now
+        found: list[TierHealth] = []
+        for targets in self._config.routes[route].tiers:
+            label = targets[0].tier
+            if len(targets) < 2 or label is None:
+                continue
+            state = self._store.cached(t.share_key(route, label), ShareState) or ShareState()
+            found.append(
+                TierHealth(
+                    label,
+                    tuple(
+                        TierTarget(
+                            x.provider,
+                            x.weight,
+                            state.starts.get(x.provider, 0),
+                            state.credit.get(x.provider, 0.0),
+                            state.present(at, x.provider),
+                        )
+                        for x in targets
+                    ),
+                )
+            )
+        return found
 
     def circuit_open(self, provider: str, now: float | None = None) -> bool:
         """Whether ``provider``'s circuit is open now (half-open does not count: probes run)."""

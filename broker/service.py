@@ -295,7 +295,9 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
     async def GetStats(self, request: ops_pb2.GetStatsRequest, context: Ctx) -> ops_pb2.GetStatsResponse:
         snapshot = await self._stats.read()
         now = datetime.now(UTC)
-        return stats_to_pb(self._config, snapshot, self._health.health(now=now.timestamp()), now)
+        at = now.timestamp()
+        tiers = {route: self._health.tiers(route, at) for route in self._config.routes}
+        return stats_to_pb(self._config, snapshot, self._health.health(now=at), now, tiers)
 
 
 def _job_attributes(span: Span, spec: JobSpec) -> None:

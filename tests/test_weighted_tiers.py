@@ -7,16 +7,19 @@ fleet-wide share state in KV. Providers are mocks that log every call.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 import pytest
+from rich.console import Console
 
 import laneway
 from broker import topology as t
 from broker.circuit_state import CircuitState
+from broker.cli_ops import render_top
 from broker.config import LanewayConfig
 from broker.natsd import EmbeddedNats
 from broker.share_state import ShareState, decode_share
@@ -93,6 +96,20 @@ async def test_a_tier_splits_its_jobs_by_weight(
         return state.starts == {"big": big, "small": small}
 
     await eventually(counted, timeout=5)
+
+    # GetStats shows the split, and `laneway stats` / `top` print it.
+    (route,) = [r for r in (await client.get_stats()).routes if r.route == "split"]
+    (tier,) = route.tiers
+    assert tier.tier == 1
+    assert [(x.provider, x.weight, x.starts, x.present) for x in tier.targets] == [
+        ("big", 3, big, True),
+        ("small", 1, small, True),
+    ]
+    assert abs(sum(x.owed for x in tier.targets)) < 1e-6
+    console = Console(width=200, record=True)
+    console.print(render_top(await client.get_stats(), {}))
+    text = console.export_text()
+    assert re.search(rf"split\W+1\W+big\W+3 \(75%\)\W+{100 * big / JOBS:.1f}%\W+{big}\b", text), text
 
 
 async def share_state(url: str, key: str) -> ShareState:

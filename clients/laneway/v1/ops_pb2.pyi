@@ -324,6 +324,71 @@ class LaneStats(_message.Message):
 Global___LaneStats: _TypeAlias = LaneStats  # noqa: Y015
 
 @_typing.final
+class TierTargetStats(_message.Message):
+    """One target of a weighted tier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    STARTS_FIELD_NUMBER: _builtins.int
+    OWED_FIELD_NUMBER: _builtins.int
+    PRESENT_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    weight: _builtins.int
+    starts: _builtins.int
+    """Job starts counted since the tier's state was created (cumulative: diff two
+    readings for the split over a period).
+    """
+    owed: _builtins.float
+    """Starts the split owes this target (negative: ahead of its share)."""
+    present: _builtins.bool
+    """Whether a worker serving it was seen lately (an absent target gets no share)."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        weight: _builtins.int = ...,
+        starts: _builtins.int = ...,
+        owed: _builtins.float = ...,
+        present: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owed", b"owed", "present", b"present", "provider", b"provider", "starts", b"starts", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierTargetStats: _TypeAlias = TierTargetStats  # noqa: Y015
+
+@_typing.final
+class TierStats(_message.Message):
+    """A tier of several route targets splitting the route's job starts by weight."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIER_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    tier: _builtins.int
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierTargetStats]:
+        """In config order."""
+
+    def __init__(
+        self,
+        *,
+        tier: _builtins.int = ...,
+        targets: _abc.Iterable[Global___TierTargetStats] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["targets", b"targets", "tier", b"tier"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TierStats: _TypeAlias = TierStats  # noqa: Y015
+
+@_typing.final
 class RouteStats(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -331,6 +396,7 @@ class RouteStats(_message.Message):
     LANES_FIELD_NUMBER: _builtins.int
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     WHEN_ALL_DOWN_FIELD_NUMBER: _builtins.int
+    TIERS_FIELD_NUMBER: _builtins.int
     route: _builtins.str
     dead_letters: _builtins.int
     """Dead letters kept for this route."""
@@ -340,6 +406,10 @@ class RouteStats(_message.Message):
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneStats]:
         """High, normal, low."""
 
+    @_builtins.property
+    def tiers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TierStats]:
+        """Its weighted tiers (a tier of one target is not listed)."""
+
     def __init__(
         self,
         *,
@@ -347,10 +417,11 @@ class RouteStats(_message.Message):
         lanes: _abc.Iterable[Global___LaneStats] | None = ...,
         dead_letters: _builtins.int = ...,
         when_all_down: _builtins.str = ...,
+        tiers: _abc.Iterable[Global___TierStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "lanes", b"lanes", "route", b"route", "when_all_down", b"when_all_down"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "lanes", b"lanes", "route", b"route", "tiers", b"tiers", "when_all_down", b"when_all_down"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
