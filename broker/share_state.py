@@ -56,14 +56,24 @@ class ShareState:
         return now - self.seen.get(provider, -math.inf) < PRESENT_S
 
     def allowance(
-        self, me: str, weights: Mapping[str, int], live: Collection[str], *, pending: float = 0.0
+        self,
+        me: str,
+        weights: Mapping[str, int],
+        live: Collection[str],
+        *,
+        pending: Mapping[str, int] | None = None,
     ) -> float:
-        """Starts ``me`` may take now, given ``pending`` starts of its own not yet
-        written here (``inf`` when it has the tier to itself)."""
+        """Starts ``me`` may take now (``inf`` when it has the tier to itself), counting
+        ``pending`` starts (provider -> count) this process has not written here yet."""
         share = _share(me, weights, live)
         if share >= 1.0:
             return math.inf
-        credit = self.credit.get(me, 0.0) - pending * (1.0 - share)
+        credit = self.credit.get(me, 0.0)
+        for p, n in (pending or {}).items():
+            if p == me:
+                credit -= n * (1.0 - share)
+            elif p in live:
+                credit += n * share
         return float(max(0, math.floor((credit + SLACK) / (1.0 - share) + 1e-9)))
 
     def started(

@@ -36,10 +36,14 @@ def test_a_peer_ahead_of_its_share_waits_for_the_other() -> None:
     assert math.isclose(sum(state.credit.values()), 0.0, abs_tol=1e-9)
 
 
-def test_pending_starts_of_our_own_count_before_they_are_written() -> None:
+def test_pending_starts_of_this_process_count_before_they_are_written() -> None:
     state = ShareState()
-    assert state.allowance("b", WEIGHTS, BOTH, pending=2) == 0
-    assert state.allowance("b", WEIGHTS, BOTH, pending=-2) == 4  # given back
+    assert state.allowance("b", WEIGHTS, BOTH, pending={"b": 2}) == 0
+    assert state.allowance("b", WEIGHTS, BOTH, pending={"b": -2}) == 4  # given back
+    # a's unwritten starts (a pool of this process too) already owe b its share.
+    assert state.allowance("b", WEIGHTS, BOTH, pending={"a": 6, "b": 2}) == 2
+    written = state.started(0.0, "a", 6, WEIGHTS, BOTH).started(0.0, "b", 2, WEIGHTS, BOTH)
+    assert written.allowance("b", WEIGHTS, BOTH) == 2
 
 
 def test_credit_is_capped() -> None:

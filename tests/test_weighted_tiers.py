@@ -112,6 +112,22 @@ async def test_a_tier_splits_its_jobs_by_weight(
     assert re.search(rf"split\W+1\W+big\W+3 \(75%\)\W+{100 * big / JOBS:.1f}%\W+{big}\b", text), text
 
 
+async def test_a_tier_splits_by_weight_within_one_worker_process(
+    nats_server: EmbeddedNats,
+    config: LanewayConfig,
+    broker: object,
+    client: laneway.AsyncClient,
+    call_log: Path,
+) -> None:
+    # The usual deployment: one `laneway worker` serving every provider.
+    async with WorkerPool(config, nats_url=nats_server.url, providers=["big", "small", "spare"]):
+        jobs = await wait_all(client, await submit(client, "split", JOBS), timeout=60)
+    assert all(j.state == J.JOB_STATE_SUCCEEDED for j in jobs)
+    big, small = len(calls(call_log, "big")), len(calls(call_log, "small"))
+    assert big + small == JOBS
+    assert 0.68 <= big / JOBS <= 0.82, (big, small)
+
+
 async def share_state(url: str, key: str) -> ShareState:
     nc = await nats.connect(url)
     try:

@@ -102,7 +102,8 @@ class TierShares:
             return math.inf
         state = self._state(tier)
         live = self._live(tier, state, provider)
-        return state.allowance(provider, tier.weights, live, pending=self._pending.get((route, provider), 0))
+        pending = {p: self._pending.get((route, p), 0) for p in tier.weights}
+        return state.allowance(provider, tier.weights, live, pending=pending)
 
     def started(self, route: str, provider: str, n: int = 1) -> None:
         """``provider`` started ``n`` of ``route``'s jobs (negative: gave them back)."""

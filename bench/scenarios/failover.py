@@ -69,8 +69,7 @@ async def run(duration: float) -> ScenarioResult:
     async with running_stack("failover", StackSpec(fakes=fakes)) as stack, LoadGen(stack.client) as load:
         primary, secondary = stack.fakes["primary"], stack.fakes["secondary"]
         progress(f"failover: {RATE:.0f}/s for {warm + outage + healed_for:.0f}s, outage after {warm:.0f}s")
-        feeding = asyncio.create_task(load.open_loop(RATE, warm + outage + healed_for))
-        try:
+        async with load.feeding(RATE, warm + outage + healed_for) as feeding:
             started = time.time()
             await asyncio.sleep(warm)  # the scenario's schedule, not synchronisation
             await primary.control(error_rates={"503": 1.0})
@@ -81,9 +80,6 @@ async def run(duration: float) -> ScenarioResult:
             healed = time.time()
             progress("failover: primary healed")
             await feeding
-        finally:
-            feeding.cancel()  # a no-op once it finished; stops the load if the schedule broke
-            await asyncio.gather(feeding, return_exceptions=True)
         end = time.time()
         stack.check_alive()
         all_final = await load.drain(timeout=60.0)

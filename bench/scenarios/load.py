@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import laneway
@@ -118,6 +118,17 @@ class LoadGen:
             task = asyncio.create_task(self._submit_one(lane))
             self._submits.add(task)
             task.add_done_callback(self._submits.discard)
+
+    @contextlib.asynccontextmanager
+    async def feeding(self, rate: float, duration: float) -> AsyncIterator[asyncio.Task[None]]:
+        """``open_loop`` in the background while the scenario runs its schedule (await
+        the task for the loop's end); cancelled if the schedule breaks."""
+        task = asyncio.create_task(self.open_loop(rate, duration))
+        try:
+            yield task
+        finally:
+            task.cancel()  # a no-op once it finished
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _submit_one(self, lane: str) -> None:
         record = JobRecord(lane=lane, submitted=time.time())

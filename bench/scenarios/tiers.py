@@ -43,17 +43,13 @@ async def run(duration: float) -> ScenarioResult:
     )
     async with running_stack("tiers", spec) as stack, LoadGen(stack.client) as load:
         progress(f"tiers: offering {OFFERED_PER_MIN}/min for {duration:.0f}s")
-        feeding = asyncio.create_task(load.open_loop(OFFERED_PER_MIN / 60, duration))
-        try:
+        async with load.feeding(OFFERED_PER_MIN / 60, duration) as feeding:
             start = time.time()
             await asyncio.sleep(duration / 2)  # the scenario's schedule, not synchronisation
             await stack.fakes["heavy"].control(error_rates={"503": 1.0})
             half = time.time()
             progress("tiers: heavy answers 503 to every call")
             await feeding
-        finally:
-            feeding.cancel()  # a no-op once it finished; stops the load if the schedule broke
-            await asyncio.gather(feeding, return_exceptions=True)
         end = time.time()
         await load.settle()
         stack.check_alive()
