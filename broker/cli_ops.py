@@ -106,17 +106,36 @@ def _last_error(p: ops_pb2.ProviderHealth, now: float) -> str:
     return text
 
 
+def _last_minute(p: ops_pb2.ProviderHealth) -> str:
+    if not p.recent_calls:
+        return "-"
+    parts = [f"{p.recent_calls} calls", f"{100 * p.error_rate:.1f}% failed"]
+    if p.rate_limited_rate:
+        parts.append(f"{100 * p.rate_limited_rate:.1f}% 429")
+    if p.HasField("latency_p50_s"):
+        parts.append(f"p50 {p.latency_p50_s:.2f}s p95 {p.latency_p95_s:.2f}s")
+    return ", ".join(parts)
+
+
 def render_providers(found: Sequence[ops_pb2.ProviderHealth], now: float) -> Table:
     table = Table(title="providers", title_justify="left", expand=False)
     for column in ("provider", "circuit", "rate now/configured", "budget", "in flight", "paused until"):
         table.add_column(column, no_wrap=True)
+    table.add_column("last minute", overflow="fold")
     table.add_column("last error", overflow="fold")
     for p in found:
         paused = _when(p.paused_until, now, future=True) if p.HasField("paused_until") else "-"
         if p.pause_reason:
             paused += f" {p.pause_reason}"
         table.add_row(
-            p.provider, _circuit(p, now), _rate(p), _budget(p), _in_flight(p), paused, _last_error(p, now)
+            p.provider,
+            _circuit(p, now),
+            _rate(p),
+            _budget(p),
+            _in_flight(p),
+            paused,
+            _last_minute(p),
+            _last_error(p, now),
         )
     return table
 

@@ -67,6 +67,15 @@ def provider_health_to_pb(health: ProviderHealth) -> ops_pb2.ProviderHealth:
         out.current_rpm = health.limit.current_rpm
     if math.isfinite(health.limit.current_tpm):
         out.current_tpm = health.limit.current_tpm
+    recent = health.recent
+    out.recent_calls = recent.calls
+    if recent.calls:
+        out.error_rate = recent.errors / recent.calls
+        out.rate_limited_rate = recent.rate_limited / recent.calls
+    if (p50 := recent.percentile(0.5)) is not None:
+        out.latency_p50_s = p50
+    if (p95 := recent.percentile(0.95)) is not None:
+        out.latency_p95_s = p95
     if math.isfinite(health.limit.budget):
         out.budget = health.limit.budget
     _seconds(health.limit.paused_until, out.paused_until)

@@ -22,6 +22,7 @@ import structlog
 from nats.aio.client import Client as NatsClient
 
 from broker import topology as t
+from broker.call_window import STALE_S, CallWindow
 from broker.circuit_state import CircuitState, Phase
 from broker.config import LanewayConfig, ProviderConfig
 from broker.provider_state import LimitState, fresh_limit
@@ -43,7 +44,7 @@ log = structlog.get_logger("laneway.broker")
 # serves anyway (keys missing from the view read as closed/full until they arrive).
 _INITIAL_LOAD_S = 5.0
 
-ProviderState = LimitState | CircuitState | ShareState
+ProviderState = LimitState | CircuitState | ShareState | CallWindow
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,17 @@ class ProviderHealth:
     last_error_at: float
     limit: LimitHealth
     models: tuple[LimitHealth, ...]
+    recent: CallWindow
+    """The fleet's calls over the last minute: every worker's window published lately."""
+
+
+def _recent_calls(name: str, states: Mapping[str, ProviderState], now: float) -> CallWindow:
+    prefix = t.calls_prefix(name)
+    total = CallWindow()
+    for key, state in states.items():
+        if key.startswith(prefix) and isinstance(state, CallWindow) and now - state.at < STALE_S:
+            total += state
+    return total
 
 
 def _limit_health(model: str, state: LimitState, provider: ProviderConfig, now: float) -> LimitHealth:
@@ -154,6 +166,7 @@ def provider_health(
         last_error_at=circuit.last_error_at,
         limit=_limit_health("", limit_state(""), provider, now),
         models=tuple(_limit_health(m, limit_state(m), provider, now) for m in limits.models),
+        recent=_recent_calls(name, states, now),
     )
 
 

@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from broker.call_window import CallWindow
 from broker.circuit_state import CircuitState
 from broker.provider_config import LimitsConfig
 from broker.share_state import ShareState
@@ -352,7 +353,7 @@ def fresh_limit(limits: LimitsConfig, model: str, now: float) -> LimitState:
     return new_limit(rpm, tpm, limits.max_concurrent, now)
 
 
-def encode_state(state: LimitState | CircuitState | ShareState) -> bytes:
+def encode_state(state: LimitState | CircuitState | ShareState | CallWindow) -> bytes:
     return json.dumps(asdict(state), separators=(",", ":")).encode()
 
 

@@ -25,6 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from broker import topology as t
+from broker.call_window import CallWindow, decode_calls
 from broker.circuit_state import CircuitState
 from broker.provider_state import LimitState, decode_circuit, decode_limit, encode_state
 from broker.share_state import ShareState, decode_share
@@ -34,8 +35,8 @@ __all__ = ["ProviderStateStore"]
 
 log = structlog.get_logger("laneway.limiter")
 
-S = TypeVar("S", LimitState, CircuitState, ShareState)
-State = LimitState | CircuitState | ShareState
+S = TypeVar("S", LimitState, CircuitState, ShareState, CallWindow)
+State = LimitState | CircuitState | ShareState | CallWindow
 R = TypeVar("R")
 
 _CAS_TRIES = 12
@@ -166,4 +167,6 @@ def _decode(key: str, value: bytes) -> State:
         return decode_circuit(value)
     if key.startswith("share."):
         return decode_share(value)
+    if key.startswith("calls."):
+        return decode_calls(value)
     return decode_limit(value)

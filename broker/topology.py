@@ -28,7 +28,9 @@ Key-value:
 - ``laneway_providers``: fleet-wide provider state (``broker.provider_state``),
   ``limit.<provider>[.<model digest>]`` for limiter budgets and
   ``circuit.<provider>`` for circuit breakers, ``share.<route>.<tier>`` for a
-  route tier's weighted split (``broker.share_state``); history 1, written with
+  route tier's weighted split (``broker.share_state``),
+  ``calls.<provider>.<worker>`` for one worker's recent calls
+  (``broker.call_window``); history 1, written with
   compare-and-set, watched by every worker and broker.
 
 Nobody else spells a subject, stream, consumer or bucket name.
@@ -87,6 +89,8 @@ __all__ = [
     "SCHED_PREFIX",
     "LaneConsumer",
     "TopologySettings",
+    "calls_key",
+    "calls_prefix",
     "cancel_subject",
     "check_server_version",
     "circuit_key",
@@ -174,6 +178,16 @@ def limit_key(provider: str, model: str = "") -> str:
 
 def circuit_key(provider: str) -> str:
     return f"circuit.{provider}"
+
+
+def calls_key(provider: str, worker: str) -> str:
+    """The providers bucket's key of one worker process's recent calls to a provider
+    (``broker.call_window``)."""
+    return f"calls.{provider}.{worker}"
+
+
+def calls_prefix(provider: str) -> str:
+    return f"calls.{provider}."
 
 
 def share_key(route: str, tier: int) -> str:

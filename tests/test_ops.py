@@ -141,6 +141,30 @@ async def test_health_reflects_kv_state_and_absent_keys_read_fresh(client, kv, c
     assert err.value.field == "providers[0]"
 
 
+async def test_health_counts_the_fleets_calls_of_the_last_minute(broker, worker, client) -> None:
+    assert (await health_of(client, "mock")).recent_calls == 0
+    slow = {"mock.latency_ms": "120"}
+    jobs = [await client.submit("chat", laneway.chat(f"ok {i}"), metadata=slow) for i in range(6)]
+    # One 503 (a transient failure), then its retry succeeds: two calls, one failed.
+    flaky = {"mock.fail": "503", "mock.latency_ms": "20"}
+    jobs.append(await client.submit("chat", laneway.chat("flaky"), metadata=flaky))
+    for job in jobs:
+        assert (await client.wait(job.job_id)).state == job_pb2.JOB_STATE_SUCCEEDED
+
+    async def counted() -> bool:
+        return (await health_of(client, "mock")).recent_calls == 8
+
+    await eventually(counted, timeout=10)  # published every 2 s
+    mock = await health_of(client, "mock")
+    assert mock.error_rate == pytest.approx(1 / 8) and mock.rate_limited_rate == 0
+    # Two answers within 50 ms, six of about 120 ms (the 100-250 ms bucket).
+    assert 0.1 < mock.latency_p50_s < 0.25 and 0.1 < mock.latency_p95_s <= 0.25
+    assert (await health_of(client, "backup")).recent_calls == 0
+    code, out, err = await cli("providers", "mock", "--addr", broker.address)
+    assert code == 0, err
+    assert re.search(r"8 calls, 12\.5% failed, p50 0\.1\d+s", out), out
+
+
 async def test_health_shows_a_token_cap_from_the_providers_headers(broker, client, kv) -> None:
     # backup has no limits configured: its token rate is unlimited until a worker
     # hears from its headers that it is nearly out of tokens.

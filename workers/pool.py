@@ -27,6 +27,7 @@ from broker.model import LANES
 from laneway.errors import ConfigError
 from workers.attempts import Attempts
 from workers.batching import ClassificationBatcher, EmbeddingBatcher
+from workers.call_stats import CallStats
 from workers.calling import Target
 from workers.limiter import FleetLimiter
 from workers.provider import Provider, build_provider
@@ -74,6 +75,7 @@ class WorkerPool:
         self._events: EventLog | None = None
         self._limiter: FleetLimiter | None = None
         self._shares: TierShares | None = None
+        self._call_stats: CallStats | None = None
         self._attempts: Attempts | None = None
         self._batchers: dict[tuple[str, str, int, float], tuple[EmbeddingBatcher, ClassificationBatcher]] = {}
         self.metrics = WorkerMetrics(prices=provider_prices(config.providers))
@@ -130,6 +132,9 @@ class WorkerPool:
         self._events = await EventLog(self._nc).__aenter__()
         self._limiter = await FleetLimiter(js, cfg.providers, metrics=self.metrics).__aenter__()
         self._shares = await TierShares(self._limiter, cfg, self._provider_names).__aenter__()
+        self._call_stats = await CallStats(
+            self._limiter.store, self._limiter.worker_id, self._provider_names
+        ).__aenter__()
         # Leases renewed at a third of ack_wait: two renewals can go missing before a lease does.
         self._attempts = await Attempts(
             max(0.2, cfg.queue.ack_wait_s / 3), eager_start_s=cfg.workers.eager_start_s
@@ -143,6 +148,7 @@ class WorkerPool:
             metrics=self.metrics,
             limiter=self._limiter,
             chooser=TargetChooser(self._limiter, cfg, self._provider_names, self._shares),
+            call_stats=self._call_stats,
         )
         if self._metrics_port is not None:
             self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
@@ -213,6 +219,9 @@ class WorkerPool:
         for provider in self._providers:
             await provider.aclose()
         self._providers.clear()
+        call_stats, self._call_stats = self._call_stats, None
+        if call_stats is not None:
+            await call_stats.close()
         shares, self._shares = self._shares, None
         if shares is not None:
             await shares.close()

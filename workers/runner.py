@@ -35,6 +35,7 @@ from broker.model import (
 from broker.wire import decode_queued_job
 from laneway.errors import Unavailable
 from workers.attempts import Attempts
+from workers.call_stats import CallStats
 from workers.calling import Target, call_target
 from workers.feedback import learn, reserve_tokens
 from workers.limiter import FleetLimiter
@@ -72,6 +73,7 @@ class JobRunner:
         metrics: WorkerMetrics | None = None,
         limiter: FleetLimiter | None = None,
         chooser: TargetChooser | None = None,
+        call_stats: CallStats | None = None,
     ) -> None:
         self._events = events
         self._metrics = metrics
@@ -80,6 +82,7 @@ class JobRunner:
         self._limiter = limiter
         self._chooser = chooser
         self._attempts = attempts
+        self._call_stats = call_stats
         self._events_max_age_s = events_max_age_s
         self.closing = False
 
@@ -304,6 +307,8 @@ class JobRunner:
                     outcome.error.http_status,
                 )
             )
+        if self._call_stats is not None:
+            self._call_stats.attempt(name, outcome, seen[-1].latency_s if seen else None)
         if isinstance(outcome, ProviderError):
             if self._metrics is not None:
                 self._metrics.provider_error(target.provider.name, outcome.error)

@@ -153,6 +153,11 @@ class ProviderHealth(_message.Message):
     LIMIT_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     CURRENT_TPM_FIELD_NUMBER: _builtins.int
+    RECENT_CALLS_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    RATE_LIMITED_RATE_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_S_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_S_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     type: _builtins.str
     """Provider type from the config: mock, openai, anthropic."""
@@ -177,6 +182,20 @@ class ProviderHealth(_message.Message):
     """Times the circuit has opened."""
     current_tpm: _builtins.float
     """Provider-wide, as in LimitHealth."""
+    recent_calls: _builtins.int
+    """The fleet's calls over the last minute, from every worker process's own count
+    (published every 2 s): attempts that called the provider (jobs sharing a
+    batched call count one each), and of those the shares that failed with a
+    transient error (5xx, timeouts, connection errors, malformed or stalled
+    answers) and that were refused (429 or overloaded). Unset without calls.
+    """
+    error_rate: _builtins.float
+    rate_limited_rate: _builtins.float
+    latency_p50_s: _builtins.float
+    """Latency of the answered calls over the same minute, in seconds (interpolated
+    within histogram buckets); unset without answers.
+    """
+    latency_p95_s: _builtins.float
     @_builtins.property
     def open_until(self) -> _timestamp_pb2.Timestamp:
         """End of the current open phase; unset unless open."""
@@ -216,10 +235,15 @@ class ProviderHealth(_message.Message):
         limit: Global___LimitHealth | None = ...,
         models: _abc.Iterable[Global___LimitHealth] | None = ...,
         current_tpm: _builtins.float | None = ...,
+        recent_calls: _builtins.int = ...,
+        error_rate: _builtins.float | None = ...,
+        rate_limited_rate: _builtins.float | None = ...,
+        latency_p50_s: _builtins.float | None = ...,
+        latency_p95_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "last_error_time", b"last_error_time", "limit", b"limit", "open_until", b"open_until", "paused_until", b"paused_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "_error_rate", b"_error_rate", "_latency_p50_s", b"_latency_p50_s", "_latency_p95_s", b"_latency_p95_s", "_rate_limited_rate", b"_rate_limited_rate", "budget", b"budget", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "error_rate", b"error_rate", "last_error_time", b"last_error_time", "latency_p50_s", b"latency_p50_s", "latency_p95_s", b"latency_p95_s", "limit", b"limit", "open_until", b"open_until", "paused_until", b"paused_until", "rate_limited_rate", b"rate_limited_rate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "circuit_enabled", b"circuit_enabled", "circuit_state", b"circuit_state", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "consecutive_failures", b"consecutive_failures", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "in_flight", b"in_flight", "last_error", b"last_error", "last_error_time", b"last_error_time", "limit", b"limit", "max_concurrent", b"max_concurrent", "models", b"models", "open_until", b"open_until", "opens", b"opens", "pause_reason", b"pause_reason", "paused_until", b"paused_until", "provider", b"provider", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "_error_rate", b"_error_rate", "_latency_p50_s", b"_latency_p50_s", "_latency_p95_s", b"_latency_p95_s", "_rate_limited_rate", b"_rate_limited_rate", "budget", b"budget", "circuit_enabled", b"circuit_enabled", "circuit_state", b"circuit_state", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "consecutive_failures", b"consecutive_failures", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "error_rate", b"error_rate", "in_flight", b"in_flight", "last_error", b"last_error", "last_error_time", b"last_error_time", "latency_p50_s", b"latency_p50_s", "latency_p95_s", b"latency_p95_s", "limit", b"limit", "max_concurrent", b"max_concurrent", "models", b"models", "open_until", b"open_until", "opens", b"opens", "pause_reason", b"pause_reason", "paused_until", b"paused_until", "provider", b"provider", "rate_limited_rate", b"rate_limited_rate", "recent_calls", b"recent_calls", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
@@ -227,12 +251,28 @@ class ProviderHealth(_message.Message):
     _WhichOneofArgType__current_rpm: _TypeAlias = _typing.Literal["_current_rpm", b"_current_rpm"]  # noqa: Y015
     _WhichOneofReturnType__current_tpm: _TypeAlias = _typing.Literal["current_tpm"]  # noqa: Y015
     _WhichOneofArgType__current_tpm: _TypeAlias = _typing.Literal["_current_tpm", b"_current_tpm"]  # noqa: Y015
+    _WhichOneofReturnType__error_rate: _TypeAlias = _typing.Literal["error_rate"]  # noqa: Y015
+    _WhichOneofArgType__error_rate: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__latency_p50_s: _TypeAlias = _typing.Literal["latency_p50_s"]  # noqa: Y015
+    _WhichOneofArgType__latency_p50_s: _TypeAlias = _typing.Literal["_latency_p50_s", b"_latency_p50_s"]  # noqa: Y015
+    _WhichOneofReturnType__latency_p95_s: _TypeAlias = _typing.Literal["latency_p95_s"]  # noqa: Y015
+    _WhichOneofArgType__latency_p95_s: _TypeAlias = _typing.Literal["_latency_p95_s", b"_latency_p95_s"]  # noqa: Y015
+    _WhichOneofReturnType__rate_limited_rate: _TypeAlias = _typing.Literal["rate_limited_rate"]  # noqa: Y015
+    _WhichOneofArgType__rate_limited_rate: _TypeAlias = _typing.Literal["_rate_limited_rate", b"_rate_limited_rate"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__budget) -> _WhichOneofReturnType__budget | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__current_rpm) -> _WhichOneofReturnType__current_rpm | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__current_tpm) -> _WhichOneofReturnType__current_tpm | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__error_rate) -> _WhichOneofReturnType__error_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p50_s) -> _WhichOneofReturnType__latency_p50_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p95_s) -> _WhichOneofReturnType__latency_p95_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rate_limited_rate) -> _WhichOneofReturnType__rate_limited_rate | None: ...
 
 Global___ProviderHealth: _TypeAlias = ProviderHealth  # noqa: Y015
 
