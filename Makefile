@@ -14,7 +14,7 @@ help:
 	@echo "make run    - create .venv, install, start nats + broker + workers (laneway up)"
 	@echo "make test   - lint, type-check, buf lint, generated-code drift check, pytest"
 	@echo "make bench  - throughput and latency against raw nats-py and grpc.aio baselines"
-	@echo "make scenarios - limiter and routing scenarios against their targets (~11 min)"
+	@echo "make scenarios - limiter and routing scenarios against their targets (~12 min)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

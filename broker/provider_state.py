@@ -80,6 +80,9 @@ class LimitState:
     header_tpm: float = 0.0
     """Token rate the provider's headers leave room for, until ``header_tpm_until``."""
     header_tpm_until: float = 0.0
+    learned_tpm: int = 0
+    """The provider's own tokens per minute, from its headers' token limit (0: none
+    heard); the lower of it and ``tpm`` holds."""
     holders: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Worker id -> (calls in flight, expiry) for ``max_concurrent``."""
     granted: int = 0
@@ -103,7 +106,8 @@ class LimitState:
 
     def current_tpm(self, now: float, limits: LimitsConfig) -> float:
         """Tokens per minute allowed now (``inf`` without a token limit)."""
-        tpm = self.tpm * self.fraction(now, limits.recovery_s) if self.tpm else math.inf
+        base = min(t for t in (self.tpm, self.learned_tpm, math.inf) if t)
+        tpm = base * self.fraction(now, limits.recovery_s) if math.isfinite(base) else math.inf
         if self.header_tpm and now < self.header_tpm_until:
             tpm = min(tpm, self.header_tpm)
         return tpm
@@ -277,7 +281,8 @@ class LimitState:
         Out of requests or tokens: pause the fleet until that reset, for at most
         5 s (every call needs both). Nearly out (under 10 % of the limit left):
         spread what is left evenly until the reset instead of running into the
-        wall, until an answer shows room again.
+        wall, until an answer shows room again. A token limit in the headers is
+        kept to as the provider's tokens per minute.
         """
         state = self
         requests = _heeded(now, remaining, limit, reset_s, self.rpm, self.header_rpm, self.header_until)
@@ -296,6 +301,10 @@ class LimitState:
         if tokens is not None:
             state = state._heed(now, tokens, "tokens")
             state = replace(state, header_tpm=tokens[0], header_tpm_until=tokens[1])
+        if limit_tokens and limit_tokens != state.learned_tpm:
+            # Keep to the provider's own token limit even when the config does not name
+            # it: turning the cap near the wall on and off alone lets bursts through.
+            state = replace(state, learned_tpm=limit_tokens)
         return None if state == self else state
 
     def _heed(self, now: float, heeded: tuple[float, float, float], kind: str) -> LimitState:

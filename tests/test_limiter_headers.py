@@ -76,3 +76,20 @@ async def test_no_tokens_left_pauses_every_worker(limiters: tuple[FleetLimiter, 
     await eventually(paused)
     assert 4.0 < b.paused_s("capped", "m") <= 5.0  # not the 45 s to full
     assert b.at_limit("capped", "m")
+
+
+async def test_the_providers_token_limit_holds_with_none_configured(
+    limiters: tuple[FleetLimiter, FleetLimiter],
+) -> None:
+    a, b = limiters
+    # Plenty left, but the headers say the provider allows 60,000 tokens a minute.
+    seen = RateLimits(limit_tokens=60_000, remaining_tokens=50_000, reset_tokens_s=10.0)
+    await a.observe("capped", "m", seen, refused=False)
+
+    async def learned() -> bool:
+        return b.limit_state("capped", "m").learned_tpm == 60_000
+
+    await eventually(learned)
+    # A minute's worth fits at once (the bucket's burst), then b waits for the rate.
+    assert await b.reserve_tokens("capped", "m", 60_000) == 0.0
+    assert await b.reserve_tokens("capped", "m", 1_000) > 0

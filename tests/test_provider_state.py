@@ -163,7 +163,9 @@ def test_none_remaining_pauses_at_most_five_seconds() -> None:
 def test_token_headers_near_the_wall_spread_the_tokens_left() -> None:
     limits = LimitsConfig(rpm=600, tpm=60_000, burst_s=1.0, recovery_s=10.0)
     state = new_limit(600, 60_000, 0, now=0.0)
-    assert token_headers(state, 0.0, 30_000, 60_000, 30.0, limits) is None
+    roomy = token_headers(state, 0.0, 30_000, 60_000, 30.0, limits)
+    assert roomy is not None and roomy.current_tpm(0.0, limits) == 60_000.0  # no cap, limit learned
+    assert token_headers(roomy, 1.0, 29_000, 60_000, 30.0, limits) is None
     slowed = state.headers(
         0.0,
         remaining=500,
@@ -192,7 +194,17 @@ def test_token_headers_cap_a_provider_with_no_tpm_configured() -> None:
     assert state.current_tpm(0.0, LIMITS) == math.inf
     slowed = token_headers(state, 0.0, 100, 10_000, 6.0)
     assert slowed is not None and math.isclose(slowed.current_tpm(1.0, LIMITS), 1_000.0)
-    assert slowed.current_tpm(7.0, LIMITS) == math.inf
+    # Past the reset, the provider's own limit from the same headers still holds.
+    assert slowed.learned_tpm == 10_000 and slowed.current_tpm(7.0, LIMITS) == 10_000.0
+
+
+def test_the_lower_of_the_configured_and_the_providers_token_limit_holds() -> None:
+    limits = LimitsConfig(tpm=50_000, burst_s=1.0, recovery_s=10.0)
+    state = new_limit(0, 50_000, 0, now=0.0)
+    lower = token_headers(state, 0.0, 20_000, 30_000, 30.0, limits)
+    assert lower is not None and lower.current_tpm(0.0, limits) == 30_000.0
+    higher = token_headers(state, 0.0, 60_000, 90_000, 30.0, limits)
+    assert higher is not None and higher.current_tpm(0.0, limits) == 50_000.0
 
 
 def test_state_from_a_newer_worker_decodes() -> None:

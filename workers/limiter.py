@@ -250,11 +250,12 @@ class FleetLimiter(CircuitBreakers):
 
     def _tokens_limited(self, provider: str, model: str) -> bool:
         """Whether calls reserve tokens: a configured ``tpm``, or the provider's token
-        headers capping the rate for now (so a limit the config left out still holds)."""
+        headers (its limit, or a cap near the wall), so a limit the config left out
+        still holds."""
         if self._limits_cfg[provider].for_model(model)[1]:
             return True
         cached = self._store.cached(self.limit_key(provider, model), LimitState)
-        return cached is not None and cached.header_tpm_until > self._clock()
+        return cached is not None and (cached.learned_tpm > 0 or cached.header_tpm_until > self._clock())
 
     def paused_s(self, provider: str, model: str) -> float:
         """Seconds the fleet still waits for a Retry-After of ``provider`` (any limit)."""

@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench.scenarios import failover, goodput, overflow, priority, retry_after, tiers
+from bench.scenarios import failover, goodput, overflow, priority, retry_after, tiers, tokens
 from bench.scenarios.report import ScenarioResult, print_result, write_results
 from bench.stack import BenchError
 
@@ -33,6 +33,7 @@ SCENARIOS: dict[str, tuple[Runner, float]] = {
     "retry_after": (retry_after.run, retry_after.DEFAULT_DURATION),
     "priority": (priority.run, priority.DEFAULT_DURATION),
     "tiers": (tiers.run, tiers.DEFAULT_DURATION),
+    "tokens": (tokens.run, tokens.DEFAULT_DURATION),
 }
 
 

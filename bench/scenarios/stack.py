@@ -40,6 +40,8 @@ class FakeSpec:
     name: str
     fake_rpm: int = 0
     """The fake's own limit (it answers 429 beyond it); 0: unlimited."""
+    fake_tpm: int = 0
+    """The fake's own token limit, likewise."""
     latency_ms: float = 100.0
     latency_jitter_ms: float = 0.0
     limits: dict[str, Any] = field(default_factory=dict)
@@ -140,6 +142,14 @@ class FakeHandle:
                 raise BenchError(f"fake {self.name} refused control {body}: {reply}")
             return reply
 
+    async def chat_tokens(self, prompt: str) -> int:
+        """The tokens one chat call with ``prompt`` costs at the fake (a direct call)."""
+        body = {"model": MODEL, "messages": [{"role": "user", "content": prompt}]}
+        async with self._session.post(f"{self.base_url}/chat/completions", json=body) as r:
+            r.raise_for_status()
+            reply: dict[str, Any] = await r.json()
+        return int(reply["usage"]["total_tokens"])
+
     async def calls(self) -> list[Call]:
         """Every call so far, in the order answered (new ones fetched from the last cursor)."""
         while True:
@@ -172,7 +182,7 @@ class Stack:
 
 
 async def _start_fake(ws: Workspace, spec: FakeSpec, timeout: float = 20.0) -> tuple[Child, str]:
-    argv = [*_CLI, "fake-provider", "--port", "0", "--rpm", str(spec.fake_rpm)]
+    argv = [*_CLI, "fake-provider", "--port", "0", "--rpm", str(spec.fake_rpm), "--tpm", str(spec.fake_tpm)]
     argv += ["--latency-ms", str(spec.latency_ms), "--latency-jitter-ms", str(spec.latency_jitter_ms)]
     child = await ws.spawn(f"fake-{spec.name}", argv)
     loop = asyncio.get_running_loop()
