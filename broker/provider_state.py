@@ -282,7 +282,7 @@ class LimitState:
         5 s (every call needs both). Nearly out (under 10 % of the limit left):
         spread what is left evenly until the reset instead of running into the
         wall, until an answer shows room again. A token limit in the headers is
-        kept to as the provider's tokens per minute.
+        kept to as the provider's tokens per minute instead of spreading.
         """
         state = self
         requests = _heeded(now, remaining, limit, reset_s, self.rpm, self.header_rpm, self.header_until)
@@ -298,6 +298,11 @@ class LimitState:
             self.header_tpm,
             self.header_tpm_until,
         )
+        if tokens is not None and limit_tokens and not tokens[2]:
+            # A stated limit is kept to as the rate (below). Token buckets refill at it
+            # continuously, so spreading what is left near the wall would only hold the
+            # fleet under it; none left still pauses, and a 429 still cuts the rate.
+            tokens = (0.0, 0.0, 0.0) if state.header_tpm else None
         if tokens is not None:
             state = state._heed(now, tokens, "tokens")
             state = replace(state, header_tpm=tokens[0], header_tpm_until=tokens[1])

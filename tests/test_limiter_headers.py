@@ -46,25 +46,6 @@ async def limiters(
         await b_nc.close()
 
 
-async def test_token_headers_near_the_wall_slow_another_worker_with_no_tpm_configured(
-    limiters: tuple[FleetLimiter, FleetLimiter],
-) -> None:
-    a, b = limiters
-    # No tpm in the config: token reservations cost nothing yet.
-    assert await b.reserve_tokens("capped", "m", 1_000_000) == 0.0
-    # One of a's answers: 600 of 60,000 tokens left, full again in 30 s.
-    seen = RateLimits(limit_tokens=60_000, remaining_tokens=600, reset_tokens_s=30.0)
-    await a.observe("capped", "m", seen, refused=False)
-
-    async def capped() -> bool:
-        return b.limit_state("capped", "m").header_tpm > 0
-
-    await eventually(capped)
-    # 600 tokens over 30 s is 1,200 a minute: 1,200 tokens fit now, then b waits.
-    assert await b.reserve_tokens("capped", "m", 1_000) == 0.0
-    assert await b.reserve_tokens("capped", "m", 1_000) > 0
-
-
 async def test_no_tokens_left_pauses_every_worker(limiters: tuple[FleetLimiter, FleetLimiter]) -> None:
     a, b = limiters
     seen = RateLimits(limit_tokens=60_000, remaining_tokens=0, reset_tokens_s=45.0)

@@ -165,9 +165,9 @@ async def test_health_counts_the_fleets_calls_of_the_last_minute(broker, worker,
     assert re.search(r"8 calls, 12\.5% failed, p50 0\.1\d+s", out), out
 
 
-async def test_health_shows_a_token_cap_from_the_providers_headers(broker, client, kv) -> None:
+async def test_health_shows_the_token_limit_the_providers_headers_state(broker, client, kv) -> None:
     # backup has no limits configured: its token rate is unlimited until a worker
-    # hears from its headers that it is nearly out of tokens.
+    # hears its token limit from its headers.
     assert not (await health_of(client, "backup")).HasField("current_tpm")
     now = time.time()
     capped = new_limit(0, 0, 0, now).headers(
@@ -188,11 +188,11 @@ async def test_health_shows_a_token_cap_from_the_providers_headers(broker, clien
 
     await eventually(shown)
     backup = await health_of(client, "backup")
-    assert backup.current_tpm == pytest.approx(1_000)  # 500 tokens over 30 s
-    assert backup.limit.current_tpm == pytest.approx(1_000)
+    assert backup.current_tpm == pytest.approx(100_000)  # the limit its headers state
+    assert backup.limit.current_tpm == pytest.approx(100_000)
     code, out, err = await cli("providers", "--addr", broker.address)
     assert code == 0, err
-    assert re.search(r"backup\W+closed\W+1000 \(headers\) tpm", out), out
+    assert re.search(r"backup\W+closed\W+100000 \(headers\) tpm", out), out
 
 
 async def test_stats_show_queued_lanes_and_dead_letters(client) -> None:

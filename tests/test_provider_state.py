@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,19 +161,17 @@ def test_none_remaining_pauses_at_most_five_seconds() -> None:
     assert token_headers(empty, 0.02, 0, 6000, 58.0) is None
 
 
-def test_token_headers_near_the_wall_spread_the_tokens_left() -> None:
+def test_token_headers_without_a_stated_limit_spread_the_tokens_left() -> None:
     limits = LimitsConfig(rpm=600, tpm=60_000, burst_s=1.0, recovery_s=10.0)
     state = new_limit(600, 60_000, 0, now=0.0)
-    roomy = token_headers(state, 0.0, 30_000, 60_000, 30.0, limits)
-    assert roomy is not None and roomy.current_tpm(0.0, limits) == 60_000.0  # no cap, limit learned
-    assert token_headers(roomy, 1.0, 29_000, 60_000, 30.0, limits) is None
+    assert token_headers(state, 0.0, 30_000, 0, 30.0, limits) is None  # room: nothing to do
     slowed = state.headers(
         0.0,
         remaining=500,
         limit=600,
         reset_s=1.0,
         remaining_tokens=1_000,
-        limit_tokens=60_000,
+        limit_tokens=None,
         reset_tokens_s=10.0,
         limits=limits,
     )
@@ -189,13 +188,18 @@ def test_token_headers_near_the_wall_spread_the_tokens_left() -> None:
     assert wait > 0
 
 
-def test_token_headers_cap_a_provider_with_no_tpm_configured() -> None:
+def test_a_stated_token_limit_is_kept_to_instead_of_spreading() -> None:
+    # The provider says 10,000 a minute and 100 left: it refills at its limit, so the
+    # fleet keeps to the limit rather than creeping along on what is left.
     state = new_limit(600, 0, 0, now=0.0)
     assert state.current_tpm(0.0, LIMITS) == math.inf
-    slowed = token_headers(state, 0.0, 100, 10_000, 6.0)
-    assert slowed is not None and math.isclose(slowed.current_tpm(1.0, LIMITS), 1_000.0)
-    # Past the reset, the provider's own limit from the same headers still holds.
-    assert slowed.learned_tpm == 10_000 and slowed.current_tpm(7.0, LIMITS) == 10_000.0
+    learned = token_headers(state, 0.0, 100, 10_000, 6.0)
+    assert learned is not None and learned.learned_tpm == 10_000
+    assert learned.current_tpm(1.0, LIMITS) == 10_000.0
+    # A cap set before the limit was stated goes.
+    capped = replace(state, header_tpm=500.0, header_tpm_until=30.0)
+    lifted = token_headers(capped, 1.0, 100, 10_000, 6.0)
+    assert lifted is not None and lifted.current_tpm(2.0, LIMITS) == 10_000.0
 
 
 def test_the_lower_of_the_configured_and_the_providers_token_limit_holds() -> None:

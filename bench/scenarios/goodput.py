@@ -4,8 +4,6 @@ calls), and no job may fail: the surplus waits in the queue."""
 
 from __future__ import annotations
 
-import time
-
 from bench.report import progress
 from bench.scenarios.calls import busiest_window, by_status, within
 from bench.scenarios.load import LoadGen
@@ -41,15 +39,8 @@ async def run(duration: float) -> ScenarioResult:
     async with running_stack("goodput", spec) as stack, LoadGen(stack.client) as load:
         fake = stack.fakes["primary"]
         progress(f"goodput: offering {OFFERED_PER_MIN}/min for {duration:.0f}s")
-        start = time.time()
-        await load.open_loop(OFFERED_PER_MIN / 60, duration)
-        end = time.time()
-        await load.settle()
-        stack.check_alive()
-        # Jobs running at the end finish within a call's latency: let their finals arrive,
-        # then what is left is backlog (queued, or waiting for budget), not failure.
-        await load.drain(timeout=3.0)
-        backlog = await load.unfinished_states()
+        offered = await load.offer(OFFERED_PER_MIN / 60, duration, alive=stack.check_alive)
+        start, end, backlog = offered.start, offered.end, offered.backlog
         calls = await fake.calls()
 
     window = within(calls, start, end)

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import laneway
@@ -32,6 +32,15 @@ def _ts(stamp: object) -> float | None:
     seconds = getattr(stamp, "seconds", 0)
     nanos = getattr(stamp, "nanos", 0)
     return seconds + nanos / 1e9 if (seconds or nanos) else None
+
+
+@dataclass(frozen=True)
+class Offered:
+    """An open loop's schedule (unix seconds) and the states of what it left unfinished."""
+
+    start: float
+    end: float
+    backlog: Counter[str]
 
 
 @dataclass
@@ -118,6 +127,19 @@ class LoadGen:
             task = asyncio.create_task(self._submit_one(lane))
             self._submits.add(task)
             task.add_done_callback(self._submits.discard)
+
+    async def offer(self, rate: float, duration: float, *, alive: Callable[[], None]) -> Offered:
+        """``open_loop``, then every submission settled and the finals of the jobs running
+        at the end let in (``alive`` checks the stack meanwhile): what is left is backlog."""
+        start = time.time()
+        await self.open_loop(rate, duration)
+        end = time.time()
+        await self.settle()
+        alive()
+        # Jobs running at the end finish within a call's latency: let their finals arrive,
+        # then what is left is backlog (queued, or waiting for budget), not failure.
+        await self.drain(timeout=3.0)
+        return Offered(start, end, await self.unfinished_states())
 
     @contextlib.asynccontextmanager
     async def feeding(self, rate: float, duration: float) -> AsyncIterator[asyncio.Task[None]]:

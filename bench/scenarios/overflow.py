@@ -4,8 +4,6 @@ completes (nearly) everything offered and the primary still carries its half."""
 
 from __future__ import annotations
 
-import time
-
 from bench.report import progress
 from bench.scenarios.calls import by_status, within
 from bench.scenarios.load import LoadGen
@@ -40,13 +38,8 @@ async def run(duration: float) -> ScenarioResult:
     )
     async with running_stack("overflow", spec) as stack, LoadGen(stack.client) as load:
         progress(f"overflow: offering {OFFERED_PER_MIN}/min for {duration:.0f}s")
-        start = time.time()
-        await load.open_loop(OFFERED_PER_MIN / 60, duration)
-        end = time.time()
-        await load.settle()
-        stack.check_alive()
-        await load.drain(timeout=3.0)  # finals of the jobs running at the end
-        backlog = await load.unfinished_states()
+        offered = await load.offer(OFFERED_PER_MIN / 60, duration, alive=stack.check_alive)
+        start, end, backlog = offered.start, offered.end, offered.backlog
         calls = {name: await fake.calls() for name, fake in stack.fakes.items()}
 
     records = load.select()

@@ -6,8 +6,6 @@ drained, with next to no 429s; the surplus waits in the queue."""
 
 from __future__ import annotations
 
-import time
-
 from bench.report import progress
 from bench.scenarios.calls import by_status, within
 from bench.scenarios.load import LoadGen
@@ -48,13 +46,8 @@ async def run(duration: float) -> ScenarioResult:
             f"{offered:.0f}/min open loop for {duration:.0f}s; 4 workers",
         )
         progress(f"tokens: {cost} tokens a call, offering {offered:.0f}/min for {duration:.0f}s")
-        start = time.time()
-        await load.open_loop(offered / 60, duration)
-        end = time.time()
-        await load.settle()
-        stack.check_alive()
-        await load.drain(timeout=3.0)
-        backlog = await load.unfinished_states()
+        done = await load.offer(offered / 60, duration, alive=stack.check_alive)
+        start, end, backlog = done.start, done.end, done.backlog
         calls = await fake.calls()
 
     # The fake's bucket starts full (a minute of tokens); the steady state is the second half.
