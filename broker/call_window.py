@@ -13,11 +13,9 @@ summed histogram (interpolated within a bucket).
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
-__all__ = ["LATENCY_BOUNDS_S", "PUBLISH_S", "STALE_S", "WINDOW_S", "CallWindow", "decode_calls"]
+__all__ = ["LATENCY_BOUNDS_S", "PUBLISH_S", "STALE_S", "WINDOW_S", "CallWindow"]
 
 WINDOW_S = 60.0
 """The span a window counts."""
@@ -75,13 +73,3 @@ class CallWindow:
                 return low + (high - low) * max(0.0, rank - seen) / count
             seen += count
         return LATENCY_BOUNDS_S[-1]
-
-
-def decode_calls(data: bytes) -> CallWindow:
-    raw: dict[str, Any] = json.loads(data)
-    raw["latency"] = tuple(int(n) for n in raw.get("latency", ()))
-    # A newer worker may have written fields this one does not know (a rolling upgrade).
-    return CallWindow(**{k: v for k, v in raw.items() if k in _FIELDS})
-
-
-_FIELDS = frozenset(f.name for f in fields(CallWindow))

@@ -1,5 +1,5 @@
-"""Fleet-wide provider state: the rate limiter's budget, and the codec of both it
-and the circuit breaker's state. Pure.
+"""Fleet-wide provider state: the rate limiter's budget, and the codec of every
+state in the providers bucket. Pure.
 
 Both live in JetStream KV (bucket ``laneway_providers``, one key each, see
 ``broker.topology``), written with compare-and-set by every worker process and
@@ -19,8 +19,9 @@ the wall cap the rate until the provider's reset. ``holders`` counts calls in
 flight per worker process for ``max_concurrent``; entries expire, so a crashed
 process's calls do not hold the budget for ever.
 
-The circuit breaker's state is in ``broker.circuit_state``; both are encoded
-here for the KV bucket.
+The other states of the bucket live in their own modules (``broker.circuit_state``,
+``broker.share_state``, ``broker.call_window``) and are encoded and decoded here:
+one decoder keeps only the fields this version knows, for rolling upgrades.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from broker.call_window import CallWindow
 from broker.circuit_state import CircuitState
@@ -38,8 +39,10 @@ from broker.share_state import ShareState
 __all__ = [
     "HOLDER_TTL_S",
     "LimitState",
+    "decode_calls",
     "decode_circuit",
     "decode_limit",
+    "decode_share",
     "encode_state",
     "fresh_limit",
     "new_limit",
@@ -372,16 +375,34 @@ def encode_state(state: LimitState | CircuitState | ShareState | CallWindow) -> 
 
 
 def decode_limit(data: bytes) -> LimitState:
-    raw: dict[str, Any] = json.loads(data)
+    raw = json.loads(data)
     raw["holders"] = {w: (int(h[0]), float(h[1])) for w, h in raw.get("holders", {}).items()}
-    # A newer worker may have written fields this one does not know (a rolling upgrade).
-    return LimitState(**{k: v for k, v in raw.items() if k in _LIMIT_FIELDS})
+    return _known(LimitState, raw)
 
 
 def decode_circuit(data: bytes) -> CircuitState:
-    raw: dict[str, Any] = json.loads(data)
-    return CircuitState(**{k: v for k, v in raw.items() if k in _CIRCUIT_FIELDS})
+    return _known(CircuitState, json.loads(data))
 
 
-_LIMIT_FIELDS = frozenset(f.name for f in fields(LimitState))
-_CIRCUIT_FIELDS = frozenset(f.name for f in fields(CircuitState))
+def decode_share(data: bytes) -> ShareState:
+    return _known(ShareState, json.loads(data))
+
+
+def decode_calls(data: bytes) -> CallWindow:
+    raw = json.loads(data)
+    raw["latency"] = tuple(int(n) for n in raw.get("latency", ()))
+    return _known(CallWindow, raw)
+
+
+_State = TypeVar("_State", LimitState, CircuitState, ShareState, CallWindow)
+
+
+def _known(kind: type[_State], raw: dict[str, Any]) -> _State:
+    # A newer worker may have written fields this one does not know (a rolling upgrade).
+    return kind(**{k: v for k, v in raw.items() if k in _FIELD_NAMES[kind]})
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {
+    kind: frozenset(f.name for f in fields(kind))
+    for kind in (LimitState, CircuitState, ShareState, CallWindow)
+}

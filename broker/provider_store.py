@@ -25,10 +25,17 @@ from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from broker import topology as t
-from broker.call_window import CallWindow, decode_calls
+from broker.call_window import CallWindow
 from broker.circuit_state import CircuitState
-from broker.provider_state import LimitState, decode_circuit, decode_limit, encode_state
-from broker.share_state import ShareState, decode_share
+from broker.provider_state import (
+    LimitState,
+    decode_calls,
+    decode_circuit,
+    decode_limit,
+    decode_share,
+    encode_state,
+)
+from broker.share_state import ShareState
 from broker.tasks import cancel_and_wait
 
 __all__ = ["ProviderStateStore"]

@@ -25,13 +25,11 @@ Every function takes ``now`` (unix seconds), so tests replay exact timelines.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
 
-__all__ = ["CAP", "PRESENT_S", "SLACK", "ShareState", "decode_share"]
+__all__ = ["CAP", "PRESENT_S", "SLACK", "ShareState"]
 
 PRESENT_S = 2.0
 """A pool not seen for this long (its process stopped) is not a live peer."""
@@ -107,12 +105,3 @@ class ShareState:
 def _share(me: str, weights: Mapping[str, int], live: Collection[str]) -> float:
     peers = [p for p in weights if p in live or p == me]
     return weights[me] / sum(weights[p] for p in peers)
-
-
-def decode_share(data: bytes) -> ShareState:
-    raw: dict[str, Any] = json.loads(data)
-    # A newer worker may have written fields this one does not know (a rolling upgrade).
-    return ShareState(**{k: v for k, v in raw.items() if k in _FIELDS})
-
-
-_FIELDS = frozenset(f.name for f in fields(ShareState))

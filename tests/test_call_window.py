@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from broker.call_window import LATENCY_BOUNDS_S, WINDOW_S, CallWindow, decode_calls
-from broker.provider_state import encode_state
+from broker.call_window import LATENCY_BOUNDS_S, WINDOW_S, CallWindow
+from broker.provider_state import decode_calls, encode_state
 from workers.call_stats import CallCounter
 
 

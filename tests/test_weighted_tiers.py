@@ -22,7 +22,8 @@ from broker.circuit_state import CircuitState
 from broker.cli_ops import render_top
 from broker.config import LanewayConfig
 from broker.natsd import EmbeddedNats
-from broker.share_state import ShareState, decode_share
+from broker.provider_state import decode_share
+from broker.share_state import ShareState
 from laneway.v1 import job_pb2 as J
 from workers.pool import WorkerPool
 
