@@ -211,10 +211,7 @@ class ProviderHealthView:
         """The weighted tiers of ``route`` (of several targets), in config order."""
         at = time.time() if now is None else now
         found: list[TierHealth] = []
-        for targets in self._config.routes[route].tiers:
-            label = targets[0].tier
-            if len(targets) < 2 or label is None:
-                continue
+        for label, targets in self._config.routes[route].weighted_tiers:
             state = self._store.cached(t.share_key(route, label), ShareState) or ShareState()
             found.append(
                 TierHealth(

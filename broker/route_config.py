@@ -93,6 +93,14 @@ class RouteConfig(ConfigModel):
         """The targets grouped into tiers, in preference order."""
         return group_tiers(self.targets)
 
+    @property
+    def weighted_tiers(self) -> tuple[tuple[int, tuple[RouteTarget, ...]], ...]:
+        """The tiers of several targets (those that split work by weight), with their
+        ``tier`` number."""
+        return tuple(
+            (tier[0].tier, tier) for tier in self.tiers if len(tier) > 1 and tier[0].tier is not None
+        )
+
 
 def group_tiers(targets: tuple[RouteTarget, ...]) -> tuple[tuple[RouteTarget, ...], ...]:
     """Consecutive targets with the same (set) ``tier`` form one tier; any other target

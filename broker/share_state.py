@@ -20,7 +20,7 @@ with compare-and-set by every worker process that serves a target of the tier:
 - Credits are clamped to ``+-CAP``: a peer that could not keep up is not owed an
   unbounded burst later.
 
-Every function takes ``now`` (unix seconds), so tests replay exact timelines.
+Times are passed in (``now``, unix seconds), so tests replay exact timelines.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ShareState:
     ) -> ShareState:
         """``me`` started ``n`` jobs (negative: gave back starts it had counted)."""
         credit = dict(self.credit)
-        peers = [p for p in weights if p in live or p == me]
+        peers = _peers(me, weights, live)
         if n and len(peers) > 1:
             total = sum(weights[p] for p in peers)
             for p in peers:
@@ -102,6 +102,10 @@ class ShareState:
         return replace(self, seen=self.seen | {me: now})
 
 
+def _peers(me: str, weights: Mapping[str, int], live: Collection[str]) -> list[str]:
+    """The tier's targets that count now: the live ones, and ``me``."""
+    return [p for p in weights if p in live or p == me]
+
+
 def _share(me: str, weights: Mapping[str, int], live: Collection[str]) -> float:
-    peers = [p for p in weights if p in live or p == me]
-    return weights[me] / sum(weights[p] for p in peers)
+    return weights[me] / sum(weights[p] for p in _peers(me, weights, live))

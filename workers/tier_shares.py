@@ -53,11 +53,7 @@ class TierShares:
         self._tiers: dict[tuple[str, str], _Tier] = {}
         served = set(served)
         for route_name, route in config.routes.items():
-            for targets in route.tiers:
-                if len(targets) < 2:
-                    continue
-                label = targets[0].tier
-                assert label is not None  # a tier of several targets is named
+            for label, targets in route.weighted_tiers:
                 tier = _Tier(
                     t.share_key(route_name, label),
                     {x.provider: x.weight for x in targets},
