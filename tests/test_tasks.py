@@ -10,9 +10,10 @@ from broker.tasks import cancel_and_wait
 async def test_a_task_that_lost_its_cancellation_is_cancelled_again() -> None:
     # Python 3.11's asyncio.wait_for (inside nats-py requests) can drop a cancellation
     # that arrives as its inner future completes; the task then runs on.
-    swallowed = asyncio.Event()
+    started, swallowed = asyncio.Event(), asyncio.Event()
 
     async def loop() -> None:
+        started.set()
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
@@ -20,7 +21,7 @@ async def test_a_task_that_lost_its_cancellation_is_cancelled_again() -> None:
         await asyncio.sleep(30)
 
     task = asyncio.create_task(loop())
-    await asyncio.sleep(0)  # let it start
+    await started.wait()
     closing = asyncio.create_task(cancel_and_wait(task))
     # asyncio.wait, not wait_for: a timeout must not cancel (and so unblock) the close.
     done, _ = await asyncio.wait({closing}, timeout=5)
@@ -32,14 +33,17 @@ async def test_a_task_that_lost_its_cancellation_is_cancelled_again() -> None:
 
 
 async def test_the_tasks_own_error_types_are_swallowed_on_request() -> None:
+    started = asyncio.Event()
+
     async def fails_on_cancel() -> None:
+        started.set()
         try:
             await asyncio.sleep(30)
         except asyncio.CancelledError:
             raise RuntimeError("closing") from None
 
     task = asyncio.create_task(fails_on_cancel())
-    await asyncio.sleep(0)
+    await started.wait()
     await cancel_and_wait(task, RuntimeError)
     assert task.done()
     await cancel_and_wait(None)
