@@ -30,7 +30,7 @@ from bench.measure import Count, Latency, Throughput
 from bench.report import comparison_rows, print_report, progress, write_json
 from bench.settings import Settings, raw_payload
 from bench.stack import BenchError
-from broker.natsd import find_nats_server
+from laneway.broker.cli.natsd import find_nats_server
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 

@@ -24,7 +24,7 @@ from bench.nats_worker import HDR_ID, HDR_REPLY
 from bench.report import progress
 from bench.settings import Settings, raw_payload
 from bench.stack import Workspace, wait_grpc_health, wait_pull_waiting, wait_stream_empty
-from broker.natsd import free_port
+from laneway.broker.cli.natsd import free_port
 
 __all__ = ["run_baselines", "run_grpc_echo", "run_raw_nats"]
 

@@ -24,7 +24,7 @@ from bench.measure import Count, Latency, Throughput, closed_loop, paced
 from bench.report import progress
 from bench.settings import Settings
 from bench.stack import Workspace, diagnose, start_stack, wait_stream_empty
-from broker import topology as topo
+from laneway.broker.core import topology as topo
 from laneway.v1 import job_pb2
 
 __all__ = ["EMBED_ROUTE", "Results", "follow", "run_features"]

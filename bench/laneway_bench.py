@@ -23,7 +23,7 @@ from bench.measure import Failures, Latency, Throughput, closed_loop, paced
 from bench.report import progress
 from bench.settings import PROMPT, ROUTE, Settings, chat_input
 from bench.stack import Child, Workspace, diagnose, start_stack, wait_stream_empty
-from broker import topology as topo
+from laneway.broker.core import topology as topo
 from laneway.v1 import job_pb2
 
 __all__ = ["run_laneway"]

@@ -40,11 +40,12 @@ from bench.measure import Count, Latency, Throughput, closed_loop
 from bench.report import Row, progress
 from bench.settings import ROUTE, Settings
 from bench.stack import BenchError, Workspace, wait_grpc_health, wait_pull_waiting, wait_stream_empty
-from broker import topology as topo
-from broker.config import load_config
-from broker.metrics import BrokerMetrics, WorkerMetrics
-from broker.model import JobError, JobEvent, TokenUsage
-from broker.natsd import free_port
+from laneway.broker.cli.natsd import free_port
+from laneway.broker.config.model import load_config
+from laneway.broker.core import topology as topo
+from laneway.broker.core.model import JobError, JobEvent, TokenUsage
+from laneway.broker.server.metrics import BrokerMetrics
+from laneway.workers.metrics import WorkerMetrics
 
 __all__ = ["metrics_rows", "run_metrics"]
 
@@ -76,7 +77,7 @@ async def _start(ws: Workspace, side: str) -> tuple[str, Any, dict[str, int | No
     common = ["--config", str(config), "--nats-url", server.url]
     ports: list[int] = []
     if side == "on":
-        cli = [sys.executable, "-m", "broker.cli"]
+        cli = [sys.executable, "-m", "laneway.broker.cli"]
         ports = [free_port(), free_port()]
         broker_args = ["--metrics-port", str(ports[0])]
         worker_args = ["--metrics-port", str(ports[1])]
@@ -341,21 +342,21 @@ def _serve_silently(argv: list[str]) -> None:
     """``laneway broker|worker ARGS`` with recording disabled. The process objects
     look their metrics class up in their module when built, so swapping the module
     attribute is enough; nothing else changes."""
-    import broker.cli
-    import broker.server
-    import workers.pool
+    import laneway.broker.cli.app
+    import laneway.broker.server.process
+    import laneway.workers.pool
 
     if not argv or argv[0] not in ("broker", "worker"):
         raise BenchError("usage: python -m bench.metrics_bench broker|worker ARGS")
     swaps = (
-        (broker.server, "BrokerMetrics", _SilentBrokerMetrics),
-        (workers.pool, "WorkerMetrics", _SilentWorkerMetrics),
+        (laneway.broker.server.process, "BrokerMetrics", _SilentBrokerMetrics),
+        (laneway.workers.pool, "WorkerMetrics", _SilentWorkerMetrics),
     )
     for module, name, silent in swaps:
         assert isinstance(getattr(module, name), type), f"{module.__name__}.{name} moved"
         setattr(module, name, silent)
     sys.argv = ["laneway", *argv]
-    broker.cli.main()
+    laneway.broker.cli.app.run()
 
 
 if __name__ == "__main__":

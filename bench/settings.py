@@ -93,8 +93,8 @@ def chat_input() -> laneway.JobInput:
 @functools.cache
 def raw_payload() -> bytes:
     """Bytes of the size a Laneway broker puts on the queue for one bench chat job."""
-    from broker.model import QueuedJob, new_job_id, utcnow
-    from broker.wire import encode_queued_job, spec_from_pb
+    from laneway.broker.core.model import QueuedJob, new_job_id, utcnow
+    from laneway.broker.core.wire.jobs import encode_queued_job, spec_from_pb
 
     spec = spec_from_pb(laneway.job(ROUTE, chat_input()), field="job", default_lane="normal")
     size = len(encode_queued_job(QueuedJob(new_job_id(), spec, utcnow())))

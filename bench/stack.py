@@ -26,9 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import laneway
 from bench.procstat import child_pid
-from broker import topology as topo
-from broker.config import load_config
-from broker.natsd import EmbeddedNats, free_port
+from laneway.broker.cli.natsd import EmbeddedNats, free_port
+from laneway.broker.config.model import load_config
+from laneway.broker.core import topology as topo
 from laneway.v1 import job_pb2
 
 __all__ = [
@@ -231,7 +231,7 @@ async def start_stack(ws: Workspace, config_body: str, route: str) -> tuple[str,
     config = ws.dir / "laneway.yaml"
     config.write_text(f'broker:\n  grpc_addr: "{addr}"\n' + config_body)
     load_config(config)  # fail here, with the config error, rather than in a child
-    cli = [sys.executable, "-m", "broker.cli"]
+    cli = [sys.executable, "-m", "laneway.broker.cli"]
     common = ["--config", str(config), "--nats-url", server.url]
     broker = await ws.spawn("broker", [*cli, "broker", *common, "--grpc-addr", addr])
     await wait_grpc_health(addr, broker)

@@ -32,8 +32,8 @@ from bench.measure import Failures, Latency, Op, sequential
 from bench.report import progress
 from bench.settings import Settings
 from bench.stack import BenchError, Child, Workspace, start_stack, wait_stream_empty
-from broker import topology as topo
-from broker.natsd import free_port
+from laneway.broker.cli.natsd import free_port
+from laneway.broker.core import topology as topo
 from laneway.v1 import job_pb2
 
 __all__ = ["TTFD_ROUTE", "run_ttfd"]
@@ -80,7 +80,7 @@ async def _wait_http(url: str, child: Child, timeout: float = 30.0) -> None:
 
 async def _start_fake(ws: Workspace, s: Settings) -> tuple[str, Child]:
     port = free_port()
-    argv = [sys.executable, "-m", "broker.cli", "fake-provider", "--port", str(port)]
+    argv = [sys.executable, "-m", "laneway.broker.cli", "fake-provider", "--port", str(port)]
     child = await ws.spawn("fake-provider", [*argv, "--token-delay-ms", f"{s.ttfd_token_delay_ms:g}"])
     base_url = f"http://127.0.0.1:{port}/v1"
     await _wait_http(f"{base_url}/models", child)

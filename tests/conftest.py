@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 import laneway
-from broker.config import LanewayConfig, parse_config
-from broker.natsd import EmbeddedNats
-from broker.server import BrokerServer
-from workers.pool import WorkerPool
+from laneway.broker.cli.natsd import EmbeddedNats
+from laneway.broker.config.model import LanewayConfig, parse_config
+from laneway.broker.server.process import BrokerServer
+from laneway.workers.pool import WorkerPool
 
 TEST_CONFIG = """
 broker:

@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import laneway
-from broker import topology as t
-from broker.model import utcnow
+from laneway.broker.core import topology as t
+from laneway.broker.core.model import utcnow
 from laneway.v1 import job_pb2
 
 from .conftest import eventually
@@ -175,7 +175,7 @@ async def test_idempotency_key_returns_original_job(broker, client) -> None:
 
 
 async def test_cancel_queued_job_never_runs(broker, client, nats_server, config) -> None:
-    from workers.pool import WorkerPool
+    from laneway.workers.pool import WorkerPool
 
     job_id = (await client.submit("chat", laneway.chat("never"))).job_id
     outcome = await client.cancel_job(job_id, "changed my mind")
@@ -279,8 +279,8 @@ async def test_run_rejects_bad_input_before_enqueueing(broker, client, nats_serv
 
 
 async def test_broker_shutdown_ends_streams_retryably_and_clients_resume(nats_server, config) -> None:
-    from broker.server import BrokerServer
-    from workers.pool import WorkerPool
+    from laneway.broker.server.process import BrokerServer
+    from laneway.workers.pool import WorkerPool
 
     async def serve() -> BrokerServer:
         server = BrokerServer(config, nats_url=nats_server.url, grpc_addr="127.0.0.1:0", reuse_port=False)

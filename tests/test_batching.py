@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import laneway
-from broker.model import (
+from laneway.broker.core.model import (
     ChatInput,
     ClassificationInput,
     EmbeddingInput,
@@ -19,10 +19,10 @@ from broker.model import (
     TokenUsage,
 )
 from laneway.v1 import job_pb2 as S
-from workers.batching import EmbeddingBatcher
-from workers.pool import WorkerPool
-from workers.provider import CallContext, ProviderError
-from workers.simulation import unit_vector
+from laneway.workers.batching import EmbeddingBatcher
+from laneway.workers.fakes.simulation import unit_vector
+from laneway.workers.pool import WorkerPool
+from laneway.workers.providers.base import CallContext, ProviderError
 
 from .conftest import make_config
 
@@ -122,10 +122,10 @@ async def test_classification_jobs_share_structured_chat_calls(
 async def _classify(fake_output: str, items: list[tuple[str, tuple[str, ...]]]) -> tuple[list[object], int]:
     """Classify ``items`` through the openai adapter against the HTTP fake answering
     ``fake_output``; the outcomes and the number of chat calls made."""
-    from broker.provider_config import OpenAIProviderConfig
-    from workers.batching import ClassificationBatcher
-    from workers.fake_provider import FakeProvider, FakeProviderSettings
-    from workers.providers.openai import OpenAIProvider
+    from laneway.broker.config.providers import OpenAIProviderConfig
+    from laneway.workers.batching import ClassificationBatcher
+    from laneway.workers.fakes.server import FakeProvider, FakeProviderSettings
+    from laneway.workers.providers.openai import OpenAIProvider
 
     async with FakeProvider(FakeProviderSettings(output=fake_output)) as fake:
         provider = OpenAIProvider("http", OpenAIProviderConfig(base_url=fake.base_url, api_key_env=""))

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from broker.call_window import LATENCY_BOUNDS_S, WINDOW_S, CallWindow
-from broker.provider_state import decode_calls, encode_state
-from workers.call_stats import CallCounter
+from laneway.broker.fleet.call_window import LATENCY_BOUNDS_S, WINDOW_S, CallWindow
+from laneway.broker.fleet.state import decode_calls, encode_state
+from laneway.workers.fleet.call_stats import CallCounter
 
 
 class Clock:

@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker.model import ErrorClass, JobError, JobEvent, JobState
-from workers.classify import classify_exception, classify_status, parse_retry_after
-from workers.mock import _script
-from workers.retry import HANDED_BACK, RetryPolicy, decide, next_attempt
+from laneway.broker.core.model import ErrorClass, JobError, JobEvent, JobState
+from laneway.workers.fakes.mock import _script
+from laneway.workers.providers.classify import classify_exception, classify_status, parse_retry_after
+from laneway.workers.retry import HANDED_BACK, RetryPolicy, decide, next_attempt
 
 from .conftest import make_config
 

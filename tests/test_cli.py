@@ -13,14 +13,14 @@ import httpx
 import nats
 import pytest
 
-from broker.natsd import free_port
+from laneway.broker.cli.natsd import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 async def laneway(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.cli", *args,
+        sys.executable, "-m", "laneway.broker.cli", *args,
         cwd=ROOT, env={**os.environ, **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
@@ -77,8 +77,8 @@ async def _up(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) ->
     addr = f"127.0.0.1:{free_port()}"
     metrics = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.cli", "up", "--grpc-addr", addr, "--data-dir", str(tmp_path / "data"),
-        "--metrics-port", str(metrics), *extra,
+        sys.executable, "-m", "laneway.broker.cli", "up", "--grpc-addr", addr,
+        "--data-dir", str(tmp_path / "data"), "--metrics-port", str(metrics), *extra,
         cwd=ROOT, env={**os.environ, "FAKE_PROVIDER_PORT": str(free_port()), **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip

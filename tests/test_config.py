@@ -10,7 +10,7 @@ from typing import Any, get_args
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from broker.config import (
+from laneway.broker.config.model import (
     LANES,
     CircuitConfig,
     ConfigProblem,
@@ -26,7 +26,7 @@ from broker.config import (
     load_config,
     parse_config,
 )
-from broker.provider_config import OpenAIProviderConfig
+from laneway.broker.config.providers import OpenAIProviderConfig
 from laneway.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "laneway.example.yaml"

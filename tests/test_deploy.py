@@ -16,7 +16,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from ruamel.yaml import YAML
 
-from broker.metrics import BrokerMetrics, WorkerMetrics
+from laneway.broker.server.metrics import BrokerMetrics
+from laneway.workers.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yaml"

@@ -13,12 +13,12 @@ import nats
 import pytest
 
 import laneway
-from broker import topology as t
-from broker.config import LanewayConfig
-from broker.natsd import EmbeddedNats
-from broker.server import BrokerServer
+from laneway.broker.cli.natsd import EmbeddedNats
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.core import topology as t
+from laneway.broker.server.process import BrokerServer
 from laneway.v1 import job_pb2
-from workers.pool import WorkerPool
+from laneway.workers.pool import WorkerPool
 
 from .conftest import eventually, make_config
 
@@ -303,7 +303,7 @@ async def test_sigterm_hands_back_unfinished_jobs_without_spending_attempts(
     config_file = tmp_path / "laneway.yaml"
     config_file.write_text(yaml)
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.cli", "worker", "--config", str(config_file),
+        sys.executable, "-m", "laneway.broker.cli", "worker", "--config", str(config_file),
         "--nats-url", nats_server.url, "--provider", "mock",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
@@ -335,8 +335,8 @@ async def test_sigterm_hands_back_unfinished_jobs_without_spending_attempts(
 async def test_redelivered_finished_job_is_not_run_again(broker, client, nats_server, tmp_path) -> None:
     # A worker that crashed after the final event but before its ack leaves the job
     # to be delivered again: the next worker must ack it without a provider call.
-    from broker.model import QueuedJob, utcnow
-    from broker.wire import encode_queued_job, spec_from_pb
+    from laneway.broker.core.model import QueuedJob, utcnow
+    from laneway.broker.core.wire.jobs import encode_queued_job, spec_from_pb
 
     log = tmp_path / "calls.jsonl"
     config = make_config(f"providers: {{mock: {{type: mock, call_log: '{log}'}}, slow: {{type: mock}}}}")
@@ -367,8 +367,8 @@ async def test_job_whose_first_event_was_never_stored_never_runs(
     # store refused the event (and the broker's FAILED fence too), the job sits in the
     # queue with no log while its submitter was told the enqueue failed: a worker must
     # wait for the event, then drop the job rather than run it.
-    from broker.model import QueuedJob, new_job_id, utcnow
-    from broker.wire import encode_queued_job, spec_from_pb
+    from laneway.broker.core.model import QueuedJob, new_job_id, utcnow
+    from laneway.broker.core.wire.jobs import encode_queued_job, spec_from_pb
 
     log = tmp_path / "calls.jsonl"
     config = make_config(f"providers: {{mock: {{type: mock, call_log: '{log}'}}, slow: {{type: mock}}}}")

@@ -15,13 +15,13 @@ import nats
 import pytest
 
 import laneway
-from broker import topology as t
-from broker.config import LanewayConfig
-from broker.events import EventLog
-from broker.model import JobState
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.core import topology as t
+from laneway.broker.core.events import EventLog
+from laneway.broker.core.model import JobState
 from laneway.v1 import job_pb2 as S
-from workers.fake_provider import FakeProvider, FakeProviderSettings, Step
-from workers.pool import WorkerPool
+from laneway.workers.fakes.server import FakeProvider, FakeProviderSettings, Step
+from laneway.workers.pool import WorkerPool
 
 from .conftest import eventually, make_config
 

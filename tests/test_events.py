@@ -8,11 +8,20 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 
-from broker.event_wire import encode_event
-from broker.events import EventConflict, EventLog, StoredEvent, first_event
-from broker.model import ChatInput, ChatMessage, ChatOutput, JobSpec, JobState, QueuedJob, new_job_id, utcnow
-from broker.server import BrokerServer
-from broker.watch import EventFeed
+from laneway.broker.core.events import EventConflict, EventLog, StoredEvent, first_event
+from laneway.broker.core.model import (
+    ChatInput,
+    ChatMessage,
+    ChatOutput,
+    JobSpec,
+    JobState,
+    QueuedJob,
+    new_job_id,
+    utcnow,
+)
+from laneway.broker.core.wire.events import encode_event
+from laneway.broker.server.process import BrokerServer
+from laneway.broker.server.watch import EventFeed
 
 
 @pytest.fixture
@@ -100,7 +109,7 @@ async def test_fill_gap_returns_the_contiguous_run(log: EventLog, nats_server) -
 
 
 async def test_append_many_reports_each_result_in_place(log: EventLog, nats_server) -> None:
-    from broker.jspub import PublishUnanswered, publish_many
+    from laneway.broker.core.nats.publish import PublishUnanswered, publish_many
 
     a, b = first_event(_job()), first_event(_job())
     seq_b = await log.append(b, expect_last=0)

@@ -1,4 +1,4 @@
-"""The fake provider: its pure behaviour (workers.simulation) with a fake clock and
+"""The fake provider: its pure behaviour (laneway.workers.fakes.simulation) with a fake clock and
 seeded randomness, then the HTTP server over real loopback HTTP, then the CLI."""
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import pytest
 from httpx_sse import ServerSentEvent, aconnect_sse
 from typer.testing import CliRunner
 
-from broker.cli import app
-from broker.natsd import free_port
-from workers.fake_provider import FakeProvider, FakeProviderSettings, Step
-from workers.simulation import (
+from laneway.broker.cli.app import app
+from laneway.broker.cli.natsd import free_port
+from laneway.workers.fakes.server import FakeProvider, FakeProviderSettings, Step
+from laneway.workers.fakes.simulation import (
     ErrorInjector,
     LatencyModel,
     RateLimiter,
@@ -644,7 +644,7 @@ async def test_admin_logs_a_call_the_client_abandoned() -> None:
 async def test_cli_serves_until_sigterm() -> None:
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.cli", "fake-provider", "--port", str(port),
+        sys.executable, "-m", "laneway.broker.cli", "fake-provider", "--port", str(port),
         "--error-rate", "503=0.5", "--api-key-env", "FAKE_KEY",
         cwd=ROOT, env={**os.environ, "FAKE_KEY": "k"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,

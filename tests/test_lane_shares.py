@@ -9,12 +9,12 @@ from collections.abc import Mapping
 import pytest
 
 import laneway
-from broker.model import LANES
-from broker.natsd import EmbeddedNats
-from broker.server import BrokerServer
+from laneway.broker.cli.natsd import EmbeddedNats
+from laneway.broker.core.model import LANES
+from laneway.broker.server.process import BrokerServer
 from laneway.v1 import job_pb2
-from workers.lane_shares import DEFAULT_WINDOW, LaneShares
-from workers.pool import WorkerPool
+from laneway.workers.lane_shares import DEFAULT_WINDOW, LaneShares
+from laneway.workers.pool import WorkerPool
 
 from .conftest import make_config
 

@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 import nats
 import pytest
 
-from broker.config import LanewayConfig
-from broker.natsd import EmbeddedNats
-from workers.limiter import FleetLimiter
-from workers.provider import RateLimits
+from laneway.broker.cli.natsd import EmbeddedNats
+from laneway.broker.config.model import LanewayConfig
+from laneway.workers.fleet.limiter import FleetLimiter
+from laneway.workers.providers.base import RateLimits
 
 from .conftest import eventually, make_config
 

@@ -11,11 +11,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import laneway
-from broker.metrics import BrokerMetrics, WorkerMetrics, provider_prices
-from broker.model import TokenUsage
-from broker.server import BrokerServer
+from laneway.broker.core.model import TokenUsage
+from laneway.broker.server.metrics import BrokerMetrics
+from laneway.broker.server.process import BrokerServer
 from laneway.v1 import job_pb2
-from workers.pool import WorkerPool
+from laneway.workers.metrics import WorkerMetrics, provider_prices
+from laneway.workers.pool import WorkerPool
 
 from .conftest import eventually, make_config
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from broker.config import MockProviderConfig
-from broker.model import ChatInput, ChatMessage, ChatOutput, ErrorClass
-from workers.mock import MockProvider
-from workers.provider import CallContext, ProviderError, ResponseInfo
+from laneway.broker.config.model import MockProviderConfig
+from laneway.broker.core.model import ChatInput, ChatMessage, ChatOutput, ErrorClass
+from laneway.workers.fakes.mock import MockProvider
+from laneway.workers.providers.base import CallContext, ProviderError, ResponseInfo
 
 HELLO = ChatInput(messages=(ChatMessage("user", "hello there world"),))
 

@@ -1,6 +1,6 @@
 """Provider health, queue stats, `laneway providers|stats|top` and `when_all_down: fail`,
 against a real nats-server and broker. Provider state is written into the KV bucket
-directly with ``broker.provider_state``'s encoders, the way workers write it.
+directly with ``laneway.broker.fleet.state``'s encoders, the way workers write it.
 
 No worker runs in these tests, so submitted jobs stay queued."""
 
@@ -20,13 +20,13 @@ import pytest
 from nats.js.kv import KeyValue
 
 import laneway
-from broker import topology as t
-from broker.circuit_state import CircuitState
-from broker.config import LanewayConfig
-from broker.natsd import EmbeddedNats
-from broker.provider_config import LimitsConfig
-from broker.provider_state import encode_state, new_limit
-from broker.server import BrokerServer
+from laneway.broker.cli.natsd import EmbeddedNats
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.config.providers import LimitsConfig
+from laneway.broker.core import topology as t
+from laneway.broker.fleet.circuit import CircuitState
+from laneway.broker.fleet.state import encode_state, new_limit
+from laneway.broker.server.process import BrokerServer
 from laneway.ops import circuit_name, delivery_rates, lane_name, oldest_age_s
 from laneway.v1 import job_pb2, ops_pb2
 from tests.conftest import eventually, make_config
@@ -89,7 +89,7 @@ async def until_circuit(client: laneway.AsyncClient, name: str, state: str) -> N
 
 async def cli(*args: str) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.cli", *args,
+        sys.executable, "-m", "laneway.broker.cli", *args,
         cwd=ROOT, env={**os.environ, "PYTHONIOENCODING": "utf-8"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

@@ -34,13 +34,13 @@ from hypothesis import event as statistic
 from hypothesis import strategies as st
 
 import laneway
-from broker import topology as t
-from broker.connection import connect_nats
-from broker.events import EventLog
-from broker.natsd import EmbeddedNats, free_port
-from broker.server import BrokerServer
+from laneway.broker.cli.natsd import EmbeddedNats, free_port
+from laneway.broker.core import topology as t
+from laneway.broker.core.events import EventLog
+from laneway.broker.core.nats.connection import connect_nats
+from laneway.broker.server.process import BrokerServer
 from laneway.v1 import job_pb2
-from workers.pool import WorkerPool
+from laneway.workers.pool import WorkerPool
 
 from .conftest import eventually, make_config
 
@@ -291,7 +291,7 @@ class Stack:
         self._spawned_count += 1
         try:
             self.child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "broker.cli", "worker", "--config", str(self.config_file),
+                sys.executable, "-m", "laneway.broker.cli", "worker", "--config", str(self.config_file),
                 "--nats-url", self.nats.url, "--provider", "crashy",
                 stdout=asyncio.subprocess.DEVNULL, stderr=log,
             )  # fmt: skip

@@ -9,15 +9,9 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.circuit_state import CircuitState
-from broker.provider_config import CircuitConfig, LimitsConfig
-from broker.provider_state import (
-    LimitState,
-    decode_circuit,
-    decode_limit,
-    encode_state,
-    new_limit,
-)
+from laneway.broker.config.providers import CircuitConfig, LimitsConfig
+from laneway.broker.fleet.circuit import CircuitState
+from laneway.broker.fleet.state import LimitState, decode_circuit, decode_limit, encode_state, new_limit
 
 LIMITS = LimitsConfig(rpm=600, burst_s=1.0, recovery_s=10.0)
 

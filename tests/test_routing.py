@@ -19,13 +19,13 @@ import nats
 import pytest
 
 import laneway
-from broker import topology as t
-from broker.circuit_state import CircuitState
-from broker.config import LanewayConfig
-from broker.natsd import EmbeddedNats
-from broker.provider_state import encode_state
+from laneway.broker.cli.natsd import EmbeddedNats
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.core import topology as t
+from laneway.broker.fleet.circuit import CircuitState
+from laneway.broker.fleet.state import encode_state
 from laneway.v1 import job_pb2 as J
-from workers.pool import WorkerPool
+from laneway.workers.pool import WorkerPool
 
 from .conftest import TEST_CONFIG, eventually, make_config
 
@@ -263,7 +263,7 @@ async def test_limit_holds_across_worker_processes_started_and_stopped(
 
     async def start() -> asyncio.subprocess.Process:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "broker.cli", "worker", "--config", str(config_file),
+            sys.executable, "-m", "laneway.broker.cli", "worker", "--config", str(config_file),
             "--nats-url", nats_server.url, "--provider", "solo",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip

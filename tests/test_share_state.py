@@ -8,8 +8,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.provider_state import decode_share, encode_state
-from broker.share_state import CAP, PRESENT_S, SLACK, ShareState
+from laneway.broker.fleet.shares import CAP, PRESENT_S, SLACK, ShareState
+from laneway.broker.fleet.state import decode_share, encode_state
 
 WEIGHTS = {"a": 3, "b": 1}
 BOTH = {"a", "b"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import laneway
 from laneway.v1 import job_pb2 as S
-from workers.pool import WorkerPool
+from laneway.workers.pool import WorkerPool
 
 from .conftest import make_config
 
@@ -72,7 +72,7 @@ async def test_stream_through_the_openai_adapter_resets_after_a_truncated_stream
 ) -> None:
     # Real HTTP: the openai adapter streams from the fake provider, whose first answer
     # is cut off mid-stream; the caller sees the partial text voided, then the retry.
-    from workers.fake_provider import FakeProvider, FakeProviderSettings, Step
+    from laneway.workers.fakes.server import FakeProvider, FakeProviderSettings, Step
 
     async with FakeProvider(FakeProviderSettings(token_delay_ms=1.0)) as fake:
         config = make_config(

@@ -1,10 +1,10 @@
-"""Closing background tasks (``broker.tasks``)."""
+"""Closing background tasks (``laneway.broker.core.tasks``)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from broker.tasks import cancel_and_wait
+from laneway.broker.core.tasks import cancel_and_wait
 
 
 async def test_a_task_that_lost_its_cancellation_is_cancelled_again() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import nats
 
-from broker import topology as t
-from broker.server import BrokerServer
+from laneway.broker.core import topology as t
+from laneway.broker.server.process import BrokerServer
 
 
 async def _snapshot(url: str) -> dict[str, object]:

@@ -2,7 +2,7 @@
 spans and log lines through gRPC metadata and the job's NATS headers.
 
 Real nats-server, broker and worker (tests/conftest.py). Spans go to an in-memory
-exporter that only ``broker.tracing.tracer()`` sees, so nothing leaks into other
+exporter that only ``laneway.broker.observability.tracing.tracer()`` sees, so nothing leaks into other
 tests (the process-wide OpenTelemetry provider can be set only once)."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 import laneway
-from broker import tracing
-from broker.logs import add_trace_context, redact
-from broker.server import BrokerServer
+from laneway.broker.observability import tracing
+from laneway.broker.observability.logs import add_trace_context, redact
+from laneway.broker.server.process import BrokerServer
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
 from laneway.v1 import job_pb2

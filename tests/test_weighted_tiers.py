@@ -17,15 +17,15 @@ import pytest
 from rich.console import Console
 
 import laneway
-from broker import topology as t
-from broker.circuit_state import CircuitState
-from broker.cli_ops import render_top
-from broker.config import LanewayConfig
-from broker.natsd import EmbeddedNats
-from broker.provider_state import decode_share
-from broker.share_state import ShareState
+from laneway.broker.cli.natsd import EmbeddedNats
+from laneway.broker.cli.ops import render_top
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.core import topology as t
+from laneway.broker.fleet.circuit import CircuitState
+from laneway.broker.fleet.shares import ShareState
+from laneway.broker.fleet.state import decode_share
 from laneway.v1 import job_pb2 as J
-from workers.pool import WorkerPool
+from laneway.workers.pool import WorkerPool
 
 from .conftest import eventually, make_config
 from .test_routing import calls, put_circuit, wait_all

@@ -9,10 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import given
 from hypothesis import strategies as st
 
-from broker import topology as t
-from broker.event_wire import decode_event, encode_event
-from broker.events import first_event
-from broker.model import (
+from laneway.broker.core import topology as t
+from laneway.broker.core.events import first_event
+from laneway.broker.core.model import (
     ChatInput,
     ChatMessage,
     ChatOutput,
@@ -29,8 +28,9 @@ from broker.model import (
     new_job_id,
     utcnow,
 )
-from broker.timestamps import set_timestamp, to_datetime
-from broker.wire import NAME_RE, decode_queued_job, encode_queued_job, spec_from_pb
+from laneway.broker.core.wire.events import decode_event, encode_event
+from laneway.broker.core.wire.jobs import NAME_RE, decode_queued_job, encode_queued_job, spec_from_pb
+from laneway.broker.core.wire.timestamps import set_timestamp, to_datetime
 from laneway.errors import InvalidArgument, TopologyError
 from laneway.v1 import job_pb2
 
@@ -186,7 +186,7 @@ _HEADER_LINE = st.tuples(
 def test_fast_header_parser_matches_the_librarys(lines: list[bytes]) -> None:
     from nats.aio.client import Client
 
-    from broker.connection import FastHeaderClient
+    from laneway.broker.core.nats.connection import FastHeaderClient
 
     raw = b"\r\n".join(lines) + b"\r\n\r\n"
     assert FastHeaderClient._parse_header_lines(raw) == Client._parse_header_lines(raw)
@@ -195,7 +195,7 @@ def test_fast_header_parser_matches_the_librarys(lines: list[bytes]) -> None:
 def test_next_event_carries_every_field_but_the_payload() -> None:
     import dataclasses
 
-    from broker.model import JobEvent
+    from laneway.broker.core.model import JobEvent
 
     start = utcnow()
     sample: dict[str, object] = {

@@ -11,9 +11,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import laneway
-from broker.model import utcnow
+from laneway.broker.core.model import utcnow
 from laneway.v1 import job_pb2
-from workers.pool import WorkerPool
+from laneway.workers.pool import WorkerPool
 
 from .conftest import TEST_CONFIG, eventually, make_config
 
@@ -96,7 +96,7 @@ async def test_worker_killed_mid_job_completes_elsewhere_once(
     config_file = tmp_path / "laneway.yaml"
     config_file.write_text(yaml)
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "broker.cli", "worker", "--config", str(config_file),
+        sys.executable, "-m", "laneway.broker.cli", "worker", "--config", str(config_file),
         "--nats-url", nats_server.url, "--provider", "slow",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip

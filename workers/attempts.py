@@ -33,7 +33,7 @@ from types import TracebackType
 import nats.errors
 from nats.aio.msg import Msg
 
-from broker.tasks import cancel_and_wait
+from laneway.broker.core.tasks import cancel_and_wait
 
 __all__ = ["Attempts"]
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Generic, TypeVar
 
-from broker.model import (
+from laneway.broker.core.model import (
     ChatInput,
     ChatMessage,
     ClassificationInput,
@@ -35,9 +35,9 @@ from broker.model import (
     TokenUsage,
 )
 from laneway.errors import Unavailable
-from workers.classify import classify_exception
-from workers.provider import CallContext, Provider, ProviderError
-from workers.providers.labels import BATCH_SYSTEM_PROMPT, batch_request, parse_batch_labels
+from laneway.workers.providers.base import CallContext, Provider, ProviderError
+from laneway.workers.providers.classify import classify_exception
+from laneway.workers.providers.labels import BATCH_SYSTEM_PROMPT, batch_request, parse_batch_labels
 
 __all__ = ["ClassificationBatcher", "EmbeddingBatcher"]
 

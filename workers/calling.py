@@ -8,14 +8,21 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from broker.events import EventLog, PendingAppend
-from broker.metrics import WorkerMetrics
-from broker.model import ChatInput, ClassificationInput, EmbeddingInput, JobEvent, JobResult, QueuedJob
-from workers.batching import ClassificationBatcher, EmbeddingBatcher
-from workers.classify import classify_exception
-from workers.provider import CallContext, Provider, ProviderError, call_provider
-from workers.retry import RetryPolicy
-from workers.streaming import DeltaWriter, stream_chat
+from laneway.broker.core.events import EventLog, PendingAppend
+from laneway.broker.core.model import (
+    ChatInput,
+    ClassificationInput,
+    EmbeddingInput,
+    JobEvent,
+    JobResult,
+    QueuedJob,
+)
+from laneway.workers.batching import ClassificationBatcher, EmbeddingBatcher
+from laneway.workers.metrics import WorkerMetrics
+from laneway.workers.providers.base import CallContext, Provider, ProviderError, call_provider
+from laneway.workers.providers.classify import classify_exception
+from laneway.workers.retry import RetryPolicy
+from laneway.workers.streaming import DeltaWriter, stream_chat
 
 __all__ = ["Target", "call_target"]
 

@@ -1,6 +1,6 @@
 """Guaranteed lane shares: which lanes are owed job starts, by deficit counting.
 
-Pure bookkeeping for ``workers.puller``: no I/O, no clock, so it is tested alone.
+Pure bookkeeping for ``laneway.workers.puller``: no I/O, no clock, so it is tested alone.
 
 Every job start is counted against its lane. Counts decay by ``1 - 1/window`` per
 start (of any lane), so they cover roughly the last ``window`` starts: a lane that

@@ -15,9 +15,9 @@ import asyncio
 
 from nats.aio.msg import Msg
 
-from broker import topology as t
-from broker.events import EventConflict, EventLog, first_event
-from broker.model import JobEvent, QueuedJob, utcnow
+from laneway.broker.core import topology as t
+from laneway.broker.core.events import EventConflict, EventLog, first_event
+from laneway.broker.core.model import JobEvent, QueuedJob, utcnow
 from laneway.errors import LanewayError, Unavailable
 
 __all__ = ["QUEUED_WAIT_S", "Unlogged", "previous", "queued_seq"]

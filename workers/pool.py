@@ -2,7 +2,7 @@
 
 Each provider gets its own slots (its ``concurrency``) and pulls the lanes of
 every route it is a target of, high lanes before low, through its routing gate
-(``workers.routing``): the primary while it has fleet budget and a closed
+(``laneway.workers.fleet.routing``): the primary while it has fleet budget and a closed
 circuit, later targets when the ones before them are full or down.
 """
 
@@ -17,25 +17,26 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from broker import topology as t
-from broker.config import LanewayConfig
-from broker.connection import connect_nats
-from broker.deadletters import DeadLetterStore
-from broker.events import EventLog
-from broker.metrics import MetricsServer, WorkerMetrics, provider_prices, start_metrics_server
-from broker.model import LANES
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.core import topology as t
+from laneway.broker.core.dead_letters import DeadLetterStore
+from laneway.broker.core.events import EventLog
+from laneway.broker.core.model import LANES
+from laneway.broker.core.nats.connection import connect_nats
+from laneway.broker.observability.metrics import MetricsServer, start_metrics_server
 from laneway.errors import ConfigError
-from workers.attempts import Attempts
-from workers.batching import ClassificationBatcher, EmbeddingBatcher
-from workers.call_stats import CallStats
-from workers.calling import Target
-from workers.limiter import FleetLimiter
-from workers.provider import Provider, build_provider
-from workers.puller import LanePuller
-from workers.retry import RetryPolicy
-from workers.routing import RouteGate, TargetChooser
-from workers.runner import JobRunner
-from workers.tier_shares import TierShares
+from laneway.workers.attempts import Attempts
+from laneway.workers.batching import ClassificationBatcher, EmbeddingBatcher
+from laneway.workers.calling import Target
+from laneway.workers.fleet.call_stats import CallStats
+from laneway.workers.fleet.limiter import FleetLimiter
+from laneway.workers.fleet.routing import RouteGate, TargetChooser
+from laneway.workers.fleet.tier_shares import TierShares
+from laneway.workers.metrics import WorkerMetrics, provider_prices
+from laneway.workers.providers.base import Provider, build_provider
+from laneway.workers.puller import LanePuller
+from laneway.workers.retry import RetryPolicy
+from laneway.workers.runner import JobRunner
 
 __all__ = ["WorkerPool"]
 

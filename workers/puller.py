@@ -21,7 +21,7 @@ lanes); a parked delivery that finds every slot taken is handed back at once
 (nak), so the process never runs more jobs than its capacity and work waits in
 the durable queue, not in worker memory.
 
-Every pull goes through a gate (``workers.routing.RouteGate``): a lane is pulled
+Every pull goes through a gate (``laneway.workers.fleet.routing.RouteGate``): a lane is pulled
 only for as many jobs as the fleet-wide limiter granted this provider, and only
 when routing says this provider should take the route's work (its circuit, the
 targets ahead of it on the route). Grants a pull did not use are refunded. A
@@ -32,7 +32,7 @@ Guaranteed shares keep a saturated high lane from starving the lanes below it.
 A lane with share ``s`` (``lanes.guaranteed_share``) gets at least that fraction
 of this puller's job starts while it has waiting work; 0 means strict priority.
 Every start counts, whether from a sweep or a parked pull, in per-lane counts that
-decay per start (``workers.lane_shares``), so only recent history matters. Before
+decay per start (``laneway.workers.lane_shares``), so only recent history matters. Before
 the strict sweep, each lane at least one start behind its share is asked first
 (``no_wait``) for its share of the free slots, at least one. A lane that comes up
 short, or whose consumers are all parked (known empty), has its debt wiped: an
@@ -56,10 +56,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from broker.inbox import reply_inbox, status_of, unsubscribe_quietly
-from broker.topology import LaneConsumer, pull_subject
-from workers.lane_shares import LaneShares
-from workers.routing import Admission, Grant
+from laneway.broker.core.nats.inbox import reply_inbox, status_of, unsubscribe_quietly
+from laneway.broker.core.topology import LaneConsumer, pull_subject
+from laneway.workers.fleet.routing import Admission, Grant
+from laneway.workers.lane_shares import LaneShares
 
 __all__ = ["Gate", "JobHandler", "LanePuller"]
 
@@ -69,7 +69,7 @@ JobHandler = Callable[[Msg, LaneConsumer, Grant], Awaitable[None]]
 
 
 class Gate(Protocol):
-    """Decides how many jobs of a lane may be pulled now (``workers.routing.RouteGate``)."""
+    """Decides how many jobs of a lane may be pulled now (``laneway.workers.fleet.routing.RouteGate``)."""
 
     async def admit(self, consumer: LaneConsumer, want: int) -> Admission: ...
 

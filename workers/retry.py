@@ -14,8 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from broker.config import LanewayConfig
-from broker.model import ErrorClass, JobError, JobEvent, JobState
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.core.model import ErrorClass, JobError, JobEvent, JobState
 
 __all__ = [
     "HANDED_BACK",

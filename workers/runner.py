@@ -5,7 +5,7 @@ was cancelled, superseded, finished by another worker after a lease loss, or
 already completed before a crash is recognised without calling the provider
 again. The job is acked only after its final event (and, for a dead letter,
 its DeadLetter record) is durably stored. What follows a failure is decided in
-``workers.retry``; retries wait in JetStream (nak with delay), not in a worker.
+``laneway.workers.retry``; retries wait in JetStream (nak with delay), not in a worker.
 """
 
 from __future__ import annotations
@@ -19,31 +19,23 @@ from datetime import timedelta
 import structlog
 from nats.aio.msg import Msg
 
-from broker import topology as t
-from broker.deadletters import DeadLetterStore
-from broker.events import EventConflict, EventLog, PendingAppend
-from broker.metrics import WorkerMetrics
-from broker.model import (
-    ChatInput,
-    ErrorClass,
-    JobError,
-    JobEvent,
-    JobState,
-    QueuedJob,
-    utcnow,
-)
-from broker.wire import decode_queued_job
+from laneway.broker.core import topology as t
+from laneway.broker.core.dead_letters import DeadLetterStore
+from laneway.broker.core.events import EventConflict, EventLog, PendingAppend
+from laneway.broker.core.model import ChatInput, ErrorClass, JobError, JobEvent, JobState, QueuedJob, utcnow
+from laneway.broker.core.wire.jobs import decode_queued_job
 from laneway.errors import Unavailable
-from workers.attempts import Attempts
-from workers.call_stats import CallStats
-from workers.calling import Target, call_target
-from workers.feedback import learn, reserve_tokens
-from workers.limiter import FleetLimiter
-from workers.log_position import Unlogged, previous, queued_seq
-from workers.provider import CallContext, ProviderError, ResponseInfo
-from workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, decide, next_attempt
-from workers.routing import Choice, Grant, TargetChooser, estimate_tokens
-from workers.tracing_spans import attempt_started, job_trace, note_event, provider_call
+from laneway.workers.attempts import Attempts
+from laneway.workers.calling import Target, call_target
+from laneway.workers.fleet.call_stats import CallStats
+from laneway.workers.fleet.feedback import learn, reserve_tokens
+from laneway.workers.fleet.limiter import FleetLimiter
+from laneway.workers.fleet.routing import Choice, Grant, TargetChooser, estimate_tokens
+from laneway.workers.log_position import Unlogged, previous, queued_seq
+from laneway.workers.metrics import WorkerMetrics
+from laneway.workers.providers.base import CallContext, ProviderError, ResponseInfo
+from laneway.workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, decide, next_attempt
+from laneway.workers.tracing_spans import attempt_started, job_trace, note_event, provider_call
 
 __all__ = ["JobRunner"]
 

@@ -18,11 +18,11 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from broker.events import EventConflict, EventLog, PendingAppend
-from broker.model import ChatInput, JobError, JobEvent, JobResult, JobState
-from broker.tasks import cancel_and_wait
-from workers.classify import classify_exception
-from workers.provider import CallContext, Provider, ProviderError
+from laneway.broker.core.events import EventConflict, EventLog, PendingAppend
+from laneway.broker.core.model import ChatInput, JobError, JobEvent, JobResult, JobState
+from laneway.broker.core.tasks import cancel_and_wait
+from laneway.workers.providers.base import CallContext, Provider, ProviderError
+from laneway.workers.providers.classify import classify_exception
 
 __all__ = ["DeltaWriter", "stream_chat"]
 
@@ -30,7 +30,7 @@ __all__ = ["DeltaWriter", "stream_chat"]
 class DeltaWriter:
     """``add`` deltas as they arrive; ``finish`` waits until all are stored.
 
-    Raises ``broker.events.EventConflict`` (from ``add`` or ``finish``) once the
+    Raises ``laneway.broker.core.events.EventConflict`` (from ``add`` or ``finish``) once the
     job's log moved on without us.
     """
 

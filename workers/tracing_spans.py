@@ -21,9 +21,17 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from broker.model import ChatOutput, EmbeddingInput, JobEvent, JobInput, JobResult, QueuedJob, utcnow
-from broker.tracing import current_trace_id, enabled, extract_from_headers, tracer
-from workers.provider import Provider, ProviderError
+from laneway.broker.core.model import (
+    ChatOutput,
+    EmbeddingInput,
+    JobEvent,
+    JobInput,
+    JobResult,
+    QueuedJob,
+    utcnow,
+)
+from laneway.broker.observability.tracing import current_trace_id, enabled, extract_from_headers, tracer
+from laneway.workers.providers.base import Provider, ProviderError
 
 __all__ = ["ProviderCall", "attempt_started", "job_trace", "note_event", "provider_call"]
 

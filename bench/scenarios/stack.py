@@ -23,14 +23,14 @@ import aiohttp
 import laneway
 from bench.report import progress
 from bench.stack import BenchError, Child, Workspace, wait_grpc_health
-from broker.config import load_config
-from broker.natsd import free_port
+from laneway.broker.cli.natsd import free_port
+from laneway.broker.config.model import load_config
 
 __all__ = ["ROUTE", "Call", "FakeHandle", "FakeSpec", "Stack", "StackSpec", "running_stack"]
 
 ROUTE = "scenario"
 MODEL = "fake-chat"
-_CLI = [sys.executable, "-m", "broker.cli"]
+_CLI = [sys.executable, "-m", "laneway.broker.cli"]
 
 
 @dataclass(frozen=True)

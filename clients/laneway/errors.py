@@ -16,7 +16,7 @@ Hierarchy::
         └── InternalError       INTERNAL, UNKNOWN and any other code
 
 The broker raises ``ApiError`` subclasses and maps them to a gRPC status in one
-place (``broker.status``); the client maps a status back to the same class
+place (``laneway.broker.server.status``); the client maps a status back to the same class
 (``laneway.client``), so both sides speak the same exceptions.
 """
 

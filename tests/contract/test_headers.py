@@ -8,18 +8,18 @@ from datetime import UTC, datetime
 import pydantic
 import pytest
 
-from broker.config import parse_config
-from broker.model import ErrorClass
-from broker.provider_config import AnthropicProviderConfig, OpenAIProviderConfig
-from workers.provider import ProviderError, RateLimits
-from workers.providers.http import (
+from laneway.broker.config.model import parse_config
+from laneway.broker.config.providers import AnthropicProviderConfig, OpenAIProviderConfig
+from laneway.broker.core.model import ErrorClass
+from laneway.workers.providers.base import ProviderError, RateLimits
+from laneway.workers.providers.http import (
     error_fields,
     parse_anthropic_rate_limits,
     parse_duration,
     parse_openai_rate_limits,
     retry_after_header,
 )
-from workers.providers.labels import parse_label
+from laneway.workers.providers.labels import parse_label
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -209,8 +209,8 @@ def test_error_events_mid_stream_are_classified() -> None:
     # Sent after the 200 headers, so the fake cannot script them; judged by their type/code.
     from httpx_sse import ServerSentEvent
 
-    from workers.providers.anthropic import _Stream as AnthropicStream
-    from workers.providers.openai import _Stream as OpenAIStream
+    from laneway.workers.providers.anthropic import _Stream as AnthropicStream
+    from laneway.workers.providers.openai import _Stream as OpenAIStream
 
     overloaded = '{"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}'
     with pytest.raises(ProviderError) as info:

@@ -1,6 +1,6 @@
 """The provider contract, written once and run against every provider type: the
 in-process ``mock`` and the HTTP adapters ``openai`` and ``anthropic``, the latter
-over real loopback HTTP against ``workers.fake_provider``. Cases that need a wire
+over real loopback HTTP against ``laneway.workers.fakes.server``. Cases that need a wire
 (error bodies, broken streams, headers) skip the mock."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
-from broker.config import MockProviderConfig
-from broker.model import (
+from laneway.broker.config.model import MockProviderConfig
+from laneway.broker.config.providers import AnthropicProviderConfig, HttpProviderConfig, OpenAIProviderConfig
+from laneway.broker.core.model import (
     ChatInput,
     ChatMessage,
     ChatOutput,
@@ -25,11 +26,10 @@ from broker.model import (
     ErrorClass,
     GenerationParams,
 )
-from broker.provider_config import AnthropicProviderConfig, HttpProviderConfig, OpenAIProviderConfig
 from laneway.errors import ConfigError
-from workers.fake_provider import FakeProvider, FakeProviderSettings, Step
-from workers.provider import CallContext, Provider, ProviderError, ResponseInfo, build_provider
-from workers.simulation import unit_vector
+from laneway.workers.fakes.server import FakeProvider, FakeProviderSettings, Step
+from laneway.workers.fakes.simulation import unit_vector
+from laneway.workers.providers.base import CallContext, Provider, ProviderError, ResponseInfo, build_provider
 
 KEY = "sk-laneway-contract-5ecret-7f3a"
 KEY_ENV = "LANEWAY_CONTRACT_API_KEY"

@@ -3,9 +3,9 @@ API and compatible servers) and ``anthropic`` (the Messages API)."""
 
 from __future__ import annotations
 
-from workers.provider import register_provider_type
-from workers.providers.anthropic import AnthropicProvider
-from workers.providers.openai import OpenAIProvider
+from laneway.workers.providers.anthropic import AnthropicProvider
+from laneway.workers.providers.base import register_provider_type
+from laneway.workers.providers.openai import OpenAIProvider
 
 __all__ = ["AnthropicProvider", "OpenAIProvider"]
 

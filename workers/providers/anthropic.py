@@ -15,7 +15,8 @@ from typing import Any
 
 from httpx_sse import ServerSentEvent
 
-from broker.model import (
+from laneway.broker.config.providers import AnthropicProviderConfig
+from laneway.broker.core.model import (
     ChatInput,
     ChatOutput,
     ClassificationInput,
@@ -26,15 +27,10 @@ from broker.model import (
     JobError,
     TokenUsage,
 )
-from broker.provider_config import AnthropicProviderConfig
-from workers.classify import classify_status
-from workers.provider import CallContext, ProviderError, RateLimits
-from workers.providers.http import (
-    HttpProvider,
-    error_fields,
-    parse_anthropic_rate_limits,
-)
-from workers.providers.labels import classification_prompt, parse_label
+from laneway.workers.providers.base import CallContext, ProviderError, RateLimits
+from laneway.workers.providers.classify import classify_status
+from laneway.workers.providers.http import HttpProvider, error_fields, parse_anthropic_rate_limits
+from laneway.workers.providers.labels import classification_prompt, parse_label
 
 __all__ = ["AnthropicProvider"]
 

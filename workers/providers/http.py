@@ -12,7 +12,7 @@ the whole call, streamed or not):
 - non-streamed calls: the answer only comes once the whole text is generated, so
   only the total bounds them (a 30 s header timeout would kill long generations).
 
-Every failure ends as a ``ProviderError`` classified by ``workers.classify``; httpx
+Every failure ends as a ``ProviderError`` classified by ``laneway.workers.providers.classify``; httpx
 exceptions are translated to the built-in ones it understands first. The client
 never retries (httpx does not by default): retrying is the worker's job.
 """
@@ -34,11 +34,11 @@ from typing import Any, Generic, Protocol, TypeVar
 import httpx
 from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse
 
-from broker.model import ChatOutput, ErrorClass, JobError, TokenUsage
-from broker.provider_config import HttpProviderConfig
+from laneway.broker.config.providers import HttpProviderConfig
+from laneway.broker.core.model import ChatOutput, ErrorClass, JobError, TokenUsage
 from laneway.errors import ConfigError
-from workers.classify import classify_exception, classify_status, parse_retry_after
-from workers.provider import CallContext, ProviderError, RateLimits, ResponseInfo
+from laneway.workers.providers.base import CallContext, ProviderError, RateLimits, ResponseInfo
+from laneway.workers.providers.classify import classify_exception, classify_status, parse_retry_after
 
 __all__ = [
     "HttpProvider",

@@ -9,8 +9,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from broker.model import ErrorClass, JobError
-from workers.provider import ProviderError
+from laneway.broker.core.model import ErrorClass, JobError
+from laneway.workers.providers.base import ProviderError
 
 __all__ = [
     "BATCH_SYSTEM_PROMPT",

@@ -16,7 +16,8 @@ from typing import Any
 
 from httpx_sse import ServerSentEvent
 
-from broker.model import (
+from laneway.broker.config.providers import OpenAIProviderConfig
+from laneway.broker.core.model import (
     ChatInput,
     ChatOutput,
     ClassificationInput,
@@ -25,15 +26,10 @@ from broker.model import (
     EmbeddingOutput,
     TokenUsage,
 )
-from broker.provider_config import OpenAIProviderConfig
-from workers.classify import classify_status
-from workers.provider import CallContext, RateLimits
-from workers.providers.http import (
-    HttpProvider,
-    error_fields,
-    parse_openai_rate_limits,
-)
-from workers.providers.labels import classification_prompt, parse_label
+from laneway.workers.providers.base import CallContext, RateLimits
+from laneway.workers.providers.classify import classify_status
+from laneway.workers.providers.http import HttpProvider, error_fields, parse_openai_rate_limits
+from laneway.workers.providers.labels import classification_prompt, parse_label
 
 __all__ = ["OpenAIProvider"]
 

@@ -1,0 +1,387 @@
+"""Laneway's configuration: one YAML file, validated into frozen pydantic models.
+
+Every field carries an attribute docstring; ``use_attribute_docstrings`` turns them
+into JSON-schema descriptions, so ``config_json_schema()`` documents the file for
+editors and the docs without a second copy.
+
+Loading reports every problem at once, each as ``<file>:<line>: <key.path>: <message>``,
+because fixing a config one error per run is slow. String values may use
+``${VAR}`` and ``${VAR:-default}``; they are expanded before validation, so
+``concurrency: ${MOCK_CONCURRENCY:-64}`` works for numbers too.
+
+Adding a provider type is adding one model with a ``type: Literal[...]`` field to
+the ``ProviderConfig`` union; loading and error reporting pick it up from there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from laneway.broker.config.errors import (
+    ConfigProblem,
+    ConfigValidationError,
+    YamlDocument,
+    problems_from_validation_error,
+    suggest,
+)
+from laneway.broker.config.providers import (
+    AnthropicProviderConfig,
+    CircuitConfig,
+    ErrorRates,
+    LimitsConfig,
+    MockProviderConfig,
+    OpenAIProviderConfig,
+)
+from laneway.broker.config.routes import BatchConfig, RouteConfig, RouteTarget
+from laneway.broker.core.model import LANES, NAME_PATTERN
+from laneway.errors import ConfigError
+
+__all__ = [
+    "LANES",
+    "NAME_PATTERN",
+    "BatchConfig",
+    "BrokerConfig",
+    "CircuitConfig",
+    "ConfigProblem",
+    "ConfigValidationError",
+    "DeadLetterConfig",
+    "FakeProviderProcessConfig",
+    "Lane",
+    "LanesConfig",
+    "LanewayConfig",
+    "LimitsConfig",
+    "MetricsConfig",
+    "MockProviderConfig",
+    "NatsConfig",
+    "ProviderConfig",
+    "QueueConfig",
+    "RouteConfig",
+    "RouteTarget",
+    "WorkersConfig",
+    "config_json_schema",
+    "default_config",
+    "load_config",
+    "parse_config",
+]
+
+Lane = Literal["high", "normal", "low"]
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Model(BaseModel):
+    # Frozen: one config object is shared by every task of a process.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class NatsConfig(_Model):
+    """Where the NATS server with JetStream is."""
+
+    url: str = ""
+    """NATS server URL(s), e.g. ``nats://127.0.0.1:4222``; several may be comma-separated.
+    Empty means ``laneway up`` starts an embedded nats-server. The ``NATS_URL`` environment
+    variable overrides this at runtime."""
+    connect_timeout_s: PositiveSeconds = 5.0
+    """Seconds to wait for the first connection before giving up."""
+
+
+class BrokerConfig(_Model):
+    """The gRPC front door."""
+
+    grpc_addr: str = "127.0.0.1:50051"
+    """``HOST:PORT`` the gRPC server listens on; use ``0.0.0.0:PORT`` or ``[::]:PORT``
+    to accept connections from other hosts."""
+    max_payload_bytes: PositiveInt = 1_048_576
+    """Largest serialized job accepted, in bytes; larger ones are rejected as
+    RESOURCE_EXHAUSTED. Keep it under the NATS server's ``max_payload``."""
+    max_batch_jobs: PositiveInt = 1000
+    """Most jobs one SubmitBatch call may carry."""
+
+    @field_validator("grpc_addr")
+    @classmethod
+    def _check_grpc_addr(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"expected HOST:PORT, got '{value}'")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            raise ValueError(f"an IPv6 host needs brackets, e.g. '[::1]:{port}'")
+        # Port 0 asks the OS for a free port (tests, side-by-side brokers).
+        if not (port.isascii() and port.isdigit() and 0 <= int(port) <= 65535):
+            raise ValueError(f"port must be a number from 0 to 65535, got '{port}'")
+        return value
+
+
+class QueueConfig(_Model):
+    """JetStream streams and consumers that hold the jobs."""
+
+    events_max_age_s: PositiveInt = 86_400
+    """Seconds job events and results are kept in JetStream; after that, watching or
+    fetching a finished job reports it as not found."""
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    """JetStream stream replicas (1-5); use 3 on a cluster so a node loss loses no jobs."""
+    ack_wait_s: PositiveSeconds = 30.0
+    """Lease in seconds: a job whose worker stops heartbeating is redelivered after this."""
+    max_deliver: Annotated[int, Field(ge=2)] = 50
+    """Safety net: JetStream deliveries of one job (retries, rate-limit waits, crashes,
+    lease expiries and hand-backs all count) before the server gives it up; such a job
+    is moved to dead letters with reason ``max_deliveries``. Attempt budgets are
+    ``max_attempts``; keep this well above them."""
+
+
+class LanesConfig(_Model):
+    """Priority lanes: high is served before normal, normal before low, except that a
+    lane with waiting work still gets its guaranteed share of job starts."""
+
+    default: Lane = "normal"
+    """Lane for a job that does not name one: high, normal or low."""
+    guaranteed_share: dict[Lane, Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]] = {
+        "high": 0.0,
+        "normal": 0.1,
+        "low": 0.05,
+    }
+    """Least fraction (0 to below 1) of each worker pool's job starts a lane gets while it
+    has waiting work, even when higher lanes are saturated; 0 means strict priority for
+    that lane. Lanes left out get 0; the shares must add up to less than 1. Measured over
+    roughly the last thousand starts, so shares below 0.001 act as 0. Default: high 0,
+    normal 0.1, low 0.05."""
+
+    @field_validator("guaranteed_share")
+    @classmethod
+    def _check_share_sum(cls, value: dict[Lane, float]) -> dict[Lane, float]:
+        # fsum: a plain sum makes 0.7 + 0.2 + 0.1 come out just under 1.
+        total = math.fsum(value.values())
+        if total >= 1:
+            # Some starts must be left to strict priority, or the high lane could be starved.
+            parts = " + ".join(f"{lane} {value[lane]:g}" for lane in LANES if lane in value)
+            raise ValueError(f"shares must add up to less than 1, got {total:g} ({parts})")
+        return value
+
+
+class DeadLetterConfig(_Model):
+    """The dead-letter queue: jobs that failed permanently or ran out of attempts."""
+
+    max_age_s: PositiveInt = 1_209_600
+    """Seconds a dead letter is kept (default 14 days) before JetStream discards it."""
+    redrive_rate_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10.0
+    """Default pace of a redrive, in jobs per second, so redriving thousands of dead
+    letters does not flood a provider (a request may ask for another rate)."""
+
+
+class WorkersConfig(_Model):
+    """Behaviour of provider worker processes."""
+
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    """Attempts per job (default for every route). Transient errors (network, timeouts,
+    5xx, a worker lost mid-call) spend one; rate-limited ones (429, overloaded) do not;
+    permanent ones (400, 401/403, content policy, context length) go straight to dead
+    letters. 1 disables retries."""
+    retry_backoff_s: PositiveSeconds = 0.5
+    """Seconds before the first retry of a transient error; doubles each attempt, with
+    jitter. A rate-limited retry waits for the provider's Retry-After instead."""
+    retry_backoff_max_s: Annotated[float, Field(allow_inf_nan=False, validate_default=True)] = 30.0
+    """Cap on the retry delay in seconds; at least ``retry_backoff_s``."""
+    shutdown_grace_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
+    """Seconds a stopping worker lets in-flight calls finish before it abandons them
+    (they are then redelivered to another worker)."""
+    eager_start_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
+    """A job a worker gets within this many seconds of its submission starts its
+    provider call while its RUNNING event is being written, saving a NATS round trip
+    on latency and time to first token. The price: a job cancelled within this window
+    may reach the provider before the cancel is seen (the call is aborted as soon as
+    the write is refused). Jobs that waited longer, or were delivered again, wait for
+    their RUNNING event first. 0 turns it off."""
+
+    @field_validator("retry_backoff_max_s")
+    @classmethod
+    def _check_backoff_max(cls, value: float, info: ValidationInfo) -> float:
+        # validate_default makes this run when only retry_backoff_s was raised past the default cap.
+        first = info.data.get("retry_backoff_s")
+        if first is not None and value < first:
+            raise ValueError(f"must be at least retry_backoff_s ({first}), got {value}")
+        return value
+
+
+# A discriminated union on `type`: add a provider type's config model with `|`.
+ProviderConfig = Annotated[
+    MockProviderConfig | OpenAIProviderConfig | AnthropicProviderConfig, Field(discriminator="type")
+]
+
+
+class MetricsConfig(_Model):
+    """Prometheus ``/metrics`` endpoints, served on loopback (127.0.0.1)."""
+
+    broker_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """Port of the broker's metrics endpoint (submissions, queue depth, dead letters);
+    0 turns it off."""
+    worker_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    """Port of a worker process's metrics endpoint (jobs, retries, provider calls,
+    token usage); 0 turns it off. Each worker process needs its own port."""
+
+
+class FakeProviderProcessConfig(_Model):
+    """Development: an OpenAI-compatible fake provider that ``laneway up`` runs too, so
+    ``openai``-type providers work offline (point their ``base_url`` at it)."""
+
+    port: Annotated[int, Field(ge=1, le=65535)] = 18089
+    """Loopback port it listens on."""
+    rpm: Annotated[int, Field(ge=0)] = 0
+    """Requests per minute before it answers 429 (0: unlimited)."""
+    tpm: Annotated[int, Field(ge=0)] = 0
+    """Tokens per minute before it answers 429 (0: unlimited)."""
+    latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Mean latency per call, in milliseconds."""
+    latency_jitter_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Uniform +/- jitter on the latency, in milliseconds."""
+    token_delay_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Delay per streamed token, in milliseconds."""
+    error_rates: ErrorRates = {}
+    """Share of calls answered with each HTTP error status, e.g. ``{503: 0.01}``."""
+
+
+class LanewayConfig(_Model):
+    """The whole Laneway configuration file."""
+
+    nats: NatsConfig = Field(default_factory=NatsConfig)
+    """Connection to NATS."""
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    """gRPC server settings and request limits."""
+    queue: QueueConfig = Field(default_factory=QueueConfig)
+    """JetStream retention, replication and redelivery."""
+    lanes: LanesConfig = Field(default_factory=LanesConfig)
+    """Priority lanes."""
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+    """Worker retries and shutdown."""
+    dlq: DeadLetterConfig = Field(default_factory=DeadLetterConfig)
+    """Dead-letter retention and redrive pace."""
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    """Default batching of embedding jobs (routes may override it)."""
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """Prometheus metrics endpoints (off unless a port is set)."""
+    fake_provider: FakeProviderProcessConfig | None = None
+    """Development only: ``laneway up`` also starts ``laneway fake-provider`` with these
+    settings. Unset: it does not."""
+    providers: Annotated[dict[Name, ProviderConfig], Field(min_length=1)]
+    """Provider instances by name (1-64 of A-Z a-z 0-9 _ -); each runs its own worker pool."""
+    routes: Annotated[dict[Name, RouteConfig], Field(min_length=1)]
+    """Routes by name (1-64 of A-Z a-z 0-9 _ -); a job names the route it goes to."""
+
+    @model_validator(mode="after")
+    def _check_route_providers(self) -> Self:
+        # Loading from YAML reports this with lines via _unknown_provider_problems; this
+        # guard is for configs built in code.
+        for name, route in self.routes.items():
+            for index, target in enumerate(route.targets):
+                if target.provider not in self.providers:
+                    raise PydanticCustomError(
+                        "unknown_provider",
+                        "routes.{route}.targets[{index}].provider: unknown provider '{provider}'",
+                        {"route": name, "index": index, "provider": target.provider},
+                    )
+        return self
+
+    def route_primary(self, route: str) -> RouteTarget:
+        """The first (preferred) target of ``route``; KeyError if there is no such route."""
+        return self.routes[route].targets[0]
+
+    def routes_of(self, provider: str) -> dict[str, str]:
+        """Route -> model for every route ``provider`` is a target of, in config order."""
+        return {
+            name: target.model
+            for name, route in self.routes.items()
+            for target in route.targets
+            if target.provider == provider
+        }
+
+
+def default_config() -> LanewayConfig:
+    """Defaults everywhere, one ``mock`` provider and a ``chat`` route to it."""
+    return LanewayConfig(
+        providers={"mock": MockProviderConfig()},
+        routes={"chat": RouteConfig(targets=(RouteTarget(provider="mock", model="mock-chat"),))},
+    )
+
+
+def config_json_schema() -> dict[str, Any]:
+    """JSON schema of the config file, with each field's docstring as its description."""
+    return LanewayConfig.model_json_schema()
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> LanewayConfig:
+    """Read and validate a YAML config file.
+
+    ``env`` replaces ``os.environ`` for ``${VAR}`` expansion. Raises ConfigError; for
+    problems inside the file, the ConfigValidationError subclass with ``problems``.
+    """
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: config file is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return parse_config(text, source=source, env=env)
+
+
+def parse_config(
+    text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None
+) -> LanewayConfig:
+    """Validate YAML ``text``; ``source`` names it in error messages."""
+    doc = YamlDocument.parse(text, source)
+    data, env_problems = doc.to_data(os.environ if env is None else env)
+    problems = [*env_problems, *_unknown_provider_problems(data, doc)]
+    try:
+        config = LanewayConfig.model_validate(data)
+    except ValidationError as exc:
+        # A value whose variable is unset was replaced by "", so its type error is noise.
+        unset = {p.key for p in env_problems}
+        found = problems_from_validation_error(exc, doc, LanewayConfig, skip_types={"unknown_provider"})
+        problems += [p for p in found if p.key not in unset]
+    else:
+        if not problems:
+            return config
+    raise ConfigValidationError(problems)
+
+
+def _unknown_provider_problems(data: dict[str, Any], doc: YamlDocument) -> list[ConfigProblem]:
+    """Route targets naming a missing provider, checked on the raw data so they are
+    reported alongside schema errors, not only once those are fixed."""
+    providers, routes = data.get("providers"), data.get("routes")
+    if not isinstance(providers, dict) or not isinstance(routes, dict):
+        return []
+    known = [name for name in providers if isinstance(name, str)]
+    problems: list[ConfigProblem] = []
+    for route_name, route in routes.items():
+        targets = route.get("targets") if isinstance(route, dict) else None
+        if not isinstance(targets, list):
+            continue
+        for index, target in enumerate(targets):
+            provider = target.get("provider") if isinstance(target, dict) else None
+            if isinstance(provider, str) and provider and provider not in providers:
+                listed = ", ".join(f"'{name}'" for name in known) or "none"
+                problems.append(
+                    doc.problem(
+                        ("routes", route_name, "targets", index, "provider"),
+                        f"unknown provider '{provider}'; known: {listed}",
+                        suggest(provider, known),
+                    )
+                )
+    return problems

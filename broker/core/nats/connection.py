@@ -1,0 +1,99 @@
+"""Connecting to NATS: one place for connection options and the server check."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from laneway.broker.core.topology import check_server_version
+from laneway.errors import TopologyError
+
+__all__ = ["FastHeaderClient", "connect_nats"]
+
+log = structlog.get_logger("laneway.nats")
+
+_WHITESPACE = re.compile(r"\s")
+
+
+class FastHeaderClient(NatsClient):
+    """nats-py's client with a header parser twice as fast and with the same results.
+
+    Every event a broker streams arrives with about seven headers (ours and the
+    stream's republish headers); parsing them was a tenth of a broker's CPU. The
+    library's rules are kept exactly (a test compares both on arbitrary input):
+    lines without a colon, non-ASCII names and names with whitespace are skipped;
+    names and values are stripped; values are decoded as UTF-8 with replacement.
+    """
+
+    @staticmethod
+    def _parse_header_lines(raw: bytes) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in raw.split(b"\r\n"):
+            name, sep, value = line.partition(b":")
+            if not sep:
+                continue
+            name = name.strip()
+            if not name.isascii():
+                continue
+            key = name.decode()
+            if _WHITESPACE.search(key):
+                continue
+            out[key] = value.strip().decode("utf-8", "replace")
+        return out
+
+
+async def connect_nats(
+    url: str,
+    *,
+    name: str,
+    connect_timeout: float = 5.0,
+    on_reconnected: Callable[[], None] | None = None,
+) -> NatsClient:
+    """Connect, then refuse servers too old for Laneway or without JetStream."""
+
+    clients: list[NatsClient] = []
+
+    async def on_disconnect() -> None:
+        if clients and clients[0].is_closed:
+            return  # our own close, not an outage
+        log.warning("nats disconnected", url=url)
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected", url=url)
+        if on_reconnected is not None:
+            on_reconnected()
+
+    async def on_error(err: Exception) -> None:
+        log.warning("nats error", error=str(err))
+
+    nc = FastHeaderClient()
+    try:
+        # nats-py annotates both timeouts as int; it takes (and we pass) seconds as float.
+        await nc.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,  # type: ignore[arg-type]
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+            allow_reconnect=True,
+        )
+    except Exception as err:
+        raise TopologyError(f"cannot connect to NATS at {url}: {err}") from err
+    clients.append(nc)
+    try:
+        v = nc.connected_server_version
+        check_server_version(f"{v.major}.{v.minor}.{v.patch}")
+        try:
+            await nc.jetstream().account_info()
+        except Exception as err:
+            raise TopologyError(f"NATS at {url} has no JetStream (start it with --jetstream): {err}") from err
+    except BaseException:
+        await nc.close()
+        raise
+    return nc

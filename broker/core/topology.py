@@ -1,0 +1,443 @@
+"""The one place that names Laneway's JetStream topology and creates it.
+
+Streams:
+
+- ``LANEWAY_JOBS`` (work-queue retention): ``laneway.jobs.<route>.<lane>``. One
+  durable pull consumer per route and lane, shared by every worker process
+  serving the route; an acked job is deleted. The same stream holds message
+  schedules (``laneway.sched.at.<job_id>`` for delayed jobs,
+  ``laneway.sched.debounce.<route>.<key digest>`` for debounced ones): the server
+  publishes each to its lane subject when due, durably; publishing again to a
+  debounce subject replaces the pending schedule. No consumer reads them.
+- ``LANEWAY_DLQ`` (limits retention, ``max_age``): ``laneway.dlq.<route>.<job_id>``,
+  one ``DeadLetter`` per dead-lettered job.
+- ``LANEWAY_ADVISORIES`` (work-queue retention): JetStream's max-deliveries
+  advisories for the jobs stream, captured so that a job the server gave up on is
+  moved to dead letters even when no broker was listening at that moment. One
+  durable consumer (``dlq_sweeper``) shared by the brokers.
+- ``LANEWAY_EVENTS`` (limits retention, ``max_age``): ``laneway.events.<job_id>``.
+  A job's events are its state log: the latest event is the job's state, and the
+  whole subject replays to late subscribers. The stream republishes each event,
+  once stored, on ``laneway.live.<job_id>`` (core NATS): watchers follow that,
+  never the publish itself, because a publish that fails its compare-and-set is
+  still delivered to plain subscribers but never stored.
+
+Key-value:
+
+- ``laneway_idempotency``: idempotency key digest -> job id, kept 24 h.
+- ``laneway_providers``: fleet-wide provider state (``laneway.broker.fleet.state``),
+  ``limit.<provider>[.<model digest>]`` for limiter budgets and
+  ``circuit.<provider>`` for circuit breakers, ``share.<route>.<tier>`` for a
+  route tier's weighted split (``laneway.broker.fleet.shares``),
+  ``calls.<provider>.<worker>`` for one worker's recent calls
+  (``laneway.broker.fleet.call_window``); history 1, written with
+  compare-and-set, watched by every worker and broker.
+
+Nobody else spells a subject, stream, consumer or bucket name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    KeyValueConfig,
+    RePublish,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from laneway.broker.core.model import LANES
+from laneway.errors import TopologyError
+
+if TYPE_CHECKING:
+    from laneway.broker.config.model import LanewayConfig
+
+__all__ = [
+    "ADVISORY_CONSUMER",
+    "ADVISORY_STREAM",
+    "CANCEL_ALL",
+    "CANCEL_PREFIX",
+    "DLQ_DIRECT_GET",
+    "DLQ_PREFIX",
+    "DLQ_STREAM",
+    "EVENTS_DIRECT_GET",
+    "EVENTS_PREFIX",
+    "EVENTS_STREAM",
+    "HDR_DLQ_REASON",
+    "HDR_EVENT_SEQ",
+    "HDR_JOB_ID",
+    "HDR_JOB_SEQ",
+    "HDR_JOB_STATE",
+    "IDEMPOTENCY_BUCKET",
+    "JOBS_PREFIX",
+    "JOBS_STREAM",
+    "LIVE_ALL",
+    "LIVE_PREFIX",
+    "MAX_DELIVERIES_ADVISORY",
+    "MIN_SERVER_VERSION",
+    "PROVIDERS_BUCKET",
+    "SCHED_PREFIX",
+    "LaneConsumer",
+    "TopologySettings",
+    "calls_key",
+    "calls_prefix",
+    "cancel_subject",
+    "check_server_version",
+    "circuit_key",
+    "consumer_name",
+    "debounce_subject",
+    "delay_subject",
+    "dlq_filter",
+    "dlq_subject",
+    "ensure_topology",
+    "event_subject",
+    "idempotency_entry",
+    "job_id_of",
+    "job_subject",
+    "limit_key",
+    "pull_subject",
+    "share_key",
+]
+
+JOBS_STREAM = "LANEWAY_JOBS"
+EVENTS_STREAM = "LANEWAY_EVENTS"
+DLQ_STREAM = "LANEWAY_DLQ"
+ADVISORY_STREAM = "LANEWAY_ADVISORIES"
+ADVISORY_CONSUMER = "dlq_sweeper"
+IDEMPOTENCY_BUCKET = "laneway_idempotency"
+PROVIDERS_BUCKET = "laneway_providers"
+
+JOBS_PREFIX = "laneway.jobs"
+SCHED_PREFIX = "laneway.sched"
+DLQ_PREFIX = "laneway.dlq"
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{JOBS_STREAM}.*"
+EVENTS_PREFIX = "laneway.events"
+LIVE_PREFIX = "laneway.live"
+# Core NATS (not stored): cancellation requests that running workers act on.
+CANCEL_PREFIX = "laneway.control.cancel"
+
+# Header on a queued job: stream sequence of the job's last event when it was
+# enqueued, so the first worker can append to the job's event log with
+# compare-and-set (Nats-Expected-Last-Subject-Sequence) without a lookup.
+HDR_EVENT_SEQ = "Laneway-Event-Seq"
+# Headers on an event, so readers can order and finish streams without parsing bodies.
+HDR_JOB_SEQ = "Laneway-Seq"
+HDR_JOB_STATE = "Laneway-State"
+# On schedules and dead letters: whose they are, without parsing the body.
+HDR_JOB_ID = "Laneway-Job-Id"
+HDR_DLQ_REASON = "Laneway-Reason"
+
+# Work-queue consumers, Nats-Expected-Last-Subject-Sequence, batched direct get
+# and message schedules (delayed and debounced jobs) all exist from 2.12 on.
+MIN_SERVER_VERSION = (2, 12, 0)
+
+_IDEMPOTENCY_TTL_S = 24 * 3600
+_DUPLICATE_WINDOW_S = 120
+
+
+def job_subject(route: str, lane: str) -> str:
+    return f"{JOBS_PREFIX}.{route}.{lane}"
+
+
+def event_subject(job_id: str) -> str:
+    return f"{EVENTS_PREFIX}.{job_id}"
+
+
+def delay_subject(job_id: str) -> str:
+    return f"{SCHED_PREFIX}.at.{job_id}"
+
+
+def debounce_subject(route: str, debounce_key: str) -> str:
+    # Hashed: a caller's key may hold anything, a subject token may not.
+    digest = hashlib.sha256(debounce_key.encode()).hexdigest()[:32]
+    return f"{SCHED_PREFIX}.debounce.{route}.{digest}"
+
+
+def idempotency_entry(route: str, idempotency_key: str) -> str:
+    """The idempotency bucket's key for a route's caller key (hashed for the same reason)."""
+    return hashlib.sha256(f"{route}\0{idempotency_key}".encode()).hexdigest()
+
+
+def limit_key(provider: str, model: str = "") -> str:
+    """The providers bucket's key of a limiter budget: the provider's, or one model's
+    (hashed: a model name may hold characters a key may not, e.g. ``:``)."""
+    if not model:
+        return f"limit.{provider}"
+    return f"limit.{provider}.{hashlib.sha256(model.encode()).hexdigest()[:16]}"
+
+
+def circuit_key(provider: str) -> str:
+    return f"circuit.{provider}"
+
+
+def calls_key(provider: str, worker: str) -> str:
+    """The providers bucket's key of one worker process's recent calls to a provider
+    (``laneway.broker.fleet.call_window``)."""
+    return f"calls.{provider}.{worker}"
+
+
+def calls_prefix(provider: str) -> str:
+    return f"calls.{provider}."
+
+
+def share_key(route: str, tier: int) -> str:
+    """The providers bucket's key of a route tier's weighted split (``laneway.broker.fleet.shares``)."""
+    return f"share.{route}.{tier}"
+
+
+def dlq_subject(route: str, job_id: str) -> str:
+    return f"{DLQ_PREFIX}.{route}.{job_id}"
+
+
+def dlq_filter(route: str = "", job_id: str = "") -> str:
+    """Dead letters of one route and/or job (wildcards for what is not given)."""
+    return f"{DLQ_PREFIX}.{route or '*'}.{job_id or '*'}"
+
+
+def cancel_subject(job_id: str) -> str:
+    return f"{CANCEL_PREFIX}.{job_id}"
+
+
+def consumer_name(route: str, lane: str) -> str:
+    return f"jobs_{route}_{lane}"
+
+
+# Wildcards for the per-process subscriptions.
+LIVE_ALL = f"{LIVE_PREFIX}.>"
+CANCEL_ALL = f"{CANCEL_PREFIX}.*"
+# JetStream API: batched/last-by-subject reads of the event log, pull requests.
+EVENTS_DIRECT_GET = f"$JS.API.DIRECT.GET.{EVENTS_STREAM}"
+DLQ_DIRECT_GET = f"$JS.API.DIRECT.GET.{DLQ_STREAM}"
+
+
+def pull_subject(consumer: str) -> str:
+    return f"$JS.API.CONSUMER.MSG.NEXT.{JOBS_STREAM}.{consumer}"
+
+
+def job_id_of(subject: str) -> str:
+    """The job id of an event, live or cancel subject (its last token)."""
+    return subject.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class LaneConsumer:
+    """A durable pull consumer for one route's lane."""
+
+    route: str
+    lane: str
+
+    @property
+    def name(self) -> str:
+        return consumer_name(self.route, self.lane)
+
+    @property
+    def subject(self) -> str:
+        return job_subject(self.route, self.lane)
+
+
+@dataclass(frozen=True)
+class TopologySettings:
+    """What the topology depends on, taken from the config."""
+
+    routes: tuple[str, ...]
+    """Route names; each gets one consumer per lane."""
+    lanes: tuple[str, ...]
+    """Lane names in priority order."""
+    events_max_age_s: int
+    """How long job events are kept."""
+    replicas: int
+    """Stream replicas (1 on a single server, 3 on a cluster)."""
+    ack_wait_s: float
+    """Lease length of a delivered job."""
+    max_deliver: int
+    """Deliveries before JetStream gives a job up."""
+    max_payload_bytes: int
+    """Largest job message accepted by the jobs stream."""
+    dlq_max_age_s: int = 14 * 86_400
+    """How long dead letters are kept."""
+
+    @classmethod
+    def from_config(cls, config: LanewayConfig) -> TopologySettings:
+        return cls(
+            routes=tuple(config.routes),
+            lanes=LANES,
+            events_max_age_s=config.queue.events_max_age_s,
+            replicas=config.queue.replicas,
+            ack_wait_s=config.queue.ack_wait_s,
+            max_deliver=config.queue.max_deliver,
+            max_payload_bytes=config.broker.max_payload_bytes,
+            dlq_max_age_s=config.dlq.max_age_s,
+        )
+
+    def lane_consumers(self) -> tuple[LaneConsumer, ...]:
+        return tuple(LaneConsumer(r, lane) for r in self.routes for lane in self.lanes)
+
+
+def _version_tuple(version: str) -> tuple[int, int, int]:
+    core = version.lstrip("v").split("-", 1)[0]
+    parts = [int(p) for p in core.split(".")[:3] if p.isdigit()]
+    while len(parts) < 3:
+        parts.append(0)
+    return parts[0], parts[1], parts[2]
+
+
+def check_server_version(version: str) -> None:
+    """Raise TopologyError naming what is missing when the server is too old."""
+    if _version_tuple(version) < MIN_SERVER_VERSION:
+        need = ".".join(map(str, MIN_SERVER_VERSION))
+        raise TopologyError(
+            f"nats-server {version} is too old: Laneway needs {need} or newer "
+            "(work-queue consumers with compare-and-set event logs, batched direct get, "
+            "message schedules). Upgrade the server or run `laneway up` for the embedded one."
+        )
+
+
+def _jobs_stream(s: TopologySettings) -> StreamConfig:
+    return StreamConfig(
+        name=JOBS_STREAM,
+        subjects=[f"{JOBS_PREFIX}.>", f"{SCHED_PREFIX}.>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=s.replicas,
+        max_msg_size=s.max_payload_bytes + 4096,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        # No size limits, so nothing is discarded; the server refuses "new" with schedules.
+        discard=DiscardPolicy.OLD,
+        allow_msg_schedules=True,
+    )
+
+
+def _dlq_stream(s: TopologySettings) -> StreamConfig:
+    return StreamConfig(
+        name=DLQ_STREAM,
+        subjects=[f"{DLQ_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=s.replicas,
+        max_age=float(s.dlq_max_age_s),
+        # A dead letter is the job plus its attempts: allow room beyond the job itself.
+        max_msg_size=2 * s.max_payload_bytes + 65_536,
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        allow_direct=True,
+        discard=DiscardPolicy.OLD,
+    )
+
+
+def _advisory_stream(s: TopologySettings) -> StreamConfig:
+    return StreamConfig(
+        name=ADVISORY_STREAM,
+        subjects=[MAX_DELIVERIES_ADVISORY],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        num_replicas=s.replicas,
+        max_age=7 * 86_400.0,
+    )
+
+
+def _advisory_consumer() -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=ADVISORY_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=30.0,
+        max_deliver=-1,
+    )
+
+
+def _events_stream(s: TopologySettings) -> StreamConfig:
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=[f"{EVENTS_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        num_replicas=s.replicas,
+        max_age=float(s.events_max_age_s),
+        duplicate_window=_DUPLICATE_WINDOW_S,
+        allow_direct=True,
+        discard=DiscardPolicy.OLD,
+        republish=RePublish(src=f"{EVENTS_PREFIX}.>", dest=f"{LIVE_PREFIX}.>"),
+    )
+
+
+def _lane_consumer(c: LaneConsumer, s: TopologySettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=c.name,
+        filter_subject=c.subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=s.ack_wait_s,
+        max_deliver=s.max_deliver,
+        # Leases are bounded by worker concurrency, not by the server.
+        max_ack_pending=-1,
+        max_waiting=512,
+    )
+
+
+_STREAM_FIELDS = (
+    "subjects",
+    "retention",
+    "num_replicas",
+    "max_age",
+    "max_msg_size",
+    "allow_direct",
+    "republish",
+    "allow_msg_schedules",
+    "discard",
+)
+_CONSUMER_FIELDS = ("filter_subject", "ack_wait", "max_deliver")
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
+    assert cfg.name is not None
+    try:
+        info = await js.stream_info(cfg.name)
+    except nats.js.errors.NotFoundError:
+        await js.add_stream(cfg)
+        return
+    current = info.config
+    if any(getattr(current, f) != getattr(cfg, f) for f in _STREAM_FIELDS):
+        await js.update_stream(cfg)
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig) -> None:
+    assert cfg.durable_name is not None
+    try:
+        info = await js.consumer_info(stream, cfg.durable_name)
+    except nats.js.errors.NotFoundError:
+        await js.add_consumer(stream, cfg)
+        return
+    if any(getattr(info.config, f) != getattr(cfg, f) for f in _CONSUMER_FIELDS):
+        await js.add_consumer(stream, cfg)
+
+
+async def ensure_topology(js: JetStreamContext, settings: TopologySettings) -> None:
+    """Create or update streams, consumers and buckets. Idempotent: a second
+    call against the same settings sends only reads."""
+    await _ensure_stream(js, _jobs_stream(settings))
+    await _ensure_stream(js, _events_stream(settings))
+    await _ensure_stream(js, _dlq_stream(settings))
+    await _ensure_stream(js, _advisory_stream(settings))
+    for consumer in settings.lane_consumers():
+        await _ensure_consumer(js, JOBS_STREAM, _lane_consumer(consumer, settings))
+    await _ensure_consumer(js, ADVISORY_STREAM, _advisory_consumer())
+    await _ensure_bucket(js, IDEMPOTENCY_BUCKET, settings.replicas, ttl=float(_IDEMPOTENCY_TTL_S))
+    await _ensure_bucket(js, PROVIDERS_BUCKET, settings.replicas)
+
+
+async def _ensure_bucket(js: JetStreamContext, bucket: str, replicas: int, ttl: float | None = None) -> None:
+    try:
+        await js.key_value(bucket)
+    except nats.js.errors.BucketNotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(bucket=bucket, ttl=ttl, replicas=replicas, storage=StorageType.FILE)
+        )

@@ -1,0 +1,277 @@
+"""Job specs and queued jobs <-> protobuf, and request validation. Pure: no IO.
+
+Events, results and errors are in ``wire.events``; timestamps in ``wire.timestamps``.
+
+Validation errors are ``InvalidArgument`` naming the request field
+(``job.input.chat.messages[0].content``), so callers know exactly what to fix.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+from laneway.broker.core.model import (
+    NAME_PATTERN,
+    ChatInput,
+    ChatMessage,
+    ClassificationInput,
+    EmbeddingInput,
+    GenerationParams,
+    JobInput,
+    JobSpec,
+    QueuedJob,
+)
+from laneway.broker.core.wire.timestamps import set_timestamp, to_datetime
+from laneway.errors import InvalidArgument
+from laneway.v1 import job_pb2, queue_pb2
+
+__all__ = [
+    "LANE_FROM_PB",
+    "LANE_TO_PB",
+    "MAX_METADATA",
+    "NAME_RE",
+    "decode_queued_job",
+    "encode_queued_job",
+    "queued_job_from_pb",
+    "queued_job_to_pb",
+    "spec_from_pb",
+    "spec_to_pb",
+]
+
+NAME_RE = re.compile(NAME_PATTERN)
+
+LANE_FROM_PB = {job_pb2.LANE_HIGH: "high", job_pb2.LANE_NORMAL: "normal", job_pb2.LANE_LOW: "low"}
+LANE_TO_PB = {v: k for k, v in LANE_FROM_PB.items()}
+_ROLE_FROM_PB = {
+    job_pb2.CHAT_ROLE_UNSPECIFIED: "user",
+    job_pb2.CHAT_ROLE_SYSTEM: "system",
+    job_pb2.CHAT_ROLE_USER: "user",
+    job_pb2.CHAT_ROLE_ASSISTANT: "assistant",
+}
+_ROLE_TO_PB = {
+    "system": job_pb2.CHAT_ROLE_SYSTEM,
+    "user": job_pb2.CHAT_ROLE_USER,
+    "assistant": job_pb2.CHAT_ROLE_ASSISTANT,
+}
+MAX_METADATA = 64
+_MAX_METADATA_KEY = 128
+_MAX_METADATA_VALUE = 1024
+_MAX_IDEMPOTENCY_KEY = 256
+_MAX_DEBOUNCE_KEY = 256
+
+
+def _bad(field: str, message: str) -> InvalidArgument:
+    return InvalidArgument(f"{field}: {message}", field=field, reason="INVALID_FIELD")
+
+
+# --- JobSpec -------------------------------------------------------------------------
+
+
+def spec_from_pb(
+    pb: job_pb2.JobSpec, *, field: str, default_lane: str, now: datetime | None = None
+) -> JobSpec:
+    """Validate and convert a submitted JobSpec. Route existence and how far ahead
+    a job may be scheduled are the caller's checks. ``now`` (default: the current
+    time) anchors a relative delay or debounce window."""
+    if not pb.route:
+        raise _bad(f"{field}.route", "required")
+    if not NAME_RE.match(pb.route):
+        raise _bad(f"{field}.route", f"{pb.route!r} is not a route name (letters, digits, '-', '_')")
+    if pb.lane == job_pb2.LANE_UNSPECIFIED:
+        lane = default_lane
+    elif pb.lane in LANE_FROM_PB:
+        lane = LANE_FROM_PB[pb.lane]
+    else:
+        raise _bad(f"{field}.lane", f"unknown lane {pb.lane} (use LANE_HIGH, LANE_NORMAL or LANE_LOW)")
+    if len(pb.metadata) > MAX_METADATA:
+        raise _bad(f"{field}.metadata", f"at most {MAX_METADATA} entries")
+    for key, value in pb.metadata.items():
+        if not key or len(key) > _MAX_METADATA_KEY:
+            raise _bad(f"{field}.metadata", f"keys must be 1-{_MAX_METADATA_KEY} characters")
+        if len(value) > _MAX_METADATA_VALUE:
+            raise _bad(f"{field}.metadata[{key}]", f"at most {_MAX_METADATA_VALUE} characters")
+    if len(pb.idempotency_key) > _MAX_IDEMPOTENCY_KEY:
+        raise _bad(f"{field}.idempotency_key", f"at most {_MAX_IDEMPOTENCY_KEY} characters")
+    deadline = to_datetime(pb.deadline) if pb.HasField("deadline") else None
+    not_before, debounce_key = _schedule_from_pb(pb, field, now or datetime.now(UTC))
+    if not_before is not None and deadline is not None and not_before >= deadline:
+        raise _bad(f"{field}.deadline", "is not after the time the job becomes visible (not_before/delay)")
+    return JobSpec(
+        route=pb.route,
+        lane=lane,
+        input=_input_from_pb(pb, field),
+        metadata=dict(pb.metadata),
+        idempotency_key=pb.idempotency_key,
+        deadline=deadline,
+        not_before=not_before,
+        debounce_key=debounce_key,
+        providers=_names(pb.providers, f"{field}.providers"),
+        exclude_providers=_names(pb.exclude_providers, f"{field}.exclude_providers"),
+    )
+
+
+def _names(values: Sequence[str], field: str) -> tuple[str, ...]:
+    for index, name in enumerate(values):
+        if not NAME_RE.match(name):
+            raise _bad(f"{field}[{index}]", f"{name!r} is not a provider name (letters, digits, '-', '_')")
+    return tuple(dict.fromkeys(values))
+
+
+def _schedule_from_pb(pb: job_pb2.JobSpec, field: str, now: datetime) -> tuple[datetime | None, str]:
+    """(not_before, debounce key) from at most one of not_before, delay, debounce."""
+    given = [name for name in ("not_before", "delay", "debounce") if pb.HasField(name)]
+    if len(given) > 1:
+        raise _bad(f"{field}.{given[1]}", f"set at most one of not_before, delay, debounce (got {given})")
+    if pb.HasField("not_before"):
+        return to_datetime(pb.not_before), ""
+    if pb.HasField("delay"):
+        delay = pb.delay.ToTimedelta()
+        if delay < timedelta(0):
+            raise _bad(f"{field}.delay", "must not be negative")
+        return now + delay, ""
+    if pb.HasField("debounce"):
+        key, window = pb.debounce.key, pb.debounce.window.ToTimedelta()
+        if not key or len(key) > _MAX_DEBOUNCE_KEY:
+            raise _bad(f"{field}.debounce.key", f"required, at most {_MAX_DEBOUNCE_KEY} characters")
+        if window <= timedelta(0):
+            raise _bad(f"{field}.debounce.window", "required and must be positive")
+        return now + window, key
+    return None, ""
+
+
+def _input_from_pb(pb: job_pb2.JobSpec, field: str) -> JobInput:
+    kind = pb.WhichOneof("input")
+    if kind is None:
+        raise _bad(f"{field}.input", "required: set one of chat, embedding, classification")
+    if kind == "chat":
+        return _chat_from_pb(pb.chat, f"{field}.chat")
+    if kind == "embedding":
+        f = f"{field}.embedding.texts"
+        if not pb.embedding.texts:
+            raise _bad(f, "at least one text is required")
+        for i, text in enumerate(pb.embedding.texts):
+            if not text.strip():
+                raise _bad(f"{f}[{i}]", "empty text")
+        return EmbeddingInput(texts=tuple(pb.embedding.texts))
+    c = pb.classification
+    f = f"{field}.classification"
+    if not c.text.strip():
+        raise _bad(f"{f}.text", "empty text")
+    if len(c.labels) < 2:
+        raise _bad(f"{f}.labels", "at least two labels are required")
+    if len(set(c.labels)) != len(c.labels) or any(not label.strip() for label in c.labels):
+        raise _bad(f"{f}.labels", "labels must be distinct and non-empty")
+    return ClassificationInput(text=c.text, labels=tuple(c.labels))
+
+
+def _chat_from_pb(chat: job_pb2.ChatInput, f: str) -> ChatInput:
+    if not chat.messages:
+        raise _bad(f"{f}.messages", "at least one message is required")
+    messages = []
+    for i, m in enumerate(chat.messages):
+        if m.role not in _ROLE_FROM_PB:
+            raise _bad(f"{f}.messages[{i}].role", f"unknown role {m.role}")
+        if not m.content.strip():
+            raise _bad(f"{f}.messages[{i}].content", "empty content")
+        messages.append(ChatMessage(role=_ROLE_FROM_PB[m.role], content=m.content))
+    p = chat.params
+    if p.HasField("max_tokens") and p.max_tokens == 0:
+        raise _bad(f"{f}.params.max_tokens", "must be at least 1")
+    if p.HasField("temperature") and not 0.0 <= p.temperature <= 2.0:
+        raise _bad(f"{f}.params.temperature", "must be between 0 and 2")
+    if p.HasField("top_p") and not 0.0 < p.top_p <= 1.0:
+        raise _bad(f"{f}.params.top_p", "must be in (0, 1]")
+    params = GenerationParams(
+        max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
+        temperature=p.temperature if p.HasField("temperature") else None,
+        top_p=p.top_p if p.HasField("top_p") else None,
+        stop=tuple(p.stop),
+    )
+    return ChatInput(messages=tuple(messages), params=params, stream=chat.stream)
+
+
+def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
+    out.route = spec.route
+    out.lane = LANE_TO_PB[spec.lane]
+    out.metadata.update(spec.metadata)
+    out.idempotency_key = spec.idempotency_key
+    set_timestamp(spec.deadline, out.deadline)
+    set_timestamp(spec.not_before, out.not_before)
+    out.providers.extend(spec.providers)
+    out.exclude_providers.extend(spec.exclude_providers)
+    inp = spec.input
+    if isinstance(inp, ChatInput):
+        for m in inp.messages:
+            out.chat.messages.add(role=_ROLE_TO_PB[m.role], content=m.content)
+        params = out.chat.params
+        if inp.params.max_tokens is not None:
+            params.max_tokens = inp.params.max_tokens
+        if inp.params.temperature is not None:
+            params.temperature = inp.params.temperature
+        if inp.params.top_p is not None:
+            params.top_p = inp.params.top_p
+        params.stop.extend(inp.params.stop)
+        out.chat.stream = inp.stream
+    elif isinstance(inp, EmbeddingInput):
+        out.embedding.texts.extend(inp.texts)
+    else:
+        out.classification.text = inp.text
+        out.classification.labels.extend(inp.labels)
+
+
+def _spec_from_trusted_pb(pb: job_pb2.JobSpec, debounce_key: str) -> JobSpec:
+    # A queued job was validated (by spec_from_pb) when it was submitted: rebuilt here
+    # without the checks, which were a tenth of a worker's CPU per job.
+    kind = pb.WhichOneof("input")
+    inp: JobInput
+    if kind == "chat":
+        chat, p = pb.chat, pb.chat.params
+        params = GenerationParams(
+            max_tokens=p.max_tokens if p.HasField("max_tokens") else None,
+            temperature=p.temperature if p.HasField("temperature") else None,
+            top_p=p.top_p if p.HasField("top_p") else None,
+            stop=tuple(p.stop),
+        )
+        messages = tuple(ChatMessage(role=_ROLE_FROM_PB[m.role], content=m.content) for m in chat.messages)
+        inp = ChatInput(messages=messages, params=params, stream=chat.stream)
+    elif kind == "embedding":
+        inp = EmbeddingInput(texts=tuple(pb.embedding.texts))
+    else:
+        inp = ClassificationInput(text=pb.classification.text, labels=tuple(pb.classification.labels))
+    return JobSpec(
+        route=pb.route,
+        lane=LANE_FROM_PB.get(pb.lane, "normal"),
+        input=inp,
+        metadata=dict(pb.metadata),
+        idempotency_key=pb.idempotency_key,
+        deadline=to_datetime(pb.deadline) if pb.HasField("deadline") else None,
+        not_before=to_datetime(pb.not_before) if pb.HasField("not_before") else None,
+        debounce_key=debounce_key,
+        providers=tuple(pb.providers),
+        exclude_providers=tuple(pb.exclude_providers),
+    )
+
+
+# --- Queued job ----------------------------------------------------------------------
+
+
+def encode_queued_job(job: QueuedJob) -> bytes:
+    return queued_job_to_pb(job).SerializeToString()
+
+
+def queued_job_to_pb(job: QueuedJob) -> queue_pb2.QueuedJob:
+    pb = queue_pb2.QueuedJob(job_id=job.job_id, debounce_key=job.spec.debounce_key)
+    spec_to_pb(job.spec, pb.spec)
+    set_timestamp(job.enqueued_at, pb.enqueued_at)
+    return pb
+
+
+def decode_queued_job(data: bytes) -> QueuedJob:
+    return queued_job_from_pb(queue_pb2.QueuedJob.FromString(data))
+
+
+def queued_job_from_pb(pb: queue_pb2.QueuedJob) -> QueuedJob:
+    spec = _spec_from_trusted_pb(pb.spec, pb.debounce_key)
+    return QueuedJob(job_id=pb.job_id, spec=spec, enqueued_at=to_datetime(pb.enqueued_at))

@@ -1,0 +1,1 @@
+"""Logs (structlog), tracing (OpenTelemetry) and the Prometheus ``/metrics`` server."""

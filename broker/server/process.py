@@ -1,0 +1,164 @@
+"""The broker process: NATS connection, JetStream topology, gRPC server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from types import TracebackType
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from nats.aio.client import Client as NatsClient
+
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.core import topology as t
+from laneway.broker.core.dead_letters import DeadLetterStore
+from laneway.broker.core.events import EventLog
+from laneway.broker.core.nats.connection import connect_nats
+from laneway.broker.observability.metrics import MetricsServer, start_metrics_server
+from laneway.broker.server.jobs import JobStore
+from laneway.broker.server.metrics import BrokerMetrics
+from laneway.broker.server.provider_health import ProviderHealthView
+from laneway.broker.server.service import BrokerServicer
+from laneway.broker.server.stats import QueueStats
+from laneway.broker.server.sweeper import MaxDeliverySweeper
+from laneway.broker.server.watch import EventFeed
+from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
+
+__all__ = ["BrokerServer"]
+
+log = structlog.get_logger("laneway.broker")
+
+_SERVICE_NAME = broker_service_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
+
+
+class BrokerServer:
+    """A running broker. ``async with BrokerServer(...) as b:`` serves until exit."""
+
+    def __init__(
+        self,
+        config: LanewayConfig,
+        *,
+        nats_url: str,
+        grpc_addr: str | None = None,
+        reuse_port: bool = True,
+        shutdown_grace_s: float = 5.0,
+        metrics_port: int | None = None,
+    ) -> None:
+        self.config = config
+        self.nats_url = nats_url
+        self.grpc_addr = grpc_addr or config.broker.grpc_addr
+        self._reuse_port = reuse_port
+        self._grace = shutdown_grace_s
+        self._nc: NatsClient | None = None
+        self._server: grpc.aio.Server | None = None
+        self._exit = contextlib.AsyncExitStack()
+        self._feed: EventFeed | None = None
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.port = 0
+        self.metrics = BrokerMetrics()
+        # None: the config's port; 0 there means off, but 0 passed here picks a free port.
+        self._metrics_port = (config.metrics.broker_port or None) if metrics_port is None else metrics_port
+        self._metrics_server: MetricsServer | None = None
+
+    async def __aenter__(self) -> BrokerServer:
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def _start(self) -> None:
+        self._nc = await connect_nats(
+            self.nats_url, name="laneway-broker", connect_timeout=self.config.nats.connect_timeout_s
+        )
+        js = self._nc.jetstream()
+        await t.ensure_topology(js, t.TopologySettings.from_config(self.config))
+        events = await self._exit.enter_async_context(EventLog(self._nc))
+        feed = self._feed = await self._exit.enter_async_context(EventFeed(self._nc, events))
+        store = JobStore(
+            self._nc,
+            events,
+            feed,
+            await js.key_value(t.IDEMPOTENCY_BUCKET),
+            max_payload_bytes=self.config.broker.max_payload_bytes,
+            max_schedule_ahead_s=self.config.queue.events_max_age_s,
+            metrics=self.metrics,
+        )
+        dead_letters = DeadLetterStore(self._nc, events)
+        await self._exit.enter_async_context(MaxDeliverySweeper(self._nc, events, dead_letters))
+        providers = await self._exit.enter_async_context(ProviderHealthView(self._nc, self.config))
+        stats = QueueStats(js, t.TopologySettings.from_config(self.config).lane_consumers())
+        # Room for a full batch of maximum-size jobs; each job's own limit is checked with a clear message.
+        max_message = max(64 * 1024 * 1024, 2 * self.config.broker.max_payload_bytes)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        broker_service_pb2_grpc.add_BrokerServiceServicer_to_server(
+            BrokerServicer(store, dead_letters, self.config, health=providers, stats=stats), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        reflection.enable_server_reflection(
+            (_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self.port = self._server.add_insecure_port(self.grpc_addr)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.grpc_addr}")
+        await self._server.start()
+        for name in ("", _SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self._metrics_port is not None:
+            settings = t.TopologySettings.from_config(self.config)
+            self.metrics.watch_queues(
+                js, settings.lane_consumers(), list(self.config.routes), asyncio.get_running_loop()
+            )
+            self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
+            log.info("broker metrics serving", metrics_addr=f"127.0.0.1:{port}")
+        log.info("broker serving", grpc_addr=self.address, nats_url=self.nats_url)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """Port the ``/metrics`` endpoint listens on; None when it is off."""
+        return self._metrics_server.port if self._metrics_server is not None else None
+
+    @property
+    def address(self) -> str:
+        host = self.grpc_addr.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await self._health.enter_graceful_shutdown()
+            if self._feed is not None:
+                # Streams end now with UNAVAILABLE (clients resume elsewhere by sequence);
+                # unary calls get the grace period to finish.
+                self._feed.end_watches()
+            await server.stop(self._grace)
+        metrics_server, self._metrics_server = self._metrics_server, None
+        if metrics_server is not None:
+            await metrics_server.close()
+        await self._exit.aclose()
+        nc, self._nc = self._nc, None
+        if nc is not None and not nc.is_closed:
+            await nc.close()

@@ -1,0 +1,332 @@
+"""The gRPC edge: ``laneway.v1.BrokerService`` on top of ``JobStore``.
+
+Checks what needs the config (known routes, batch size, deadlines); everything
+else about a request is validated by ``laneway.broker.core.wire.jobs``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from opentelemetry.trace import Span
+
+from laneway.broker.config.model import LanewayConfig
+from laneway.broker.core.dead_letters import DeadLetterFilter, DeadLetterStore
+from laneway.broker.core.model import JobSpec, utcnow
+from laneway.broker.core.wire.dead_letters import dead_letter_to_pb
+from laneway.broker.core.wire.jobs import LANE_FROM_PB, NAME_RE, spec_from_pb
+from laneway.broker.observability.tracing import server_span
+from laneway.broker.server.jobs import JobStore, Submitted
+from laneway.broker.server.ops_wire import provider_health_to_pb, stats_to_pb
+from laneway.broker.server.provider_health import ProviderHealthView
+from laneway.broker.server.redrive import redrive
+from laneway.broker.server.stats import QueueStats
+from laneway.broker.server.status import stream_errors, unary_errors
+from laneway.errors import ApiError, InvalidArgument, ResourceExhausted, Unavailable
+from laneway.v1 import broker_service_pb2 as pb
+from laneway.v1 import broker_service_pb2_grpc as pb_grpc
+from laneway.v1 import dead_letter_pb2, job_pb2, ops_pb2
+
+__all__ = ["BrokerServicer"]
+
+_MAX_WATCH_IDS = 10_000
+_DEFAULT_PAGE = 50
+_MAX_PAGE = 1000
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+class BrokerServicer(pb_grpc.BrokerServiceServicer):
+    def __init__(
+        self,
+        store: JobStore,
+        dead_letters: DeadLetterStore,
+        config: LanewayConfig,
+        *,
+        health: ProviderHealthView,
+        stats: QueueStats,
+    ) -> None:
+        self._store = store
+        self._dead_letters = dead_letters
+        self._config = config
+        self._health = health
+        self._stats = stats
+
+    def _requested(self, request: pb.SubmitRequest | pb.RunRequest) -> JobSpec:
+        if not request.HasField("job"):
+            raise InvalidArgument("job: required", field="job")
+        return self._spec(request.job, "job")
+
+    def _check_route(self, route: str, field: str) -> None:
+        if route not in self._config.routes:
+            known = sorted(self._config.routes)
+            close = difflib.get_close_matches(route, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known routes: {', '.join(known)})"
+            raise InvalidArgument(
+                f"{field}: unknown route {route!r}{hint}", field=field, reason="UNKNOWN_ROUTE"
+            )
+
+    def _check_providers(self, spec: JobSpec, field: str) -> None:
+        targets = [t.provider for t in self._config.routes[spec.route].targets]
+        for key, names in (("providers", spec.providers), ("exclude_providers", spec.exclude_providers)):
+            for index, name in enumerate(names):
+                if name not in targets:
+                    where = f"{field}.{key}[{index}]"
+                    listed = ", ".join(targets)
+                    raise InvalidArgument(
+                        f"{where}: {name!r} is not a target of route {spec.route!r} (targets: {listed})",
+                        field=where,
+                    )
+        if not any(spec.allows(name) for name in targets):
+            raise InvalidArgument(
+                f"{field}.providers: no target of route {spec.route!r} is left to run the job "
+                f"(targets: {', '.join(targets)})",
+                field=f"{field}.providers",
+            )
+
+    def _check_not_all_down(self, spec: JobSpec, field: str) -> None:
+        # `when_all_down: fail`: refuse now rather than queue a job no provider will take.
+        # Half-open counts as up: its probes may close the circuit any moment.
+        route = self._config.routes[spec.route]
+        if route.when_all_down != "fail":
+            return
+        usable = [t.provider for t in route.targets if spec.allows(t.provider)]
+        if usable and all(self._health.circuit_open(p) for p in usable):
+            raise Unavailable(
+                f"{field}: every provider route {spec.route!r} may use has its circuit open "
+                f"({', '.join(usable)}) and the route's when_all_down is fail; nothing was enqueued",
+                reason="NO_HEALTHY_TARGET",
+            )
+
+    def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
+        spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default)
+        self._check_route(spec.route, f"{field}.route")
+        self._check_providers(spec, field)
+        if spec.deadline is not None and spec.deadline <= utcnow():
+            raise InvalidArgument(f"{field}.deadline: already passed", field=f"{field}.deadline")
+        # Last: a request that is wrong should hear so, whatever the providers' state.
+        self._check_not_all_down(spec, field)
+        return spec
+
+    @unary_errors
+    async def Submit(self, request: pb.SubmitRequest, context: Ctx) -> pb.SubmitResponse:
+        # The span is current while the job is published: its context goes in the job's headers.
+        with server_span("laneway.submit", "Submit", context.invocation_metadata()) as span:
+            spec = self._requested(request)
+            _job_attributes(span, spec)
+            done = await self._store.submit(spec)
+            span.set_attribute("laneway.job_id", done.job_id)
+            return pb.SubmitResponse(job_id=done.job_id, duplicate=done.duplicate)
+
+    @unary_errors
+    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Ctx) -> pb.SubmitBatchResponse:
+        # One span for the call; every job of the batch is its child (no span per job).
+        with server_span("laneway.submit", "SubmitBatch", context.invocation_metadata()) as span:
+            span.set_attribute("laneway.batch_size", len(request.jobs))
+            return await self._submit_batch(request)
+
+    async def _submit_batch(self, request: pb.SubmitBatchRequest) -> pb.SubmitBatchResponse:
+        limit = self._config.broker.max_batch_jobs
+        if not request.jobs:
+            raise InvalidArgument("jobs: at least one job is required", field="jobs")
+        if len(request.jobs) > limit:
+            raise ResourceExhausted(
+                f"jobs: {len(request.jobs)} jobs in one batch, over the limit of {limit} "
+                "(broker.max_batch_jobs)",
+                field="jobs",
+                reason="BATCH_TOO_LARGE",
+            )
+        specs: list[JobSpec | ApiError] = []
+        for i, job in enumerate(request.jobs):
+            try:
+                specs.append(self._spec(job, f"jobs[{i}]"))
+            except ApiError as err:
+                specs.append(err)
+        # Nothing to publish when every job was refused (e.g. all targets down): skip the store.
+        outcomes: list[Submitted | ApiError] = [s for s in specs if isinstance(s, ApiError)]
+        if len(outcomes) < len(specs):
+            outcomes = await self._store.submit_many(specs)
+        response = pb.SubmitBatchResponse()
+        for outcome in outcomes:
+            item = response.outcomes.add()
+            if isinstance(outcome, Submitted):
+                item.job_id = outcome.job_id
+                item.duplicate = outcome.duplicate
+            else:
+                item.error.code = outcome.code.value[0]
+                item.error.message = outcome.message
+                item.error.field = outcome.field
+        return response
+
+    @stream_errors
+    async def StreamResults(
+        self, request: pb.StreamResultsRequest, context: Ctx
+    ) -> AsyncIterator[pb.StreamResultsResponse]:
+        if not request.job_ids:
+            raise InvalidArgument("job_ids: at least one job id is required", field="job_ids")
+        if len(request.job_ids) > _MAX_WATCH_IDS:
+            raise InvalidArgument(f"job_ids: at most {_MAX_WATCH_IDS} per stream", field="job_ids")
+        for i, job_id in enumerate(request.job_ids):
+            _check_job_id(job_id, f"job_ids[{i}]")
+        for job_id in request.resume_after:
+            if job_id not in request.job_ids:
+                raise InvalidArgument(
+                    f"resume_after[{job_id}]: not one of job_ids", field=f"resume_after[{job_id}]"
+                )
+        ids, resume = list(request.job_ids), dict(request.resume_after)
+        async for stored in self._store.watch(ids, resume, final_only=request.final_only):
+            response = pb.StreamResultsResponse()
+            # The stored bytes are a serialized JobEvent: merge them, no domain round trip.
+            response.event.MergeFromString(stored.data)
+            yield response
+
+    @stream_errors
+    async def Run(self, request: pb.RunRequest, context: Ctx) -> AsyncIterator[pb.RunResponse]:
+        # The span covers the whole call, submit to final event: Run's latency is the job's.
+        with server_span("laneway.submit", "Run", context.invocation_metadata()) as span:
+            spec = self._requested(request)
+            _job_attributes(span, spec)
+            async for done, stored in self._store.run(spec, final_only=request.final_only):
+                if span.is_recording():
+                    span.set_attribute("laneway.job_id", done.job_id)
+                response = pb.RunResponse(duplicate=done.duplicate)
+                response.event.MergeFromString(stored.data)
+                yield response
+
+    @unary_errors
+    async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
+        _check_job_id(request.job_id, "job_id")
+        stored = await self._store.get(request.job_id)
+        response = pb.GetJobResponse()
+        response.job.MergeFromString(stored.data)
+        return response
+
+    @unary_errors
+    async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
+        _check_job_id(request.job_id, "job_id")
+        state, cancelled = await self._store.cancel(request.job_id, request.reason)
+        return pb.CancelJobResponse(state=int(state), cancelled=cancelled)  # type: ignore[arg-type]
+
+    @unary_errors
+    async def ListDeadLetters(
+        self, request: pb.ListDeadLettersRequest, context: Ctx
+    ) -> pb.ListDeadLettersResponse:
+        where = _filter(request.filter, "filter")
+        size = request.page_size or _DEFAULT_PAGE
+        if size > _MAX_PAGE:
+            raise InvalidArgument(f"page_size: at most {_MAX_PAGE}", field="page_size")
+        after = 0
+        if request.page_token:
+            if not request.page_token.isdigit():
+                raise InvalidArgument(
+                    "page_token: not a next_page_token from ListDeadLetters", field="page_token"
+                )
+            after = int(request.page_token)
+        found, next_after = await self._dead_letters.page(where, size=size, after_seq=after)
+        response = pb.ListDeadLettersResponse(next_page_token=str(next_after) if next_after else "")
+        response.dead_letters.extend(dead_letter_to_pb(s.dead_letter) for s in found)
+        return response
+
+    @unary_errors
+    async def RedriveDeadLetters(
+        self, request: pb.RedriveDeadLettersRequest, context: Ctx
+    ) -> pb.RedriveDeadLettersResponse:
+        where = _filter(request.filter, "filter")
+        if where.empty and not request.all:
+            raise InvalidArgument(
+                "filter: empty; name job_ids, route, reason or a time range "
+                "(or set all to redrive everything)",
+                field="filter",
+            )
+        if request.route:
+            self._check_route(request.route, "route")
+        lane = ""
+        if request.lane != job_pb2.LANE_UNSPECIFIED:
+            if request.lane not in LANE_FROM_PB:
+                raise InvalidArgument(f"lane: unknown lane {request.lane}", field="lane")
+            lane = LANE_FROM_PB[request.lane]
+        rate = request.rate_per_second or self._config.dlq.redrive_rate_per_s
+        if not rate > 0 or rate == float("inf"):
+            raise InvalidArgument("rate_per_second: must be a positive number", field="rate_per_second")
+        limit = request.limit or _MAX_PAGE
+        if limit > _MAX_PAGE:
+            raise InvalidArgument(f"limit: at most {_MAX_PAGE} per call", field="limit")
+        done = await redrive(
+            self._store,
+            self._dead_letters,
+            where,
+            limit=limit,
+            rate_per_s=rate,
+            route=request.route,
+            lane=lane,
+        )
+        response = pb.RedriveDeadLettersResponse()
+        for job_id, outcome in done:
+            item = response.redriven.add(job_id=job_id)
+            if isinstance(outcome, Submitted):
+                item.new_job_id = outcome.job_id
+            else:
+                item.error.code = outcome.code.value[0]
+                item.error.message = outcome.message
+                item.error.field = outcome.field
+        return response
+
+    @unary_errors
+    async def GetProviderHealth(
+        self, request: ops_pb2.GetProviderHealthRequest, context: Ctx
+    ) -> ops_pb2.GetProviderHealthResponse:
+        for i, name in enumerate(request.providers):
+            if name not in self._config.providers:
+                known = ", ".join(self._config.providers)
+                raise InvalidArgument(
+                    f"providers[{i}]: unknown provider {name!r} (known: {known})", field=f"providers[{i}]"
+                )
+        wanted = set(request.providers)
+        names = [n for n in self._config.providers if not wanted or n in wanted]
+        response = ops_pb2.GetProviderHealthResponse()
+        response.providers.extend(provider_health_to_pb(h) for h in self._health.health(names))
+        return response
+
+    @unary_errors
+    async def GetStats(self, request: ops_pb2.GetStatsRequest, context: Ctx) -> ops_pb2.GetStatsResponse:
+        snapshot = await self._stats.read()
+        now = datetime.now(UTC)
+        at = now.timestamp()
+        tiers = {route: self._health.tiers(route, at) for route in self._config.routes}
+        return stats_to_pb(self._config, snapshot, self._health.health(now=at), now, tiers)
+
+
+def _job_attributes(span: Span, spec: JobSpec) -> None:
+    if span.is_recording():
+        span.set_attributes({"laneway.route": spec.route, "laneway.lane": spec.lane})
+
+
+def _filter(pb_filter: dead_letter_pb2.DeadLetterFilter, field: str) -> DeadLetterFilter:
+    for i, job_id in enumerate(pb_filter.job_ids):
+        _check_job_id(job_id, f"{field}.job_ids[{i}]")
+    if pb_filter.route and not NAME_RE.match(pb_filter.route):
+        raise InvalidArgument(
+            f"{field}.route: {pb_filter.route!r} is not a route name", field=f"{field}.route"
+        )
+    since = pb_filter.since.ToDatetime(tzinfo=UTC) if pb_filter.HasField("since") else None
+    until = pb_filter.until.ToDatetime(tzinfo=UTC) if pb_filter.HasField("until") else None
+    if since is not None and until is not None and until <= since:
+        raise InvalidArgument(f"{field}.until: must be after since", field=f"{field}.until")
+    return DeadLetterFilter(
+        job_ids=tuple(pb_filter.job_ids),
+        route=pb_filter.route,
+        reason=pb_filter.reason,
+        since=since,
+        until=until,
+    )
+
+
+def _check_job_id(job_id: str, field: str) -> None:
+    if not job_id:
+        raise InvalidArgument(f"{field}: required", field=field)
+    if not NAME_RE.match(job_id):
+        raise InvalidArgument(f"{field}: {job_id!r} is not a job id", field=field)

@@ -1,0 +1,180 @@
+"""Following jobs' events for StreamResults: stored history, then live events.
+
+Live events come from the stream's republish of stored events
+(``laneway.live.<job_id>``), through ONE wildcard subscription per broker
+process that hands each event to the streams watching its job: no subscription
+per stream or per job. Each broker sees every event; a broker fleet that
+outgrows that would shard the live subject space.
+
+Order of operations makes the hand-over gap-free: a watcher registers for live
+events before it reads the store, so an event is either already stored when the
+store is read or republished (after storing) to a registered watcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from types import TracebackType
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from laneway.broker.core import topology as t
+from laneway.broker.core.events import EventLog, StoredEvent
+from laneway.broker.core.nats.inbox import unsubscribe_quietly
+from laneway.errors import NotFound, Unavailable
+
+__all__ = ["EventFeed"]
+
+_GAP_RETRIES = 50
+
+
+class EventFeed:
+    """Live events of watched jobs, and ``watch`` built on them and the log."""
+
+    def __init__(self, nc: NatsClient, log: EventLog) -> None:
+        self._nc = nc
+        self._log = log
+        self._watchers: dict[str, set[asyncio.Queue[StoredEvent | None]]] = {}
+        self._sub: Subscription | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> EventFeed:
+        self._sub = await self._nc.subscribe(t.LIVE_ALL, cb=self._on_msg)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.end_watches()
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await unsubscribe_quietly(sub)
+
+    def end_watches(self) -> None:
+        """End every watch with Unavailable (shutdown): callers resume on another broker."""
+        self._closing = True
+        for queues in self._watchers.values():
+            for queue in queues:
+                queue.put_nowait(None)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        queues = self._watchers.get(t.job_id_of(msg.subject))
+        if queues:
+            event = StoredEvent.from_msg(msg)
+            for queue in queues:
+                queue.put_nowait(event)
+
+    async def watch(
+        self,
+        job_ids: Iterable[str],
+        resume_after: Mapping[str, int],
+        *,
+        create: Callable[[], Awaitable[None]] | None = None,
+        final_only: bool = False,
+    ) -> AsyncIterator[StoredEvent]:
+        """Every event of the jobs (after their resume points), in per-job order,
+        until each job's final event. Raises NotFound for an unknown job.
+
+        With ``create``, the jobs do not exist yet: ``create`` makes them once the
+        watcher is registered, so every event arrives live and the store is not read.
+        With ``final_only``, only final events are yielded, and no history is read.
+        """
+        ids = list(dict.fromkeys(job_ids))
+        last = {j: resume_after.get(j, 0) for j in ids}
+        if self._closing:
+            raise Unavailable("broker is shutting down; retry on another broker", reason="SHUTTING_DOWN")
+        live: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
+        for job_id in ids:
+            self._watchers.setdefault(job_id, set()).add(live)
+        pending = set(ids)
+        try:
+            if create is not None:
+                await create()
+                initial = {}
+            else:
+                initial = await self._initial(ids, last, final_only)
+            for job_id in initial:
+                events, top = initial[job_id]
+                for event in events:
+                    last[job_id] = event.job_seq
+                    yield event
+                if events[-1].final if events else top.final:
+                    self._forget(job_id, live)
+                    pending.discard(job_id)
+            while pending:
+                got = await live.get()
+                if got is None:
+                    raise Unavailable(
+                        "broker is shutting down; resume after the last seq seen", reason="SHUTTING_DOWN"
+                    )
+                event = got
+                job_id = event.job_id
+                if job_id not in pending or event.job_seq <= last[job_id]:
+                    continue
+                batch = [event]
+                if final_only:
+                    if not event.final:
+                        continue
+                elif event.job_seq > last[job_id] + 1:
+                    batch = await self._fill_gap(job_id, last[job_id], event)
+                for e in batch:
+                    last[job_id] = e.job_seq
+                    yield e
+                if event.final:
+                    self._forget(job_id, live)
+                    pending.discard(job_id)
+        finally:
+            for job_id in pending:
+                self._forget(job_id, live)
+
+    async def _initial(
+        self, ids: list[str], last: dict[str, int], final_only: bool
+    ) -> dict[str, tuple[list[StoredEvent], StoredEvent]]:
+        """Per job: its stored events to send now, and its latest event."""
+        if len(ids) == 1 and not final_only:
+            # One job (the unary Submit-then-watch path, often finished by now): its
+            # whole history in one request rather than latest, then history.
+            job_id = ids[0]
+            events = await self._log.history(job_id)
+            if not events:
+                raise _unknown(job_id)
+            return {job_id: ([e for e in events if e.job_seq > last[job_id]], events[-1])}
+        latest = await self._log.latest(ids)
+        out: dict[str, tuple[list[StoredEvent], StoredEvent]] = {}
+        for job_id in ids:
+            top = latest.get(job_id)
+            if top is None:
+                raise _unknown(job_id)
+            if top.job_seq <= last[job_id] or (final_only and not top.final):
+                out[job_id] = ([], top)
+            elif top.job_seq == last[job_id] + 1 or final_only:
+                out[job_id] = ([top], top)  # one new event: no history read
+            else:
+                out[job_id] = (await self._log.history(job_id, last[job_id]), top)
+        return out
+
+    def _forget(self, job_id: str, queue: asyncio.Queue[StoredEvent | None]) -> None:
+        queues = self._watchers.get(job_id)
+        if queues is not None:
+            queues.discard(queue)
+            if not queues:
+                del self._watchers[job_id]
+
+    async def _fill_gap(self, job_id: str, last: int, seen: StoredEvent) -> list[StoredEvent]:
+        """Events after ``last`` up to ``seen``, when live delivery skipped some
+        (a slow-consumer drop, or an event stored between our read and our
+        registration's effect). Every live event is stored, so a re-read finds them."""
+        for attempt in range(_GAP_RETRIES):
+            stored = [e for e in await self._log.history(job_id, last) if e.job_seq < seen.job_seq]
+            run = [*stored, seen]
+            if [e.job_seq for e in run] == list(range(last + 1, seen.job_seq + 1)):
+                return run
+            await asyncio.sleep(0.002 * (attempt + 1))  # replica catch-up: poll with a deadline
+        raise Unavailable(f"job {job_id}: events {last + 1}..{seen.job_seq - 1} missing from the store")
+
+
+def _unknown(job_id: str) -> NotFound:
+    return NotFound(f"job {job_id} not found", field="job_ids", reason="UNKNOWN_JOB")
