@@ -12,7 +12,7 @@ PROTOC := $(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients --gr
 
 help:
 	@echo "make run    - create .venv, install, start nats + broker + workers (laneway up)"
-	@echo "make test   - lint, type-check, buf lint, generated-code drift check, pytest"
+	@echo "make test   - lint, import contracts, type-check, buf lint, generated-code drift check, pytest"
 	@echo "make bench  - throughput and latency against raw nats-py and grpc.aio baselines"
 	@echo "make scenarios - limiter and routing scenarios against their targets (~12 min)"
 
@@ -32,6 +32,7 @@ test: venv lint typecheck buf-lint proto-check node-deps pytest
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: venv
 	$(BIN)/ruff format .

@@ -20,16 +20,16 @@ import math
 from pathlib import Path
 
 import laneway
-from bench.measure import Count, Latency, Throughput, closed_loop, paced
+from bench.measure import Count, closed_loop, paced
 from bench.report import progress
+from bench.results import Results
 from bench.settings import Settings
 from bench.stack import Workspace, diagnose, start_stack, wait_stream_empty
+from bench.ttfd_bench import run_ttfd
 from laneway.broker.core import topology as topo
 from laneway.v1 import job_pb2
 
-__all__ = ["EMBED_ROUTE", "Results", "follow", "run_features"]
-
-Results = dict[str, Throughput | Latency | Count]
+__all__ = ["EMBED_ROUTE", "follow", "run_features"]
 
 EMBED_ROUTE = "embed"
 EMBED_TEXT = "the quick brown fox jumps over the lazy dog"
@@ -174,8 +174,6 @@ async def _run_embed(s: Settings, name: str, max_items: int, max_wait_ms: float)
 
 
 async def run_features(s: Settings) -> Results:
-    from bench.ttfd_bench import run_ttfd
-
     results: Results = {}
     for name, max_items, max_wait_ms in BATCHING:
         results.update(await _run_embed(s, name, max_items, max_wait_ms))

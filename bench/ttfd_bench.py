@@ -27,9 +27,9 @@ import httpx
 from httpx_sse import aconnect_sse
 
 import laneway
-from bench.features_bench import Results
 from bench.measure import Failures, Latency, Op, sequential
 from bench.report import progress
+from bench.results import Results
 from bench.settings import Settings
 from bench.stack import BenchError, Child, Workspace, start_stack, wait_stream_empty
 from laneway.broker.cli.natsd import free_port

@@ -122,10 +122,9 @@ async def test_classification_jobs_share_structured_chat_calls(
 async def _classify(fake_output: str, items: list[tuple[str, tuple[str, ...]]]) -> tuple[list[object], int]:
     """Classify ``items`` through the openai adapter against the HTTP fake answering
     ``fake_output``; the outcomes and the number of chat calls made."""
-    from laneway.broker.config.providers import OpenAIProviderConfig
     from laneway.workers.batching import ClassificationBatcher
     from laneway.workers.fakes.server import FakeProvider, FakeProviderSettings
-    from laneway.workers.providers.openai import OpenAIProvider
+    from laneway.workers.providers.openai import OpenAIProvider, OpenAIProviderConfig
 
     async with FakeProvider(FakeProviderSettings(output=fake_output)) as fake:
         provider = OpenAIProvider("http", OpenAIProviderConfig(base_url=fake.base_url, api_key_env=""))

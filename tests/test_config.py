@@ -18,7 +18,6 @@ from laneway.broker.config.model import (
     Lane,
     LanewayConfig,
     LimitsConfig,
-    MockProviderConfig,
     RouteConfig,
     RouteTarget,
     config_json_schema,
@@ -26,8 +25,9 @@ from laneway.broker.config.model import (
     load_config,
     parse_config,
 )
-from laneway.broker.config.providers import OpenAIProviderConfig
 from laneway.errors import ConfigError
+from laneway.workers.fakes.mock import MockProviderConfig
+from laneway.workers.providers.openai import OpenAIProviderConfig
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "laneway.example.yaml"
 
@@ -244,7 +244,7 @@ def test_unknown_provider_type_lists_known_types() -> None:
     text = MINIMAL.replace("type: mock", "type: mokc")
     problem = only_problem(text)
     assert (problem.line, problem.key, problem.suggestion) == (3, "providers.mock.type", "mock")
-    assert problem.message == "unknown type 'mokc'; known: 'mock', 'openai', 'anthropic'"
+    assert problem.message == "unknown type 'mokc'; known: 'anthropic', 'mock', 'openai'"
 
 
 def test_missing_provider_type() -> None:
@@ -495,21 +495,22 @@ def test_json_schema_has_docstring_descriptions() -> None:
             assert prop.get("description"), f"{name}.{field} has no docstring"
 
 
-def test_readme_config_example_is_valid() -> None:
-    text = (EXAMPLE.parent / "README.md").read_text()
+def test_docs_config_example_is_valid() -> None:
+    text = (EXAMPLE.parent / "docs" / "configuration.md").read_text()
     block = text.split("<!-- config-example")[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    config = parse_config(block, source="README.md")
+    config = parse_config(block, source="docs/configuration.md")
     assert config.routes["summarise"].targets[1].provider == "openai"
     openai = config.providers["openai"]
     assert openai.limits.for_model("gpt-4o") == (500, 30000)
     assert openai.limits.for_model("gpt-4o-mini") == (5000, 2_000_000)
 
 
-def test_readme_weighted_tier_example_is_valid() -> None:
-    text = (EXAMPLE.parent / "README.md").read_text()
-    block = text.split("**Weighted tiers.**")[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+def test_docs_weighted_tier_example_is_valid() -> None:
+    text = (EXAMPLE.parent / "docs" / "routing-and-limits.md").read_text()
+    block = text.split("<!-- tiers-example")[1].split("```yaml\n", 1)[1].split("```", 1)[0]
     targets = textwrap.indent(textwrap.dedent(block), "    ")
     providers = "".join(f"  {p}: {{type: mock}}\n" for p in ("azure-east", "azure-west", "openai"))
-    config = parse_config(f"providers:\n{providers}routes:\n  chat:\n{targets}", source="README.md")
+    source = "docs/routing-and-limits.md"
+    config = parse_config(f"providers:\n{providers}routes:\n  chat:\n{targets}", source=source)
     tiers = [[(x.provider, x.weight) for x in tier] for tier in config.routes["chat"].tiers]
     assert tiers == [[("azure-east", 3), ("azure-west", 1)], [("openai", 1)]]

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from laneway.broker.config.model import MockProviderConfig
 from laneway.broker.core.model import ChatInput, ChatMessage, ChatOutput, ErrorClass
-from laneway.workers.fakes.mock import MockProvider
+from laneway.workers.fakes.mock import MockProvider, MockProviderConfig
 from laneway.workers.providers.base import CallContext, ProviderError, ResponseInfo
 
 HELLO = ChatInput(messages=(ChatMessage("user", "hello there world"),))

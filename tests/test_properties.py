@@ -560,7 +560,7 @@ class Scenario:
 
     def check_calls(self, calls: list[Call], h: list[job_pb2.JobEvent], why: str) -> None:
         """A provider call only ever belongs to a RUNNING event of its own, with one
-        exception by design (README, "Eager start"): a job cancelled while its first
+        exception by design (docs/semantics.md, "Eager start"): a job cancelled while its first
         delivery was starting its call early. Then the cancel won the log (QUEUED then
         CANCELLED), and the one call is attempt 1, made within moments of the cancel."""
         running = sum(e.state == S.JOB_STATE_RUNNING for e in h)

@@ -33,7 +33,7 @@ from types import TracebackType
 import nats.errors
 from nats.aio.msg import Msg
 
-from laneway.broker.core.tasks import cancel_and_wait
+from laneway.broker.core.tasks import Background
 
 __all__ = ["Attempts"]
 
@@ -52,10 +52,10 @@ class Attempts:
         # that young could still be started early.
         self._cancelled: dict[str, float] = {}
         self._listening_since = time.monotonic()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._renewing = Background("laneway-leases")
 
     async def __aenter__(self) -> Attempts:
-        self._loop_task = asyncio.create_task(self._renew(), name="laneway-leases")
+        self._renewing.start(self._renew())
         return self
 
     async def __aexit__(
@@ -64,8 +64,7 @@ class Attempts:
         await self.close()
 
     async def close(self) -> None:
-        task, self._loop_task = self._loop_task, None
-        await cancel_and_wait(task)
+        await self._renewing.stop()
 
     def listening(self) -> None:
         """Every cancel notice reaches ``cancel`` from now on (call once subscribed)."""

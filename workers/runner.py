@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from dataclasses import replace
-from datetime import timedelta
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
 
 import structlog
 from nats.aio.msg import Msg
@@ -26,14 +26,14 @@ from laneway.broker.core.model import ChatInput, ErrorClass, JobError, JobEvent,
 from laneway.broker.core.wire.jobs import decode_queued_job
 from laneway.errors import Unavailable
 from laneway.workers.attempts import Attempts
+from laneway.workers.call_accounts import Answers, CallAccounts, Outcome
 from laneway.workers.calling import Target, call_target
 from laneway.workers.fleet.call_stats import CallStats
-from laneway.workers.fleet.feedback import learn, reserve_tokens
 from laneway.workers.fleet.limiter import FleetLimiter
 from laneway.workers.fleet.routing import Choice, Grant, TargetChooser, estimate_tokens
 from laneway.workers.log_position import Unlogged, previous, queued_seq
 from laneway.workers.metrics import WorkerMetrics
-from laneway.workers.providers.base import CallContext, ProviderError, ResponseInfo
+from laneway.workers.providers.base import CallContext, ProviderError
 from laneway.workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, decide, next_attempt
 from laneway.workers.tracing_spans import attempt_started, job_trace, note_event, provider_call
 
@@ -45,6 +45,16 @@ Logger = structlog.typing.FilteringBoundLogger
 
 class _Lost(Exception):
     """Our view of the job is stale: someone else appended to its log."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """An attempt whose RUNNING event is written, or (``eager``) still being written
+    while its call starts; ``bound`` logs with its attempt and provider."""
+
+    written: PendingAppend
+    eager: bool
+    bound: Logger
 
 
 class JobRunner:
@@ -74,7 +84,7 @@ class JobRunner:
         self._limiter = limiter
         self._chooser = chooser
         self._attempts = attempts
-        self._call_stats = call_stats
+        self._accounts = CallAccounts(limiter, call_stats, metrics)
         self._events_max_age_s = events_max_age_s
         self.closing = False
 
@@ -178,28 +188,67 @@ class JobRunner:
             self._metrics.job_event(event)
         return seq
 
+    async def _stored(self, written: PendingAppend) -> int:
+        try:
+            return await written.stored()
+        except EventConflict as err:
+            raise _Lost from err
+
     async def _run(self, msg: Msg, job: QueuedJob, choice: Choice, bound: Logger) -> bool:
-        """Run one attempt on ``choice``'s provider; whether the provider was called."""
+        """Run one attempt on ``choice``'s provider; whether the provider was called.
+
+        Each phase before the call may settle the delivery itself (ack, nak or dead
+        letter), and then no call is made.
+        """
         prev, seq = await self._previous(msg, job)
         if prev.state.is_final:
             await self._finished(msg, job, prev)  # redelivered after it finished: no second call
             return False
         now = utcnow()
         target = self._targets[(job.spec.route, choice.provider)]
-        if prev.state is JobState.RUNNING:
-            # Redelivered while its log says running: the last worker died or lost its lease.
-            lost = JobError(
-                WORKER_LOST,
-                f"attempt {prev.attempt} ended without a result (worker stopped or lease expired)",
-                ErrorClass.TRANSIENT,
-            )
-            decision = decide(target.retry, prev.attempt, lost, None)
-            seq = await self._expect(job, seq)
-            if not decision.retry:
-                await self._dead_letter(msg, job, prev, seq, lost, bound)
-                return False
-            prev = prev.next(JobState.RETRYING, error=lost, reset=_streams(job))
-            seq = await self._append(prev, seq)
+        resumed = await self._recover_lost_attempt(msg, job, target, prev, seq, bound)
+        if resumed is None:
+            return False
+        prev, seq = resumed
+        if await self._expire_if_late(msg, job, prev, seq, now):
+            return False
+        estimate = estimate_tokens(job.spec.input)
+        if not await self._accounts.admit(msg, target, estimate):
+            return False
+        started = await self._write_running(msg, job, target, prev, seq, now, bound)
+        answers = self._accounts.answers()
+        outcome, running, seq = await self._call(msg, job, target, started, answers)
+        outcome = await self._accounts.record(target, choice.probe, answers, outcome, estimate)
+        await self._settle(msg, job, running, seq, outcome, started.bound)
+        return True
+
+    async def _recover_lost_attempt(
+        self, msg: Msg, job: QueuedJob, target: Target, prev: JobEvent, seq: int | None, bound: Logger
+    ) -> tuple[JobEvent, int | None] | None:
+        """End an attempt another worker left running, so its log shows why it ended
+        before the next attempt starts: a retry, or (out of attempts) a dead letter.
+        The log's tail to go on from; None when the job was dead-lettered."""
+        if prev.state is not JobState.RUNNING:
+            return prev, seq
+        # Redelivered while its log says running: the last worker died or lost its lease.
+        lost = JobError(
+            WORKER_LOST,
+            f"attempt {prev.attempt} ended without a result (worker stopped or lease expired)",
+            ErrorClass.TRANSIENT,
+        )
+        decision = decide(target.retry, prev.attempt, lost, None)
+        seq = await self._expect(job, seq)
+        if not decision.retry:
+            await self._dead_letter(msg, job, prev, seq, lost, bound)
+            return None
+        prev = prev.next(JobState.RETRYING, error=lost, reset=_streams(job))
+        return prev, await self._append(prev, seq)
+
+    async def _expire_if_late(
+        self, msg: Msg, job: QueuedJob, prev: JobEvent, seq: int | None, now: datetime
+    ) -> bool:
+        """End a job whose deadline passed while it waited, rather than calling the
+        provider for an answer nobody wants; whether it was ended (and acked)."""
         deadline = job.spec.deadline
         if deadline is not None and deadline <= now:
             err = JobError(
@@ -207,17 +256,21 @@ class JobRunner:
             )
             await self._append(prev.next(JobState.EXPIRED, error=err), await self._expect(job, seq))
             await msg.ack()
-            return False
-        estimate = estimate_tokens(job.spec.input)
-        limiter, name = self._limiter, target.provider.name
-        if limiter is not None:
-            paused = limiter.paused_s(name, target.model)
-            if paused > 0:
-                # A Retry-After reached the fleet after this job got its budget: wait it out in the queue.
-                await msg.nak(delay=paused)
-                return False
-            if not await reserve_tokens(limiter, msg, name, target.model, estimate):
-                return False
+            return True
+        return False
+
+    async def _write_running(
+        self,
+        msg: Msg,
+        job: QueuedJob,
+        target: Target,
+        prev: JobEvent,
+        seq: int | None,
+        now: datetime,
+        bound: Logger,
+    ) -> _Started:
+        """Claim the attempt with its RUNNING event (compare-and-set: it decides who owns
+        the job). Waited for, unless the job may start its call while it is written."""
         running = prev.next(
             JobState.RUNNING,
             attempt=next_attempt(prev),
@@ -240,24 +293,22 @@ class JobRunner:
         attempt_started(running)
         bound = bound.bind(attempt=running.attempt, provider=target.provider.name)
         bound.debug("job started", eager=eager)
-        answered = False
-        seen: list[ResponseInfo] = []
+        return _Started(written, eager, bound)
 
-        def observe(info: ResponseInfo) -> None:
-            nonlocal answered
-            answered = True
-            seen.append(info)
-            if self._metrics is not None:
-                self._metrics.provider_answer(
-                    info.provider, info.model, info.status, info.latency_s, info.usage
-                )
-                limits = info.rate_limits
-                self._metrics.rate_limits(info.provider, limits.remaining_requests, limits.remaining_tokens)
-
-        ctx = CallContext(job.job_id, running.attempt, job.spec.metadata, deadline, observe=observe)
+    async def _call(
+        self, msg: Msg, job: QueuedJob, target: Target, started: _Started, answers: Answers
+    ) -> tuple[Outcome, JobEvent, int]:
+        """Call the provider while holding the job's lease (renewed, and cancellable by a
+        cancel notice); the outcome and the log's new tail. A cancelled call ends in
+        ``_Lost`` (the job was cancelled) or, when the worker is stopping, in the
+        cancellation itself. The limiter's count of running calls is released either way."""
+        written = started.written
+        ctx = CallContext(
+            job.job_id, written.event.attempt, job.spec.metadata, job.spec.deadline, observe=answers
+        )
         try:
             with self._attempts.hold(msg, job.job_id):
-                if eager:
+                if started.eager:
                     # Someone else moved the job on (a cancel) before our RUNNING: abort the call.
                     written.when_refused(functools.partial(self._attempts.cancel, job.job_id))
                 with provider_call(target.provider, target.model, job.spec.input) as call:
@@ -269,66 +320,47 @@ class JobRunner:
                         raise _Lost from err
                     call.record(outcome)
         except asyncio.CancelledError:
-            self._call_ended(target)
-            task = asyncio.current_task()
-            if written.refused:
-                if task is not None:
-                    task.uncancel()
-                await self._stored(written)  # raises: _Lost, or Unavailable
-            if self.closing:
-                await self._hand_back(job, written)
+            self._accounts.call_ended(target)
+            if await self._cancel_goes_on(job, written):
                 raise
-            # CancelJob stored CANCELLED already; our log view is stale. The cancel was
-            # ours to consume, so the task carries on (to ack) as if never cancelled.
-            if task is not None:
-                task.uncancel()
             raise _Lost from None
         except BaseException:
-            self._call_ended(target)
+            self._accounts.call_ended(target)
             raise
-        self._call_ended(target)
-        down = False
-        if self._limiter is not None:
-            down = await learn(self._limiter, name, target.model, choice.probe, seen, outcome, estimate)
-        if isinstance(outcome, ProviderError) and down:
-            outcome = ProviderError(
-                JobError(
-                    PROVIDER_DOWN,
-                    f"{target.provider.name} is down (circuit open): {outcome.error.message}",
-                    ErrorClass.TRANSIENT,
-                    outcome.error.http_status,
-                )
-            )
-        if self._call_stats is not None:
-            self._call_stats.attempt(name, outcome, seen[-1].latency_s if seen else None)
-        if isinstance(outcome, ProviderError):
-            if self._metrics is not None:
-                self._metrics.provider_error(target.provider.name, outcome.error)
-                if not answered and outcome.error.http_status == 0:
-                    # No answer at all (connection failure, timeout): nothing was reported.
-                    self._metrics.provider_answer(target.provider.name, target.model, 0, 0.0, None)
-            await self._failed(msg, job, running, seq, outcome, bound)
+        self._accounts.call_ended(target)
+        return outcome, running, seq
+
+    async def _cancel_goes_on(self, job: QueuedJob, written: PendingAppend) -> bool:
+        """Tell a stopping worker's cancellation from the job's own, after a cancelled
+        call: True when the worker is stopping (the job is handed back first), so the
+        cancellation goes on. Else it was ours to consume: the task is un-cancelled
+        and carries on as ``_Lost``."""
+        task = asyncio.current_task()
+        if written.refused:
+            if task is not None:
+                task.uncancel()
+            await self._stored(written)  # raises: _Lost, or Unavailable
+        if self.closing:
+            await self._hand_back(job, written)
             return True
-        await self._append(running.next(JobState.SUCCEEDED, result=outcome), seq)
-        await msg.ack()
-        return True
+        # CancelJob stored CANCELLED already; our log view is stale. The cancel was
+        # ours to consume, so the task carries on (to ack) as if never cancelled.
+        if task is not None:
+            task.uncancel()
+        return False
 
-    def _call_ended(self, target: Target) -> None:
-        if self._limiter is not None:
-            self._limiter.call_ended(target.provider.name, target.model)
-
-    async def _stored(self, written: PendingAppend) -> int:
-        try:
-            return await written.stored()
-        except EventConflict as err:
-            raise _Lost from err
-
-    async def _failed(
-        self, msg: Msg, job: QueuedJob, running: JobEvent, seq: int, err: ProviderError, bound: Logger
+    async def _settle(
+        self, msg: Msg, job: QueuedJob, running: JobEvent, seq: int, outcome: Outcome, bound: Logger
     ) -> None:
-        error = err.error
+        """Store the attempt's end after ``running`` (the log's tail): its result, then
+        ack; or, for a failure, a retry, an expiry or a dead letter."""
+        if not isinstance(outcome, ProviderError):
+            await self._append(running.next(JobState.SUCCEEDED, result=outcome), seq)
+            await msg.ack()
+            return
+        error = outcome.error
         retry = self._targets[(job.spec.route, running.provider)].retry
-        decision = decide(retry, running.attempt, error, err.retry_after_s)
+        decision = decide(retry, running.attempt, error, outcome.retry_after_s)
         if error.code == PROVIDER_DOWN:
             # Straight back to the queue: another target (or the healed provider's probes) takes it.
             decision = replace(decision, retry=True, delay_s=0.05)

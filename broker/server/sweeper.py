@@ -27,7 +27,7 @@ from laneway.broker.core import topology as t
 from laneway.broker.core.dead_letters import DeadLetterStore
 from laneway.broker.core.events import EventConflict, EventLog, first_event
 from laneway.broker.core.model import ErrorClass, JobError, JobState
-from laneway.broker.core.tasks import cancel_and_wait
+from laneway.broker.core.tasks import Background
 from laneway.broker.core.wire.dead_letters import MAX_DELIVERIES_CODE
 from laneway.broker.core.wire.jobs import decode_queued_job
 from laneway.errors import LanewayError
@@ -44,24 +44,23 @@ class MaxDeliverySweeper:
         self._nc = nc
         self._events = events
         self._store = store
-        self._task: asyncio.Task[None] | None = None
+        # nats-py's fetch may turn our cancellation into a TimeoutError (wait_for on
+        # 3.11); the loop then sees _stopping and ends anyway.
+        self._sweeping = Background("laneway-dlq-sweeper", TimeoutError)
         self._stopping = False
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def __aenter__(self) -> MaxDeliverySweeper:
         js = self._nc.jetstream()
         self._sub = await js.pull_subscribe_bind(durable=t.ADVISORY_CONSUMER, stream=t.ADVISORY_STREAM)
-        self._task = asyncio.create_task(self._run(), name="laneway-dlq-sweeper")
+        self._sweeping.start(self._run())
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._stopping = True
-        task, self._task = self._task, None
-        # nats-py's fetch may turn our cancellation into a TimeoutError (wait_for on
-        # 3.11); the loop then sees _stopping and ends anyway.
-        await cancel_and_wait(task, TimeoutError)
+        await self._sweeping.stop()
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(nats.errors.Error):

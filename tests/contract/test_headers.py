@@ -9,8 +9,8 @@ import pydantic
 import pytest
 
 from laneway.broker.config.model import parse_config
-from laneway.broker.config.providers import AnthropicProviderConfig, OpenAIProviderConfig
 from laneway.broker.core.model import ErrorClass
+from laneway.workers.providers.anthropic import AnthropicProviderConfig
 from laneway.workers.providers.base import ProviderError, RateLimits
 from laneway.workers.providers.http import (
     error_fields,
@@ -20,6 +20,7 @@ from laneway.workers.providers.http import (
     retry_after_header,
 )
 from laneway.workers.providers.labels import parse_label
+from laneway.workers.providers.openai import OpenAIProviderConfig
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -15,8 +15,6 @@ from typing import Any
 
 import pytest
 
-from laneway.broker.config.model import MockProviderConfig
-from laneway.broker.config.providers import AnthropicProviderConfig, HttpProviderConfig, OpenAIProviderConfig
 from laneway.broker.core.model import (
     ChatInput,
     ChatMessage,
@@ -27,9 +25,13 @@ from laneway.broker.core.model import (
     GenerationParams,
 )
 from laneway.errors import ConfigError
+from laneway.workers.fakes.mock import MockProviderConfig
 from laneway.workers.fakes.server import FakeProvider, FakeProviderSettings, Step
 from laneway.workers.fakes.simulation import unit_vector
+from laneway.workers.providers.anthropic import AnthropicProviderConfig
 from laneway.workers.providers.base import CallContext, Provider, ProviderError, ResponseInfo, build_provider
+from laneway.workers.providers.http import HttpProviderConfig
+from laneway.workers.providers.openai import OpenAIProviderConfig
 
 KEY = "sk-laneway-contract-5ecret-7f3a"
 KEY_ENV = "LANEWAY_CONTRACT_API_KEY"

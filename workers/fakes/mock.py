@@ -27,8 +27,12 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import Annotated, Literal
 
-from laneway.broker.config.model import MockProviderConfig
+from pydantic import Field
+
+from laneway.broker.config.provider_types import ProviderType
+from laneway.broker.config.providers import ErrorRates, LimitsConfig, ProviderConfigBase
 from laneway.broker.core.model import (
     ChatInput,
     ChatOutput,
@@ -53,12 +57,11 @@ from laneway.workers.providers.base import (
     ProviderError,
     RateLimits,
     ResponseInfo,
-    register_provider_type,
 )
 from laneway.workers.providers.classify import classify_status
 from laneway.workers.providers.labels import BATCH_SYSTEM_PROMPT
 
-__all__ = ["MockProvider"]
+__all__ = ["PROVIDER_TYPE", "MockProvider", "MockProviderConfig"]
 
 _MAX_TRACKED_JOBS = 10_000
 
@@ -100,6 +103,40 @@ def _rate_limits(s: RateSnapshot, retry_after_s: float | None = None) -> RateLim
         reset_tokens_s=s.reset_tokens_s,
         retry_after_s=retry_after_s,
     )
+
+
+class MockProviderConfig(ProviderConfigBase):
+    """A fake provider for tests, demos and benchmarks: no network, tunable latency and failures."""
+
+    type: Literal["mock"] = "mock"
+    """Provider type; selects which settings below are allowed."""
+    concurrency: Annotated[int, Field(ge=1)] = 64
+    """Most calls one worker process runs against this provider at once."""
+    latency_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Mean simulated latency per call, in milliseconds."""
+    latency_jitter_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Uniform +/- jitter added to ``latency_ms``, in milliseconds."""
+    rpm: Annotated[int, Field(ge=0)] = 0
+    """Requests per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
+    tpm: Annotated[int, Field(ge=0)] = 0
+    """Tokens per minute it accepts before answering 429 with Retry-After (0: unlimited)."""
+    error_rates: ErrorRates = {}  # noqa: RUF012 (pydantic copies it)
+    """Share of calls (0-1) answered with each HTTP error status, e.g. ``{503: 0.05, 429:
+    0.01}``, classified like a real provider's answers; the rates add up to at most 1."""
+    retry_after_s: Annotated[float | None, Field(ge=0, allow_inf_nan=False)] = None
+    """Retry-After, in seconds, sent with injected errors; unset sends none."""
+    token_delay_ms: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Delay before each streamed token of a ``stream`` chat job, in milliseconds."""
+    call_log: str = ""
+    """File to append one JSON line per call to (job id, attempt, input), to see exactly
+    which calls a provider got; empty disables it."""
+    output: str = "echo"
+    """Chat output: ``echo`` repeats the last user message; any other string is returned as-is."""
+    embedding_dim: Annotated[int, Field(ge=1, le=4096)] = 8
+    """Length of the vectors returned for embedding jobs."""
+    limits: LimitsConfig = LimitsConfig()
+    """Fleet-wide limits the workers keep to when calling this provider (unlike ``rpm``
+    and ``tpm`` above, which make the mock itself refuse)."""
 
 
 class MockProvider:
@@ -243,4 +280,5 @@ class MockProvider:
         return None
 
 
-register_provider_type("mock", MockProvider)
+PROVIDER_TYPE = ProviderType("mock", MockProviderConfig, MockProvider)
+"""The ``mock`` type (entry point of ``laneway.providers``)."""

@@ -20,7 +20,7 @@ rates or latency, script the next answers; see ``laneway.workers.fakes.common.pa
     curl -d '{"error_rates": {"503": 1.0}}' localhost:8080/_laneway/control
 
 Behaviour (limits, injected errors, latency, tokens) comes from
-``laneway.workers.fakes.simulation``; the wire shapes from ``fake_openai``/``fake_anthropic``.
+``laneway.workers.fakes.simulation``; the wire shapes from ``laneway.workers.fakes.openai``/``.anthropic``.
 """
 
 from __future__ import annotations

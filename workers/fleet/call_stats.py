@@ -21,7 +21,7 @@ import structlog
 
 from laneway.broker.core import topology as t
 from laneway.broker.core.model import ErrorClass, JobResult
-from laneway.broker.core.tasks import cancel_and_wait
+from laneway.broker.core.tasks import Background
 from laneway.broker.fleet.call_window import LATENCY_BOUNDS_S, PUBLISH_S, WINDOW_S, CallWindow
 from laneway.broker.fleet.store import ProviderStateStore
 from laneway.workers.providers.base import ProviderError
@@ -61,10 +61,10 @@ class CallStats:
         self._clock = clock
         self._counter = CallCounter(providers, clock=clock)
         self._published: dict[str, int] = {}  # provider -> calls in the last window written
-        self._task: asyncio.Task[None] | None = None
+        self._publishing = Background("laneway-call-stats", Exception)
 
     async def __aenter__(self) -> CallStats:
-        self._task = asyncio.create_task(self._publish_loop(), name="laneway-call-stats")
+        self._publishing.start(self._publish_loop())
         return self
 
     async def __aexit__(
@@ -73,10 +73,8 @@ class CallStats:
         await self.close()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
+        if not await self._publishing.stop():
             return
-        await cancel_and_wait(task, Exception)
         # Gone: an empty window, so brokers stop counting this process's calls at once.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_CLOSE_S):

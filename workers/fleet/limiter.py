@@ -33,7 +33,7 @@ from nats.js import JetStreamContext
 
 from laneway.broker.config.providers import LimitsConfig
 from laneway.broker.core import topology as t
-from laneway.broker.core.tasks import cancel_and_wait
+from laneway.broker.core.tasks import Background
 from laneway.broker.fleet.state import LimitState, fresh_limit
 from laneway.broker.fleet.store import ProviderStateStore
 from laneway.workers.fleet.breaker import CircuitBreakers
@@ -66,13 +66,13 @@ class FleetLimiter(CircuitBreakers):
         circuits = {n: p.circuit for n, p in providers.items()}
         super().__init__(store, circuits, worker_id=worker_id, metrics=metrics, clock=clock)
         self._limits_cfg: dict[str, LimitsConfig] = {n: p.limits for n, p in providers.items()}
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushing = Background("laneway-limiter-flush", Exception)
         self._holding: dict[str, int] = {}
         self._written_holding: dict[str, int] = {}
 
     async def __aenter__(self) -> FleetLimiter:
         await self._store.start()
-        self._flusher = asyncio.create_task(self._flush_loop(), name="laneway-limiter-flush")
+        self._flushing.start(self._flush_loop())
         return self
 
     async def __aexit__(
@@ -81,9 +81,7 @@ class FleetLimiter(CircuitBreakers):
         await self.close()
 
     async def close(self) -> None:
-        flusher, self._flusher = self._flusher, None
-        if flusher is not None:
-            await cancel_and_wait(flusher, Exception)
+        if await self._flushing.stop():
             # Leave no holdings behind: other processes may use them at once.
             for key in [k for k, n in self._written_holding.items() if n]:
                 with contextlib.suppress(Exception):

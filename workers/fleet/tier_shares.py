@@ -21,7 +21,7 @@ import structlog
 
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core import topology as t
-from laneway.broker.core.tasks import cancel_and_wait
+from laneway.broker.core.tasks import Background
 from laneway.broker.fleet.shares import ShareState
 from laneway.workers.fleet.limiter import FleetLimiter
 
@@ -63,12 +63,12 @@ class TierShares:
                     if target.provider in served:
                         self._tiers[(route_name, target.provider)] = tier
         self._pending: dict[tuple[str, str], int] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._flushing = Background("laneway-tier-shares", Exception)
 
     async def __aenter__(self) -> TierShares:
         if self._tiers:
             await self._flush()  # present at once, before the first pull
-            self._task = asyncio.create_task(self._flush_loop(), name="laneway-tier-shares")
+            self._flushing.start(self._flush_loop())
         return self
 
     async def __aexit__(
@@ -77,9 +77,7 @@ class TierShares:
         await self.close()
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            await cancel_and_wait(task, Exception)
+        if await self._flushing.stop():
             # Bounded: a stopping worker does not wait on an unreachable server.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_CLOSE_S):

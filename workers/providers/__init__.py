@@ -1,13 +1,4 @@
-"""The HTTP provider types, registered by config ``type``: ``openai`` (the OpenAI
-API and compatible servers) and ``anthropic`` (the Messages API)."""
-
-from __future__ import annotations
-
-from laneway.workers.providers.anthropic import AnthropicProvider
-from laneway.workers.providers.base import register_provider_type
-from laneway.workers.providers.openai import OpenAIProvider
-
-__all__ = ["AnthropicProvider", "OpenAIProvider"]
-
-register_provider_type("openai", OpenAIProvider)
-register_provider_type("anthropic", AnthropicProvider)
+"""Provider types that call a real API over HTTP: ``openai`` (the OpenAI API and
+compatible servers) and ``anthropic`` (the Messages API), with the seam they share
+(``base``), error classification and the HTTP plumbing. Each type's module holds its
+config model, its provider and the ``PROVIDER_TYPE`` its entry point names."""

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from httpx_sse import ServerSentEvent
+from pydantic import Field
 
-from laneway.broker.config.providers import AnthropicProviderConfig
+from laneway.broker.config.provider_types import ProviderType
 from laneway.broker.core.model import (
     ChatInput,
     ChatOutput,
@@ -29,10 +30,15 @@ from laneway.broker.core.model import (
 )
 from laneway.workers.providers.base import CallContext, ProviderError, RateLimits
 from laneway.workers.providers.classify import classify_status
-from laneway.workers.providers.http import HttpProvider, error_fields, parse_anthropic_rate_limits
+from laneway.workers.providers.http import (
+    HttpProvider,
+    HttpProviderConfig,
+    error_fields,
+    parse_anthropic_rate_limits,
+)
 from laneway.workers.providers.labels import classification_prompt, parse_label
 
-__all__ = ["AnthropicProvider"]
+__all__ = ["PROVIDER_TYPE", "AnthropicProvider", "AnthropicProviderConfig"]
 
 _FINISH = {
     "end_turn": "stop",
@@ -130,6 +136,22 @@ class _Stream:
         return ChatOutput("".join(self.parts), self.finish, usage)
 
 
+class AnthropicProviderConfig(HttpProviderConfig):
+    """The Anthropic Messages API."""
+
+    type: Literal["anthropic"] = "anthropic"
+    """Provider type; selects which settings below are allowed."""
+    base_url: str = "https://api.anthropic.com/v1"
+    """API root; ``/messages`` is appended."""
+    api_key_env: str = "ANTHROPIC_API_KEY"
+    """Name of the environment variable holding the API key (sent as ``x-api-key``);
+    empty sends none, e.g. behind a gateway that adds it."""
+    anthropic_version: str = "2023-06-01"
+    """Value of the ``anthropic-version`` header."""
+    default_max_tokens: Annotated[int, Field(ge=1)] = 1024
+    """``max_tokens`` for chat jobs that do not set one (the Messages API requires it)."""
+
+
 class AnthropicProvider(HttpProvider[AnthropicProviderConfig]):
     def _auth_headers(self, api_key: str) -> dict[str, str]:
         headers = {"anthropic-version": self.config.anthropic_version}
@@ -198,3 +220,7 @@ class AnthropicProvider(HttpProvider[AnthropicProviderConfig]):
             return ClassificationOutput(label=label, usage=output.usage), usage
 
         return await self._post("messages", body, ctx, model, parse)
+
+
+PROVIDER_TYPE = ProviderType("anthropic", AnthropicProviderConfig, AnthropicProvider)
+"""The ``anthropic`` type (entry point of ``laneway.providers``)."""

@@ -1,9 +1,9 @@
 """The provider seam: what a worker pool calls, and how provider types are found.
 
-A provider type is one class implementing ``Provider``; it is registered here by
-its config ``type`` (built-in types register on import; third parties through
-the ``laneway.providers`` entry point group, whose entry points name a factory
-``(name, config) -> Provider``). Providers raise ``ProviderError`` carrying a
+A provider type is one class implementing ``Provider`` plus the model of its config
+block, published together as a ``ProviderType`` entry point of the ``laneway.providers``
+group (``laneway.broker.config.provider_types``); built-in types are declared the
+same way as third-party ones. Providers raise ``ProviderError`` carrying a
 classified ``JobError`` (use ``laneway.workers.providers.classify``); retrying is the worker's job,
 never the provider's, so SDK or HTTP-client retries must be off.
 
@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib.metadata import entry_points
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from laneway.broker.config.provider_types import ENTRY_POINT_GROUP, provider_types
+from laneway.broker.config.providers import ProviderConfigBase
 from laneway.broker.core.model import (
     ChatInput,
     ChatOutput,
@@ -43,7 +44,6 @@ __all__ = [
     "ResponseInfo",
     "build_provider",
     "call_provider",
-    "register_provider_type",
 ]
 
 
@@ -55,9 +55,6 @@ class ProviderError(LanewayError):
         self.error = error
         #: The provider's Retry-After, when it sent one.
         self.retry_after_s = retry_after_s
-
-
-ENTRY_POINT_GROUP = "laneway.providers"
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,36 +140,18 @@ async def call_provider(provider: Provider, model: str, job_input: JobInput, ctx
     return await provider.classify(model, job_input, ctx)
 
 
-ProviderFactory = Callable[[str, Any], Provider]
-_TYPES: dict[str, ProviderFactory] = {}
-_loaded = False
-
-
-def register_provider_type(type_name: str, factory: ProviderFactory) -> None:
-    _TYPES[type_name] = factory
-
-
-def _load_types() -> None:
-    """Register the built-in types (on import) and third-party entry points, once."""
-    global _loaded
-    if _loaded:
-        return
-    # Importing them registers them.
-    import laneway.workers.fakes.mock
-    import laneway.workers.providers  # noqa: F401
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name not in _TYPES:
-            _TYPES[ep.name] = ep.load()
-    _loaded = True
-
-
-def build_provider(name: str, config: Any) -> Provider:
-    """Build the provider ``name`` from its config block (dispatching on ``config.type``)."""
-    _load_types()
-    factory = _TYPES.get(config.type)
-    if factory is None:
+def build_provider(name: str, config: ProviderConfigBase) -> Provider:
+    """Build the provider ``name`` from its config block, by the type it names."""
+    registry = provider_types()
+    provider_type = registry.types.get(config.type)
+    if provider_type is None:
+        why = registry.broken.get(config.type)
+        detail = f"its plugin failed to load: {why}" if why else f"known: {sorted(registry.types)}"
+        raise ConfigError(f"providers.{name}.type: unknown provider type {config.type!r} ({detail})")
+    provider = provider_type.factory(name, config)
+    if not isinstance(provider, Provider):
         raise ConfigError(
-            f"providers.{name}.type: unknown provider type {config.type!r} (known: {sorted(_TYPES)})"
+            f"providers.{name}.type: the factory of {config.type!r} returned a "
+            f"{type(provider).__name__}, which is not a Provider"
         )
-    return factory(name, config)
+    return provider

@@ -29,12 +29,13 @@ import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Annotated, Any, Generic, Protocol, TypeVar
 
 import httpx
 from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse
+from pydantic import Field, field_validator
 
-from laneway.broker.config.providers import HttpProviderConfig
+from laneway.broker.config.providers import ProviderConfigBase
 from laneway.broker.core.model import ChatOutput, ErrorClass, JobError, TokenUsage
 from laneway.errors import ConfigError
 from laneway.workers.providers.base import CallContext, ProviderError, RateLimits, ResponseInfo
@@ -42,6 +43,7 @@ from laneway.workers.providers.classify import classify_exception, classify_stat
 
 __all__ = [
     "HttpProvider",
+    "HttpProviderConfig",
     "StreamState",
     "error_fields",
     "parse_anthropic_rate_limits",
@@ -50,6 +52,63 @@ __all__ = [
     "resolve_api_key",
     "retry_after_header",
 ]
+
+_Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_Cost = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class HttpProviderConfig(ProviderConfigBase):
+    """Settings shared by the provider types that call an HTTP API."""
+
+    base_url: str
+    """API root the endpoint paths are appended to."""
+    api_key_env: str
+    """Name of the environment variable holding the API key; empty sends no key."""
+    headers: Annotated[dict[str, str], Field(repr=False)] = {}  # noqa: RUF012 (pydantic copies it)
+    """Extra HTTP headers sent with every request (e.g. a gateway's routing header or
+    key; use ``${VAR}`` for secrets). Left out of the config's repr, since they may
+    carry credentials."""
+    concurrency: Annotated[int, Field(ge=1)] = 16
+    """Most calls one worker process runs against this provider at once (also the size
+    of its HTTP connection pool)."""
+    connect_timeout_s: _Seconds = 5.0
+    """Seconds to wait for a TCP/TLS connection to the API."""
+    first_token_timeout_s: _Seconds = 30.0
+    """Seconds a streamed call waits for the response headers, and then for the first
+    event. A non-streamed answer arrives whole once generated, so those calls are bounded
+    by ``total_timeout_s`` instead."""
+    total_timeout_s: _Seconds = 600.0
+    """Seconds one call may take in all, streamed or not (a job deadline that comes
+    sooner shortens it)."""
+    stall_timeout_s: _Seconds = 30.0
+    """Seconds a streamed answer may stay silent between two events before the call is
+    abandoned as stalled (a transient error, so the job is retried)."""
+    cost_per_1k_input_tokens: _Cost = 0.0
+    """Price of 1000 input (prompt) tokens, in your currency of choice; 0 if unknown."""
+    cost_per_1k_output_tokens: _Cost = 0.0
+    """Price of 1000 output (completion) tokens; 0 if unknown."""
+    models: tuple[Annotated[str, Field(min_length=1)], ...] = ()
+    """Model names this provider serves (informational, e.g. for ``config check``);
+    empty means not listed."""
+
+    @field_validator("base_url")
+    @classmethod
+    def _check_base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, got '{value}'")
+        # Paths are appended as "/chat/completions"; a trailing slash would double it.
+        return value.rstrip("/")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _check_api_key_env(cls, value: str) -> str:
+        # A pasted key instead of a variable name would otherwise end up in the config dump.
+        if value and not value.replace("_", "").isalnum():
+            raise ValueError(
+                "expected the name of an environment variable (letters, digits, _), not the key itself"
+            )
+        return value
+
 
 C = TypeVar("C", bound=HttpProviderConfig)
 T = TypeVar("T")

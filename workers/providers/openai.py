@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from httpx_sse import ServerSentEvent
 
-from laneway.broker.config.providers import OpenAIProviderConfig
+from laneway.broker.config.provider_types import ProviderType
 from laneway.broker.core.model import (
     ChatInput,
     ChatOutput,
@@ -28,10 +28,15 @@ from laneway.broker.core.model import (
 )
 from laneway.workers.providers.base import CallContext, RateLimits
 from laneway.workers.providers.classify import classify_status
-from laneway.workers.providers.http import HttpProvider, error_fields, parse_openai_rate_limits
+from laneway.workers.providers.http import (
+    HttpProvider,
+    HttpProviderConfig,
+    error_fields,
+    parse_openai_rate_limits,
+)
 from laneway.workers.providers.labels import classification_prompt, parse_label
 
-__all__ = ["OpenAIProvider"]
+__all__ = ["PROVIDER_TYPE", "OpenAIProvider", "OpenAIProviderConfig"]
 
 _FINISH = {
     "stop": "stop",
@@ -96,6 +101,24 @@ class _Stream:
 
     def output(self) -> ChatOutput:
         return ChatOutput("".join(self.parts), self.finish, self.usage or TokenUsage())
+
+
+class OpenAIProviderConfig(HttpProviderConfig):
+    """The OpenAI API or an OpenAI-compatible server (vLLM, Ollama, LiteLLM, ...)."""
+
+    type: Literal["openai"] = "openai"
+    """Provider type; selects which settings below are allowed."""
+    base_url: str = "https://api.openai.com/v1"
+    """API root; ``/chat/completions`` and ``/embeddings`` are appended, e.g.
+    ``http://127.0.0.1:11434/v1`` for a local Ollama."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """Name of the environment variable holding the API key (sent as a Bearer token);
+    empty sends no Authorization header, for local servers without auth."""
+    organization: str = ""
+    """OpenAI organization id sent as ``OpenAI-Organization``; empty sends none."""
+    json_response_format: bool = True
+    """Ask for ``response_format: json_object`` in classification calls; turn off for
+    servers that reject it (the answer is parsed leniently either way)."""
 
 
 class OpenAIProvider(HttpProvider[OpenAIProviderConfig]):
@@ -172,3 +195,7 @@ class OpenAIProvider(HttpProvider[OpenAIProviderConfig]):
             return ClassificationOutput(label=label, usage=output.usage), usage
 
         return await self._post("chat/completions", body, ctx, model, parse)
+
+
+PROVIDER_TYPE = ProviderType("openai", OpenAIProviderConfig, OpenAIProvider)
+"""The ``openai`` type (entry point of ``laneway.providers``)."""
