@@ -8,13 +8,15 @@ PROTOC := $(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients --gr
 	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 	--mypy_out=clients --mypy_grpc_out=clients
 
-.PHONY: help venv run test lint format typecheck buf-lint proto proto-check pytest bench scenarios node-deps clean
+.PHONY: help venv run test lint format typecheck buf-lint proto proto-check pytest bench scenarios soak fuzz node-deps clean
 
 help:
 	@echo "make run    - create .venv, install, start nats + broker + workers (laneway up)"
 	@echo "make test   - lint, import contracts, type-check, buf lint, generated-code drift check, pytest"
 	@echo "make bench  - throughput and latency against raw nats-py and grpc.aio baselines"
-	@echo "make scenarios - limiter and routing scenarios against their targets (~12 min)"
+	@echo "make scenarios - limiter and routing scenarios against their targets (~26 min)"
+	@echo "make soak   - 20,000 jobs while workers and the broker are killed; prints the chaos counts (~6 min)"
+	@echo "make fuzz   - 10,000 generated gRPC requests against a live broker and worker (~3 min)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -71,6 +73,16 @@ bench: venv
 # Each scenario alone: .venv/bin/python -m bench.scenarios goodput [--duration S] [--output F]
 scenarios: venv
 	$(BIN)/python -m bench.scenarios all --output bench/results/scenarios.json
+
+# Not in CI: the chaos tests' faults (tests/chaos/) for longer, with the same counts.
+soak: venv
+	$(BIN)/python -m tests.chaos.soak
+
+# Not in CI (make test runs a short version, tests/test_fuzz.py): the gRPC fuzzer for longer.
+FUZZ_REQUESTS ?= 10000
+FUZZ_SEED ?= 0
+fuzz: venv
+	$(BIN)/python -m tests.fuzz --requests $(FUZZ_REQUESTS) --seed $(FUZZ_SEED)
 
 clean:
 	rm -rf build .laneway .pytest_cache .mypy_cache .ruff_cache

@@ -287,7 +287,7 @@ async def test_broker_shutdown_ends_streams_retryably_and_clients_resume(nats_se
         return await server.__aenter__()
 
     first = await serve()
-    async with laneway.AsyncClient(first.address, resume_attempts=1) as c1:
+    async with laneway.AsyncClient(first.address, resume_timeout=0.5) as c1:
         job_id = (await c1.submit("slow", laneway.chat("outlive the broker"))).job_id
         stream = c1.stream_results(job_id)
         seen = [await anext(stream)]

@@ -27,7 +27,8 @@ P, T, R = ErrorClass.PERMANENT, ErrorClass.TRANSIENT, ErrorClass.RATE_LIMITED
         (400, "content_policy_violation", P, "content_policy"),
         (401, "", P, "unauthorized"),
         (403, "", P, "forbidden"),
-        (404, "", P, "model_not_found"),
+        (404, "", P, "endpoint_not_found"),  # no model-not-found body: a wrong URL
+        (404, "model_not_found", P, "model_not_found"),
         (413, "", P, "request_too_large"),
         (422, "", P, "invalid_request"),
         (418, "", P, "invalid_request"),

@@ -106,7 +106,7 @@ def test_defaults() -> None:
     assert config.broker.max_batch_jobs == 1000
     assert config.queue.events_max_age_s == 86_400
     assert config.queue.replicas == 1
-    assert config.queue.ack_wait_s == 30.0
+    assert config.queue.ack_wait_s == 10.0
     assert config.queue.max_deliver == 50
     assert (config.dlq.max_age_s, config.dlq.redrive_rate_per_s) == (1_209_600, 10.0)
     assert config.lanes.default == "normal"

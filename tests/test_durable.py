@@ -4,12 +4,14 @@ redrive, idempotency across restarts, delays and debounce, hand-back on shutdown
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from datetime import timedelta
 from pathlib import Path
 
 import nats
+import nats.errors
 import pytest
 
 import laneway
@@ -175,16 +177,28 @@ async def test_list_dead_letters_pages_and_rejects_bad_tokens(broker, client, na
 
 
 async def test_job_past_max_deliveries_is_swept_into_dead_letters(nats_server, tmp_path) -> None:
-    # Every delivery is handed back (429, no attempt spent), so JetStream's own
-    # max_deliver is what stops it: the broker's sweeper must move it.
+    # Every delivery ends without a result, as with workers that crash on it (here a
+    # bare consumer hands it back), so JetStream's own max_deliver is what stops it: the
+    # broker's sweeper must move it. (Waits that workers decide on do not count.)
     config = make_config("queue: {ack_wait_s: 2, max_deliver: 3}")
     async with (
         BrokerServer(config, nats_url=nats_server.url, grpc_addr="127.0.0.1:0", reuse_port=False) as b,
         laneway.AsyncClient(b.address, timeout=10) as client,
-        WorkerPool(config, nats_url=nats_server.url),
     ):
-        metadata = {"mock.fail": "429x*", "mock.retry_after": "0"}
-        job = await client.submit("chat", laneway.chat("stuck"), metadata=metadata)
+        job = await client.submit("chat", laneway.chat("stuck"))
+        nc = await nats.connect(nats_server.url)
+        try:
+            sub = await nc.jetstream().pull_subscribe_bind(
+                durable=t.consumer_name("chat", "normal"), stream=t.JOBS_STREAM
+            )
+            for _ in range(3):
+                (msg,) = await sub.fetch(1, timeout=5)
+                await msg.nak()
+            # The server gives up (and advises) when it would deliver it once more.
+            with contextlib.suppress(nats.errors.TimeoutError):
+                await sub.fetch(1, timeout=1)
+        finally:
+            await nc.close()
         events = await _events(client, job.job_id)
         assert events[-1].state == S.JOB_STATE_DEAD_LETTERED
         assert events[-1].error.code == "max_deliveries"

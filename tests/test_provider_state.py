@@ -112,23 +112,42 @@ def test_soft_start_after_an_outage_climbs_back() -> None:
 
 
 def test_headers_near_the_wall_spread_what_is_left() -> None:
+    # Remaining and reset only (no stated limit): measured against the configured rpm.
     state = new_limit(600, 0, 0, now=0.0)
-    assert state.headers(0.0, remaining=500, limit=600, reset_s=10.0, limits=LIMITS) is None
-    slowed = state.headers(0.0, remaining=20, limit=600, reset_s=10.0, limits=LIMITS)
+    assert state.headers(0.0, remaining=500, limit=None, reset_s=10.0, limits=LIMITS) is None
+    slowed = state.headers(0.0, remaining=20, limit=None, reset_s=10.0, limits=LIMITS)
     assert slowed is not None
     assert math.isclose(slowed.current_rpm(1.0, LIMITS), 120.0)  # 20 requests over 10 s
     assert slowed.current_rpm(10.5, LIMITS) == 600.0  # past the reset
-    empty = state.headers(0.0, remaining=0, limit=600, reset_s=4.0, limits=LIMITS)
+    empty = state.headers(0.0, remaining=0, limit=None, reset_s=4.0, limits=LIMITS)
     assert empty is not None and empty.paused_until == 4.0
+
+
+def test_a_stated_request_limit_is_kept_to_instead_of_spreading() -> None:
+    state = new_limit(0, 0, 0, now=0.0)  # nothing configured
+    learned = state.headers(0.0, remaining=500, limit=120, reset_s=10.0, limits=LIMITS)
+    assert learned is not None and learned.learned_rpm == 120
+    assert learned.current_rpm(1.0, LIMITS) == 120.0
+    assert learned.headers(1.0, remaining=400, limit=120, reset_s=10.0, limits=LIMITS) is None  # no write
+    # Near the wall the limit still holds, not a trickle of what is left until the reset.
+    near = learned.headers(2.0, remaining=5, limit=120, reset_s=57.0, limits=LIMITS)
+    assert near is None or near.current_rpm(2.0, LIMITS) == 120.0
+    # None left: one more comes within 60/limit s at a provider that refills continuously.
+    empty = learned.headers(3.0, remaining=0, limit=120, reset_s=59.0, limits=LIMITS)
+    assert empty is not None and empty.paused_until == 3.5
+    assert empty.wait_s(3.5, LIMITS) == 0.0 and empty.budget(3.5, LIMITS) == 1  # no burst after it
+    # The lower of the configured and the stated limit holds.
+    both = new_limit(600, 0, 0, now=0.0).headers(0.0, remaining=100, limit=300, reset_s=1.0, limits=LIMITS)
+    assert both is not None and both.current_rpm(0.0, LIMITS) == 300.0
 
 
 def test_headers_cap_lifts_when_an_answer_shows_room_again() -> None:
     state = new_limit(600, 0, 0, now=0.0)
-    slowed = state.headers(0.0, remaining=20, limit=600, reset_s=10.0, limits=LIMITS)
+    slowed = state.headers(0.0, remaining=20, limit=None, reset_s=10.0, limits=LIMITS)
     assert slowed is not None
-    again = slowed.headers(2.0, remaining=300, limit=600, reset_s=5.0, limits=LIMITS)
+    again = slowed.headers(2.0, remaining=300, limit=None, reset_s=5.0, limits=LIMITS)
     assert again is not None and again.current_rpm(2.0, LIMITS) == 600.0
-    assert again.headers(3.0, remaining=300, limit=600, reset_s=5.0, limits=LIMITS) is None
+    assert again.headers(3.0, remaining=300, limit=None, reset_s=5.0, limits=LIMITS) is None
 
 
 def token_headers(
@@ -298,3 +317,13 @@ def test_states_round_trip_through_json() -> None:
     assert circuit is not None
     assert decode_circuit(encode_state(circuit)) == circuit
     assert isinstance(decode_limit(encode_state(LimitState(rpm=1, tpm=0))), LimitState)
+
+
+def test_the_circuit_names_the_jobs_failing_since_anyone_got_an_answer() -> None:
+    c = CircuitState().failure(0.0, "x", CIRCUIT, job="a").failure(0.1, "x", CIRCUIT, job="b")
+    c = c.failure(0.2, "x", CIRCUIT, job="a")  # the third in a row: open
+    assert c.effective(0.2) == "open" and c.failing == ("b", "a")
+    # An answer, even one that cannot close it, shows the provider serves someone.
+    answered = c.success(0.3, CIRCUIT)
+    assert answered is not None and answered.failing == () and answered.effective(0.3) == "open"
+    assert decode_circuit(encode_state(c)) == c

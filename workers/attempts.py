@@ -17,9 +17,11 @@ job's log still decides who owns it, and a refused write aborts the call. So tha
 a cancelled job does not reach the provider, a job is started early only when
 this process has heard every cancel since the job was submitted (it has listened
 for longer than ``eager_start_s`` plus a margin for clock skew, and the job is
-younger than ``eager_start_s``) and none named it. What is left is a cancel whose
-notice is still in flight when the job is delivered: its call is aborted as soon
-as the RUNNING write is refused.
+younger than ``eager_start_s``) and none named it. Listening starts over at each
+NATS outage, which also keeps a job from before a server restart (whose ack the
+server may have lost, so it comes back as a first delivery) from starting early.
+What is left is a cancel whose notice is still in flight when the job is
+delivered: its call is aborted as soon as the RUNNING write is refused.
 """
 
 from __future__ import annotations
@@ -67,7 +69,9 @@ class Attempts:
         await self._renewing.stop()
 
     def listening(self) -> None:
-        """Every cancel notice reaches ``cancel`` from now on (call once subscribed)."""
+        """Every cancel notice reaches ``cancel`` from now on (call once subscribed, and
+        again on each NATS disconnect and reconnect: notices sent meanwhile were missed,
+        and a restarted server may deliver a finished job again as a first delivery)."""
         self._listening_since = time.monotonic()
 
     @contextlib.contextmanager

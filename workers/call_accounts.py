@@ -20,6 +20,7 @@ from laneway.workers.fleet.feedback import learn, reserve_tokens
 from laneway.workers.fleet.limiter import FleetLimiter
 from laneway.workers.metrics import WorkerMetrics
 from laneway.workers.providers.base import ProviderError, ResponseInfo
+from laneway.workers.requeue import Requeue
 from laneway.workers.retry import PROVIDER_DOWN
 
 __all__ = ["Answers", "CallAccounts", "Outcome"]
@@ -55,11 +56,16 @@ class CallAccounts:
     """The fleet's side of every call this process's job runner makes."""
 
     def __init__(
-        self, limiter: FleetLimiter | None, call_stats: CallStats | None, metrics: WorkerMetrics | None
+        self,
+        limiter: FleetLimiter | None,
+        call_stats: CallStats | None,
+        metrics: WorkerMetrics | None,
+        requeue: Requeue,
     ) -> None:
         self._limiter = limiter
         self._call_stats = call_stats
         self._metrics = metrics
+        self._requeue = requeue
 
     async def admit(self, msg: Msg, target: Target, estimate: int) -> bool:
         """Hold the call to the fleet's limits: a provider pause, or a token budget that
@@ -70,9 +76,13 @@ class CallAccounts:
         paused = limiter.paused_s(name, target.model)
         if paused > 0:
             # A Retry-After reached the fleet after this job got its budget: wait it out in the queue.
-            await msg.nak(delay=paused)
+            await self._requeue.wait(msg, paused)
             return False
-        return await reserve_tokens(limiter, msg, name, target.model, estimate)
+        wait = await reserve_tokens(limiter, name, target.model, estimate)
+        if wait > 0:
+            await self._requeue.wait(msg, wait)  # longer token waits go back to the queue
+            return False
+        return True
 
     def answers(self) -> Answers:
         """An observer for one call's answers."""
@@ -90,6 +100,7 @@ class CallAccounts:
         answers: Answers,
         outcome: Outcome,
         estimate: int,
+        job: str = "",
     ) -> Outcome:
         """Feed a finished call to the limiter, the breaker, the call figures and the
         metrics; the outcome, a ``PROVIDER_DOWN`` error when the failure was caught
@@ -97,7 +108,7 @@ class CallAccounts:
         name, seen = target.provider.name, answers.seen
         down = False
         if self._limiter is not None:
-            down = await learn(self._limiter, name, target.model, probe, seen, outcome, estimate)
+            down = await learn(self._limiter, name, target.model, probe, seen, outcome, estimate, job)
         if isinstance(outcome, ProviderError) and down:
             outcome = ProviderError(
                 JobError(

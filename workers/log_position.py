@@ -19,6 +19,7 @@ from laneway.broker.core import topology as t
 from laneway.broker.core.events import EventConflict, EventLog, first_event
 from laneway.broker.core.model import JobEvent, QueuedJob, utcnow
 from laneway.errors import LanewayError, Unavailable
+from laneway.workers.requeue import requeued
 
 __all__ = ["QUEUED_WAIT_S", "Unlogged", "previous", "queued_seq"]
 
@@ -36,7 +37,8 @@ async def previous(
 ) -> tuple[JobEvent, int | None]:
     """The job's latest event and its stream sequence (None: read it with ``queued_seq``).
     Raises Unlogged for a job that must never run."""
-    if msg.metadata.num_delivered == 1:
+    # A job published again to wait (``Requeue``) starts its deliveries over, not its log.
+    if msg.metadata.num_delivered == 1 and not requeued(msg):
         if msg.headers and t.HDR_EVENT_SEQ in msg.headers:
             return first_event(job), int(msg.headers[t.HDR_EVENT_SEQ])
         return first_event(job), None

@@ -35,6 +35,7 @@ from laneway.workers.fleet.tier_shares import TierShares
 from laneway.workers.metrics import WorkerMetrics, provider_prices
 from laneway.workers.providers.base import Provider, build_provider
 from laneway.workers.puller import LanePuller
+from laneway.workers.requeue import Requeue
 from laneway.workers.retry import RetryPolicy
 from laneway.workers.runner import JobRunner
 
@@ -119,6 +120,7 @@ class WorkerPool:
             name=self._name,
             connect_timeout=cfg.nats.connect_timeout_s,
             on_reconnected=self._on_reconnected,
+            on_disconnected=self._on_disconnected,
         )
         js = self._nc.jetstream()
         await t.ensure_topology(js, t.TopologySettings.from_config(cfg))
@@ -150,6 +152,7 @@ class WorkerPool:
             limiter=self._limiter,
             chooser=TargetChooser(self._limiter, cfg, self._provider_names, self._shares),
             call_stats=self._call_stats,
+            requeue=Requeue(self._nc.jetstream(), cfg.queue.max_deliver),
         )
         if self._metrics_port is not None:
             self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
@@ -193,10 +196,19 @@ class WorkerPool:
             )
         return self._batchers[key]
 
+    def _on_disconnected(self) -> None:
+        # A server that restarts may have lost its consumers' acks: a job that already
+        # finished comes back as a first delivery while still young, and cancels sent
+        # meanwhile were missed. No eager start until jobs that young are all newer than
+        # this outage (a job from before it may have finished).
+        if self._attempts is not None:
+            self._attempts.listening()
+
     def _on_reconnected(self) -> None:
         # Waiting pull requests die with the old connection (the server forgets them).
         for puller in self._pullers:
             puller.forget_parks()
+        self._on_disconnected()  # cancels published while we were away were not heard either
 
     async def _on_cancel(self, msg: Msg) -> None:
         if self._runner is not None:

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 
 from laneway.broker.core import topology as t
 from laneway.broker.core.dead_letters import DeadLetterStore
+from laneway.broker.core.debounce import replaced_by_schedule, supersede
 from laneway.broker.core.events import EventConflict, EventLog, PendingAppend
 from laneway.broker.core.model import ChatInput, ErrorClass, JobError, JobEvent, JobState, QueuedJob, utcnow
 from laneway.broker.core.wire.jobs import decode_queued_job
@@ -34,6 +35,7 @@ from laneway.workers.fleet.routing import Choice, Grant, TargetChooser, estimate
 from laneway.workers.log_position import Unlogged, previous, queued_seq
 from laneway.workers.metrics import WorkerMetrics
 from laneway.workers.providers.base import CallContext, ProviderError
+from laneway.workers.requeue import Requeue
 from laneway.workers.retry import HANDED_BACK, PROVIDER_DOWN, WORKER_LOST, decide, next_attempt
 from laneway.workers.tracing_spans import attempt_started, job_trace, note_event, provider_call
 
@@ -76,6 +78,7 @@ class JobRunner:
         limiter: FleetLimiter | None = None,
         chooser: TargetChooser | None = None,
         call_stats: CallStats | None = None,
+        requeue: Requeue | None = None,
     ) -> None:
         self._events = events
         self._metrics = metrics
@@ -84,7 +87,9 @@ class JobRunner:
         self._limiter = limiter
         self._chooser = chooser
         self._attempts = attempts
-        self._accounts = CallAccounts(limiter, call_stats, metrics)
+        # Hand-backs to wait (rate limits, outages, retries) spend no delivery budget.
+        self._requeue = requeue or Requeue()
+        self._accounts = CallAccounts(limiter, call_stats, metrics, self._requeue)
         self._events_max_age_s = events_max_age_s
         self.closing = False
 
@@ -105,11 +110,14 @@ class JobRunner:
             if trace_id:
                 bound = bound.bind(trace_id=trace_id)
             try:
+                if replaced := replaced_by_schedule(msg.headers):
+                    # A debounce window closed on this job: the jobs it replaced end now, naming it.
+                    await supersede(self._events, replaced, job.job_id)
                 choice = await self._choose(job, provider, grant)
                 if choice.no_target:
                     await self._no_target(msg, job, bound)
                 elif not choice.provider:
-                    await msg.nak(delay=choice.delay_s)  # no attempt made: back to the queue
+                    await self._requeue.wait(msg, choice.delay_s)  # no attempt made: back to the queue
                 else:
                     await self._run_with_slot(msg, job, choice, bound)
             except Unlogged:
@@ -218,7 +226,7 @@ class JobRunner:
         started = await self._write_running(msg, job, target, prev, seq, now, bound)
         answers = self._accounts.answers()
         outcome, running, seq = await self._call(msg, job, target, started, answers)
-        outcome = await self._accounts.record(target, choice.probe, answers, outcome, estimate)
+        outcome = await self._accounts.record(target, choice.probe, answers, outcome, estimate, job.job_id)
         await self._settle(msg, job, running, seq, outcome, started.bound)
         return True
 
@@ -386,7 +394,7 @@ class JobRunner:
             delay_s=round(decision.delay_s, 3),
         )
         # Durable retry: the queue holds the job until the delay passes.
-        await msg.nak(delay=decision.delay_s)
+        await self._requeue.wait(msg, decision.delay_s)
 
     async def _dead_letter(
         self, msg: Msg, job: QueuedJob, prev: JobEvent, seq: int, error: JobError, bound: Logger

@@ -20,7 +20,17 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench.scenarios import failover, goodput, overflow, priority, retry_after, tiers, tokens
+from bench.scenarios import (
+    failover,
+    goodput,
+    header_rpm,
+    outage,
+    overflow,
+    priority,
+    retry_after,
+    tiers,
+    tokens,
+)
 from bench.scenarios.report import ScenarioResult, print_result, write_results
 from bench.stack import BenchError
 
@@ -34,6 +44,8 @@ SCENARIOS: dict[str, tuple[Runner, float]] = {
     "priority": (priority.run, priority.DEFAULT_DURATION),
     "tiers": (tiers.run, tiers.DEFAULT_DURATION),
     "tokens": (tokens.run, tokens.DEFAULT_DURATION),
+    "header_rpm": (header_rpm.run, header_rpm.DEFAULT_DURATION),
+    "outage": (outage.run, outage.DEFAULT_DURATION),
 }
 
 

@@ -16,15 +16,17 @@ import signal
 from collections.abc import Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 import laneway
+from laneway.broker.cli import ready
 from laneway.broker.cli.common import DEFAULT_ADDR, AddrOpt, client_call, echo_json
 from laneway.broker.cli.dlq import dlq_app
 from laneway.broker.cli.fake import fake_provider
 from laneway.broker.cli.ops import providers, stats, top
+from laneway.broker.config.errors import YamlDocument
 from laneway.broker.config.model import LanewayConfig, config_json_schema, default_config, load_config
 from laneway.broker.observability.logs import configure_logging
 from laneway.broker.observability.tracing import setup_tracing
@@ -33,7 +35,13 @@ from laneway.v1 import job_pb2
 
 __all__ = ["app", "run"]
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Laneway: a gRPC broker for AI work.")
+# Locals stay out of crash reports: they hold NATS URLs with passwords (older typer showed them).
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Laneway: a gRPC broker for AI work.",
+)
 config_app = typer.Typer(no_args_is_help=True, help="Check and describe config files.")
 app.add_typer(config_app, name="config")
 app.add_typer(dlq_app, name="dlq")
@@ -86,13 +94,19 @@ def _event_loop_runner() -> asyncio.Runner:
     return asyncio.Runner(loop_factory=uvloop.new_event_loop)
 
 
+def _fail(err: LanewayError) -> NoReturn:
+    """Print ``error: ...`` (and tell a ``laneway up`` parent), then exit 2."""
+    ready.report(str(err))
+    typer.echo(f"error: {err}", err=True)
+    raise typer.Exit(2)
+
+
 def _run(coro: Coroutine[Any, Any, None]) -> None:
     try:
         with _event_loop_runner() as runner:
             runner.run(coro)
     except LanewayError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+        _fail(err)
 
 
 # --- server commands -----------------------------------------------------------------
@@ -107,7 +121,10 @@ def _serve(
     """Run one part of the stack until SIGINT/SIGTERM, then close it gracefully."""
     configure_logging()
     setup_tracing(service)  # off unless the OTEL_* environment asks for it
-    cfg, _ = _load(config)
+    try:
+        cfg, _ = _load(config)
+    except LanewayError as err:
+        _fail(err)
     url = _nats_url(nats_url, cfg)
     if not url:
         raise typer.BadParameter(
@@ -116,6 +133,7 @@ def _serve(
 
     async def serve() -> None:
         async with part(cfg, url):
+            ready.report(ready.READY)  # to a `laneway up` parent: this part serves
             await _until_signalled()
 
     _run(serve())
@@ -175,12 +193,24 @@ def up(
             max=65535,
         ),
     ] = 9100,
+    nats_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of the embedded nats-server; fails if taken (default: nats.embedded_port, "
+            "else 4222 when free, else a free port).",
+            min=0,
+            max=65535,
+        ),
+    ] = None,
 ) -> None:
     """Run the whole stack: embedded nats-server (unless a URL is given), a broker, workers."""
     from laneway.broker.cli.stack import run_stack
 
     configure_logging()
-    cfg, path = _load(config)
+    try:
+        cfg, path = _load(config)
+    except LanewayError as err:
+        _fail(err)
     _run(
         run_stack(
             cfg,
@@ -190,6 +220,7 @@ def up(
             data_dir=data_dir,
             workers=workers,
             metrics_port=metrics_port,
+            nats_port=nats_port,
         )
     )
 
@@ -342,7 +373,26 @@ def config_check(path: Path) -> None:
     except LanewayError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from None
+    for warning in _unset_key_variables(path, cfg):
+        typer.echo(f"warning: {warning}", err=True)
     typer.echo(f"{path}: ok ({len(cfg.providers)} providers, {len(cfg.routes)} routes)")
+
+
+def _unset_key_variables(path: Path, cfg: LanewayConfig) -> list[str]:
+    """Providers whose ``api_key_env`` names a variable unset here: valid config, but a
+    worker serving them would not start. Any provider type with that field counts."""
+    doc = YamlDocument.parse(path.read_text(encoding="utf-8"), str(path))
+    warnings = []
+    for name, provider in cfg.providers.items():
+        variable = getattr(provider, "api_key_env", "")
+        if isinstance(variable, str) and variable and not os.environ.get(variable, "").strip():
+            problem = doc.problem(
+                ("providers", name, "api_key_env"),
+                f"environment variable {variable} is not set here "
+                "(a worker serving this provider needs it to start)",
+            )
+            warnings.append(str(problem))
+    return warnings
 
 
 @config_app.command("schema")

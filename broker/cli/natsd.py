@@ -17,6 +17,7 @@ from types import TracebackType
 
 import nats
 
+from laneway.broker.core.redact import redact_url
 from laneway.errors import TopologyError
 
 __all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
@@ -57,8 +58,13 @@ class EmbeddedNats:
         port: int = 0,
         startup_timeout: float = 10.0,
         log_file: str | os.PathLike[str] | None = None,
+        user: str = "",
+        password: str = "",
     ) -> None:
         self.store_dir = Path(store_dir)
+        # Clients must authenticate with these when set (tests of credential handling).
+        self.user = user
+        self.password = password
         self.host = host
         self.port = port or free_port(host)
         self._startup_timeout = startup_timeout
@@ -67,7 +73,9 @@ class EmbeddedNats:
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        """The URL to connect with, credentials included when the server requires them."""
+        auth = f"{self.user}:{self.password}@" if self.user else ""
+        return f"nats://{auth}{self.host}:{self.port}"
 
     async def __aenter__(self) -> EmbeddedNats:
         await self.start()
@@ -87,6 +95,7 @@ class EmbeddedNats:
             "--addr", self.host,
             "--port", str(self.port),
             "--log", str(self._log_file),
+            *(["--user", self.user, "--pass", self.password] if self.user else []),
         ]  # fmt: skip
         self._proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL
@@ -127,7 +136,21 @@ class EmbeddedNats:
                 await nc.close()
         log = self._log_file.read_text(errors="replace")[-2000:] if self._log_file.exists() else ""
         await self.stop()
-        raise TopologyError(f"embedded nats-server did not start on {self.url}: {last_error}\n{log}")
+        raise TopologyError(
+            f"embedded nats-server did not start on {redact_url(self.url)}: {last_error}\n{log}"
+        )
+
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs (fault-injection tests signal it)."""
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    async def kill(self) -> None:
+        """SIGKILL the server, as a crash would; ``start`` brings it back on the same port and store."""
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
     async def stop(self) -> None:
         proc, self._proc = self._proc, None

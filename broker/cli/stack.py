@@ -3,25 +3,26 @@
 An embedded nats-server (unless a URL is given), one broker process and N
 worker processes: the same parts a multi-machine deployment runs, so what works
 here works there. Ctrl-C (or SIGTERM) stops the children gracefully, then NATS.
+``up`` announces the stack once every part serves; a part that fails at start-up or
+exits later stops the stack, and ``up`` exits non-zero naming it and its error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
+import os
 import socket
-import sys
 from pathlib import Path
 
-import grpc
 import structlog
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from laneway.broker.cli.natsd import EmbeddedNats, free_port
+from laneway.broker.cli.ready import Child, spawn, stop_children, stop_on_signals, until_one_exits
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core import topology as t
 from laneway.broker.core.nats.connection import connect_nats
+from laneway.broker.core.redact import redact_url
 from laneway.errors import TopologyError
 
 __all__ = ["run_stack"]
@@ -29,6 +30,7 @@ __all__ = ["run_stack"]
 log = structlog.get_logger("laneway.up")
 
 _DEFAULT_NATS_PORT = 4222
+_START_TIMEOUT_S = 60.0
 
 
 def _port_free(port: int) -> bool:
@@ -40,20 +42,20 @@ def _port_free(port: int) -> bool:
     return True
 
 
-async def _wait_serving(addr: str, proc: asyncio.subprocess.Process, timeout: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    async with grpc.aio.insecure_channel(addr) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while loop.time() < deadline:
-            if proc.returncode is not None:
-                raise TopologyError(f"broker exited with status {proc.returncode} during start-up")
-            with contextlib.suppress(grpc.RpcError):
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            await asyncio.sleep(0.1)  # poll with a deadline
-    raise TopologyError(f"broker did not become ready on {addr} within {timeout:.0f}s")
+def _embedded_port(flag: int | None, config: LanewayConfig) -> int:
+    """The embedded nats-server's port: ``--nats-port``, else ``nats.embedded_port``, else
+    4222 when free and any free port when not. A chosen port that is taken is an error:
+    silently moving would leave clients configured for it talking to nothing."""
+    chosen, key = (
+        (flag, "--nats-port") if flag is not None else (config.nats.embedded_port, "nats.embedded_port")
+    )
+    if chosen is None:
+        return _DEFAULT_NATS_PORT if _port_free(_DEFAULT_NATS_PORT) else free_port()
+    if chosen and not _port_free(chosen):
+        raise TopologyError(
+            f"{key}: port {chosen} is in use on 127.0.0.1 (choose another, or leave it unset for a free one)"
+        )
+    return chosen or free_port()
 
 
 async def run_stack(
@@ -65,10 +67,16 @@ async def run_stack(
     data_dir: Path,
     workers: int,
     metrics_port: int = 0,
+    nats_port: int | None = None,
 ) -> None:
+    if nats_url and nats_port is not None:
+        raise TopologyError(
+            f"--nats-port: a NATS URL was given ({redact_url(nats_url)}), so no embedded nats-server "
+            "is started; leave out --nats-port, or the URL (--nats-url, NATS_URL, nats.url)"
+        )
     async with contextlib.AsyncExitStack() as stack:
         if not nats_url:
-            port = _DEFAULT_NATS_PORT if _port_free(_DEFAULT_NATS_PORT) else free_port()
+            port = _embedded_port(nats_port, config)
             natsd = await stack.enter_async_context(EmbeddedNats(data_dir / "nats", port=port))
             nats_url = natsd.url
             log.info("embedded nats-server started", url=nats_url, store_dir=str(natsd.store_dir))
@@ -79,24 +87,28 @@ async def run_stack(
         finally:
             await nc.close()
 
-        base = [sys.executable, "-m", "laneway.broker.cli"]
-        common = ["--nats-url", nats_url, *(["--config", str(config_path)] if config_path else [])]
-        children: list[asyncio.subprocess.Process] = []
-        stack.push_async_callback(_stop_children, children, config.workers.shutdown_grace_s + 5)
+        # The URL goes in the environment, not on the command line, where `ps` shows
+        # its password to every user of the machine.
+        env = {**os.environ, "NATS_URL": nats_url}
+        common = ["--config", str(config_path)] if config_path else []
+        children: list[Child] = []
+        stack.push_async_callback(stop_children, children, config.workers.shutdown_grace_s + 5)
         if config.fake_provider is not None:
-            children.append(await _start_fake_provider(base, config))
+            children.append(await _start_fake_provider(config, env))
         ports = _metrics_ports(metrics_port, 1 + workers)
         metrics = [["--metrics-port", str(p)] if p else [] for p in ports]
-        broker_proc = await asyncio.create_subprocess_exec(
-            *base, "broker", *common, "--grpc-addr", grpc_addr, *metrics[0]
+        children.append(
+            await spawn("broker", ["broker", *common, "--grpc-addr", grpc_addr, *metrics[0]], env=env)
         )
-        children.append(broker_proc)
         for i in range(workers):
-            children.append(await asyncio.create_subprocess_exec(*base, "worker", *common, *metrics[1 + i]))
-        await _wait_serving(grpc_addr, broker_proc)
+            children.append(await spawn(f"worker {i + 1}", ["worker", *common, *metrics[1 + i]], env=env))
+        for child in children:
+            await child.wait_ready(_START_TIMEOUT_S)
         route = next(iter(config.routes))
+        stop = stop_on_signals()  # before the banner: whoever reads it may stop us at once
         print(
-            f"\nLaneway is up: broker on {grpc_addr}, NATS at {nats_url}, {workers} worker process(es).\n"
+            f"\nLaneway is up: broker on {grpc_addr}, NATS at {redact_url(nats_url)}, "
+            f"{workers} worker process(es).\n"
             + (
                 f"Metrics: http://127.0.0.1:{ports[0]}/metrics (broker), "
                 + ", ".join(f"http://127.0.0.1:{p}/metrics" for p in ports[1:])
@@ -108,7 +120,7 @@ async def run_stack(
             "Ctrl-C stops everything.\n",
             flush=True,
         )
-        await _until_stop(children)
+        await until_one_exits(children, stop)
 
 
 def _metrics_ports(first: int, count: int) -> list[int]:
@@ -124,7 +136,7 @@ def _metrics_ports(first: int, count: int) -> list[int]:
     return ports + [0] * (count - len(ports))
 
 
-async def _start_fake_provider(base: list[str], config: LanewayConfig) -> asyncio.subprocess.Process:
+async def _start_fake_provider(config: LanewayConfig, env: dict[str, str]) -> Child:
     """``laneway fake-provider`` for the config's openai-type providers, ready to answer."""
     fake = config.fake_provider
     assert fake is not None
@@ -134,7 +146,8 @@ async def _start_fake_provider(base: list[str], config: LanewayConfig) -> asynci
         "--token-delay-ms", str(fake.token_delay_ms),
         *(a for status, rate in fake.error_rates.items() for a in ("--error-rate", f"{status}={rate}")),
     ]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(*base, *args, stdout=asyncio.subprocess.DEVNULL)
+    child = await spawn("fake-provider", args, env=env, ready_pipe=False, quiet=True)
+    proc = child.proc
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 30.0
     while loop.time() < deadline:
@@ -147,38 +160,8 @@ async def _start_fake_provider(base: list[str], config: LanewayConfig) -> asynci
             writer.close()
             await writer.wait_closed()
             log.info("fake provider started", base_url=f"http://127.0.0.1:{fake.port}/v1")
-            return proc
+            return child
         await asyncio.sleep(0.1)  # poll with a deadline
     proc.kill()
     await proc.wait()
     raise TopologyError(f"fake-provider did not listen on port {fake.port} within 30s")
-
-
-async def _until_stop(children: list[asyncio.subprocess.Process]) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    waits = [asyncio.create_task(p.wait()) for p in children]
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        done, _ = await asyncio.wait([stopper, *waits], return_when=asyncio.FIRST_COMPLETED)
-        if stopper not in done:
-            log.error("a child process exited; stopping the stack")
-    finally:
-        for task in [stopper, *waits]:
-            task.cancel()
-        await asyncio.gather(stopper, *waits, return_exceptions=True)
-
-
-async def _stop_children(children: list[asyncio.subprocess.Process], timeout: float) -> None:
-    for proc in children:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-    for proc in children:
-        try:
-            await asyncio.wait_for(proc.wait(), timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()

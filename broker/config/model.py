@@ -87,7 +87,12 @@ class NatsConfig(ConfigModel):
     Empty means ``laneway up`` starts an embedded nats-server. The ``NATS_URL`` environment
     variable overrides this at runtime."""
     connect_timeout_s: PositiveSeconds = 5.0
-    """Seconds to wait for the first connection before giving up."""
+    """Seconds a process waits for its first connection before it exits with an error
+    (after that, it reconnects for ever)."""
+    embedded_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """Port of the embedded nats-server ``laneway up`` starts when no URL is given
+    (``--nats-port`` overrides it). Unset: 4222 when free, else any free port. Set: that
+    port (0: any free one), and ``laneway up`` fails if it is taken."""
 
 
 class BrokerConfig(ConfigModel):
@@ -124,13 +129,17 @@ class QueueConfig(ConfigModel):
     fetching a finished job reports it as not found."""
     replicas: Annotated[int, Field(ge=1, le=5)] = 1
     """JetStream stream replicas (1-5); use 3 on a cluster so a node loss loses no jobs."""
-    ack_wait_s: PositiveSeconds = 30.0
-    """Lease in seconds: a job whose worker stops heartbeating is redelivered after this."""
+    ack_wait_s: PositiveSeconds = 10.0
+    """Lease in seconds: a job whose worker stops heartbeating is redelivered after this.
+    Workers renew it every third of it while a call runs (one small publish per running
+    job), so a shorter lease costs renewals, not provider calls."""
     max_deliver: Annotated[int, Field(ge=2)] = 50
-    """Safety net: JetStream deliveries of one job (retries, rate-limit waits, crashes,
-    lease expiries and hand-backs all count) before the server gives it up; such a job
-    is moved to dead letters with reason ``max_deliveries``. Attempt budgets are
-    ``max_attempts``; keep this well above them."""
+    """Safety net: JetStream deliveries of one job (crashes, lease expiries and
+    hand-backs count) before the server gives it up; such a job is moved to dead
+    letters with reason ``max_deliveries``. Waits (retries, rate limits, outages) do
+    not use it up: a job handed back to wait after half this many deliveries is
+    published again, its count starting over. Attempt budgets are ``max_attempts``;
+    keep this well above them."""
 
 
 class LanesConfig(ConfigModel):

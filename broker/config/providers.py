@@ -100,8 +100,9 @@ class CircuitConfig(ConfigModel):
     open_s: _Seconds = 5.0
     """Seconds the circuit stays open before a few probe calls test the provider; each
     failed probe doubles it, up to ``max_open_s``."""
-    max_open_s: _Seconds = 60.0
-    """Cap on how long the circuit stays open between probes."""
+    max_open_s: _Seconds = 20.0
+    """Cap on how long the circuit stays open between probes (so a provider back from a
+    long outage gets its traffic back within about this long)."""
     probes: Annotated[int, Field(ge=1)] = 3
     """Probe calls (at most this many in flight, fleet-wide) that must all succeed to
     close the circuit again; traffic then returns gradually, through the limiter."""

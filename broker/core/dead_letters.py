@@ -35,6 +35,9 @@ __all__ = ["DeadLetterFilter", "DeadLetterStore", "StoredDeadLetter"]
 # A page scans at most this many dead letters, so a selective filter over a huge
 # queue answers in bounded time (with a token to go on).
 _MAX_SCAN = 10_000
+# JetStream's error codes for deleting a message that is gone (another redrive removed
+# it): "no message found" (a 500) or, once the sequence is past, "sequence not found" (a 400).
+_GONE = frozenset({10057, 10043})
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +167,10 @@ class DeadLetterStore:
             await js.delete_msg(t.DLQ_STREAM, stored.stream_seq)
         except nats.js.errors.NotFoundError:
             pass  # removed by a concurrent redrive
+        except (nats.js.errors.ServerError, nats.js.errors.BadRequestError) as err:
+            # The server says "gone" as a 500 or a 400, not a 404.
+            if err.err_code not in _GONE:
+                raise
 
 
 def _seq(s: StoredDeadLetter) -> int:

@@ -208,6 +208,8 @@ class EventLog:
             inner.add_done_callback(functools.partial(_forward, outer))
 
         pending._sender = asyncio.create_task(send(), name="laneway-deferred-append")
+        # An abandoned deferred append's failure is nobody's error (see ReplyMux.one_reply).
+        outer.add_done_callback(_retrieve)
         return pending
 
     async def send(self, event: JobEvent, *, expect_last: int) -> PendingAppend:
@@ -272,6 +274,11 @@ class EventLog:
     async def _get_batch(self, request: dict[str, object]) -> list[StoredEvent]:
         msgs = await direct_get(self._nc, self._mux, t.EVENTS_DIRECT_GET, request, timeout=self._timeout)
         return [StoredEvent.from_msg(m) for m in msgs]
+
+
+def _retrieve(future: asyncio.Future[Msg | None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _forward(outer: asyncio.Future[Msg | None], inner: asyncio.Future[Msg]) -> None:

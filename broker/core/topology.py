@@ -78,6 +78,7 @@ __all__ = [
     "HDR_JOB_ID",
     "HDR_JOB_SEQ",
     "HDR_JOB_STATE",
+    "HDR_REPLACES",
     "IDEMPOTENCY_BUCKET",
     "JOBS_PREFIX",
     "JOBS_STREAM",
@@ -136,6 +137,9 @@ HDR_JOB_STATE = "Laneway-State"
 # On schedules and dead letters: whose they are, without parsing the body.
 HDR_JOB_ID = "Laneway-Job-Id"
 HDR_DLQ_REASON = "Laneway-Reason"
+# On a debounce schedule: the jobs it replaced, space-separated, which the worker that
+# gets the released job ends SUPERSEDED naming it (``laneway.broker.core.debounce``).
+HDR_REPLACES = "Laneway-Replaces"
 
 # Work-queue consumers, Nats-Expected-Last-Subject-Sequence, batched direct get
 # and message schedules (delayed and debounced jobs) all exist from 2.12 on.

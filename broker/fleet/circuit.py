@@ -8,7 +8,9 @@ Circuit: closed, open, half-open. ``consecutive`` counts failures in a row acros
 the fleet; a process also opens the circuit when its own recent error rate is
 over the threshold. An open circuit turns half-open at ``open_until``; up to
 ``probes`` probe calls then run, and if they all succeed it closes, while a
-failed probe opens it again for twice as long.
+failed probe opens it again for twice as long. ``failing`` names the jobs whose
+calls failed since the provider last answered anyone: whether a failed probe was
+the outage others saw too, or a job's own doing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from laneway.broker.config.providers import CircuitConfig
 __all__ = ["CircuitState", "Phase"]
 
 Phase = Literal["closed", "open", "half_open"]
+
+# Enough to tell one job's failures from several jobs'.
+_FAILING_KEPT = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +47,8 @@ class CircuitState:
     last_error_at: float = 0.0
     opens: int = 0
     """Times the circuit has opened."""
+    failing: tuple[str, ...] = ()
+    """The last few jobs (ids) whose calls failed since the last success, oldest first."""
 
     def effective(self, now: float) -> Phase:
         if self.phase == "open" and now >= self.open_until:
@@ -52,9 +59,19 @@ class CircuitState:
         """Whether ordinary (non-probe) calls may go out."""
         return self.effective(now) == "closed"
 
-    def failure(self, now: float, message: str, cfg: CircuitConfig, *, trip: bool = False) -> CircuitState:
-        """A call failed with a transient error; ``trip``: the caller's own error rate is over."""
-        state = replace(self, consecutive=self.consecutive + 1, last_error=message[:300], last_error_at=now)
+    def failure(
+        self, now: float, message: str, cfg: CircuitConfig, *, trip: bool = False, job: str = ""
+    ) -> CircuitState:
+        """``job``'s call failed with a transient error; ``trip``: the caller's own error
+        rate is over."""
+        failing = (*(j for j in self.failing if j != job), job)[-_FAILING_KEPT:] if job else self.failing
+        state = replace(
+            self,
+            consecutive=self.consecutive + 1,
+            last_error=message[:300],
+            last_error_at=now,
+            failing=failing,
+        )
         phase = self.effective(now)
         if phase == "half_open":
             return state._open(now, min(cfg.max_open_s, max(cfg.open_s, self.open_s * 2)))
@@ -66,16 +83,18 @@ class CircuitState:
         """A call succeeded; None when nothing changes (the common case: no write)."""
         phase = self.effective(now)
         if phase == "closed":
-            return replace(self, consecutive=0) if self.consecutive else None
+            return replace(self, consecutive=0, failing=()) if self.consecutive or self.failing else None
         if phase == "open":
-            return None  # a call from before the circuit opened; proves nothing
+            # A call from before the circuit opened proves nothing about closing it, but the
+            # provider answered someone: the next failing probe cannot blame an outage.
+            return replace(self, failing=()) if self.failing else None
         probes = {p: until for p, until in self.probes.items() if p != probe and until > now}
         ok = self.probe_ok + (1 if probe in self.probes else 0)
         if ok >= cfg.probes:
             return CircuitState(
                 last_error=self.last_error, last_error_at=self.last_error_at, opens=self.opens
             )
-        return replace(self, phase="half_open", probes=probes, probe_ok=ok, consecutive=0)
+        return replace(self, phase="half_open", probes=probes, probe_ok=ok, consecutive=0, failing=())
 
     def take_probe(self, now: float, probe: str, cfg: CircuitConfig, ttl_s: float) -> CircuitState | None:
         """Claim a probe call in the half-open phase; None when none is free."""

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from laneway.broker.config.providers import LimitsConfig
 from laneway.broker.fleet.call_window import CallWindow
 from laneway.broker.fleet.circuit import CircuitState
+from laneway.broker.fleet.headers import heeded
 from laneway.broker.fleet.shares import ShareState
 
 __all__ = [
@@ -52,10 +53,6 @@ __all__ = [
 HOLDER_TTL_S = 10.0
 # Several workers see the same wave of 429s; one cut per this long, not one per answer.
 _CUT_GAP_S = 1.0
-# Rate-limit headers: below this share of the limit remaining, spread what is left.
-_LOW_WATER = 0.1
-# Longest pause for headers that say nothing remains (the reset may be a minute away).
-_MAX_HEADER_PAUSE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +83,9 @@ class LimitState:
     learned_tpm: int = 0
     """The provider's own tokens per minute, from its headers' token limit (0: none
     heard); the lower of it and ``tpm`` holds."""
+    learned_rpm: int = 0
+    """The provider's own requests per minute, from its headers' request limit (0:
+    none heard); the lower of it and ``rpm`` holds."""
     holders: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Worker id -> (calls in flight, expiry) for ``max_concurrent``."""
     granted: int = 0
@@ -102,7 +102,8 @@ class LimitState:
 
     def current_rpm(self, now: float, limits: LimitsConfig) -> float:
         """Requests per minute allowed now (``inf`` without a request limit)."""
-        rpm = self.rpm * self.fraction(now, limits.recovery_s) if self.rpm else math.inf
+        base = min(r for r in (self.rpm, self.learned_rpm, math.inf) if r)
+        rpm = base * self.fraction(now, limits.recovery_s) if math.isfinite(base) else math.inf
         if self.header_rpm and now < self.header_until:
             rpm = min(rpm, self.header_rpm)
         return rpm
@@ -284,15 +285,24 @@ class LimitState:
         Out of requests or tokens: pause the fleet until that reset, for at most
         5 s (every call needs both). Nearly out (under 10 % of the limit left):
         spread what is left evenly until the reset instead of running into the
-        wall, until an answer shows room again. A token limit in the headers is
-        kept to as the provider's tokens per minute instead of spreading.
+        wall, until an answer shows room again. A request or token limit in the
+        headers is kept to as the provider's rate instead of spreading.
         """
         state = self
-        requests = _heeded(now, remaining, limit, reset_s, self.rpm, self.header_rpm, self.header_until)
+        configured = self.rpm or self.learned_rpm
+        requests = heeded(now, remaining, limit, reset_s, configured, self.header_rpm, self.header_until)
+        if requests is not None and limit and not requests[2]:
+            requests = (0.0, 0.0, 0.0) if state.header_rpm else None  # kept to instead (tokens: below)
         if requests is not None:
+            if limit and requests[2]:
+                # None left of a stated limit: at a provider that refills continuously one
+                # more request comes within 60/limit s; then the rate, with no burst.
+                pause = min(requests[2], now + 60.0 / limit)
+                requests = (requests[0], requests[1], pause)
+                state = replace(state, req_tat=max(state.req_tat, pause + limits.burst_s))
             state = state._heed(now, requests, "requests")
             state = replace(state, header_rpm=requests[0], header_until=requests[1])
-        tokens = _heeded(
+        tokens = heeded(
             now,
             remaining_tokens,
             limit_tokens,
@@ -313,10 +323,12 @@ class LimitState:
             # Keep to the provider's own token limit even when the config does not name
             # it: turning the cap near the wall on and off alone lets bursts through.
             state = replace(state, learned_tpm=limit_tokens)
+        if limit and limit != state.learned_rpm:
+            state = replace(state, learned_rpm=limit)  # likewise the request limit
         return None if state == self else state
 
-    def _heed(self, now: float, heeded: tuple[float, float, float], kind: str) -> LimitState:
-        pause = heeded[2]
+    def _heed(self, now: float, verdict: tuple[float, float, float], kind: str) -> LimitState:
+        pause = verdict[2]
         if pause <= self.paused_until + 0.05:
             return self
         return replace(self, paused_until=pause, pause_reason=f"rate-limit headers: no {kind} remaining")
@@ -326,34 +338,6 @@ class LimitState:
         if now <= self.updated:
             return self
         return replace(self, rate=self.fraction(now, limits.recovery_s), updated=max(now, self.paused_until))
-
-
-def _heeded(
-    now: float,
-    remaining: int | None,
-    limit: int | None,
-    reset_s: float | None,
-    configured: int,
-    cap: float,
-    cap_until: float,
-) -> tuple[float, float, float] | None:
-    """One kind of rate-limit header (requests or tokens) read against the current
-    cap: the new (cap per minute, cap until, pause until), or None to keep all."""
-    if remaining is None or reset_s is None or reset_s <= 0:
-        return None
-    until = now + reset_s
-    if remaining <= 0:
-        # A provider that refills continuously (OpenAI, Anthropic) has room again long
-        # before its "reset" (full again); past this pause, its 429's Retry-After rules.
-        return cap, cap_until, now + min(reset_s, _MAX_HEADER_PAUSE_S)
-    if remaining >= _LOW_WATER * (limit or configured or 0):
-        # Room again: the cap goes at once rather than at its reset, so a provider that
-        # refills continuously is kept busy just above the low water mark.
-        return (0.0, 0.0, 0.0) if cap else None
-    per_minute = remaining / reset_s * 60.0
-    if cap and abs(per_minute - cap) < 0.1 * cap and until <= cap_until + 1:
-        return None
-    return per_minute, until, 0.0
 
 
 def _live(holders: dict[str, tuple[int, float]], now: float) -> dict[str, tuple[int, float]]:
@@ -381,7 +365,9 @@ def decode_limit(data: bytes) -> LimitState:
 
 
 def decode_circuit(data: bytes) -> CircuitState:
-    return _known(CircuitState, json.loads(data))
+    raw = json.loads(data)
+    raw["failing"] = tuple(str(j) for j in raw.get("failing", ()))
+    return _known(CircuitState, raw)
 
 
 def decode_share(data: bytes) -> ShareState:

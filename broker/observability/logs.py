@@ -2,8 +2,11 @@
 
 Every line logged inside a span carries its ``trace_id`` and ``span_id`` (the
 worker also binds ``trace_id`` with job_id, route, lane, provider and attempt on
-each job's lines). Secrets are never written; prompt text only with
-``LANEWAY_LOG_PROMPTS=1`` (a debugging aid: prompts are often personal data).
+each job's lines). Secrets are never written: values under secret-like keys are
+blanked, and every string a line carries is passed through ``redact_text`` (URL
+credentials, ``token=...``-like pairs, nkey seeds) as a safety net behind the callers
+that show URLs with ``redact_url``. Prompt text only with ``LANEWAY_LOG_PROMPTS=1``
+(a debugging aid: prompts are often personal data).
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import sys
 import structlog
 from opentelemetry import trace
 
-__all__ = ["add_trace_context", "configure_logging", "redact"]
+from laneway.broker.core.redact import redact_text
+
+__all__ = ["add_trace_context", "configure_logging", "redact", "redact_secrets"]
 
 # Keys a log call must never write out as given. Nothing logs them today; this
 # keeps a future debug line from leaking credentials or a user's prompt.
-_SECRET_KEYS = frozenset({"api_key", "authorization", "password", "secret", "token"})
+_SECRET_KEYS = frozenset(
+    {"api_key", "authorization", "credentials", "jwt", "nkey", "password", "secret", "token"}
+)
 _PROMPT_KEYS = frozenset({"prompt", "prompts", "messages", "input", "inputs", "text", "texts"})
 _REDACTED = "[redacted]"
 _hidden = _SECRET_KEYS | _PROMPT_KEYS
@@ -44,6 +51,25 @@ def redact(logger: object, method: str, event_dict: structlog.typing.EventDict) 
     return event_dict
 
 
+def _scrub(value: object) -> object:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
+def redact_secrets(
+    logger: object, method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Mask credentials inside every string of the line, the formatted exception too."""
+    for key, value in event_dict.items():
+        event_dict[key] = _scrub(value)
+    return event_dict
+
+
 def configure_logging(level: str | None = None) -> None:
     """Configure structlog once per process; ``LANEWAY_LOG_LEVEL`` sets the default level."""
     global _hidden
@@ -61,6 +87,7 @@ def configure_logging(level: str | None = None) -> None:
             add_trace_context,
             redact,
             structlog.processors.format_exc_info,
+            redact_secrets,  # after format_exc_info: a traceback may quote a URL
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

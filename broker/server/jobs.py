@@ -7,21 +7,23 @@ on every job's latency; instead the worker that gets the job reads the QUEUED
 event's stream sequence itself (while its provider call starts) to continue the
 log with compare-and-set. A job whose enqueue fails gets a FAILED event, which
 also fences off a worker that already got it (its RUNNING write finds the log
-final): nothing is left half-enqueued and silent. Batches and scheduled jobs,
+final): nothing is left half-enqueued and silent. A write whose answer was lost
+may land later, so the caller is refused only once that fence is stored
+(``laneway.broker.server.enqueue``). Batches and scheduled jobs,
 which are not latency-bound, write their events first and pass the sequence in
 a header, as the worker then needs no read.
 
 A delayed job is published as a JetStream message schedule that the server
 moves onto the job's lane at ``not_before``. Debounced jobs share one schedule
 subject per route and key: a new submission replaces the pending schedule
-(compare-and-set on the subject, so concurrent brokers serialise) and the job it
-replaced ends SUPERSEDED, naming its successor.
+(compare-and-set on the subject, so concurrent brokers serialise) and lists the
+jobs it replaced, which end SUPERSEDED naming the job that runs once the window
+closes (``laneway.broker.core.debounce``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -35,11 +37,11 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from laneway.broker.core import topology as t
+from laneway.broker.core.debounce import MAX_REPLACED, replaced_by_schedule, replaces_header, supersede
 from laneway.broker.core.events import EventConflict, EventLog, StoredEvent, first_event, is_scheduled
 from laneway.broker.core.model import (
     ErrorClass,
     JobError,
-    JobEvent,
     JobSpec,
     JobState,
     QueuedJob,
@@ -55,6 +57,7 @@ from laneway.broker.core.nats.publish import (
 )
 from laneway.broker.core.wire.jobs import encode_queued_job
 from laneway.broker.observability.tracing import inject_headers
+from laneway.broker.server.enqueue import NotStored, Stored, claim_is_void, enqueue_deadline, settle
 from laneway.broker.server.metrics import BrokerMetrics
 from laneway.broker.server.watch import EventFeed
 from laneway.errors import (
@@ -103,12 +106,14 @@ class JobStore:
         self._max_payload = max_payload_bytes
         self._max_ahead = max_schedule_ahead_s
 
-    async def submit(self, spec: JobSpec, *, field: str = "job") -> Submitted:
+    async def submit(self, spec: JobSpec, *, field: str = "job", timeout: float | None = None) -> Submitted:
+        """Enqueue ``spec``, answering within ``timeout`` (the caller's deadline) when given."""
+        deadline = enqueue_deadline(timeout)
         job, payload = self._prepare(spec, field)
         original = await self._claim_key(spec, job.job_id)
         if original is not None:
             return Submitted(original, duplicate=True)
-        await self._enqueue(job, payload)
+        await self._enqueue(job, payload, deadline)
         return Submitted(job.job_id)
 
     async def run(self, spec: JobSpec, *, final_only: bool) -> AsyncIterator[tuple[Submitted, StoredEvent]]:
@@ -122,7 +127,7 @@ class JobStore:
                 yield done, event
             return
         done = Submitted(job.job_id)
-        create = functools.partial(self._enqueue, job, payload)
+        create = functools.partial(self._enqueue, job, payload, enqueue_deadline(None))
         async for event in self._feed.watch([job.job_id], {}, create=create, final_only=final_only):
             yield done, event
 
@@ -148,58 +153,54 @@ class JobStore:
             )
         return job, payload
 
-    async def _enqueue(self, job: QueuedJob, payload: bytes) -> None:
+    async def _enqueue(self, job: QueuedJob, payload: bytes, deadline: float) -> None:
         if job.spec.debounce_key or is_scheduled(job):
             event_seq = await self.events.append(first_event(job), expect_last=0)
-            await self._publish_or_fail(job, payload, event_seq)
+            await self._publish_or_fail(job, payload, event_seq, deadline)
         else:
-            await self._enqueue_together(job, payload)
+            await self._enqueue_together(job, payload, deadline)
         self._count(job)
 
-    async def _enqueue_together(self, job: QueuedJob, payload: bytes) -> None:
+    async def _enqueue_together(self, job: QueuedJob, payload: bytes, deadline: float) -> None:
         first = first_event(job)
-        queued = await self.events.send(first, expect_last=0)
         try:
-            await self._publish_job(job, payload, None)
-        except Unavailable:
-            with contextlib.suppress(EventConflict, Unavailable):
-                seq = await queued.stored()
-                await self._fence(first, seq, "the job queue did not take the job")
-            raise
+            queued = await self.events.send(first, expect_last=0)
+        except nats.errors.Error as err:  # not sent (connection closed, buffer full): nothing stored
+            raise Unavailable(f"NATS did not take the job ({type(err).__name__}): retry") from err
+        job_stored, why = Stored.YES, ""
         try:
-            await queued.stored()
+            await self._publish_job(job, payload, None, deadline=deadline)
+        except Unavailable as err:
+            job_stored = Stored.NO if isinstance(err, NotStored) else Stored.UNKNOWN
+            why = err.message
+        try:
+            first_seq: int | None = await queued.stored()
         except (EventConflict, Unavailable) as err:
-            # The job is queued without its first event: end its log FAILED, so a
-            # worker that gets it finds it final and drops it.
-            with contextlib.suppress(EventConflict, Unavailable):
-                await self._fence(first, 0, "the event store did not take its first event")
-            raise Unavailable(f"event store did not take the job's first event: {err}") from err
-
-    async def _fence(self, first: JobEvent, expect_last: int, why: str) -> None:
-        failed = first.next(JobState.FAILED, error=JobError("enqueue_failed", why, ErrorClass.TRANSIENT))
-        await self.events.append(failed, expect_last=expect_last)
+            first_seq = None
+            why = why or f"the event store did not take the job's first event: {err}"
+        if first_seq is None or job_stored is not Stored.YES:
+            # One write may have landed (or land later) without the other: make it inert
+            # or learn that the job was accepted, so the answer is true (``enqueue``).
+            await settle(self.events, first, first_seq, job_stored, why, deadline=deadline)
 
     def _count(self, job: QueuedJob) -> None:
         if self._metrics is not None:
             self._metrics.job_submitted(job.spec.route, job.spec.lane)
 
-    async def _publish_or_fail(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
-        """Publish the job (with retries); if it cannot be queued, end its log FAILED."""
+    async def _publish_or_fail(
+        self, job: QueuedJob, payload: bytes, event_seq: int, deadline: float | None = None
+    ) -> None:
+        """Publish the job (with retries); if it cannot be queued, end its log FAILED
+        (``enqueue.settle``: a publish whose answer was lost may still have landed)."""
+        deadline = enqueue_deadline(None) if deadline is None else deadline
         try:
             if job.spec.debounce_key:
                 await self._debounce(job, payload, event_seq)
             else:
-                await self._publish_job(job, payload, event_seq)
+                await self._publish_job(job, payload, event_seq, deadline=deadline)
         except Unavailable as err:
-            failed = first_event(job).next(
-                JobState.FAILED,
-                error=JobError("enqueue_failed", str(err), ErrorClass.TRANSIENT),
-            )
-            try:
-                await self.events.append(failed, expect_last=event_seq)
-            except (EventConflict, Unavailable):
-                pass
-            raise
+            stored = Stored.NO if isinstance(err, NotStored) else Stored.UNKNOWN
+            await settle(self.events, first_event(job), event_seq, stored, err.message, deadline=deadline)
 
     async def submit_many(self, specs: Sequence[JobSpec | ApiError]) -> list[Submitted | ApiError]:
         """Submit every valid spec; errors pass through in place.
@@ -256,35 +257,52 @@ class JobStore:
             out[i] = result
         return [o if o is not None else InternalError("job not submitted") for o in out]
 
-    async def _publish_job(self, job: QueuedJob, payload: bytes, event_seq: int | None) -> None:
+    async def _publish_job(
+        self, job: QueuedJob, payload: bytes, event_seq: int | None, *, deadline: float | None = None
+    ) -> None:
+        """Publish with retries until ``deadline`` (loop time; None: 4 tries). Raises
+        NotStored when the queue refused the job, Unavailable when its fate is unknown."""
         headers = _job_headers(job, event_seq)
         subject = _queue_subject(job)
+        loop = asyncio.get_running_loop()
         delay = 0.05
         for attempt in range(_PUBLISH_ATTEMPTS):
+            timeout = 5.0 if deadline is None else min(5.0, max(0.05, deadline - loop.time()))
             try:
                 # Same Nats-Msg-Id on every try: a retry after a lost ack stores nothing twice.
-                await publish_acked(self._nc, subject, payload, headers, timeout=5.0)
+                await publish_acked(self._nc, subject, payload, headers, timeout=timeout)
                 return
             except PublishUnanswered as err:
-                if attempt == _PUBLISH_ATTEMPTS - 1:
+                if attempt == _PUBLISH_ATTEMPTS - 1 or (deadline is not None and loop.time() >= deadline):
                     raise Unavailable("job queue did not accept the job in time") from err
             except PublishRejected as err:
-                raise Unavailable(f"job queue rejected the job: {err.description}") from err
+                raise NotStored(f"job queue rejected the job: {err.description}") from err
+            except nats.errors.Error as err:  # e.g. the connection closed under the request
+                raise Unavailable(f"job queue did not answer ({type(err).__name__})") from err
             await asyncio.sleep(delay)  # back off while a JetStream leader election settles
             delay *= 4
 
     async def _debounce(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
-        """Replace the key's pending schedule with this job's; supersede the one replaced."""
+        """Replace the key's pending schedule with this job's, listing on it every job
+        the schedule replaced: the worker that gets the job when the window closes ends
+        them SUPERSEDED naming it, the job that runs (``laneway.broker.core.debounce``)."""
         subject = t.debounce_subject(job.spec.route, job.spec.debounce_key)
         headers = _job_headers(job, event_seq)
         js = self._nc.jetstream()
         for _ in range(16):
             try:
                 pending = await js.get_last_msg(t.JOBS_STREAM, subject)
-                replaced, last_seq = (pending.headers or {}).get(t.HDR_JOB_ID, ""), pending.seq or 0
+                pending_id = (pending.headers or {}).get(t.HDR_JOB_ID, "")
+                replaced, last_seq = [*replaced_by_schedule(pending.headers), pending_id], pending.seq or 0
             except nats.js.errors.NotFoundError:
-                replaced, last_seq = "", 0  # nothing pending (or it already ran)
-            expect = {**headers, "Nats-Expected-Last-Subject-Sequence": str(last_seq)}
+                replaced, last_seq = [], 0  # nothing pending (or it already ran)
+            replaced = [j for j in dict.fromkeys(replaced) if j and j != job.job_id]
+            overflow, replaced = replaced[:-MAX_REPLACED], replaced[-MAX_REPLACED:]
+            expect = {
+                **headers,
+                **replaces_header(replaced),
+                "Nats-Expected-Last-Subject-Sequence": str(last_seq),
+            }
             try:
                 await publish_acked(self._nc, subject, payload, expect, timeout=5.0)
             except PublishUnanswered as err:
@@ -293,32 +311,30 @@ class JobStore:
                 if err.err_code == WRONG_LAST_SEQUENCE:
                     continue  # another submission with the key came first: look again
                 raise Unavailable(f"job queue rejected the job: {err.description}") from err
-            if replaced and replaced != job.job_id:
-                await self._supersede(replaced, job.job_id)
+            if overflow:
+                # Too many to carry: the oldest end now, naming the newest submission.
+                await supersede(self.events, overflow, job.job_id)
             return
         raise Unavailable(f"debounce key {job.spec.debounce_key!r} is too contended; try again")
-
-    async def _supersede(self, job_id: str, by: str) -> None:
-        """End a still-scheduled job SUPERSEDED; one already released to workers runs."""
-        latest = await self.events.last(job_id)
-        if latest is None or latest.final:
-            return
-        current = latest.decode()
-        if current.state is not JobState.SCHEDULED:
-            return
-        try:
-            await self.events.append(
-                current.next(JobState.SUPERSEDED, superseded_by=by), expect_last=latest.stream_seq
-            )
-        except EventConflict:
-            pass  # a worker took it or it was cancelled: its own ending stands
 
     async def _claim_key(self, spec: JobSpec, job_id: str) -> str | None:
         """Claim the idempotency key for ``job_id``; the original job id if it was taken
         (None, without a round trip, for a job without a key)."""
         if not spec.idempotency_key:
             return None
-        digest = t.idempotency_entry(spec.route, spec.idempotency_key)
+        try:
+            return await self._claim(spec.route, spec.idempotency_key, job_id)
+        except (nats.errors.Error, TimeoutError) as err:
+            # NATS frozen, restarting or out of reach (a timeout, no stream response):
+            # nothing was enqueued, and the same key may safely be sent again.
+            raise Unavailable(
+                f"the idempotency store did not answer ({type(err).__name__}); nothing was "
+                "enqueued: retry with the same idempotency key",
+                reason="NATS_UNAVAILABLE",
+            ) from err
+
+    async def _claim(self, route: str, key: str, job_id: str) -> str | None:
+        digest = t.idempotency_entry(route, key)
         claim = f"{job_id} {time.time():.3f}".encode()
         try:
             await self._idempotency.create(digest, claim)
@@ -329,17 +345,17 @@ class JobStore:
             entry = await self._idempotency.get(digest)
             assert entry.value is not None
             original, _, claimed_at = entry.value.decode().partition(" ")
-            age = time.time() - float(claimed_at or 0)
-            if age < _STALE_CLAIM_S or await self.events.last(original) is not None:
+            if not await claim_is_void(self.events, original, float(claimed_at or 0), _STALE_CLAIM_S):
                 return original
-            # The claim's broker died before the job's first event: take the key over.
+            # The claim's job was refused at enqueue, or its broker died before the
+            # job's first event: nothing of it runs, so the key is taken over.
             try:
                 await self._idempotency.update(digest, claim, last=entry.revision)
                 return None
             except KeyWrongLastSequenceError:
                 continue  # another submission took it over first: read it again
         raise FailedPrecondition(
-            f"idempotency key {spec.idempotency_key!r} is being claimed concurrently; try again",
+            f"idempotency key {key!r} is being claimed concurrently; try again",
             reason="CONTENDED",
         )
 

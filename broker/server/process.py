@@ -17,15 +17,17 @@ from laneway.broker.core import topology as t
 from laneway.broker.core.dead_letters import DeadLetterStore
 from laneway.broker.core.events import EventLog
 from laneway.broker.core.nats.connection import connect_nats
+from laneway.broker.core.redact import redact_url
 from laneway.broker.observability.metrics import MetricsServer, start_metrics_server
 from laneway.broker.server.jobs import JobStore
 from laneway.broker.server.metrics import BrokerMetrics
 from laneway.broker.server.provider_health import ProviderHealthView
+from laneway.broker.server.requests import add_broker_service
 from laneway.broker.server.service import BrokerServicer
 from laneway.broker.server.stats import QueueStats
 from laneway.broker.server.sweeper import MaxDeliverySweeper
 from laneway.broker.server.watch import EventFeed
-from laneway.v1 import broker_service_pb2, broker_service_pb2_grpc
+from laneway.v1 import broker_service_pb2
 
 __all__ = ["BrokerServer"]
 
@@ -78,7 +80,10 @@ class BrokerServer:
 
     async def _start(self) -> None:
         self._nc = await connect_nats(
-            self.nats_url, name="laneway-broker", connect_timeout=self.config.nats.connect_timeout_s
+            self.nats_url,
+            name="laneway-broker",
+            connect_timeout=self.config.nats.connect_timeout_s,
+            on_reconnected=self._on_nats_reconnected,
         )
         js = self._nc.jetstream()
         await t.ensure_topology(js, t.TopologySettings.from_config(self.config))
@@ -110,7 +115,9 @@ class BrokerServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        broker_service_pb2_grpc.add_BrokerServiceServicer_to_server(
+        # Not the generated add_BrokerServiceServicer_to_server: its deserializers raise on a
+        # malformed body before the handler runs (UNKNOWN); ours let it answer INVALID_ARGUMENT.
+        add_broker_service(
             BrokerServicer(store, dead_letters, self.config, health=providers, stats=stats), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -130,7 +137,12 @@ class BrokerServer:
             )
             self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
             log.info("broker metrics serving", metrics_addr=f"127.0.0.1:{port}")
-        log.info("broker serving", grpc_addr=self.address, nats_url=self.nats_url)
+        log.info("broker serving", grpc_addr=self.address, nats_url=redact_url(self.nats_url))
+
+    def _on_nats_reconnected(self) -> None:
+        # Live events republished during the outage never reached us: open streams catch up.
+        if self._feed is not None:
+            self._feed.catch_up()
 
     @property
     def metrics_port(self) -> int | None:

@@ -18,7 +18,7 @@ from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core.dead_letters import DeadLetterFilter, DeadLetterStore
 from laneway.broker.core.model import JobSpec, utcnow
 from laneway.broker.core.wire.dead_letters import dead_letter_to_pb
-from laneway.broker.core.wire.jobs import LANE_FROM_PB, NAME_RE, spec_from_pb
+from laneway.broker.core.wire.jobs import LANE_FROM_PB, NAME_RE, clip, spec_from_pb, timestamp_from_pb
 from laneway.broker.observability.tracing import server_span
 from laneway.broker.server.jobs import JobStore, Submitted
 from laneway.broker.server.ops_wire import provider_health_to_pb, stats_to_pb
@@ -36,6 +36,10 @@ __all__ = ["BrokerServicer"]
 _MAX_WATCH_IDS = 10_000
 _DEFAULT_PAGE = 50
 _MAX_PAGE = 1000
+# A page token is a stream sequence; JetStream's are below 2**63 (a larger one makes
+# the server time a read out, which would look like an outage to the caller).
+_MAX_PAGE_TOKEN = 2**63 - 1
+_MIN_REDRIVE_RATE = 1e-6
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -64,10 +68,10 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
     def _check_route(self, route: str, field: str) -> None:
         if route not in self._config.routes:
             known = sorted(self._config.routes)
-            close = difflib.get_close_matches(route, known, n=1)
+            close = difflib.get_close_matches(route, known, n=1) if NAME_RE.match(route) else []
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known routes: {', '.join(known)})"
             raise InvalidArgument(
-                f"{field}: unknown route {route!r}{hint}", field=field, reason="UNKNOWN_ROUTE"
+                f"{field}: unknown route {clip(route)!r}{hint}", field=field, reason="UNKNOWN_ROUTE"
             )
 
     def _check_providers(self, spec: JobSpec, field: str) -> None:
@@ -78,7 +82,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                     where = f"{field}.{key}[{index}]"
                     listed = ", ".join(targets)
                     raise InvalidArgument(
-                        f"{where}: {name!r} is not a target of route {spec.route!r} (targets: {listed})",
+                        f"{where}: {clip(name)!r} is not a target of route {spec.route!r} "
+                        f"(targets: {listed})",
                         field=where,
                     )
         if not any(spec.allows(name) for name in targets):
@@ -118,7 +123,9 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         with server_span("laneway.submit", "Submit", context.invocation_metadata()) as span:
             spec = self._requested(request)
             _job_attributes(span, spec)
-            done = await self._store.submit(spec)
+            # The broker answers within the caller's deadline, even when NATS is slow to
+            # tell whether the job was stored (DEADLINE_EXCEEDED then: ``enqueue``).
+            done = await self._store.submit(spec, timeout=context.time_remaining())
             span.set_attribute("laneway.job_id", done.job_id)
             return pb.SubmitResponse(job_id=done.job_id, duplicate=done.duplicate)
 
@@ -174,9 +181,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             _check_job_id(job_id, f"job_ids[{i}]")
         for job_id in request.resume_after:
             if job_id not in request.job_ids:
-                raise InvalidArgument(
-                    f"resume_after[{job_id}]: not one of job_ids", field=f"resume_after[{job_id}]"
-                )
+                where = f"resume_after[{clip(job_id)}]"
+                raise InvalidArgument(f"{where}: not one of job_ids", field=where)
         ids, resume = list(request.job_ids), dict(request.resume_after)
         async for stored in self._store.watch(ids, resume, final_only=request.final_only):
             response = pb.StreamResultsResponse()
@@ -221,11 +227,15 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             raise InvalidArgument(f"page_size: at most {_MAX_PAGE}", field="page_size")
         after = 0
         if request.page_token:
-            if not request.page_token.isdigit():
+            token = request.page_token
+            # isascii: str.isdigit also takes other scripts' digits, which int() would read.
+            valid = token.isascii() and token.isdigit() and len(token) <= 19
+            if not (valid and int(token) <= _MAX_PAGE_TOKEN):
                 raise InvalidArgument(
-                    "page_token: not a next_page_token from ListDeadLetters", field="page_token"
+                    f"page_token: {clip(token)!r} is not a next_page_token from ListDeadLetters",
+                    field="page_token",
                 )
-            after = int(request.page_token)
+            after = int(token)
         found, next_after = await self._dead_letters.page(where, size=size, after_seq=after)
         response = pb.ListDeadLettersResponse(next_page_token=str(next_after) if next_after else "")
         response.dead_letters.extend(dead_letter_to_pb(s.dead_letter) for s in found)
@@ -250,8 +260,11 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 raise InvalidArgument(f"lane: unknown lane {request.lane}", field="lane")
             lane = LANE_FROM_PB[request.lane]
         rate = request.rate_per_second or self._config.dlq.redrive_rate_per_s
-        if not rate > 0 or rate == float("inf"):
-            raise InvalidArgument("rate_per_second: must be a positive number", field="rate_per_second")
+        # Slower than this, the last job's time would overflow (1000 jobs: 31 years ahead).
+        if not _MIN_REDRIVE_RATE <= rate < float("inf"):
+            raise InvalidArgument(
+                f"rate_per_second: must be a number from {_MIN_REDRIVE_RATE} up", field="rate_per_second"
+            )
         limit = request.limit or _MAX_PAGE
         if limit > _MAX_PAGE:
             raise InvalidArgument(f"limit: at most {_MAX_PAGE} per call", field="limit")
@@ -283,7 +296,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             if name not in self._config.providers:
                 known = ", ".join(self._config.providers)
                 raise InvalidArgument(
-                    f"providers[{i}]: unknown provider {name!r} (known: {known})", field=f"providers[{i}]"
+                    f"providers[{i}]: unknown provider {clip(name)!r} (known: {known})",
+                    field=f"providers[{i}]",
                 )
         wanted = set(request.providers)
         names = [n for n in self._config.providers if not wanted or n in wanted]
@@ -310,10 +324,10 @@ def _filter(pb_filter: dead_letter_pb2.DeadLetterFilter, field: str) -> DeadLett
         _check_job_id(job_id, f"{field}.job_ids[{i}]")
     if pb_filter.route and not NAME_RE.match(pb_filter.route):
         raise InvalidArgument(
-            f"{field}.route: {pb_filter.route!r} is not a route name", field=f"{field}.route"
+            f"{field}.route: {clip(pb_filter.route)!r} is not a route name", field=f"{field}.route"
         )
-    since = pb_filter.since.ToDatetime(tzinfo=UTC) if pb_filter.HasField("since") else None
-    until = pb_filter.until.ToDatetime(tzinfo=UTC) if pb_filter.HasField("until") else None
+    since = timestamp_from_pb(pb_filter.since, f"{field}.since") if pb_filter.HasField("since") else None
+    until = timestamp_from_pb(pb_filter.until, f"{field}.until") if pb_filter.HasField("until") else None
     if since is not None and until is not None and until <= since:
         raise InvalidArgument(f"{field}.until: must be after since", field=f"{field}.until")
     return DeadLetterFilter(
@@ -329,4 +343,4 @@ def _check_job_id(job_id: str, field: str) -> None:
     if not job_id:
         raise InvalidArgument(f"{field}: required", field=field)
     if not NAME_RE.match(job_id):
-        raise InvalidArgument(f"{field}: {job_id!r} is not a job id", field=field)
+        raise InvalidArgument(f"{field}: {clip(job_id)!r} is not a job id", field=field)

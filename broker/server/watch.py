@@ -8,7 +8,10 @@ outgrows that would shard the live subject space.
 
 Order of operations makes the hand-over gap-free: a watcher registers for live
 events before it reads the store, so an event is either already stored when the
-store is read or republished (after storing) to a registered watcher.
+store is read or republished (after storing) to a registered watcher. Live
+events republished while the broker was cut off from NATS are lost to it; after
+each reconnect (``catch_up``) every watched job's latest stored event is handed to
+its watchers, which read whatever they missed from the log.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from nats.aio.subscription import Subscription
 from laneway.broker.core import topology as t
 from laneway.broker.core.events import EventLog, StoredEvent
 from laneway.broker.core.nats.inbox import unsubscribe_quietly
+from laneway.broker.core.tasks import Background
 from laneway.errors import NotFound, Unavailable
 
 __all__ = ["EventFeed"]
@@ -40,15 +44,19 @@ class EventFeed:
         self._watchers: dict[str, set[asyncio.Queue[StoredEvent | None]]] = {}
         self._sub: Subscription | None = None
         self._closing = False
+        self._reconnected = asyncio.Event()
+        self._catching_up = Background("laneway-feed-catch-up")
 
     async def __aenter__(self) -> EventFeed:
         self._sub = await self._nc.subscribe(t.LIVE_ALL, cb=self._on_msg)
+        self._catching_up.start(self._catch_up_loop())
         return self
 
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.end_watches()
+        await self._catching_up.stop()
         sub, self._sub = self._sub, None
         if sub is not None:
             await unsubscribe_quietly(sub)
@@ -59,6 +67,29 @@ class EventFeed:
         for queues in self._watchers.values():
             for queue in queues:
                 queue.put_nowait(None)
+
+    def catch_up(self) -> None:
+        """NATS is back after an outage (call on reconnect): live events of watched
+        jobs may have been lost meanwhile, so their latest stored events are read."""
+        self._reconnected.set()
+
+    async def _catch_up_loop(self) -> None:
+        while True:
+            await self._reconnected.wait()
+            self._reconnected.clear()
+            ids = list(self._watchers)
+            try:
+                # Our subscription was renewed before the reconnect was announced: an
+                # event stored after this read reaches us live.
+                latest = await self._log.latest(ids) if ids else {}
+            except Unavailable:
+                self._reconnected.set()  # NATS is still settling: read again
+                await asyncio.sleep(0.5)  # back off between tries
+                continue
+            for job_id, event in latest.items():
+                # A watcher skips what it has seen and reads a gap from the log.
+                for queue in list(self._watchers.get(job_id, ())):
+                    queue.put_nowait(event)
 
     async def _on_msg(self, msg: Msg) -> None:
         queues = self._watchers.get(t.job_id_of(msg.subject))

@@ -7,14 +7,16 @@
         print(final.result.chat.text)
 
 Errors are ``laneway.errors`` exceptions mapped from the gRPC status (with the
-field at fault and a reason). ``stream_results`` resumes by sequence number
-when the broker goes away mid-stream, so callers see every event exactly once.
+field at fault and a reason). ``stream_results``, ``wait`` and ``run`` resume by
+sequence number when the broker goes away mid-stream, for up to ``resume_timeout``
+seconds (default 300), so callers see every event exactly once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,6 +31,7 @@ from laneway.dead_letters import DeadLetterPage, Redriven, dlq_filter, item_erro
 from laneway.errors import ApiError, Unavailable, error_for_code
 from laneway.inputs import JobInput, job
 from laneway.ops import health_request
+from laneway.streams import DEFAULT_RESUME_TIMEOUT, FINAL_STATES, Cursor, ResumeWindow, resumable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
 from laneway.v1 import job_pb2, ops_pb2
@@ -44,16 +47,6 @@ __all__ = [
 ]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-FINAL_STATES = frozenset(
-    {
-        job_pb2.JOB_STATE_SUCCEEDED,
-        job_pb2.JOB_STATE_FAILED,
-        job_pb2.JOB_STATE_CANCELLED,
-        job_pb2.JOB_STATE_EXPIRED,
-        job_pb2.JOB_STATE_DEAD_LETTERED,
-        job_pb2.JOB_STATE_SUPERSEDED,
-    }
-)
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
@@ -83,11 +76,17 @@ class CancelOutcome:
 # --- errors --------------------------------------------------------------------------
 
 
-def _resumable(err: grpc.RpcError, mapped: ApiError) -> bool:
-    """Whether a broken stream should be resumed on another try: the broker went away
-    (UNAVAILABLE), or stopped before it dispatched our call (CANCELLED: we never cancel
-    a stream through gRPC ourselves; our own cancellation arrives as CancelledError)."""
-    return isinstance(mapped, Unavailable) or err.code() == grpc.StatusCode.CANCELLED
+def _resume_bounds(resume_timeout: float, resume_attempts: int | None) -> tuple[float, int | None]:
+    if resume_timeout < 0:
+        raise ValueError(f"resume_timeout must be at least 0 seconds, got {resume_timeout}")
+    if resume_attempts is not None:
+        warnings.warn(
+            "resume_attempts is deprecated: resuming is bounded by resume_timeout (seconds); "
+            "resume_attempts now only adds a cap on the tries in a row",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+    return resume_timeout, resume_attempts
 
 
 def _map_error(err: grpc.RpcError) -> ApiError:
@@ -121,44 +120,24 @@ def _outcomes(response: pb.SubmitBatchResponse) -> list[Submitted | ApiError]:
     return out
 
 
-class _Cursor:
-    """Last sequence seen per job, for resuming a broken stream."""
-
-    def __init__(
-        self, job_ids: Sequence[str], resume_after: Mapping[str, int] | None, final_only: bool
-    ) -> None:
-        self.job_ids = list(dict.fromkeys(job_ids))
-        self.final_only = final_only
-        self.last = dict(resume_after or {})
-        self.open = set(self.job_ids)
-
-    def request(self) -> pb.StreamResultsRequest:
-        ids = [j for j in self.job_ids if j in self.open]
-        return pb.StreamResultsRequest(
-            job_ids=ids,
-            resume_after={j: self.last[j] for j in ids if j in self.last},
-            final_only=self.final_only,
-        )
-
-    def accept(self, event: job_pb2.JobEvent) -> bool:
-        if event.seq <= self.last.get(event.job_id, 0):
-            return False
-        self.last[event.job_id] = event.seq
-        if event.state in FINAL_STATES:
-            self.open.discard(event.job_id)
-        return True
-
-
 class AsyncClient:
     """Asyncio client. ``async with AsyncClient(target) as client: ...``"""
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, resume_attempts: int = 5
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+        resume_attempts: int | None = None,
     ) -> None:
+        """``timeout``: seconds for a unary call. ``resume_timeout``: seconds a broken
+        stream keeps being resumed, from when it broke, before ``Unavailable`` is raised
+        (0: never resumed). ``resume_attempts`` is deprecated (an extra cap on tries)."""
         self._channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.BrokerServiceStub(self._channel)
         self._timeout = timeout
-        self._resume_attempts = resume_attempts
+        self._resume = _resume_bounds(resume_timeout, resume_attempts)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -199,21 +178,21 @@ class AsyncClient:
     ) -> AsyncIterator[job_pb2.JobEvent]:
         """Events of the jobs until each is final (only the final ones with ``final_only``);
         resumes transparently after a broker restart."""
-        cursor = _Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after, final_only)
-        failures = 0
+        cursor = Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after, final_only)
+        window = ResumeWindow(*self._resume)
         while cursor.open:
             try:
                 async for response in self._stub.StreamResults(cursor.request()):
-                    failures = 0
+                    window.streaming()
                     if cursor.accept(response.event):
                         yield response.event
                 return
             except grpc.RpcError as err:
                 mapped = _map_error(err)
-                failures += 1
-                if not _resumable(err, mapped) or failures > self._resume_attempts:
+                delay = window.next_delay() if resumable(err, mapped) else None
+                if delay is None:
                     raise mapped from None
-                await asyncio.sleep(min(2.0, 0.1 * 2**failures))  # backoff before resuming
+                await asyncio.sleep(delay)  # backoff before resuming
 
     async def wait(self, job_id: str) -> job_pb2.JobEvent:
         """The job's final event."""
@@ -224,9 +203,12 @@ class AsyncClient:
         return last
 
     async def run(self, route: str, input: JobInput, **options: object) -> job_pb2.JobEvent:
-        """Submit and wait for the final event, in one call (options as for ``laneway.job``)."""
+        """Submit and wait for the final event, in one call (options as for ``laneway.job``).
+
+        Asks for every event, not only the final one: the first (QUEUED) names the job,
+        which is what lets a stream broken before the end be resumed."""
         last: job_pb2.JobEvent | None = None
-        async for event in self.run_stream(job(route, input, **options), final_only=True):  # type: ignore[arg-type]
+        async for event in self.run_stream(job(route, input, **options)):  # type: ignore[arg-type]
             last = event
         assert last is not None
         return last
@@ -323,12 +305,20 @@ class Client:
     """Blocking client with the same methods as ``AsyncClient``."""
 
     def __init__(
-        self, target: str = DEFAULT_TARGET, *, timeout: float = 30.0, resume_attempts: int = 5
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout: float = 30.0,
+        resume_timeout: float = DEFAULT_RESUME_TIMEOUT,
+        resume_attempts: int | None = None,
     ) -> None:
+        """``timeout``: seconds for a unary call. ``resume_timeout``: seconds a broken
+        stream keeps being resumed, from when it broke, before ``Unavailable`` is raised
+        (0: never resumed). ``resume_attempts`` is deprecated (an extra cap on tries)."""
         self._channel = grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.BrokerServiceStub(self._channel)
         self._timeout = timeout
-        self._resume_attempts = resume_attempts
+        self._resume = _resume_bounds(resume_timeout, resume_attempts)
 
     def __enter__(self) -> Client:
         return self
@@ -365,21 +355,21 @@ class Client:
         resume_after: Mapping[str, int] | None = None,
         final_only: bool = False,
     ) -> Iterator[job_pb2.JobEvent]:
-        cursor = _Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after, final_only)
-        failures = 0
+        cursor = Cursor([job_ids] if isinstance(job_ids, str) else job_ids, resume_after, final_only)
+        window = ResumeWindow(*self._resume)
         while cursor.open:
             try:
                 for response in self._stub.StreamResults(cursor.request()):
-                    failures = 0
+                    window.streaming()
                     if cursor.accept(response.event):
                         yield response.event
                 return
             except grpc.RpcError as err:
                 mapped = _map_error(err)
-                failures += 1
-                if not _resumable(err, mapped) or failures > self._resume_attempts:
+                delay = window.next_delay() if resumable(err, mapped) else None
+                if delay is None:
                     raise mapped from None
-                time.sleep(min(2.0, 0.1 * 2**failures))  # backoff before resuming
+                time.sleep(delay)  # backoff before resuming
 
     def wait(self, job_id: str) -> job_pb2.JobEvent:
         last: job_pb2.JobEvent | None = None
@@ -389,15 +379,24 @@ class Client:
         return last
 
     def run(self, route: str, input: JobInput, **options: object) -> job_pb2.JobEvent:
-        """Submit and wait for the final event, in one call."""
+        """Submit and wait for the final event, in one call (every event is asked for:
+        the first names the job, so a broken stream can be resumed)."""
         spec = job(route, input, **options)  # type: ignore[arg-type]
         last: job_pb2.JobEvent | None = None
         try:
-            for response in self._stub.Run(pb.RunRequest(job=spec, final_only=True)):
+            for response in self._stub.Run(pb.RunRequest(job=spec)):
                 last = response.event
         except grpc.RpcError as err:
-            raise _map_error(err) from None
+            mapped = _map_error(err)
+            # Once the job is known (its first event came), a broken stream is resumed.
+            if last is None or not isinstance(mapped, Unavailable):
+                raise mapped from None
         assert last is not None
+        if last.state not in FINAL_STATES:
+            for event in self.stream_results(
+                last.job_id, resume_after={last.job_id: last.seq}, final_only=True
+            ):
+                last = event
         return last
 
     def get_job(self, job_id: str) -> job_pb2.JobEvent:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from laneway.broker.cli.natsd import free_port
 from laneway.broker.core.model import (
     ChatInput,
     ChatMessage,
@@ -65,7 +66,7 @@ class Subject:
     def config(self, **changes: Any) -> HttpProviderConfig:
         fake = self.http()
         model = OpenAIProviderConfig if self.kind == "openai" else AnthropicProviderConfig
-        return model(base_url=fake.base_url, api_key_env=KEY_ENV, **changes)
+        return model(**{"base_url": fake.base_url, "api_key_env": KEY_ENV, **changes})
 
     async def make(self, **changes: Any) -> Provider:
         """Another provider of this type, on the same fake, with config ``changes``."""
@@ -272,6 +273,28 @@ async def test_context_length_exceeded_is_permanent(subject: Subject) -> None:
         "context_length_exceeded",
         400,
     )
+
+
+async def test_unknown_model_is_model_not_found(subject: Subject) -> None:
+    subject.fail_next(404)  # the provider's own model-not-found error body
+    err = await failure(lambda: subject.provider.chat(subject.model, chat("hi"), subject.ctx()))
+    assert (err.error.error_class, err.error.code, err.error.http_status) == (P, "model_not_found", 404)
+
+
+async def test_wrong_base_url_is_endpoint_not_found(subject: Subject) -> None:
+    # A base_url without its /v1: the server has no such path, whatever the model.
+    base = subject.http().base_url.removesuffix("/v1")
+    provider = await subject.make(base_url=base)
+    err = await failure(lambda: provider.chat(subject.model, chat("hi"), subject.ctx()))
+    assert (err.error.error_class, err.error.code, err.error.http_status) == (P, "endpoint_not_found", 404)
+    assert base in err.error.message and "base_url" in err.error.message
+
+
+async def test_no_connection_is_connect_failed(subject: Subject) -> None:
+    # Nothing listens there: the request never reached a provider (transient).
+    provider = await subject.make(base_url=f"http://127.0.0.1:{free_port()}/v1")
+    err = await failure(lambda: provider.chat(subject.model, chat("hi"), subject.ctx()))
+    assert (err.error.error_class, err.error.code, err.error.http_status) == (T, "connect_failed", 0)
 
 
 async def test_wrong_key_is_permanent(subject: Subject, monkeypatch: pytest.MonkeyPatch) -> None:

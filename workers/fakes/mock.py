@@ -222,7 +222,11 @@ class MockProvider:
 
     def _failure(self, status: int, retry_after: str | None) -> ProviderError:
         message = f"{self.name}: simulated HTTP {status}"
-        return classify_status(status, provider=self.name, message=message, retry_after=retry_after)
+        # A 404 stands for a model the provider lacks, as the HTTP fakes' 404 bodies say.
+        code = "model_not_found" if status == 404 else ""
+        return classify_status(
+            status, provider=self.name, code=code, message=message, retry_after=retry_after
+        )
 
     async def chat(self, model: str, request: ChatInput, ctx: CallContext) -> ChatOutput:
         output = self._answer(request)

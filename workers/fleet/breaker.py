@@ -65,15 +65,20 @@ class CircuitBreakers:
         state = self.circuit_state(provider)
         return max(0.0, state.open_until - self._clock()) if state.phase == "open" else 0.0
 
-    async def failed(self, provider: str, message: str) -> str:
-        """Record a transient failure; returns the circuit's phase after it."""
+    def failing_besides(self, provider: str, job: str) -> bool:
+        """Whether calls of jobs other than ``job`` failed since the provider last
+        answered anyone: an outage they all see, rather than ``job``'s own doing."""
+        return any(j != job for j in self.circuit_state(provider).failing)
+
+    async def failed(self, provider: str, message: str, job: str = "") -> str:
+        """Record ``job``'s transient failure; returns the circuit's phase after it."""
         cfg = self._circuit_cfg[provider]
         if not cfg.enabled:
             return "closed"
         trip = self._record(provider, ok=False, cfg=cfg)
 
         def change(state: CircuitState, now: float) -> tuple[CircuitState, str]:
-            new = state.failure(now, message, cfg, trip=trip)
+            new = state.failure(now, message, cfg, trip=trip, job=job)
             return new, new.effective(now)
 
         before = self.circuit_state(provider).phase

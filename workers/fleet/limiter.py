@@ -109,10 +109,14 @@ class FleetLimiter(CircuitBreakers):
         return t.limit_key(provider, model if model in limits.models else "")
 
     def limited(self, provider: str, model: str) -> bool:
-        """Whether calls of ``provider``/``model`` draw on a budget at all."""
+        """Whether calls of ``provider``/``model`` draw on a budget at all: a configured
+        limit, or a request limit the provider's headers stated (kept to as if configured)."""
         limits = self._limits_cfg[provider]
         rpm, tpm = limits.for_model(model)
-        return bool(rpm or tpm or limits.max_concurrent)
+        if rpm or tpm or limits.max_concurrent:
+            return True
+        cached = self._store.cached(self.limit_key(provider, model), LimitState)
+        return cached is not None and cached.learned_rpm > 0
 
     def limit_state(self, provider: str, model: str) -> LimitState:
         cached = self._store.cached(self.limit_key(provider, model), LimitState)
@@ -215,8 +219,11 @@ class FleetLimiter(CircuitBreakers):
         limits = self._limits_cfg[provider]
         if refused and self._metrics is not None:
             self._metrics.rate_limited(provider, limits_seen.retry_after_s)
-        if not self.limited(provider, model) and not (refused and limits_seen.retry_after_s):
-            return  # no budget to adjust; only a Retry-After holds for the fleet regardless
+        stated = limits_seen.limit_requests or limits_seen.limit_tokens
+        if not self.limited(provider, model) and not stated and not (refused and limits_seen.retry_after_s):
+            # No budget to adjust; only a Retry-After holds for the fleet regardless. A
+            # limit the headers state is learned (and then kept to) with none configured.
+            return
 
         def change(state: LimitState, now: float) -> tuple[LimitState | None, None]:
             if refused:

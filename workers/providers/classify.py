@@ -9,7 +9,9 @@ dead-lettering behave the same for every provider:
   without spending an attempt;
 - permanent (400/422 invalid request, 401/403 auth, 404 unknown model, 413,
   content policy, context length exceeded, exhausted quota): never retried,
-  dead-lettered with the reason.
+  dead-lettered with the reason. A 404 whose body does not speak of a model is a
+  wrong endpoint (``endpoint_not_found``, naming the URL: a ``base_url`` missing
+  its ``/v1``, say), not an unknown model.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ from datetime import UTC, datetime
 from laneway.broker.core.model import ErrorClass, JobError
 from laneway.workers.providers.base import ProviderError
 
-__all__ = ["classify_exception", "classify_status", "parse_retry_after"]
+__all__ = ["CONNECT_FAILED", "classify_exception", "classify_status", "connect_failed", "parse_retry_after"]
+
+CONNECT_FAILED = "connect_failed"
+"""No connection could be made (refused, unresolvable, connect timeout): the request
+never reached the provider, so no job's content can have caused it."""
 
 # Provider error codes (OpenAI, Anthropic, OpenAI-compatible servers) that decide
 # the class whatever the HTTP status says.
@@ -73,12 +79,21 @@ def classify_status(
     code: str = "",
     message: str = "",
     retry_after: str | None = None,
+    url: str = "",
 ) -> ProviderError:
-    """The error for an HTTP ``status`` answer (``code``: the provider's error code)."""
+    """The error for an HTTP ``status`` answer (``code``: the provider's error code;
+    ``url``: where the request went, named when the endpoint is not there)."""
     wait = parse_retry_after(retry_after)
     text = message or f"{provider} answered HTTP {status}"
     if code in _PERMANENT_CODES:
         return ProviderError(JobError(_PERMANENT_CODES[code], text, ErrorClass.PERMANENT, status))
+    if status == 404 and "model" not in message.lower():
+        # Providers say which model they lack (OpenAI's model_not_found code, "model: x"
+        # from Anthropic, vLLM and Ollama); a bare 404 means the path is wrong.
+        where = url or "the endpoint"
+        text = f"{provider}: HTTP 404 at {where}: no such endpoint (check base_url; OpenAI-style ends in /v1)"
+        text += f": {message}" if message else ""
+        return ProviderError(JobError("endpoint_not_found", text, ErrorClass.PERMANENT, status))
     if status == 429 or status == 529 or code in _RATE_LIMITED_CODES:
         reason = "overloaded" if status in (503, 529) or "overloaded" in code else "rate_limited"
         return ProviderError(JobError(reason, text, ErrorClass.RATE_LIMITED, status), retry_after_s=wait)
@@ -93,6 +108,11 @@ def classify_status(
         return ProviderError(JobError("invalid_request", text, ErrorClass.PERMANENT, status))
     # A 1xx/2xx/3xx where a result was expected: the provider misbehaved, try again.
     return ProviderError(JobError("bad_response", text, ErrorClass.TRANSIENT, status))
+
+
+def connect_failed(detail: str, *, provider: str) -> ProviderError:
+    """The error for a call that could not connect at all (transient)."""
+    return ProviderError(JobError(CONNECT_FAILED, f"{provider}: {detail}", ErrorClass.TRANSIENT))
 
 
 def classify_exception(exc: BaseException, *, provider: str) -> ProviderError:

@@ -39,7 +39,12 @@ from laneway.broker.config.providers import ProviderConfigBase
 from laneway.broker.core.model import ChatOutput, ErrorClass, JobError, TokenUsage
 from laneway.errors import ConfigError
 from laneway.workers.providers.base import CallContext, ProviderError, RateLimits, ResponseInfo
-from laneway.workers.providers.classify import classify_exception, classify_status, parse_retry_after
+from laneway.workers.providers.classify import (
+    classify_exception,
+    classify_status,
+    connect_failed,
+    parse_retry_after,
+)
 
 __all__ = [
     "HttpProvider",
@@ -233,6 +238,8 @@ def resolve_api_key(name: str, config: HttpProviderConfig, env: Mapping[str, str
 def _no_answer(exc: BaseException, provider: str) -> ProviderError:
     """A failure without a usable HTTP answer, via classify_exception (which knows
     built-in exceptions, not httpx's)."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return connect_failed(f"{type(exc).__name__}: {exc}", provider=provider)
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return classify_exception(TimeoutError(), provider=provider)
     if isinstance(exc, SSEError | httpx.DecodingError):
@@ -312,7 +319,7 @@ class HttpProvider(Generic[C]):
         """The code to classify an error by (vendors refine their codes here)."""
         return code
 
-    def _status_error(self, status: int, body: bytes, headers: Mapping[str, str]) -> ProviderError:
+    def _status_error(self, status: int, body: bytes, headers: Mapping[str, str], url: str) -> ProviderError:
         code, message = error_fields(body)
         return classify_status(
             status,
@@ -320,6 +327,7 @@ class HttpProvider(Generic[C]):
             code=self._error_code(code, message),
             message=f"{self.name}: HTTP {status}: {message}" if message else "",
             retry_after=retry_after_header(headers),
+            url=url,
         )
 
     # --- calls --------------------------------------------------------------------
@@ -363,7 +371,7 @@ class HttpProvider(Generic[C]):
         limits = self._rate_limits(response.headers)
         status = response.status_code
         if not response.is_success:
-            err = self._status_error(status, response.content, response.headers)
+            err = self._status_error(status, response.content, response.headers, str(response.url))
             self._report(ctx, model, status, started, limits, error=err)
             raise err
         try:
@@ -402,7 +410,7 @@ class HttpProvider(Generic[C]):
             status = response.status_code
             limits = self._rate_limits(response.headers)
             if not response.is_success:
-                err = self._status_error(status, response.content, response.headers)
+                err = self._status_error(status, response.content, response.headers, str(response.url))
                 self._report(ctx, model, status, started, limits, error=err)
                 raise err
             events = source.aiter_sse()

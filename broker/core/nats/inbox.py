@@ -95,9 +95,14 @@ class ReplyMux:
             if not future.done():
                 future.set_result(msg)
 
-        def done(_future: asyncio.Future[Msg]) -> None:
+        def done(finished: asyncio.Future[Msg]) -> None:
             self._routes.pop(token, None)
             timer.cancel()
+            # A caller may give up on the answer (its RPC was cancelled during a NATS
+            # freeze): its timeout is then nobody's error, and must not reach stderr
+            # as "Future exception was never retrieved". A waiter still gets it raised.
+            if not finished.cancelled():
+                finished.exception()
 
         self._routes[token] = resolve
         future.add_done_callback(done)

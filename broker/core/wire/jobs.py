@@ -12,6 +12,9 @@ import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from laneway.broker.core.model import (
     NAME_PATTERN,
     ChatInput,
@@ -32,12 +35,14 @@ __all__ = [
     "LANE_TO_PB",
     "MAX_METADATA",
     "NAME_RE",
+    "clip",
     "decode_queued_job",
     "encode_queued_job",
     "queued_job_from_pb",
     "queued_job_to_pb",
     "spec_from_pb",
     "spec_to_pb",
+    "timestamp_from_pb",
 ]
 
 NAME_RE = re.compile(NAME_PATTERN)
@@ -60,10 +65,59 @@ _MAX_METADATA_KEY = 128
 _MAX_METADATA_VALUE = 1024
 _MAX_IDEMPOTENCY_KEY = 256
 _MAX_DEBOUNCE_KEY = 256
+# protobuf's own ranges (google/protobuf/timestamp.proto, duration.proto): outside them
+# a value is malformed, and converting it overflows datetime instead of saying so.
+_MIN_TIMESTAMP_S, _MAX_TIMESTAMP_S = -62_135_596_800, 253_402_300_799  # 0001-01-01 .. 9999-12-31
+_MAX_DURATION_S = 315_576_000_000
+_MAX_NANOS = 999_999_999
+# How much of a caller's value an error message repeats: the whole of a 10,000-character
+# value would overflow gRPC's metadata limit (the message travels in the trailers twice).
+_ECHO_CHARS = 64
+
+
+def clip(value: str, limit: int = _ECHO_CHARS) -> str:
+    """``value`` for an error message: as it is when short, else its start and its length."""
+    if len(value) <= limit:
+        return value
+    return f"{value[:limit]}... ({len(value)} characters)"
 
 
 def _bad(field: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"{field}: {message}", field=field, reason="INVALID_FIELD")
+
+
+def timestamp_from_pb(ts: Timestamp, field: str) -> datetime:
+    """A submitted timestamp, refused (naming ``field``) outside protobuf's valid range."""
+    if not (_MIN_TIMESTAMP_S <= ts.seconds <= _MAX_TIMESTAMP_S and 0 <= ts.nanos <= _MAX_NANOS):
+        raise _bad(
+            field,
+            f"not a valid timestamp (seconds {ts.seconds}, nanos {ts.nanos}): seconds must lie in "
+            "0001-01-01..9999-12-31 UTC and nanos in 0..999999999",
+        )
+    return to_datetime(ts)
+
+
+def _after(now: datetime, d: Duration, field: str) -> datetime:
+    """``now`` plus a submitted duration, refused (naming ``field``) when it is malformed
+    or lands beyond the largest time there is."""
+    if (
+        abs(d.seconds) > _MAX_DURATION_S
+        or abs(d.nanos) > _MAX_NANOS
+        or (d.seconds > 0 > d.nanos)
+        or (d.seconds < 0 < d.nanos)
+    ):
+        raise _bad(
+            field,
+            f"not a valid duration (seconds {d.seconds}, nanos {d.nanos}): at most "
+            f"{_MAX_DURATION_S} s, nanos within +-999999999 and of the seconds' sign",
+        )
+    delta = d.ToTimedelta()
+    if delta <= timedelta(0):
+        raise _bad(field, "must be positive")
+    try:
+        return now + delta
+    except OverflowError:
+        raise _bad(field, f"{d.seconds} s from now is past the year 9999") from None
 
 
 # --- JobSpec -------------------------------------------------------------------------
@@ -78,7 +132,9 @@ def spec_from_pb(
     if not pb.route:
         raise _bad(f"{field}.route", "required")
     if not NAME_RE.match(pb.route):
-        raise _bad(f"{field}.route", f"{pb.route!r} is not a route name (letters, digits, '-', '_')")
+        raise _bad(
+            f"{field}.route", f"{clip(pb.route)!r} is not a route name (1-64 letters, digits, '-', '_')"
+        )
     if pb.lane == job_pb2.LANE_UNSPECIFIED:
         lane = default_lane
     elif pb.lane in LANE_FROM_PB:
@@ -94,7 +150,7 @@ def spec_from_pb(
             raise _bad(f"{field}.metadata[{key}]", f"at most {_MAX_METADATA_VALUE} characters")
     if len(pb.idempotency_key) > _MAX_IDEMPOTENCY_KEY:
         raise _bad(f"{field}.idempotency_key", f"at most {_MAX_IDEMPOTENCY_KEY} characters")
-    deadline = to_datetime(pb.deadline) if pb.HasField("deadline") else None
+    deadline = timestamp_from_pb(pb.deadline, f"{field}.deadline") if pb.HasField("deadline") else None
     not_before, debounce_key = _schedule_from_pb(pb, field, now or datetime.now(UTC))
     if not_before is not None and deadline is not None and not_before >= deadline:
         raise _bad(f"{field}.deadline", "is not after the time the job becomes visible (not_before/delay)")
@@ -115,7 +171,9 @@ def spec_from_pb(
 def _names(values: Sequence[str], field: str) -> tuple[str, ...]:
     for index, name in enumerate(values):
         if not NAME_RE.match(name):
-            raise _bad(f"{field}[{index}]", f"{name!r} is not a provider name (letters, digits, '-', '_')")
+            raise _bad(
+                f"{field}[{index}]", f"{clip(name)!r} is not a provider name (1-64 letters, digits, '-', '_')"
+            )
     return tuple(dict.fromkeys(values))
 
 
@@ -125,19 +183,16 @@ def _schedule_from_pb(pb: job_pb2.JobSpec, field: str, now: datetime) -> tuple[d
     if len(given) > 1:
         raise _bad(f"{field}.{given[1]}", f"set at most one of not_before, delay, debounce (got {given})")
     if pb.HasField("not_before"):
-        return to_datetime(pb.not_before), ""
+        return timestamp_from_pb(pb.not_before, f"{field}.not_before"), ""
     if pb.HasField("delay"):
-        delay = pb.delay.ToTimedelta()
-        if delay < timedelta(0):
-            raise _bad(f"{field}.delay", "must not be negative")
-        return now + delay, ""
+        if pb.delay.seconds == 0 == pb.delay.nanos:
+            return now, ""  # a zero delay is no delay
+        return _after(now, pb.delay, f"{field}.delay"), ""
     if pb.HasField("debounce"):
-        key, window = pb.debounce.key, pb.debounce.window.ToTimedelta()
+        key = pb.debounce.key
         if not key or len(key) > _MAX_DEBOUNCE_KEY:
             raise _bad(f"{field}.debounce.key", f"required, at most {_MAX_DEBOUNCE_KEY} characters")
-        if window <= timedelta(0):
-            raise _bad(f"{field}.debounce.window", "required and must be positive")
-        return now + window, key
+        return _after(now, pb.debounce.window, f"{field}.debounce.window"), key
     return None, ""
 
 
