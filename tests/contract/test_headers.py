@@ -12,15 +12,15 @@ from laneway.broker.config.model import parse_config
 from laneway.broker.core.model import ErrorClass
 from laneway.workers.providers.anthropic import AnthropicProviderConfig
 from laneway.workers.providers.base import ProviderError, RateLimits
-from laneway.workers.providers.http import (
-    error_fields,
+from laneway.workers.providers.http import error_fields
+from laneway.workers.providers.labels import parse_label
+from laneway.workers.providers.openai import OpenAIProviderConfig
+from laneway.workers.providers.rate_headers import (
     parse_anthropic_rate_limits,
     parse_duration,
     parse_openai_rate_limits,
     retry_after_header,
 )
-from laneway.workers.providers.labels import parse_label
-from laneway.workers.providers.openai import OpenAIProviderConfig
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -34,9 +34,9 @@ from laneway.workers.providers.http import (
     HttpProvider,
     HttpProviderConfig,
     error_fields,
-    parse_anthropic_rate_limits,
 )
 from laneway.workers.providers.labels import classification_prompt, parse_label
+from laneway.workers.providers.rate_headers import parse_anthropic_rate_limits
 
 __all__ = ["PROVIDER_TYPE", "AnthropicProvider", "AnthropicProviderConfig"]
 

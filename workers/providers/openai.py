@@ -32,9 +32,9 @@ from laneway.workers.providers.http import (
     HttpProvider,
     HttpProviderConfig,
     error_fields,
-    parse_openai_rate_limits,
 )
 from laneway.workers.providers.labels import classification_prompt, parse_label
+from laneway.workers.providers.rate_headers import parse_openai_rate_limits
 
 __all__ = ["PROVIDER_TYPE", "OpenAIProvider", "OpenAIProviderConfig"]
 
