@@ -28,8 +28,7 @@ import laneway
 from laneway.broker.core import topology as t
 from laneway.errors import DeadlineExceeded
 from laneway.v1 import job_pb2
-
-from .stack import Stack
+from tests.stack import Stack
 
 __all__ = ["Load", "Report", "account"]
 

@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import laneway
+from tests.stack import Stack
 
 from .load import Load, Report, account
-from .stack import Stack
 
 __all__ = ["main", "soak"]
 

@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 
 import laneway
+from tests.stack import Stack
 
 from .load import Load, Report, account
-from .stack import Stack
 
 RATE = 25.0
 

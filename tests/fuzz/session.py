@@ -10,9 +10,10 @@ from pathlib import Path
 
 import laneway
 from laneway.v1 import job_pb2
+from tests.stack import Stack
 
 from .run import Report, fuzz, seed_requests, vocabulary
-from .stack import FuzzStack
+from .stack import fuzz_stack
 
 __all__ = ["MAX_RSS_GROWTH", "SessionResult", "run_session"]
 
@@ -58,7 +59,7 @@ class SessionResult:
 
 
 async def run_session(workdir: Path, *, requests: int, seed: int, concurrency: int = 16) -> SessionResult:
-    async with FuzzStack(workdir) as stack:
+    async with fuzz_stack(workdir) as stack:
         async with laneway.AsyncClient(stack.address, timeout=10) as client:
             ids = [(await client.submit("chat", laneway.chat(f"warm {i}"))).job_id for i in range(4)]
             await client.wait(ids[0])
@@ -82,7 +83,7 @@ async def run_session(workdir: Path, *, requests: int, seed: int, concurrency: i
     return result
 
 
-async def _healthy(stack: FuzzStack) -> bool:
+async def _healthy(stack: Stack) -> bool:
     """Serving, and a new job runs to SUCCEEDED (the worker got through the fuzzer's jobs)."""
     if not await stack.serving():
         return False

@@ -1,4 +1,6 @@
-"""The whole stack as separate processes that a fault can hit one at a time.
+"""The whole stack as separate processes, for the tests that need each one on its own:
+the chaos suite (a fault hits one at a time) and the fuzzer (the broker's memory
+measured alone).
 
 nats-server (``EmbeddedNats``: its store and port survive a kill), one broker and
 some workers, each a ``python -m laneway.broker.cli`` child whose stderr goes to
@@ -15,6 +17,9 @@ import signal
 import sys
 from pathlib import Path
 from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import laneway
 from laneway.broker.cli.natsd import EmbeddedNats, free_port
@@ -56,6 +61,8 @@ class Stack:
         self.nats = EmbeddedNats(root / "nats")
         self.grpc_port = free_port()
         self._broker: asyncio.subprocess.Process | None = None
+        #: The log file of the broker started last.
+        self.broker_log = root / "broker-0.log"
         self._workers: list[asyncio.subprocess.Process | None] = [None] * workers
         self._spawned = 0
 
@@ -89,8 +96,11 @@ class Stack:
 
     async def _spawn(self, kind: str, *args: str) -> asyncio.subprocess.Process:
         self._spawned += 1
+        log = self.root / f"{kind}-{self._spawned}.log"
+        if kind == "broker":
+            self.broker_log = log
         # The child writes its log lines to the file; ours is closed once it is spawned.
-        stderr = (self.root / f"{kind}-{self._spawned}.log").open("wb")
+        stderr = log.open("wb")
         try:
             return await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "laneway.broker.cli", kind,
@@ -129,6 +139,34 @@ class Stack:
     async def kill_worker(self, i: int) -> None:
         proc, self._workers[i] = self._workers[i], None
         await _kill(proc)
+
+    @property
+    def broker_pid(self) -> int:
+        assert self._broker is not None
+        return self._broker.pid
+
+    def broker_rss(self) -> int:
+        """The broker process's resident memory, in bytes."""
+        for line in Path(f"/proc/{self.broker_pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def alive(self) -> bool:
+        """Whether the broker and every worker are still running."""
+        procs = [self._broker, *self._workers]
+        return all(p is not None and p.returncode is None for p in procs)
+
+    async def serving(self) -> bool:
+        """Whether the broker answers its health check with SERVING."""
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            try:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="laneway.v1.BrokerService"), timeout=2
+                )
+            except grpc.RpcError:
+                return False
+        return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
 
     def freeze_nats(self) -> None:
         assert self.nats.pid is not None
