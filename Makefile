@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
-PROTO_FILES := $(wildcard protos/laneway/v1/*.proto)
+PROTO_FILES := $(wildcard protos/laneway/v1/*.proto protos/laneway/internal/v1/*.proto)
 PROTOC := $(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients --grpc_python_out=clients \
 	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 	--mypy_out=clients --mypy_grpc_out=clients
 
-.PHONY: help venv run test lint format typecheck buf-lint proto proto-check pytest bench scenarios soak fuzz node-deps clean
+.PHONY: help venv run test lint format typecheck buf-lint buf-breaking proto-release proto proto-check pytest bench scenarios soak fuzz node-deps clean
 
 help:
 	@echo "make run    - create .venv, install, start nats + broker + workers (laneway up)"
@@ -29,7 +29,7 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/laneway up
 
-test: venv lint typecheck buf-lint proto-check node-deps pytest
+test: venv lint typecheck buf-lint buf-breaking proto-check node-deps pytest
 
 lint: venv
 	$(BIN)/ruff check .
@@ -46,6 +46,15 @@ typecheck: venv
 buf-lint: venv
 	$(BIN)/buf lint
 
+# v1 only grows compatibly: the protos are checked against the last released contract.
+RELEASED_CONTRACT := protos/released/laneway-v1.json
+buf-breaking: venv
+	$(BIN)/buf breaking --against $(RELEASED_CONTRACT)
+
+# At a release: record its contract as the one later changes must stay compatible with.
+proto-release: venv
+	$(BIN)/buf build --exclude-source-info -o -#format=json | $(BIN)/python -m json.tool --indent 1 > $(RELEASED_CONTRACT)
+
 proto: venv
 	$(PROTOC) $(PROTO_FILES)
 
@@ -55,14 +64,15 @@ proto-check: venv
 	@$(BIN)/python -m grpc_tools.protoc -I protos --python_out=build/proto-check --grpc_python_out=build/proto-check \
 		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 		--mypy_out=build/proto-check --mypy_grpc_out=build/proto-check $(PROTO_FILES) 2>&1 | grep -v "^Writing mypy" || true
-	@diff -r -x __init__.py -x py.typed -x '*.pyc' -x __pycache__ build/proto-check/laneway/v1 clients/laneway/v1 \
+	@for d in v1 internal/v1; do diff -r -x __init__.py -x py.typed -x '*.pyc' -x __pycache__ \
+		build/proto-check/laneway/$$d clients/laneway/$$d || exit 1; done \
 		|| (echo "generated code is stale: run 'make proto' and commit"; exit 1)
 	@echo "generated code matches protos/"
 
-# The Node example is tested when node and npm are present.
+# The TypeScript client (clients/typescript) is built and tested when node and npm are present.
 node-deps:
-	@if command -v npm >/dev/null 2>&1 && [ ! -d clients/node/node_modules ]; then \
-		cd clients/node && npm ci --no-audit --no-fund --silent || echo "npm ci failed: node tests will skip"; fi
+	@if command -v npm >/dev/null 2>&1 && [ ! -d clients/typescript/node_modules ]; then \
+		cd clients/typescript && npm ci --no-audit --no-fund --silent || echo "npm ci failed: TypeScript client tests will skip"; fi
 
 pytest: venv
 	$(BIN)/pytest
@@ -85,4 +95,4 @@ fuzz: venv
 	$(BIN)/python -m tests.fuzz --requests $(FUZZ_REQUESTS) --seed $(FUZZ_SEED)
 
 clean:
-	rm -rf build .laneway .pytest_cache .mypy_cache .ruff_cache
+	rm -rf build .laneway .pytest_cache .mypy_cache .ruff_cache clients/typescript/dist

@@ -58,7 +58,7 @@ async def test_get_job_polling_reports_state_and_timings(worker, client) -> None
     assert job.route == "chat"
     assert job.metadata["tenant"] == "t1"
     assert job.result.chat.text == "poll me"
-    times = [job.enqueued_at.ToDatetime(), job.started_at.ToDatetime(), job.finished_at.ToDatetime()]
+    times = [job.enqueue_time.ToDatetime(), job.start_time.ToDatetime(), job.end_time.ToDatetime()]
     assert times == sorted(times)
     assert seen <= {QUEUED, RUNNING, SUCCEEDED}
 
@@ -123,7 +123,7 @@ async def test_one_stream_follows_many_jobs(worker, client) -> None:
         ),
         (
             laneway.job("chat", laneway.chat("x"), deadline=utcnow() - timedelta(seconds=1)),
-            "job.deadline",
+            "job.deadline_time",
             "passed",
         ),
         (laneway.job("bad.route", laneway.chat("x")), "job.route", "not a route name"),
@@ -139,18 +139,20 @@ async def test_invalid_submit_is_rejected_and_nothing_enqueued(
     assert await _stored(nats_server) == (0, 0)
 
 
-async def test_oversized_job_is_resource_exhausted(broker, client, nats_server, config) -> None:
+async def test_oversized_job_is_limit_exceeded(broker, client, nats_server, config) -> None:
     big = "x" * (config.broker.max_payload_bytes + 1)
-    with pytest.raises(laneway.ResourceExhausted) as caught:
+    with pytest.raises(laneway.InvalidArgument) as caught:
         await client.submit("chat", laneway.chat(big))
     assert "max_payload_bytes" in caught.value.message
+    assert (caught.value.reason, caught.value.field) == ("LIMIT_EXCEEDED", "job")
     assert await _stored(nats_server) == (0, 0)
 
 
 async def test_batch_over_limit_is_rejected_whole(broker, client, nats_server, config) -> None:
     specs = [laneway.job("chat", laneway.chat("x"))] * (config.broker.max_batch_jobs + 1)
-    with pytest.raises(laneway.ResourceExhausted):
+    with pytest.raises(laneway.InvalidArgument) as caught:
         await client.submit_batch(specs)
+    assert (caught.value.reason, caught.value.field) == ("LIMIT_EXCEEDED", "jobs")
     assert await _stored(nats_server) == (0, 0)
 
 

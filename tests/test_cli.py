@@ -154,6 +154,14 @@ async def test_dlq_list_show_and_redrive(worker, broker) -> None:
     code, out, _ = await laneway("dlq", "list", "--route", "chat", "--since", "1h", env=env)
     assert code == 0
     assert out.startswith(f"{job_id} chat/normal permanent_error invalid_request attempts=1 at=")
+    code, out, _ = await laneway(
+        "dlq", "list", "--reason", "permanent_error", "--error-code", "invalid_request", env=env
+    )
+    assert code == 0 and out.startswith(job_id)
+    code, out, err = await laneway("dlq", "list", "--error-code", "rate_limited", env=env)
+    assert (code, out, err.strip()) == (0, "", "no dead letters")
+    code, _, err = await laneway("dlq", "list", "--error-code", "nope", env=env)
+    assert code == 2 and "unknown value 'nope'" in err
     code, out, _ = await laneway("dlq", "show", job_id, env=env)
     assert (
         code == 0

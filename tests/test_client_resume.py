@@ -5,8 +5,8 @@ back on the same port after more than five seconds loses no caller."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -16,12 +16,9 @@ import laneway
 from laneway.broker.cli.natsd import EmbeddedNats, free_port
 from laneway.broker.cli.ready import Child, spawn, stop_children
 from laneway.workers.pool import WorkerPool
-from tests import test_node_client
 from tests.conftest import TEST_CONFIG, make_config
-from tests.test_node_client import NODE_DIR
 
 SUCCEEDED = laneway.JobState.Value("JOB_STATE_SUCCEEDED")
-node_client = test_node_client.node_client  # the fixture: node, with node_modules installed
 
 
 class BrokerProcess:
@@ -78,11 +75,23 @@ async def test_callers_see_the_final_event_after_a_broker_outage_of_over_five_se
             with laneway.Client(broker_process.addr) as sync_client:
                 return sync_client.wait(job_id)
 
+        run_started = threading.Event()
+
+        def run_blocking() -> list[laneway.JobEvent]:
+            events = []
+            with laneway.Client(broker_process.addr) as sync_client:
+                for event in sync_client.run_stream(laneway.job("slow", laneway.chat("run blocking"))):
+                    events.append(event)
+                    run_started.set()
+            return events
+
         followers = [asyncio.create_task(follow(j, s)) for j, s in zip(job_ids, streaming, strict=True)]
         runner = asyncio.create_task(client.run("slow", laneway.chat("run through it")))
         blocking = asyncio.create_task(asyncio.to_thread(wait_blocking, job_ids[0]))
+        blocking_run = asyncio.create_task(asyncio.to_thread(run_blocking))
         try:
             await asyncio.wait_for(asyncio.gather(*(s.wait() for s in streaming)), 30)
+            assert await asyncio.to_thread(run_started.wait, 30)
             await broker_process.kill()
             # The outage itself (not a synchronisation): longer than the old budget of
             # five quick resume attempts, which ran out after about 5 s.
@@ -91,16 +100,20 @@ async def test_callers_see_the_final_event_after_a_broker_outage_of_over_five_se
             results = await asyncio.wait_for(asyncio.gather(*followers), 60)
             final_of_run = await asyncio.wait_for(runner, 60)
             final_of_wait = await asyncio.wait_for(blocking, 60)
+            events_of_blocking_run = await asyncio.wait_for(blocking_run, 60)
         finally:
             for task in (*followers, runner):
                 task.cancel()
-            await asyncio.gather(*followers, runner, blocking, return_exceptions=True)
+            await asyncio.gather(*followers, runner, blocking, blocking_run, return_exceptions=True)
     for job_id, events in zip(job_ids, results, strict=True):
         assert [e.job_id for e in events] == [job_id] * len(events)
         assert [e.seq for e in events] == list(range(1, len(events) + 1))  # each event once
         assert events[-1].state == SUCCEEDED
     assert final_of_run.state == SUCCEEDED
     assert final_of_wait.state == SUCCEEDED and final_of_wait.job_id == job_ids[0]
+    # The blocking client's run_stream resumes too, each event once.
+    assert [e.seq for e in events_of_blocking_run] == list(range(1, len(events_of_blocking_run) + 1))
+    assert events_of_blocking_run[-1].state == SUCCEEDED
 
 
 async def test_resuming_gives_up_after_the_resume_timeout(broker_process: BrokerProcess) -> None:
@@ -120,30 +133,3 @@ async def test_resuming_gives_up_after_the_resume_timeout(broker_process: Broker
 def test_resume_attempts_is_deprecated_but_still_accepted() -> None:
     with pytest.warns(DeprecationWarning, match="resume_timeout"):
         laneway.Client("127.0.0.1:1", resume_attempts=3).close()
-
-
-async def test_the_node_client_resumes_across_a_broker_outage(
-    node_client: list[str], broker_process: BrokerProcess, nats_server: EmbeddedNats
-) -> None:
-    config = make_config("providers:\n  slow:\n    type: mock\n    latency_ms: 1500\n")
-    async with WorkerPool(config, nats_url=nats_server.url):
-        proc = await asyncio.create_subprocess_exec(
-            *node_client, "--addr", broker_process.addr, "--route", "slow", "--text", "outlive it",
-            cwd=NODE_DIR, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            lines = [await asyncio.wait_for(proc.stdout.readline(), 30) for _ in range(2)]
-            assert lines[0].startswith(b"submitted job_id=") and b'"seq":1' in lines[1], lines
-            await broker_process.kill()
-            await asyncio.sleep(6.3)  # the outage itself, as above
-            await broker_process.start()
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    events = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
-    assert proc.returncode == 0, err.decode()
-    assert [e["seq"] for e in events] == list(range(2, len(events) + 2))  # each event once
-    assert events[-1]["state"] == "JOB_STATE_SUCCEEDED"

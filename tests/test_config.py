@@ -25,7 +25,7 @@ from laneway.broker.config.model import (
     load_config,
     parse_config,
 )
-from laneway.errors import ConfigError
+from laneway.broker.core.errors import ConfigError
 from laneway.workers.fakes.mock import MockProviderConfig
 from laneway.workers.providers.openai import OpenAIProviderConfig
 

@@ -52,7 +52,7 @@ async def test_cancelled_submission_keeps_its_ending(worker, client) -> None:
 async def test_submissions_over_the_cap_end_at_once(worker, client, monkeypatch) -> None:
     # With room for two replaced jobs on the schedule, the fourth submission pushes the
     # first off the list: it ends at once, naming the fourth; the rest wait for the window.
-    monkeypatch.setattr("laneway.broker.server.jobs.MAX_REPLACED", 2)
+    monkeypatch.setattr("laneway.broker.server.publish.MAX_REPLACED", 2)
     ids = [
         (await client.submit("chat", laneway.chat(t), debounce_key="cap", debounce=30)).job_id for t in "abcd"
     ]

@@ -19,7 +19,7 @@ from laneway.broker.cli.natsd import EmbeddedNats
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core import topology as t
 from laneway.broker.server.process import BrokerServer
-from laneway.v1 import job_pb2
+from laneway.v1 import dead_letter_pb2, job_pb2
 from laneway.workers.pool import WorkerPool
 
 from .conftest import eventually, make_config
@@ -76,14 +76,14 @@ async def test_poison_job_dead_letters_after_its_attempts_while_others_flow(
     assert [e.state for e in events] == [
         S.JOB_STATE_QUEUED, RUNNING, RETRYING, RUNNING, RETRYING, RUNNING, S.JOB_STATE_DEAD_LETTERED,
     ]  # fmt: skip
-    assert events[-1].error.code == "provider_unavailable"
+    assert events[-1].error.code == job_pb2.JOB_ERROR_CODE_PROVIDER_UNAVAILABLE
     listed = await _dead_letters(client)
     assert [d.job_id for d in listed] == [poison.job_id]
     dead = listed[0]
-    assert dead.reason == "attempts_exhausted"
+    assert dead.reason == dead_letter_pb2.DEAD_LETTER_REASON_ATTEMPTS_EXHAUSTED
     assert dead.spec.chat.messages[0].content == "poison"
     assert [a.attempt for a in dead.attempts] == [1, 2, 3]
-    assert all(a.error.http_status == 503 and a.ended_at.seconds for a in dead.attempts)
+    assert all(a.error.http_status == 503 and a.end_time.seconds for a in dead.attempts)
 
 
 async def test_rate_limit_storm_waits_retry_after_and_spends_no_attempt(broker, client, nats_server) -> None:
@@ -99,7 +99,7 @@ async def test_rate_limit_storm_waits_retry_after_and_spends_no_attempt(broker, 
     assert len(running) == 5 and {e.attempt for e in running} == {1}
     assert {e.error.error_class for e in retrying} == {S.ERROR_CLASS_RATE_LIMITED}
     for failed, retried in zip(retrying, running[1:], strict=True):
-        waited = retried.time.ToDatetime() - failed.time.ToDatetime()
+        waited = retried.event_time.ToDatetime() - failed.event_time.ToDatetime()
         assert waited >= timedelta(seconds=0.2), waited
 
 
@@ -108,7 +108,7 @@ async def test_permanent_error_goes_straight_to_dead_letters(broker, client, nat
         job = await client.submit("chat", laneway.chat("bad request"), metadata={"mock.fail": "400"})
         events = await _events(client, job.job_id)
     assert [e.state for e in events] == [S.JOB_STATE_QUEUED, RUNNING, S.JOB_STATE_DEAD_LETTERED]
-    assert events[-1].error.code == "invalid_request"
+    assert events[-1].error.code == job_pb2.JOB_ERROR_CODE_INVALID_REQUEST
     assert events[-1].error.error_class == S.ERROR_CLASS_PERMANENT
     listed = await _dead_letters(client, reason="permanent_error")
     assert [d.job_id for d in listed] == [job.job_id]
@@ -146,7 +146,7 @@ async def test_redrive_after_an_outage_succeeds_and_empties_the_queue(broker, cl
     assert {e.metadata["laneway.redriven_from"] for e in finals} == set(ids[:2])
     assert {e.lane for e in finals} == {S.LANE_HIGH}
     # Paced at 4/s: the second became visible no sooner than 0.25 s after the first.
-    gap = abs(finals[0].started_at.ToDatetime() - finals[1].started_at.ToDatetime())
+    gap = abs(finals[0].start_time.ToDatetime() - finals[1].start_time.ToDatetime())
     assert gap >= timedelta(seconds=0.2), gap
     left = await client.list_dead_letters()
     assert [d.job_id for d in left.dead_letters] == [ids[2]]
@@ -201,9 +201,9 @@ async def test_job_past_max_deliveries_is_swept_into_dead_letters(nats_server, t
             await nc.close()
         events = await _events(client, job.job_id)
         assert events[-1].state == S.JOB_STATE_DEAD_LETTERED
-        assert events[-1].error.code == "max_deliveries"
+        assert events[-1].error.code == job_pb2.JOB_ERROR_CODE_MAX_DELIVERIES
         dead = await _dead_letters(client, job_ids=[job.job_id])
-        assert dead[0].reason == "max_deliveries" and dead[0].deliveries == 3
+        assert dead[0].reason == dead_letter_pb2.DEAD_LETTER_REASON_MAX_DELIVERIES and dead[0].deliveries == 3
 
         async def queue_empty() -> bool:
             return await _jobs_in_queue(nats_server.url) == 0
@@ -250,7 +250,7 @@ async def test_delayed_job_waits_and_survives_a_full_restart(tmp_path: Path, con
         job = await client.submit("chat", laneway.chat("later"), delay=2.5)
         scheduled = await client.get_job(job.job_id)
     assert scheduled.state == S.JOB_STATE_SCHEDULED
-    not_before = scheduled.not_before.ToDatetime()
+    not_before = scheduled.not_before_time.ToDatetime()
     # Everything is down now; the job must still run, and not before its time.
     async with (
         EmbeddedNats(store, port=port) as server,
@@ -260,7 +260,7 @@ async def test_delayed_job_waits_and_survives_a_full_restart(tmp_path: Path, con
     ):
         events = await _events(client, job.job_id)
     assert [e.state for e in events] == [S.JOB_STATE_SCHEDULED, RUNNING, S.JOB_STATE_SUCCEEDED]
-    assert events[1].time.ToDatetime() >= not_before
+    assert events[1].event_time.ToDatetime() >= not_before
 
 
 async def test_cancelled_scheduled_job_never_runs(broker, worker, client, nats_server) -> None:
@@ -293,16 +293,16 @@ async def test_debounce_collapses_rapid_submissions_into_one_call(
 async def test_scheduling_fields_are_validated(broker, client) -> None:
     from datetime import UTC, datetime
 
-    with pytest.raises(laneway.InvalidArgument) as both:
+    # One schedule per job (a oneof on the wire): the client refuses two before sending.
+    with pytest.raises(ValueError, match="at most one of not_before, delay and debounce"):
         await client.submit("chat", laneway.chat("x"), delay=1, debounce_key="k", debounce=1)
-    assert both.value.field == "job.debounce"
     with pytest.raises(laneway.InvalidArgument) as window:
         await client.submit("chat", laneway.chat("x"), debounce_key="k")
     assert window.value.field == "job.debounce.window"
     soon = datetime.now(UTC) + timedelta(seconds=5)
     with pytest.raises(laneway.InvalidArgument) as order:
         await client.submit("chat", laneway.chat("x"), delay=10, deadline=soon)
-    assert order.value.field == "job.deadline"
+    assert order.value.field == "job.deadline_time"
 
 
 async def test_sigterm_hands_back_unfinished_jobs_without_spending_attempts(
@@ -334,7 +334,7 @@ async def test_sigterm_hands_back_unfinished_jobs_without_spending_attempts(
         # Well before the job's 5 s call or its 2 s lease: handed back, not abandoned.
         assert loop.time() - start < 2.0
         handed = await client.get_job(long.job_id)
-        assert (handed.state, handed.error.code) == (RETRYING, "handed_back")
+        assert (handed.state, handed.error.code) == (RETRYING, job_pb2.JOB_ERROR_CODE_HANDED_BACK)
         assert (await client.get_job(quick.job_id)).state == S.JOB_STATE_SUCCEEDED
         async with WorkerPool(make_config(base=yaml), nats_url=nats_server.url, providers=["mock"]):
             events = await _events(client, long.job_id)

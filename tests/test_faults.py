@@ -182,7 +182,7 @@ async def test_finished_job_redelivered_after_a_nats_crash_is_not_called(tmp_pat
             job_id = (await client.submit_spec(spec)).job_id
             final = await client.wait(job_id)
             assert final.state == job_pb2.JOB_STATE_SUCCEEDED
-            enqueued_at = final.enqueued_at.ToDatetime().replace(tzinfo=UTC)
+            enqueued_at = final.enqueue_time.ToDatetime().replace(tzinfo=UTC)
             await server.kill()
             await server.start()
             # The broker and the worker are back on NATS: a fresh job runs.

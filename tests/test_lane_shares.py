@@ -175,7 +175,7 @@ async def _start_order(
         async for event in client.stream_results([j for lane in ids.values() for j in lane], final_only=True):
             assert event.state == SUCCEEDED, event
             finals[event.job_id] = event
-    return {lane: [finals[j].started_at.ToDatetime().timestamp() for j in ids[lane]] for lane in ids}
+    return {lane: [finals[j].start_time.ToDatetime().timestamp() for j in ids[lane]] for lane in ids}
 
 
 async def test_saturated_high_lane_does_not_starve_low(

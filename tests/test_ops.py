@@ -103,7 +103,7 @@ async def test_health_reflects_kv_state_and_absent_keys_read_fresh(client, kv, c
     assert [p.provider for p in untouched] == list(config.providers)
     for p in untouched:
         assert p.circuit_state == ops_pb2.CIRCUIT_STATE_CLOSED
-        assert not p.last_error and not p.HasField("paused_until")
+        assert not p.last_error and not p.HasField("pause_end_time")
     mock = next(p for p in untouched if p.provider == "mock")
     assert (mock.configured_rpm, mock.max_concurrent, mock.in_flight) == (600, 4, 0)
     assert mock.current_rpm == pytest.approx(600) and mock.budget > 0
@@ -121,11 +121,11 @@ async def test_health_reflects_kv_state_and_absent_keys_read_fresh(client, kv, c
     mock = await health_of(client, "mock")
     assert mock.last_error == "503: upstream down"
     assert (mock.consecutive_failures, mock.opens, mock.in_flight) == (5, 1, 2)
-    assert mock.open_until.ToNanoseconds() / 1e9 == pytest.approx(now + 600, abs=1)
+    assert mock.open_end_time.ToNanoseconds() / 1e9 == pytest.approx(now + 600, abs=1)
     assert mock.last_error_time.ToNanoseconds() / 1e9 == pytest.approx(now, abs=1)
     assert mock.budget == 0  # paused for the Retry-After
     assert mock.current_rpm == pytest.approx(300, rel=0.05)  # halved by the 429
-    assert mock.paused_until.ToNanoseconds() / 1e9 == pytest.approx(now + 30, abs=1)
+    assert mock.pause_end_time.ToNanoseconds() / 1e9 == pytest.approx(now + 30, abs=1)
     assert "retry-after 30s" in mock.pause_reason
     assert mock.limit.rate_limited == 1
     assert circuit_name((await health_of(client, "backup")).circuit_state) == "closed"
@@ -158,7 +158,8 @@ async def test_health_counts_the_fleets_calls_of_the_last_minute(broker, worker,
     mock = await health_of(client, "mock")
     assert mock.error_rate == pytest.approx(1 / 8) and mock.rate_limited_rate == 0
     # Two answers within 50 ms, six of about 120 ms (the 100-250 ms bucket).
-    assert 0.1 < mock.latency_p50_s < 0.25 and 0.1 < mock.latency_p95_s <= 0.25
+    p50, p95 = mock.latency_p50.ToTimedelta().total_seconds(), mock.latency_p95.ToTimedelta().total_seconds()
+    assert 0.1 < p50 < 0.25 and 0.1 < p95 <= 0.25
     assert (await health_of(client, "backup")).recent_calls == 0
     code, out, err = await cli("providers", "mock", "--addr", broker.address)
     assert code == 0, err
@@ -213,8 +214,8 @@ async def test_stats_show_queued_lanes_and_dead_letters(client) -> None:
     assert age is not None and 0 <= age < 60
     assert oldest_age_s(by_lane["normal"]) is None
     assert (by_lane["high"].leased, by_lane["high"].delivered, idle.dead_letters) == (0, 0, 0)
-    assert idle.when_all_down == "wait"
-    assert next(r for r in stats.routes if r.route == "strict").when_all_down == "fail"
+    assert idle.when_all_down == ops_pb2.WHEN_ALL_DOWN_WAIT
+    assert next(r for r in stats.routes if r.route == "strict").when_all_down == ops_pb2.WHEN_ALL_DOWN_FAIL
     assert {p.provider for p in stats.providers} == {"mock", "slow", "backup"}
     again = await client.get_stats()
     assert delivery_rates(stats, again)[("idle", "high")] == 0

@@ -39,7 +39,7 @@ from laneway.broker.core import topology as t
 from laneway.broker.core.events import EventLog
 from laneway.broker.core.nats.connection import connect_nats
 from laneway.broker.server.process import BrokerServer
-from laneway.v1 import job_pb2
+from laneway.v1 import dead_letter_pb2, job_pb2
 from laneway.workers.pool import WorkerPool
 
 from .conftest import eventually, make_config
@@ -373,7 +373,7 @@ class Tracked:
 
     def describe(self, history: list[job_pb2.JobEvent] | None = None) -> str:
         events = history if history is not None else self.live
-        states = [f"{S.JobState.Name(e.state)[10:]}/{e.attempt}/{e.error.code}" for e in events]
+        states = [f"{S.JobState.Name(e.state)[10:]}/{e.attempt}/{_code(e)}" for e in events]
         cancels = [(S.JobState.Name(c.state), c.cancelled) for c in self.cancels]
         return (
             f"job #{self.index} {self.job_id} {self.op} crashed={self.crashed} "
@@ -548,12 +548,13 @@ class Scenario:
             assert [e async for e in self.client.stream_results(job.job_id)] == h, why
             assert [e for e in finals_only if e.job_id == job.job_id] == [h[-1]], why
             assert await self.client.wait(job.job_id) == h[-1], why
-            assert await self.client.get_job(job.job_id) == h[-1], why
+            got = await self.client.get_job(job.job_id)
+            assert (got.state, got.last_seq) == (h[-1].state, h[-1].seq), why
             self.check_outcome(job, h[-1], why)
             final = h[-1]
-            statistic(f"final: {S.JobState.Name(final.state)[10:]} {final.error.code}".strip())
+            statistic(f"final: {S.JobState.Name(final.state)[10:]} {_code(final)}".strip())
             for code in ("worker_lost", "handed_back"):
-                if any(e.error.code == code for e in h):
+                if any(_code(e) == code for e in h):
                     statistic(f"retried after {code}")
             self.check_calls(calls.get(job.job_id, []), h, why)
         await self.check_dead_letters({j.job_id: histories[j.job_id][-1] for j in self.jobs})
@@ -568,7 +569,7 @@ class Scenario:
         assert len(calls) <= running + raced, f"{len(calls)} provider calls: {why}"
         if raced and calls:
             statistic("cancel met an early start")
-            cancelled_at = h[1].time.ToDatetime(tzinfo=UTC).timestamp()
+            cancelled_at = h[1].event_time.ToDatetime(tzinfo=UTC).timestamp()
             assert calls[0].attempt == 1, why
             assert abs(calls[0].t - cancelled_at) < EAGER_RACE_S, f"call at {calls[0].t}: {why}"
 
@@ -584,7 +585,7 @@ class Scenario:
         assert all(1 <= e.attempt <= MAX_ATTEMPTS for e in h if e.state == S.JOB_STATE_RUNNING), why
 
     def check_outcome(self, job: Tracked, final: job_pb2.JobEvent, why: str) -> None:
-        state, code = final.state, final.error.code if final.HasField("error") else ""
+        state, code = final.state, _code(final)
         won = [c for c in job.cancels if c.cancelled]
         assert len(won) <= 1, f"cancelled twice: {why}"
         if won:
@@ -629,8 +630,9 @@ class Scenario:
         for record in records:
             final = finals[record.job_id]
             assert record.error.code == final.error.code, (record, final)
-            permanent = final.error.code == "invalid_request"
-            assert record.reason == ("permanent_error" if permanent else "attempts_exhausted"), record
+            permanent = _code(final) == "invalid_request"
+            reason = dead_letter_pb2.DeadLetterReason.Name(record.reason).lower()
+            assert reason.endswith("permanent_error" if permanent else "attempts_exhausted"), record
 
 
 # --- the property ----------------------------------------------------------------------------
@@ -647,3 +649,10 @@ class Scenario:
 @given(ops=scenarios)
 def test_every_job_ends_once_and_callers_see_one_final_event(harness: Harness, ops: list[Op]) -> None:
     harness.runner.run(Scenario(harness.stack, ops).run())
+
+
+def _code(event: job_pb2.JobEvent) -> str:
+    """The event's error code as the lower-case name ("" without an error)."""
+    if not event.HasField("error"):
+        return ""
+    return job_pb2.JobErrorCode.Name(event.error.code).removeprefix("JOB_ERROR_CODE_").lower()

@@ -163,7 +163,7 @@ async def test_high_job_takes_the_next_budget_slot_behind_a_low_backlog(
     await eventually(lambda: _started(client, low[:3]), timeout=10)
     high = await client.submit("overflow", laneway.chat("urgent"), lane="high", providers=["first"])
     (job,) = await wait_all(client, [high.job_id])
-    waited = job.started_at.ToDatetime() - job.enqueued_at.ToDatetime()
+    waited = job.start_time.ToDatetime() - job.enqueue_time.ToDatetime()
     # A slot comes every 0.5 s; the job gets the next one or, if a pool already took
     # that one as it pulled, the one after. The 9 s low backlog does not delay it.
     assert job.provider == "first" and waited.total_seconds() < 2 * 0.5 + 0.3
@@ -171,7 +171,7 @@ async def test_high_job_takes_the_next_budget_slot_behind_a_low_backlog(
 
 async def _started(client: laneway.AsyncClient, ids: list[str]) -> bool:
     jobs = await asyncio.gather(*(client.get_job(i) for i in ids))
-    return all(j.HasField("started_at") for j in jobs)
+    return all(j.HasField("start_time") for j in jobs)
 
 
 async def test_failover_sends_jobs_to_the_next_target_without_failing_them(
@@ -252,7 +252,7 @@ async def test_fail_fast_route_dead_letters_queued_jobs_when_all_targets_are_dow
     await put_circuit(nats_server.url, "doomed", down)
     async with WorkerPool(config, nats_url=nats_server.url):
         (job,) = await wait_all(client, [queued.job_id])
-    assert (job.state, job.error.code) == (J.JOB_STATE_DEAD_LETTERED, "no_healthy_target")
+    assert (job.state, job.error.code) == (J.JOB_STATE_DEAD_LETTERED, J.JOB_ERROR_CODE_NO_HEALTHY_TARGET)
 
 
 async def test_limit_holds_across_worker_processes_started_and_stopped(

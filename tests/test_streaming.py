@@ -53,7 +53,7 @@ async def test_mid_stream_failure_sends_a_reset_before_the_retry(broker, client,
     states = [e.state for e in events]
     retry = states.index(S.JOB_STATE_RETRYING)
     reset = events[retry]
-    assert reset.reset and reset.error.code == "provider_unavailable"
+    assert reset.reset and reset.error.code == S.JOB_ERROR_CODE_PROVIDER_UNAVAILABLE
     first_attempt = [e.delta.text for e in events[:retry] if e.HasField("delta")]
     second_attempt = [e.delta.text for e in events[retry:] if e.HasField("delta")]
     # The failed attempt had sent part of its text; the retry sends all of it again.
@@ -86,7 +86,7 @@ async def test_stream_through_the_openai_adapter_resets_after_a_truncated_stream
             job = await client.submit("chat", laneway.chat(TEXT, stream=True))
             events = await _all(client, job.job_id)
     retry = next(e for e in events if e.state == S.JOB_STATE_RETRYING)
-    assert retry.reset and retry.error.code == "truncated_stream"
+    assert retry.reset and retry.error.code == S.JOB_ERROR_CODE_TRUNCATED_STREAM
     assert events[-1].state == S.JOB_STATE_SUCCEEDED and events[-1].provider == "http"
     assert _replay(events) == events[-1].result.chat.text == TEXT
     assert [r.path for r in fake.requests].count("/v1/chat/completions") == 2

@@ -183,7 +183,7 @@ async def test_delayed_job_keeps_its_trace_through_the_message_schedule(
     (wait,) = _named(spans.get_finished_spans(), "laneway.queue_wait")
     assert format(wait.context.trace_id, "032x") == TRACE_ID
     # The wait starts when the job became visible (not_before), not when it was submitted.
-    assert wait.start_time == pytest.approx(events[0].not_before.ToNanoseconds(), abs=1_000_000)
+    assert wait.start_time == pytest.approx(events[0].not_before_time.ToNanoseconds(), abs=1_000_000)
 
 
 async def test_tracing_off_still_carries_the_callers_trace_id_to_worker_logs(

@@ -67,7 +67,10 @@ async def test_a_poison_job_that_opens_the_circuit_alone_still_dead_letters(
         job = await client.submit("poisoned", laneway.chat("poison"), metadata={"mock.fail": "503x*"})
         final = (await asyncio.wait_for(_finals(client, [job.job_id]), timeout=30))[job.job_id]
     # Its own failures opened the circuit and failed its probes: nobody else's did.
-    assert (final.state, final.error.code) == (S.JOB_STATE_DEAD_LETTERED, "provider_unavailable")
+    assert (final.state, final.error.code) == (
+        S.JOB_STATE_DEAD_LETTERED,
+        S.JOB_ERROR_CODE_PROVIDER_UNAVAILABLE,
+    )
     assert final.attempt == 3
 
 

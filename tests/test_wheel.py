@@ -169,7 +169,8 @@ def _expected_files(source: Path) -> set[str]:
                 continue  # the symlinks: their targets are walked as broker/ and workers/
             if "__pycache__" in rel.parts or not path.is_file():
                 continue
-            if path.suffix == ".py" or (rel.parts[0] == "v1" and path.suffix == ".pyi"):
+            generated = rel.parts[0] == "v1" or rel.parts[:2] == ("internal", "v1")
+            if path.suffix == ".py" or (generated and path.suffix == ".pyi"):
                 expected.add(f"{prefix}/{rel.as_posix()}")
     return expected
 

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from laneway.broker.core import topology as t
+from laneway.broker.core.errors import TopologyError
 from laneway.broker.core.events import first_event
 from laneway.broker.core.model import (
     ChatInput,
@@ -31,7 +32,7 @@ from laneway.broker.core.model import (
 from laneway.broker.core.wire.events import decode_event, encode_event
 from laneway.broker.core.wire.jobs import NAME_RE, decode_queued_job, encode_queued_job, spec_from_pb
 from laneway.broker.core.wire.timestamps import set_timestamp, to_datetime
-from laneway.errors import InvalidArgument, TopologyError
+from laneway.errors import InvalidArgument
 from laneway.v1 import job_pb2
 
 
@@ -87,7 +88,9 @@ def test_event_round_trip_with_result_and_error() -> None:
     assert decode_event(encode_event(done)) == done
     assert done.seq == 3
     assert done.finished_at is not None
-    failed = running.next(JobState.FAILED, error=JobError("bad", "nope", ErrorClass.PERMANENT, 400))
+    failed = running.next(
+        JobState.NOT_ENQUEUED, error=JobError("invalid_request", "nope", ErrorClass.PERMANENT, 400)
+    )
     assert decode_event(encode_event(failed)) == failed
     embedded = running.next(JobState.SUCCEEDED, result=EmbeddingOutput(((0.5, -0.25),), TokenUsage(2, 0)))
     assert decode_event(encode_event(embedded)).result == embedded.result

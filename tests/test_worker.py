@@ -39,7 +39,7 @@ async def test_high_lane_drained_before_low_under_saturation(broker, client, nat
         async for event in client.stream_results([j for lane in ids.values() for j in lane]):
             if event.state == SUCCEEDED:
                 finals[event.job_id] = event
-    started = {lane: [finals[j].started_at.ToDatetime() for j in ids[lane]] for lane in ids}
+    started = {lane: [finals[j].start_time.ToDatetime() for j in ids[lane]] for lane in ids}
     assert max(started["high"]) <= min(started["normal"])
     assert max(started["normal"]) <= min(started["low"])
 
@@ -54,7 +54,7 @@ async def test_transient_failures_retry_then_dead_letter(broker, client, nats_se
     assert states == [QUEUED, RUNNING, retrying, RUNNING, retrying, RUNNING, job_pb2.JOB_STATE_DEAD_LETTERED]
     assert [e.attempt for e in events if e.state == RUNNING] == [1, 2, 3]
     final = events[-1]
-    assert final.error.code == "provider_unavailable"
+    assert final.error.code == job_pb2.JOB_ERROR_CODE_PROVIDER_UNAVAILABLE
     assert final.error.http_status == 503
     assert final.error.error_class == job_pb2.ERROR_CLASS_TRANSIENT
 
@@ -70,7 +70,7 @@ async def test_job_past_deadline_expires_without_provider_call(broker, client, n
     async with WorkerPool(config, nats_url=nats_server.url):
         events = [e async for e in client.stream_results(job_id)]
     assert [e.state for e in events] == [QUEUED, job_pb2.JOB_STATE_EXPIRED]
-    assert events[-1].error.code == "deadline_exceeded"
+    assert events[-1].error.code == job_pb2.JOB_ERROR_CODE_DEADLINE_EXCEEDED
 
 
 async def test_graceful_shutdown_finishes_in_flight_jobs(broker, client, nats_server, config) -> None:
@@ -127,7 +127,7 @@ async def test_worker_killed_mid_job_completes_elsewhere_once(
     # The lost attempt is recorded (and spent) before the second one starts.
     assert states == [QUEUED, RUNNING, job_pb2.JOB_STATE_RETRYING, RUNNING, SUCCEEDED]
     assert [e.attempt for e in events] == [0, 1, 1, 2, 2]
-    assert events[2].error.code == "worker_lost"
+    assert events[2].error.code == job_pb2.JOB_ERROR_CODE_WORKER_LOST
     # A late subscriber sees the same log: exactly one final event.
     replay = [e async for e in client.stream_results(job_id)]
     assert [e.state for e in replay].count(SUCCEEDED) == 1

@@ -54,7 +54,7 @@ async def previous(
 async def queued_seq(events: EventLog, job: QueuedJob) -> int:
     """The stream sequence of the job's first event, polled for up to
     ``QUEUED_WAIT_S``. Raises EventConflict when the log has moved past it (the job
-    was cancelled, or its broker ended it FAILED), Unavailable when it never came."""
+    was cancelled, or its broker ended it NOT_ENQUEUED), Unavailable when it never came."""
     loop = asyncio.get_running_loop()
     give_up = loop.time() + QUEUED_WAIT_S
     delay = 0.001

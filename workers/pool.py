@@ -20,11 +20,11 @@ from nats.aio.subscription import Subscription
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core import topology as t
 from laneway.broker.core.dead_letters import DeadLetterStore
+from laneway.broker.core.errors import ConfigError
 from laneway.broker.core.events import EventLog
 from laneway.broker.core.model import LANES
 from laneway.broker.core.nats.connection import connect_nats
 from laneway.broker.observability.metrics import MetricsServer, start_metrics_server
-from laneway.errors import ConfigError
 from laneway.workers.attempts import Attempts
 from laneway.workers.batching import ClassificationBatcher, EmbeddingBatcher
 from laneway.workers.calling import Target

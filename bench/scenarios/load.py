@@ -80,11 +80,12 @@ class JobRecord:
     def accept(self, event: job_pb2.JobEvent) -> None:
         self.state = event.state
         self.provider = event.provider
-        self.enqueued_at = _ts(event.enqueued_at)
-        self.started_at = _ts(event.started_at)
-        self.finished_at = _ts(event.finished_at) or _ts(event.time)
+        self.enqueued_at = _ts(event.enqueue_time)
+        self.started_at = _ts(event.start_time)
+        self.finished_at = _ts(event.end_time) or _ts(event.event_time)
         if event.HasField("error"):
-            self.error = f"{event.error.code}: {event.error.message}"[:200]
+            code = job_pb2.JobErrorCode.Name(event.error.code).removeprefix("JOB_ERROR_CODE_").lower()
+            self.error = f"{code}: {event.error.message}"[:200]
 
 
 class LoadGen:

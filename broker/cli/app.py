@@ -236,7 +236,8 @@ def _event_line(event: job_pb2.JobEvent) -> str:
     if event.provider:
         parts.append(f"provider={event.provider}")
     if event.HasField("error"):
-        parts.append(f"error={event.error.code}: {event.error.message}")
+        code = job_pb2.JobErrorCode.Name(event.error.code).removeprefix("JOB_ERROR_CODE_").lower()
+        parts.append(f"error={code}: {event.error.message}")
     if event.reset:
         parts.append("reset")
     if event.HasField("delta"):
@@ -305,11 +306,11 @@ def submit(
         if not sep or not key:
             raise typer.BadParameter(f"--meta expects KEY=VALUE, got {item!r}")
         meta[key] = value
-    options: dict[str, object] = {"lane": priority, "idempotency_key": idempotency_key, "metadata": meta}
+    options: laneway.JobOptions = {"lane": priority, "idempotency_key": idempotency_key, "metadata": meta}
     if delay is not None:
         options["delay"] = delay
     if debounce_key or debounce is not None:
-        options.update(debounce_key=debounce_key, debounce=debounce)
+        options["debounce_key"], options["debounce"] = debounce_key, debounce
 
     async def go() -> bool:
         async with laneway.AsyncClient(addr) as client:
@@ -345,7 +346,19 @@ def get(
 
     async def go() -> bool:
         async with laneway.AsyncClient(addr) as client:
-            _print_event(await client.get_job(job_id), as_json)
+            found = await client.get_job(job_id)
+            if as_json:
+                echo_json(found)
+            else:
+                state = job_pb2.JobState.Name(found.state).removeprefix("JOB_STATE_")
+                line = f"{found.job_id} seq={found.last_seq} {state} attempt={found.attempt}"
+                line += f" provider={found.provider}" if found.provider else ""
+                if found.HasField("error"):
+                    code = job_pb2.JobErrorCode.Name(found.error.code).removeprefix("JOB_ERROR_CODE_")
+                    line += f" error={code.lower()}: {found.error.message}"
+                if found.text:
+                    line += f" text={found.text!r}"
+                typer.echo(line)
         return True
 
     client_call(go())

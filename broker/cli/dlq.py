@@ -9,7 +9,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import laneway
 from laneway.broker.cli.common import DEFAULT_ADDR, AddrOpt, JsonOpt, client_call, echo_json, parse_when
-from laneway.v1 import job_pb2
+from laneway.dead_letters import dlq_filter
+from laneway.v1 import dead_letter_pb2, job_pb2
 
 __all__ = ["dlq_app"]
 
@@ -17,24 +18,39 @@ dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: jobs that failed
 
 RouteOpt = Annotated[str, typer.Option(help="Only this route.")]
 ReasonOpt = Annotated[
-    str,
-    typer.Option(
-        help="Only this reason (permanent_error, attempts_exhausted, max_deliveries) or error code."
-    ),
+    str, typer.Option(help="Only this reason: permanent_error, attempts_exhausted, max_deliveries.")
+]
+ErrorCodeOpt = Annotated[
+    str, typer.Option(help="Only jobs whose final error has this code (invalid_request, rate_limited, ...).")
 ]
 SinceOpt = Annotated[str, typer.Option(help="Dead-lettered at or after: ISO time or age (30m, 2h, 1d).")]
 UntilOpt = Annotated[str, typer.Option(help="Dead-lettered before: ISO time or age.")]
+
+
+def _check_filter(reason: str, error_code: str) -> None:
+    try:
+        dlq_filter(reason=reason, error_code=error_code)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
 
 
 def _ts(ts: Timestamp) -> str:
     return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _reason(value: int) -> str:
+    return dead_letter_pb2.DeadLetterReason.Name(value).removeprefix("DEAD_LETTER_REASON_").lower()  # type: ignore[arg-type]
+
+
+def _code(value: int) -> str:
+    return job_pb2.JobErrorCode.Name(value).removeprefix("JOB_ERROR_CODE_").lower()  # type: ignore[arg-type]
+
+
 def _summary(dl: laneway.DeadLetter) -> str:
     lane = job_pb2.Lane.Name(dl.spec.lane).removeprefix("LANE_").lower()
     return (
-        f"{dl.job_id} {dl.spec.route}/{lane} {dl.reason} {dl.error.code} "
-        f"attempts={len(dl.attempts)} at={_ts(dl.dead_lettered_at)}"
+        f"{dl.job_id} {dl.spec.route}/{lane} {_reason(dl.reason)} {_code(dl.error.code)} "
+        f"attempts={len(dl.attempts)} at={_ts(dl.dead_letter_time)}"
     )
 
 
@@ -42,6 +58,7 @@ def _summary(dl: laneway.DeadLetter) -> str:
 def dlq_list(
     route: RouteOpt = "",
     reason: ReasonOpt = "",
+    error_code: ErrorCodeOpt = "",
     since: SinceOpt = "",
     until: UntilOpt = "",
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
@@ -49,19 +66,20 @@ def dlq_list(
     addr: AddrOpt = DEFAULT_ADDR,
 ) -> None:
     """Dead letters, oldest first."""
-    where = {
-        "route": route,
-        "reason": reason,
-        "since": parse_when(since, "--since") if since else None,
-        "until": parse_when(until, "--until") if until else None,
-    }
+    _check_filter(reason, error_code)
+    since_at = parse_when(since, "--since") if since else None
+    until_at = parse_when(until, "--until") if until else None
 
     async def go() -> bool:
         shown, token = 0, ""
         async with laneway.AsyncClient(addr) as client:
             while shown < limit:
                 page = await client.list_dead_letters(
-                    **where,  # type: ignore[arg-type]
+                    route=route,
+                    reason=reason,
+                    error_code=error_code,
+                    since=since_at,
+                    until=until_at,
                     page_size=min(1000, limit - shown),
                     page_token=token,
                 )
@@ -93,12 +111,12 @@ def dlq_show(job_id: str, as_json: JsonOpt = False, addr: AddrOpt = DEFAULT_ADDR
             echo_json(dl)
             return True
         typer.echo(_summary(dl))
-        typer.echo(f"  error: {dl.error.code} ({dl.error.http_status or '-'}): {dl.error.message}")
-        typer.echo(f"  enqueued: {_ts(dl.enqueued_at)}  deliveries: {dl.deliveries or '-'}")
+        typer.echo(f"  error: {_code(dl.error.code)} ({dl.error.http_status or '-'}): {dl.error.message}")
+        typer.echo(f"  enqueued: {_ts(dl.enqueue_time)}  deliveries: {dl.deliveries or '-'}")
         for a in dl.attempts:
-            ended = _ts(a.ended_at) if a.HasField("ended_at") else "-"
-            error = f"{a.error.code}: {a.error.message}" if a.HasField("error") else "-"
-            typer.echo(f"  attempt {a.attempt} {a.provider}/{a.model} {_ts(a.started_at)} -> {ended} {error}")
+            ended = _ts(a.end_time) if a.HasField("end_time") else "-"
+            error = f"{_code(a.error.code)}: {a.error.message}" if a.HasField("error") else "-"
+            typer.echo(f"  attempt {a.attempt} {a.provider}/{a.model} {_ts(a.start_time)} -> {ended} {error}")
         return True
 
     client_call(go())
@@ -109,6 +127,7 @@ def dlq_redrive(
     job_ids: Annotated[list[str] | None, typer.Argument(help="Dead-lettered job ids.")] = None,
     route: RouteOpt = "",
     reason: ReasonOpt = "",
+    error_code: ErrorCodeOpt = "",
     since: SinceOpt = "",
     until: UntilOpt = "",
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter (when no filter is given).")] = False,
@@ -119,6 +138,7 @@ def dlq_redrive(
     addr: AddrOpt = DEFAULT_ADDR,
 ) -> None:
     """Submit dead letters again as new jobs, paced; prints `old -> new` per job."""
+    _check_filter(reason, error_code)
     if to_lane and to_lane not in ("high", "normal", "low"):
         raise typer.BadParameter(f"--to-lane must be high, normal or low, not {to_lane!r}")
 
@@ -128,6 +148,7 @@ def dlq_redrive(
                 job_ids=job_ids or [],
                 route=route,
                 reason=reason,
+                error_code=error_code,
                 since=parse_when(since, "--since") if since else None,
                 until=parse_when(until, "--until") if until else None,
                 all=all_,

@@ -17,8 +17,8 @@ from types import TracebackType
 
 import nats
 
+from laneway.broker.core.errors import TopologyError
 from laneway.broker.core.redact import redact_url
-from laneway.errors import TopologyError
 
 __all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
 

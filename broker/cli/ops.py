@@ -90,8 +90,8 @@ def _in_flight(p: ops_pb2.ProviderHealth) -> str:
 def _circuit(p: ops_pb2.ProviderHealth, now: float) -> Text:
     name = circuit_name(p.circuit_state)
     label = name if p.circuit_enabled else f"{name} (off)"
-    if p.HasField("open_until"):
-        label += f" until {_when(p.open_until, now, future=True)}"
+    if p.HasField("open_end_time"):
+        label += f" until {_when(p.open_end_time, now, future=True)}"
     return Text(label, style=_CIRCUIT_STYLE.get(name, ""))
 
 
@@ -112,8 +112,9 @@ def _last_minute(p: ops_pb2.ProviderHealth) -> str:
     parts = [f"{p.recent_calls} calls", f"{100 * p.error_rate:.1f}% failed"]
     if p.rate_limited_rate:
         parts.append(f"{100 * p.rate_limited_rate:.1f}% 429")
-    if p.HasField("latency_p50_s"):
-        parts.append(f"p50 {p.latency_p50_s:.2f}s p95 {p.latency_p95_s:.2f}s")
+    if p.HasField("latency_p50"):
+        p50, p95 = p.latency_p50.ToTimedelta(), p.latency_p95.ToTimedelta()
+        parts.append(f"p50 {p50.total_seconds():.2f}s p95 {p95.total_seconds():.2f}s")
     return ", ".join(parts)
 
 
@@ -124,7 +125,7 @@ def render_providers(found: Sequence[ops_pb2.ProviderHealth], now: float) -> Tab
     table.add_column("last minute", overflow="fold")
     table.add_column("last error", overflow="fold")
     for p in found:
-        paused = _when(p.paused_until, now, future=True) if p.HasField("paused_until") else "-"
+        paused = _when(p.pause_end_time, now, future=True) if p.HasField("pause_end_time") else "-"
         if p.pause_reason:
             paused += f" {p.pause_reason}"
         table.add_row(
@@ -144,7 +145,7 @@ def render_top(
     current: ops_pb2.GetStatsResponse, rates: dict[tuple[str, str], float], note: str = ""
 ) -> RenderableType:
     """One frame of ``laneway top``: lanes per route, then providers."""
-    now = current.time.ToNanoseconds() / 1e9
+    now = current.read_time.ToNanoseconds() / 1e9
     lanes = Table(title="lanes", title_justify="left")
     for column in ("route", "lane", "waiting", "leased", "oldest", "jobs/s", "dead letters"):
         lanes.add_column(column, no_wrap=True, justify="left" if column in ("route", "lane") else "right")

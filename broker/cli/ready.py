@@ -16,7 +16,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from laneway.errors import TopologyError
+from laneway.broker.core.errors import TopologyError
 
 __all__ = [
     "READY",

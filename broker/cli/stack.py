@@ -21,9 +21,9 @@ from laneway.broker.cli.natsd import EmbeddedNats, free_port
 from laneway.broker.cli.ready import Child, spawn, stop_children, stop_on_signals, until_one_exits
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core import topology as t
+from laneway.broker.core.errors import TopologyError
 from laneway.broker.core.nats.connection import connect_nats
 from laneway.broker.core.redact import redact_url
-from laneway.errors import TopologyError
 
 __all__ = ["run_stack"]
 

@@ -24,7 +24,7 @@ from ruamel.yaml.constructor import DuplicateKeyError
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.scalarbool import ScalarBoolean
 
-from laneway.errors import ConfigError
+from laneway.broker.core.errors import ConfigError
 
 __all__ = [
     "ConfigProblem",

@@ -42,8 +42,8 @@ from laneway.broker.config.errors import (
 from laneway.broker.config.provider_types import AnyProviderConfig
 from laneway.broker.config.providers import CircuitConfig, ConfigModel, ErrorRates, LimitsConfig
 from laneway.broker.config.routes import BatchConfig, RouteConfig, RouteTarget
+from laneway.broker.core.errors import ConfigError
 from laneway.broker.core.model import LANES, NAME_PATTERN
-from laneway.errors import ConfigError
 
 __all__ = [
     "LANES",

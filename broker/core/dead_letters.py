@@ -47,20 +47,24 @@ class DeadLetterFilter:
     job_ids: tuple[str, ...] = ()
     route: str = ""
     reason: str = ""
-    """A dead-letter reason or the final error's code."""
+    """A dead-letter reason (``permanent_error``, ``attempts_exhausted``, ``max_deliveries``)."""
+    error_code: str = ""
+    """The final error's code (``invalid_request``, ...)."""
     since: datetime | None = None
     until: datetime | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.job_ids or self.route or self.reason or self.since or self.until)
+        return not (self.job_ids or self.route or self.reason or self.error_code or self.since or self.until)
 
     def matches(self, dl: DeadLetter) -> bool:
         if self.job_ids and dl.job.job_id not in self.job_ids:
             return False
         if self.route and dl.job.spec.route != self.route:
             return False
-        if self.reason and self.reason not in (dl.reason, dl.error.code):
+        if self.reason and self.reason != dl.reason:
+            return False
+        if self.error_code and self.error_code != dl.error.code:
             return False
         if self.since is not None and dl.dead_lettered_at < self.since:
             return False
@@ -106,9 +110,10 @@ class DeadLetterStore:
         try:
             await publish_acked(self._nc, subject, encode_dead_letter(dl), headers, timeout=self._timeout)
         except PublishUnanswered as err:
-            raise Unavailable("dead-letter queue did not answer in time") from err
+            raise Unavailable("dead-letter queue did not answer in time", reason="NATS_UNAVAILABLE") from err
         except PublishRejected as err:
-            raise Unavailable(f"dead-letter queue rejected the record: {err.description}") from err
+            why = f"dead-letter queue rejected the record: {err.description}"
+            raise Unavailable(why, reason="NATS_UNAVAILABLE") from err
 
     async def get_many(self, job_ids: Sequence[str]) -> dict[str, StoredDeadLetter]:
         """The dead letters of the given jobs that have one."""
@@ -126,8 +131,11 @@ class DeadLetterStore:
     async def page(
         self, where: DeadLetterFilter, *, size: int, after_seq: int = 0
     ) -> tuple[list[StoredDeadLetter], int]:
-        """Up to ``size`` matching dead letters after stream sequence ``after_seq``, oldest
-        first, and the sequence to continue after (0: nothing more)."""
+        """Up to ``size`` (at least 1) matching dead letters after stream sequence
+        ``after_seq``, oldest first, and the sequence to continue after: 0 when no
+        further match exists (one match past the page is looked for, so the last page
+        says so itself instead of leading to an empty one). A scan that stops at its
+        bound (``_MAX_SCAN``) returns where it stopped: the rest is not known."""
         if where.job_ids:
             found = await self.get_many(where.job_ids)
             chosen = sorted((s for s in found.values() if where.matches(s.dead_letter)), key=_seq)
@@ -152,9 +160,9 @@ class DeadLetterStore:
                 stored = _stored(msg.headers or {}, msg.data)
                 scanned += 1
                 if where.matches(stored.dead_letter):
+                    if len(out) == size:  # a match past the page: there is a next one
+                        return out, out[-1].stream_seq
                     out.append(stored)
-                    if len(out) == size:
-                        return out, stored.stream_seq
                 start = stored.stream_seq + 1
             if len(msgs) < DIRECT_GET_BATCH:
                 return out, 0

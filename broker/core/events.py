@@ -142,11 +142,13 @@ class PendingAppend:
         if self._result is None and msg is not None:
             ack = ack_outcome(msg)
             self._result = ack if isinstance(ack, int) else _append_error(self.event, ack)
-        return self._result if self._result is not None else Unavailable("append neither sent nor refused")
+        if self._result is not None:
+            return self._result
+        return Unavailable("append neither sent nor refused", reason="NATS_UNAVAILABLE")
 
     async def stored(self) -> int:
         if self._result is None and self._future.cancelled():
-            raise Unavailable("event store answer was abandoned")
+            raise Unavailable("event store answer was abandoned", reason="NATS_UNAVAILABLE")
         if self._result is None:
             try:
                 # Not shielded: a cancelled waiter (an aborted attempt) gives up on the
@@ -242,12 +244,12 @@ class EventLog:
                 f"{t.EVENTS_DIRECT_GET}.{t.event_subject(job_id)}", b"", timeout=self._timeout
             )
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
-            raise Unavailable("event store did not answer in time") from err
+            raise Unavailable("event store did not answer in time", reason="NATS_UNAVAILABLE") from err
         status = status_of(msg)
         if status == "404":
             return None
         if status:
-            raise Unavailable(f"event store answered {status}")
+            raise Unavailable(f"event store answered {status}", reason="NATS_UNAVAILABLE")
         return StoredEvent.from_msg(msg)
 
     async def latest(self, job_ids: Sequence[str]) -> dict[str, StoredEvent]:
@@ -305,7 +307,7 @@ def _append_message(event: JobEvent, expect_last: int) -> tuple[str, bytes, dict
 
 def _append_error(event: JobEvent, err: PublishRejected | PublishUnanswered) -> LanewayError:
     if isinstance(err, PublishUnanswered):
-        return Unavailable("event store did not answer in time")
+        return Unavailable("event store did not answer in time", reason="NATS_UNAVAILABLE")
     if err.err_code == WRONG_LAST_SEQUENCE:
         return EventConflict(f"job {event.job_id}: event log moved on")
-    return Unavailable(f"event store rejected the write: {err.description}")
+    return Unavailable(f"event store rejected the write: {err.description}", reason="NATS_UNAVAILABLE")

@@ -52,7 +52,7 @@ class JobState(enum.IntEnum):
     RUNNING = 2
     RETRYING = 3
     SUCCEEDED = 4
-    FAILED = 5
+    NOT_ENQUEUED = 5
     CANCELLED = 6
     EXPIRED = 7
     DEAD_LETTERED = 8
@@ -67,7 +67,7 @@ class JobState(enum.IntEnum):
 FINAL_STATES = frozenset(
     {
         JobState.SUCCEEDED,
-        JobState.FAILED,
+        JobState.NOT_ENQUEUED,
         JobState.CANCELLED,
         JobState.EXPIRED,
         JobState.DEAD_LETTERED,
@@ -134,6 +134,10 @@ class JobSpec:
     """Only these providers may run the job (empty: any of the route's targets)."""
     exclude_providers: tuple[str, ...] = ()
     """Providers that must never run the job."""
+    request_digest: str = field(default="", compare=False)
+    """A job with an idempotency key: the digest of the JobSpec as submitted
+    (``wire.jobs.request_digest``), which a second submission with the key must
+    match. Not part of the queued job."""
 
     def allows(self, provider: str) -> bool:
         """Whether ``provider`` may run this job (its pins and exclusions)."""

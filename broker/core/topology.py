@@ -56,8 +56,8 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from laneway.broker.core.errors import TopologyError
 from laneway.broker.core.model import LANES
-from laneway.errors import TopologyError
 
 if TYPE_CHECKING:
     from laneway.broker.config.model import LanewayConfig

@@ -4,7 +4,7 @@ An enqueue is two writes: the job's first event and the job itself. When either
 times out, it may still land later (a frozen nats-server stores what it was sent
 once it resumes). Answering UNAVAILABLE then would be a lie if the job ran, and a
 caller who retries would get the work done twice. So before refusing, the broker
-makes whatever was stored inert: it ends the job's log FAILED with compare-and-set
+makes whatever was stored inert: it ends the job's log NOT_ENQUEUED with compare-and-set
 right after the first event (or in its place, when that is not known to be stored),
 and a worker that gets the job finds the log final and drops it. If the
 compare-and-set is refused, the log moved on without us: the first event landed
@@ -14,7 +14,7 @@ accepted, and the caller is told so.
 What the caller hears:
 
 - success: both writes are stored (or a worker took the job);
-- UNAVAILABLE: nothing of the job can run (its log ends FAILED, or the job was
+- UNAVAILABLE: nothing of the job can run (its log ends NOT_ENQUEUED, or the job was
   never stored); safe to retry;
 - DEADLINE_EXCEEDED: the store did not answer in time to tell; the job may run, so
   a retry should carry an idempotency key.
@@ -104,13 +104,14 @@ async def settle(
         f"the job store did not answer in time to tell whether the job was enqueued ({why}); "
         "it may still run: retry with an idempotency key to be sure it runs once",
         reason="ENQUEUE_OUTCOME_UNKNOWN",
+        metadata={"job_id": first.job_id},
     )
 
 
 async def claim_is_void(events: EventLog, job_id: str, claimed_at: float, stale_after_s: float) -> bool:
     """Whether an idempotency key claimed for ``job_id`` (at Unix time ``claimed_at``)
     may be taken over by a new submission: its job was refused at enqueue (its log
-    ends FAILED ``enqueue_failed``, so a retry with the key must run the work), or no
+    ends NOT_ENQUEUED ``enqueue_failed``, so a retry with the key must run the work), or no
     event of it came within ``stale_after_s`` (its broker died, or its claim's answer
     was lost and the caller was refused). A young claim without an event may still be
     enqueueing: wait for its first event rather than answer with an id that may never
@@ -138,9 +139,9 @@ _INERT, _TAKEN = _Outcome.INERT, _Outcome.TAKEN
 async def _fence_or_look(
     events: EventLog, first: JobEvent, first_seq: int | None, why: str
 ) -> _Outcome | int:
-    """End the log FAILED right after the first event (or in its place): INERT when
+    """End the log NOT_ENQUEUED right after the first event (or in its place): INERT when
     that is stored; else what the log shows: the first event's sequence, or TAKEN."""
-    failed = first.next(JobState.FAILED, error=JobError(ENQUEUE_FAILED, why, ErrorClass.TRANSIENT))
+    failed = first.next(JobState.NOT_ENQUEUED, error=JobError(ENQUEUE_FAILED, why, ErrorClass.TRANSIENT))
     try:
         await events.append(failed, expect_last=first_seq or 0)
         return _INERT
@@ -148,7 +149,8 @@ async def _fence_or_look(
         pass
     latest = await events.last(first.job_id)
     if latest is None:
-        raise Unavailable("the event store refused a write to an empty log")  # look again
+        # Look again (``settle`` retries until its deadline).
+        raise Unavailable("the event store refused a write to an empty log", reason="NATS_UNAVAILABLE")
     if latest.job_seq == first.seq:
         return latest.stream_seq
     if _refused(latest.decode()):
@@ -159,4 +161,4 @@ async def _fence_or_look(
 def _refused(event: JobEvent) -> bool:
     """Whether ``event`` is a fence: the job's enqueue was refused, and nothing of it runs."""
     error = event.error
-    return event.state is JobState.FAILED and error is not None and error.code == ENQUEUE_FAILED
+    return event.state is JobState.NOT_ENQUEUED and error is not None and error.code == ENQUEUE_FAILED

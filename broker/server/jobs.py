@@ -5,7 +5,7 @@ returns once both are stored (so the job exists for GetJob and StreamResults the
 moment Submit returns). Writing them one after the other would put a round trip
 on every job's latency; instead the worker that gets the job reads the QUEUED
 event's stream sequence itself (while its provider call starts) to continue the
-log with compare-and-set. A job whose enqueue fails gets a FAILED event, which
+log with compare-and-set. A job whose enqueue fails gets a NOT_ENQUEUED event, which
 also fences off a worker that already got it (its RUNNING write finds the log
 final): nothing is left half-enqueued and silent. A write whose answer was lost
 may land later, so the caller is refused only once that fence is stored
@@ -18,7 +18,7 @@ moves onto the job's lane at ``not_before``. Debounced jobs share one schedule
 subject per route and key: a new submission replaces the pending schedule
 (compare-and-set on the subject, so concurrent brokers serialise) and lists the
 jobs it replaced, which end SUPERSEDED naming the job that runs once the window
-closes (``laneway.broker.core.debounce``).
+closes (``laneway.broker.core.debounce``). The publishing itself is ``publish``.
 """
 
 from __future__ import annotations
@@ -26,9 +26,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC
 
 import nats.errors
 import nats.js.errors
@@ -37,7 +36,6 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from laneway.broker.core import topology as t
-from laneway.broker.core.debounce import MAX_REPLACED, replaced_by_schedule, replaces_header, supersede
 from laneway.broker.core.events import EventConflict, EventLog, StoredEvent, first_event, is_scheduled
 from laneway.broker.core.model import (
     ErrorClass,
@@ -49,30 +47,26 @@ from laneway.broker.core.model import (
     utcnow,
 )
 from laneway.broker.core.nats.publish import (
-    WRONG_LAST_SEQUENCE,
-    PublishRejected,
-    PublishUnanswered,
-    publish_acked,
     publish_many,
 )
-from laneway.broker.core.wire.jobs import encode_queued_job
-from laneway.broker.observability.tracing import inject_headers
+from laneway.broker.core.wire.jobs import encode_queued_job, over_limit
 from laneway.broker.server.enqueue import NotStored, Stored, claim_is_void, enqueue_deadline, settle
+from laneway.broker.server.idempotency import Claim, check_same_job, decode_claim, encode_claim
 from laneway.broker.server.metrics import BrokerMetrics
+from laneway.broker.server.publish import job_headers, publish_debounced, publish_job, queue_subject
 from laneway.broker.server.watch import EventFeed
 from laneway.errors import (
+    Aborted,
     ApiError,
-    FailedPrecondition,
     InternalError,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     Unavailable,
 )
+from laneway.v1 import job_pb2
 
 __all__ = ["JobStore", "Submitted"]
 
-_PUBLISH_ATTEMPTS = 4
 # An idempotency claim this old whose job has no event was left by a broker that
 # died between claiming and enqueueing: the next submission takes the key over.
 _STALE_CLAIM_S = 10.0
@@ -116,17 +110,24 @@ class JobStore:
         await self._enqueue(job, payload, deadline)
         return Submitted(job.job_id)
 
-    async def run(self, spec: JobSpec, *, final_only: bool) -> AsyncIterator[tuple[Submitted, StoredEvent]]:
+    async def run(
+        self, spec: JobSpec, *, final_only: bool, claimed: Callable[[Submitted], None] | None = None
+    ) -> AsyncGenerator[tuple[Submitted, StoredEvent], None]:
         """Submit and follow: the job's events from QUEUED to final, read live only
-        (the watcher exists before the job does, so nothing is read back)."""
+        (the watcher exists before the job does, so nothing is read back). ``claimed``
+        is told the job (or the original, for a seen idempotency key) before it is enqueued."""
         job, payload = self._prepare(spec, "job")
         original = await self._claim_key(spec, job.job_id)
         if original is not None:
             done = Submitted(original, duplicate=True)
+            if claimed is not None:
+                claimed(done)
             async for event in self._feed.watch([original], {}, final_only=final_only):
                 yield done, event
             return
         done = Submitted(job.job_id)
+        if claimed is not None:
+            claimed(done)
         create = functools.partial(self._enqueue, job, payload, enqueue_deadline(None))
         async for event in self._feed.watch([job.job_id], {}, create=create, final_only=final_only):
             yield done, event
@@ -145,12 +146,9 @@ class JobStore:
             )
         payload = encode_queued_job(job)
         if len(payload) > self._max_payload:
-            raise ResourceExhausted(
-                f"{field}: job is {len(payload)} bytes, over the {self._max_payload}-byte limit "
-                "(broker.max_payload_bytes)",
-                field=field,
-                reason="PAYLOAD_TOO_LARGE",
-            )
+            size, limit = len(payload), self._max_payload
+            message = f"job is {size} bytes, over the {limit}-byte limit (broker.max_payload_bytes)"
+            raise over_limit(field, message, limit, size)
         return job, payload
 
     async def _enqueue(self, job: QueuedJob, payload: bytes, deadline: float) -> None:
@@ -166,10 +164,13 @@ class JobStore:
         try:
             queued = await self.events.send(first, expect_last=0)
         except nats.errors.Error as err:  # not sent (connection closed, buffer full): nothing stored
-            raise Unavailable(f"NATS did not take the job ({type(err).__name__}): retry") from err
+            raise Unavailable(
+                f"NATS did not take the job ({type(err).__name__}); nothing of it will run: retry",
+                reason="NOT_ENQUEUED",
+            ) from err
         job_stored, why = Stored.YES, ""
         try:
-            await self._publish_job(job, payload, None, deadline=deadline)
+            await publish_job(self._nc, job, payload, None, deadline=deadline)
         except Unavailable as err:
             job_stored = Stored.NO if isinstance(err, NotStored) else Stored.UNKNOWN
             why = err.message
@@ -190,14 +191,14 @@ class JobStore:
     async def _publish_or_fail(
         self, job: QueuedJob, payload: bytes, event_seq: int, deadline: float | None = None
     ) -> None:
-        """Publish the job (with retries); if it cannot be queued, end its log FAILED
+        """Publish the job (with retries); if it cannot be queued, end its log NOT_ENQUEUED
         (``enqueue.settle``: a publish whose answer was lost may still have landed)."""
         deadline = enqueue_deadline(None) if deadline is None else deadline
         try:
             if job.spec.debounce_key:
-                await self._debounce(job, payload, event_seq)
+                await publish_debounced(self._nc, self.events, job, payload, event_seq)
             else:
-                await self._publish_job(job, payload, event_seq, deadline=deadline)
+                await publish_job(self._nc, job, payload, event_seq, deadline=deadline)
         except Unavailable as err:
             stored = Stored.NO if isinstance(err, NotStored) else Stored.UNKNOWN
             await settle(self.events, first_event(job), event_seq, stored, err.message, deadline=deadline)
@@ -207,7 +208,7 @@ class JobStore:
 
         Pipelined: all QUEUED events in one round trip, then all jobs in one, instead
         of two round trips (and a task) per job. A job whose publish fails takes the
-        single-job path, with its retries and its FAILED event.
+        single-job path, with its retries and its NOT_ENQUEUED event.
         """
         out: list[Submitted | ApiError | None] = [s if isinstance(s, ApiError) else None for s in specs]
         fresh: list[tuple[int, QueuedJob, bytes]] = []
@@ -230,11 +231,11 @@ class JobStore:
             if isinstance(seq, int):
                 queued.append((i, job, payload, seq))
             else:
-                out[i] = seq if isinstance(seq, ApiError) else Unavailable(str(seq))
+                out[i] = seq if isinstance(seq, ApiError) else Unavailable(str(seq), reason="NOT_ENQUEUED")
         # Debounced jobs need their compare-and-set loop: they take the single-job path.
         retry = [q for q in queued if q[1].spec.debounce_key]
         plain = [q for q in queued if not q[1].spec.debounce_key]
-        items = [(_queue_subject(j), p, _job_headers(j, s)) for _, j, p, s in plain]
+        items = [(queue_subject(j), p, job_headers(j, s)) for _, j, p, s in plain]
         acks = await publish_many(self._nc, self.events.mux, items, timeout=5.0)
         for (i, job, payload, seq), ack in zip(plain, acks, strict=True):
             if isinstance(ack, int):
@@ -255,67 +256,7 @@ class JobStore:
             retry, await asyncio.gather(*(again(j, p, s) for _, j, p, s in retry)), strict=True
         ):
             out[i] = result
-        return [o if o is not None else InternalError("job not submitted") for o in out]
-
-    async def _publish_job(
-        self, job: QueuedJob, payload: bytes, event_seq: int | None, *, deadline: float | None = None
-    ) -> None:
-        """Publish with retries until ``deadline`` (loop time; None: 4 tries). Raises
-        NotStored when the queue refused the job, Unavailable when its fate is unknown."""
-        headers = _job_headers(job, event_seq)
-        subject = _queue_subject(job)
-        loop = asyncio.get_running_loop()
-        delay = 0.05
-        for attempt in range(_PUBLISH_ATTEMPTS):
-            timeout = 5.0 if deadline is None else min(5.0, max(0.05, deadline - loop.time()))
-            try:
-                # Same Nats-Msg-Id on every try: a retry after a lost ack stores nothing twice.
-                await publish_acked(self._nc, subject, payload, headers, timeout=timeout)
-                return
-            except PublishUnanswered as err:
-                if attempt == _PUBLISH_ATTEMPTS - 1 or (deadline is not None and loop.time() >= deadline):
-                    raise Unavailable("job queue did not accept the job in time") from err
-            except PublishRejected as err:
-                raise NotStored(f"job queue rejected the job: {err.description}") from err
-            except nats.errors.Error as err:  # e.g. the connection closed under the request
-                raise Unavailable(f"job queue did not answer ({type(err).__name__})") from err
-            await asyncio.sleep(delay)  # back off while a JetStream leader election settles
-            delay *= 4
-
-    async def _debounce(self, job: QueuedJob, payload: bytes, event_seq: int) -> None:
-        """Replace the key's pending schedule with this job's, listing on it every job
-        the schedule replaced: the worker that gets the job when the window closes ends
-        them SUPERSEDED naming it, the job that runs (``laneway.broker.core.debounce``)."""
-        subject = t.debounce_subject(job.spec.route, job.spec.debounce_key)
-        headers = _job_headers(job, event_seq)
-        js = self._nc.jetstream()
-        for _ in range(16):
-            try:
-                pending = await js.get_last_msg(t.JOBS_STREAM, subject)
-                pending_id = (pending.headers or {}).get(t.HDR_JOB_ID, "")
-                replaced, last_seq = [*replaced_by_schedule(pending.headers), pending_id], pending.seq or 0
-            except nats.js.errors.NotFoundError:
-                replaced, last_seq = [], 0  # nothing pending (or it already ran)
-            replaced = [j for j in dict.fromkeys(replaced) if j and j != job.job_id]
-            overflow, replaced = replaced[:-MAX_REPLACED], replaced[-MAX_REPLACED:]
-            expect = {
-                **headers,
-                **replaces_header(replaced),
-                "Nats-Expected-Last-Subject-Sequence": str(last_seq),
-            }
-            try:
-                await publish_acked(self._nc, subject, payload, expect, timeout=5.0)
-            except PublishUnanswered as err:
-                raise Unavailable("job queue did not accept the job in time") from err
-            except PublishRejected as err:
-                if err.err_code == WRONG_LAST_SEQUENCE:
-                    continue  # another submission with the key came first: look again
-                raise Unavailable(f"job queue rejected the job: {err.description}") from err
-            if overflow:
-                # Too many to carry: the oldest end now, naming the newest submission.
-                await supersede(self.events, overflow, job.job_id)
-            return
-        raise Unavailable(f"debounce key {job.spec.debounce_key!r} is too contended; try again")
+        return [o if o is not None else InternalError("job not submitted", reason="INTERNAL") for o in out]
 
     async def _claim_key(self, spec: JobSpec, job_id: str) -> str | None:
         """Claim the idempotency key for ``job_id``; the original job id if it was taken
@@ -323,7 +264,7 @@ class JobStore:
         if not spec.idempotency_key:
             return None
         try:
-            return await self._claim(spec.route, spec.idempotency_key, job_id)
+            return await self._claim(spec.route, spec.idempotency_key, job_id, spec.request_digest)
         except (nats.errors.Error, TimeoutError) as err:
             # NATS frozen, restarting or out of reach (a timeout, no stream response):
             # nothing was enqueued, and the same key may safely be sent again.
@@ -333,9 +274,10 @@ class JobStore:
                 reason="NATS_UNAVAILABLE",
             ) from err
 
-    async def _claim(self, route: str, key: str, job_id: str) -> str | None:
+    async def _claim(self, route: str, key: str, job_id: str, request: str) -> str | None:
+        """``request``: the submitted job's digest; a key held by another job is refused."""
         digest = t.idempotency_entry(route, key)
-        claim = f"{job_id} {time.time():.3f}".encode()
+        claim = encode_claim(Claim(job_id, time.time(), request))
         try:
             await self._idempotency.create(digest, claim)
             return None
@@ -344,9 +286,10 @@ class JobStore:
         for _ in range(4):
             entry = await self._idempotency.get(digest)
             assert entry.value is not None
-            original, _, claimed_at = entry.value.decode().partition(" ")
-            if not await claim_is_void(self.events, original, float(claimed_at or 0), _STALE_CLAIM_S):
-                return original
+            held = decode_claim(entry.value)
+            if not await claim_is_void(self.events, held.job_id, held.claimed_at, _STALE_CLAIM_S):
+                check_same_job(held, key, request)
+                return held.job_id
             # The claim's job was refused at enqueue, or its broker died before the
             # job's first event: nothing of it runs, so the key is taken over.
             try:
@@ -354,7 +297,7 @@ class JobStore:
                 return None
             except KeyWrongLastSequenceError:
                 continue  # another submission took it over first: read it again
-        raise FailedPrecondition(
+        raise Aborted(
             f"idempotency key {key!r} is being claimed concurrently; try again",
             reason="CONTENDED",
         )
@@ -362,8 +305,26 @@ class JobStore:
     async def get(self, job_id: str) -> StoredEvent:
         latest = await self.events.last(job_id)
         if latest is None:
-            raise NotFound(f"job {job_id} not found", field="job_id", reason="UNKNOWN_JOB")
+            raise NotFound(
+                f"job {job_id} not found", field="job_id", reason="UNKNOWN_JOB", metadata={"job_id": job_id}
+            )
         return latest
+
+    async def get_with_text(self, job_id: str) -> tuple[job_pb2.JobEvent, list[str]]:
+        """The job's latest event and, when a streaming attempt is under way, the text
+        pieces it has sent so far (read from the log only then: most jobs need one read)."""
+        latest = job_pb2.JobEvent.FromString((await self.get(job_id)).data)
+        if not latest.HasField("delta"):
+            return latest, []
+        history = [job_pb2.JobEvent.FromString(e.data) for e in await self.events.history(job_id)]
+        deltas: list[str] = []
+        for event in history:
+            if event.HasField("delta"):
+                deltas.append(event.delta.text)
+            else:
+                deltas = []  # a new attempt (or a reset) starts the text again
+        # The history may have moved on past the latest event read: report the newest.
+        return (history[-1] if history else latest), deltas
 
     async def cancel(self, job_id: str, reason: str) -> tuple[JobState, bool]:
         """Cancel unless final. Returns (state after the call, whether this call cancelled)."""
@@ -388,7 +349,9 @@ class JobStore:
                 # (A debounced job's schedule is shared by its key; its worker drops it.)
                 await self._drop_schedule(job_id)
             return JobState.CANCELLED, True
-        raise FailedPrecondition(f"job {job_id} kept changing; try again", reason="CONTENDED")
+        raise Aborted(
+            f"job {job_id} kept changing; try again", reason="CONTENDED", metadata={"job_id": job_id}
+        )
 
     async def _drop_schedule(self, job_id: str) -> None:
         try:
@@ -400,29 +363,3 @@ class JobStore:
         self, job_ids: Sequence[str], resume_after: Mapping[str, int], *, final_only: bool = False
     ) -> AsyncIterator[StoredEvent]:
         return self._feed.watch(job_ids, resume_after, final_only=final_only)
-
-
-def _queue_subject(job: QueuedJob) -> str:
-    """Where a job is published: its lane, or its schedule when it is delayed."""
-    return t.delay_subject(job.job_id) if is_scheduled(job) else t.job_subject(job.spec.route, job.spec.lane)
-
-
-def _job_headers(job: QueuedJob, event_seq: int | None) -> dict[str, str]:
-    # Nats-Msg-Id: a retried publish after a lost ack stores the job only once.
-    # The first event's sequence, when it is known (None: the worker reads it).
-    headers = {"Nats-Msg-Id": job.job_id}
-    if event_seq is not None:
-        headers[t.HDR_EVENT_SEQ] = str(event_seq)
-    # traceparent: the worker's spans and log lines join the submitter's trace.
-    inject_headers(headers)
-    if is_scheduled(job):
-        assert job.spec.not_before is not None
-        at = job.spec.not_before.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-        headers.update(
-            {
-                "Nats-Schedule": f"@at {at}",
-                "Nats-Schedule-Target": t.job_subject(job.spec.route, job.spec.lane),
-                t.HDR_JOB_ID: job.job_id,
-            }
-        )
-    return headers

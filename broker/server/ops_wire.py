@@ -23,6 +23,9 @@ CIRCUIT_TO_PB = {
 }
 
 
+_WHEN_ALL_DOWN_TO_PB = {"wait": ops_pb2.WHEN_ALL_DOWN_WAIT, "fail": ops_pb2.WHEN_ALL_DOWN_FAIL}
+
+
 def _seconds(value: float, out: Timestamp) -> None:
     # 0 stands for "none" in the domain objects; the field then stays unset.
     if value > 0:
@@ -40,7 +43,7 @@ def _limit_to_pb(limit: LimitHealth, out: ops_pb2.LimitHealth) -> None:
         out.current_tpm = limit.current_tpm
     if math.isfinite(limit.budget):
         out.budget = limit.budget
-    _seconds(limit.paused_until, out.paused_until)
+    _seconds(limit.paused_until, out.pause_end_time)
     out.pause_reason = limit.pause_reason
     out.rate_fraction = limit.rate_fraction
     out.requests_granted = limit.granted
@@ -62,7 +65,7 @@ def provider_health_to_pb(health: ProviderHealth) -> ops_pb2.ProviderHealth:
         consecutive_failures=health.consecutive_failures,
         opens=health.opens,
     )
-    _seconds(health.open_until, out.open_until)
+    _seconds(health.open_until, out.open_end_time)
     if math.isfinite(health.limit.current_rpm):
         out.current_rpm = health.limit.current_rpm
     if math.isfinite(health.limit.current_tpm):
@@ -73,12 +76,12 @@ def provider_health_to_pb(health: ProviderHealth) -> ops_pb2.ProviderHealth:
         out.error_rate = recent.errors / recent.calls
         out.rate_limited_rate = recent.rate_limited / recent.calls
     if (p50 := recent.percentile(0.5)) is not None:
-        out.latency_p50_s = p50
+        out.latency_p50.FromTimedelta(timedelta(seconds=p50))
     if (p95 := recent.percentile(0.95)) is not None:
-        out.latency_p95_s = p95
+        out.latency_p95.FromTimedelta(timedelta(seconds=p95))
     if math.isfinite(health.limit.budget):
         out.budget = health.limit.budget
-    _seconds(health.limit.paused_until, out.paused_until)
+    _seconds(health.limit.paused_until, out.pause_end_time)
     _seconds(health.last_error_at, out.last_error_time)
     _limit_to_pb(health.limit, out.limit)
     for model in health.models:
@@ -94,11 +97,13 @@ def stats_to_pb(
     tiers: Mapping[str, Sequence[TierHealth]] | None = None,
 ) -> ops_pb2.GetStatsResponse:
     out = ops_pb2.GetStatsResponse()
-    out.time.FromDatetime(now)
+    out.read_time.FromDatetime(now)
     by_route: dict[str, ops_pb2.RouteStats] = {}
     for name, route in config.routes.items():
         by_route[name] = out.routes.add(
-            route=name, dead_letters=snapshot.dead_letters.get(name, 0), when_all_down=route.when_all_down
+            route=name,
+            dead_letters=snapshot.dead_letters.get(name, 0),
+            when_all_down=_WHEN_ALL_DOWN_TO_PB[route.when_all_down],
         )
         for tier in (tiers or {}).get(name, ()):
             tier_pb = by_route[name].tiers.add(tier=tier.tier)

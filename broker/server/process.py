@@ -9,7 +9,6 @@ from types import TracebackType
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from nats.aio.client import Client as NatsClient
 
 from laneway.broker.config.model import LanewayConfig
@@ -19,9 +18,11 @@ from laneway.broker.core.events import EventLog
 from laneway.broker.core.nats.connection import connect_nats
 from laneway.broker.core.redact import redact_url
 from laneway.broker.observability.metrics import MetricsServer, start_metrics_server
+from laneway.broker.server.disconnect import DisconnectCancels
 from laneway.broker.server.jobs import JobStore
 from laneway.broker.server.metrics import BrokerMetrics
 from laneway.broker.server.provider_health import ProviderHealthView
+from laneway.broker.server.reflection import enable_reflection
 from laneway.broker.server.requests import add_broker_service
 from laneway.broker.server.service import BrokerServicer
 from laneway.broker.server.stats import QueueStats
@@ -58,6 +59,7 @@ class BrokerServer:
         self._server: grpc.aio.Server | None = None
         self._exit = contextlib.AsyncExitStack()
         self._feed: EventFeed | None = None
+        self._disconnects: DisconnectCancels | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
         self.metrics = BrokerMetrics()
@@ -99,6 +101,8 @@ class BrokerServer:
             metrics=self.metrics,
         )
         dead_letters = DeadLetterStore(self._nc, events)
+        # Its cancels (Run's on_disconnect) end before the event log and NATS close.
+        disconnects = self._disconnects = await self._exit.enter_async_context(DisconnectCancels(store))
         await self._exit.enter_async_context(MaxDeliverySweeper(self._nc, events, dead_letters))
         providers = await self._exit.enter_async_context(ProviderHealthView(self._nc, self.config))
         stats = QueueStats(js, t.TopologySettings.from_config(self.config).lane_consumers())
@@ -118,12 +122,13 @@ class BrokerServer:
         # Not the generated add_BrokerServiceServicer_to_server: its deserializers raise on a
         # malformed body before the handler runs (UNKNOWN); ours let it answer INVALID_ARGUMENT.
         add_broker_service(
-            BrokerServicer(store, dead_letters, self.config, health=providers, stats=stats), self._server
+            BrokerServicer(
+                store, dead_letters, self.config, health=providers, stats=stats, disconnects=disconnects
+            ),
+            self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        enable_reflection((_SERVICE_NAME, health.SERVICE_NAME), self._server)
         self.port = self._server.add_insecure_port(self.grpc_addr)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.grpc_addr}")
@@ -162,6 +167,8 @@ class BrokerServer:
         server, self._server = self._server, None
         if server is not None:
             await self._health.enter_graceful_shutdown()
+            if self._disconnects is not None:
+                self._disconnects.stop()  # a call the shutdown ends is not its caller going away
             if self._feed is not None:
                 # Streams end now with UNAVAILABLE (clients resume elsewhere by sequence);
                 # unary calls get the grace period to finish.

@@ -7,7 +7,9 @@ else about a request is validated by ``laneway.broker.core.wire.jobs``.
 from __future__ import annotations
 
 import difflib
+import importlib.metadata
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,16 +19,32 @@ from opentelemetry.trace import Span
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core.dead_letters import DeadLetterFilter, DeadLetterStore
 from laneway.broker.core.model import JobSpec, utcnow
-from laneway.broker.core.wire.dead_letters import dead_letter_to_pb
-from laneway.broker.core.wire.jobs import LANE_FROM_PB, NAME_RE, clip, spec_from_pb, timestamp_from_pb
+from laneway.broker.core.wire.dead_letters import dead_letter_to_pb, reason_from_pb
+from laneway.broker.core.wire.events import error_code_from_pb, job_from_events
+from laneway.broker.core.wire.jobs import (
+    LANE_FROM_PB,
+    LANE_TO_PB,
+    MAX_DEBOUNCE_KEY,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_METADATA,
+    MAX_METADATA_KEY,
+    MAX_METADATA_VALUE,
+    NAME_RE,
+    clip,
+    over_limit,
+    spec_from_pb,
+    timestamp_from_pb,
+)
 from laneway.broker.observability.tracing import server_span
+from laneway.broker.server.disconnect import DisconnectCancels
 from laneway.broker.server.jobs import JobStore, Submitted
 from laneway.broker.server.ops_wire import provider_health_to_pb, stats_to_pb
+from laneway.broker.server.paging import MAX_PAGE_SIZE, page_size, page_token_seq
 from laneway.broker.server.provider_health import ProviderHealthView
 from laneway.broker.server.redrive import redrive
 from laneway.broker.server.stats import QueueStats
-from laneway.broker.server.status import stream_errors, unary_errors
-from laneway.errors import ApiError, InvalidArgument, ResourceExhausted, Unavailable
+from laneway.broker.server.status import item_error, stream_errors, unary_errors
+from laneway.errors import ApiError, InvalidArgument, Unavailable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
 from laneway.v1 import dead_letter_pb2, job_pb2, ops_pb2
@@ -34,12 +52,8 @@ from laneway.v1 import dead_letter_pb2, job_pb2, ops_pb2
 __all__ = ["BrokerServicer"]
 
 _MAX_WATCH_IDS = 10_000
-_DEFAULT_PAGE = 50
-_MAX_PAGE = 1000
-# A page token is a stream sequence; JetStream's are below 2**63 (a larger one makes
-# the server time a read out, which would look like an outage to the caller).
-_MAX_PAGE_TOKEN = 2**63 - 1
 _MIN_REDRIVE_RATE = 1e-6
+_VERSION = importlib.metadata.version("laneway")
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -53,12 +67,15 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         *,
         health: ProviderHealthView,
         stats: QueueStats,
+        disconnects: DisconnectCancels | None = None,
     ) -> None:
         self._store = store
         self._dead_letters = dead_letters
         self._config = config
         self._health = health
         self._stats = stats
+        # Run's on_disconnect CANCEL; the broker process owns it (its tasks end before NATS closes).
+        self._disconnects = disconnects or DisconnectCancels(store)
 
     def _requested(self, request: pb.SubmitRequest | pb.RunRequest) -> JobSpec:
         if not request.HasField("job"):
@@ -70,9 +87,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             known = sorted(self._config.routes)
             close = difflib.get_close_matches(route, known, n=1) if NAME_RE.match(route) else []
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known routes: {', '.join(known)})"
-            raise InvalidArgument(
-                f"{field}: unknown route {clip(route)!r}{hint}", field=field, reason="UNKNOWN_ROUTE"
-            )
+            message = f"{field}: unknown route {clip(route)!r}{hint}"
+            raise InvalidArgument(message, field=field, reason="UNKNOWN_ROUTE", metadata={"route": route})
 
     def _check_providers(self, spec: JobSpec, field: str) -> None:
         targets = [t.provider for t in self._config.routes[spec.route].targets]
@@ -85,6 +101,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                         f"{where}: {clip(name)!r} is not a target of route {spec.route!r} "
                         f"(targets: {listed})",
                         field=where,
+                        reason="UNKNOWN_PROVIDER",
+                        metadata={"provider": name},
                     )
         if not any(spec.allows(name) for name in targets):
             raise InvalidArgument(
@@ -105,6 +123,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 f"{field}: every provider route {spec.route!r} may use has its circuit open "
                 f"({', '.join(usable)}) and the route's when_all_down is fail; nothing was enqueued",
                 reason="NO_HEALTHY_TARGET",
+                metadata={"route": spec.route},
             )
 
     def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
@@ -112,7 +131,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         self._check_route(spec.route, f"{field}.route")
         self._check_providers(spec, field)
         if spec.deadline is not None and spec.deadline <= utcnow():
-            raise InvalidArgument(f"{field}.deadline: already passed", field=f"{field}.deadline")
+            raise InvalidArgument(f"{field}.deadline_time: already passed", field=f"{field}.deadline_time")
         # Last: a request that is wrong should hear so, whatever the providers' state.
         self._check_not_all_down(spec, field)
         return spec
@@ -141,12 +160,9 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         if not request.jobs:
             raise InvalidArgument("jobs: at least one job is required", field="jobs")
         if len(request.jobs) > limit:
-            raise ResourceExhausted(
-                f"jobs: {len(request.jobs)} jobs in one batch, over the limit of {limit} "
-                "(broker.max_batch_jobs)",
-                field="jobs",
-                reason="BATCH_TOO_LARGE",
-            )
+            n = len(request.jobs)
+            message = f"{n} jobs in one batch, over the limit of {limit} (broker.max_batch_jobs)"
+            raise over_limit("jobs", message, limit, n)
         specs: list[JobSpec | ApiError] = []
         for i, job in enumerate(request.jobs):
             try:
@@ -164,9 +180,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 item.job_id = outcome.job_id
                 item.duplicate = outcome.duplicate
             else:
-                item.error.code = outcome.code.value[0]
-                item.error.message = outcome.message
-                item.error.field = outcome.field
+                item_error(outcome, item.error)
         return response
 
     @stream_errors
@@ -176,7 +190,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         if not request.job_ids:
             raise InvalidArgument("job_ids: at least one job id is required", field="job_ids")
         if len(request.job_ids) > _MAX_WATCH_IDS:
-            raise InvalidArgument(f"job_ids: at most {_MAX_WATCH_IDS} per stream", field="job_ids")
+            n = len(request.job_ids)
+            raise over_limit("job_ids", f"at most {_MAX_WATCH_IDS} per stream", _MAX_WATCH_IDS, n)
         for i, job_id in enumerate(request.job_ids):
             _check_job_id(job_id, f"job_ids[{i}]")
         for job_id in request.resume_after:
@@ -195,21 +210,31 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         # The span covers the whole call, submit to final event: Run's latency is the job's.
         with server_span("laneway.submit", "Run", context.invocation_metadata()) as span:
             spec = self._requested(request)
+            if request.on_disconnect not in pb.OnDisconnect.values():
+                where = "on_disconnect"
+                raise InvalidArgument(
+                    f"{where}: unknown value {request.on_disconnect}", field=where, reason="INVALID_FIELD"
+                )
             _job_attributes(span, spec)
-            async for done, stored in self._store.run(spec, final_only=request.final_only):
-                if span.is_recording():
-                    span.set_attribute("laneway.job_id", done.job_id)
-                response = pb.RunResponse(duplicate=done.duplicate)
-                response.event.MergeFromString(stored.data)
-                yield response
+            cancel = request.on_disconnect == pb.ON_DISCONNECT_CANCEL
+            # Cancels the job when the caller goes away before its final event (``disconnect``).
+            with self._disconnects.follow(cancel=cancel) as run:
+                run_events = self._store.run(spec, final_only=request.final_only, claimed=run.claimed)
+                # Closed here even when the call ends at a yield (its watch ends with it).
+                async with aclosing(run_events) as events:
+                    async for done, stored in events:
+                        if span.is_recording():
+                            span.set_attribute("laneway.job_id", done.job_id)
+                        response = pb.RunResponse(duplicate=done.duplicate)
+                        response.event.MergeFromString(stored.data)
+                        run.sent(stored.final)
+                        yield response
 
     @unary_errors
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
         _check_job_id(request.job_id, "job_id")
-        stored = await self._store.get(request.job_id)
-        response = pb.GetJobResponse()
-        response.job.MergeFromString(stored.data)
-        return response
+        latest, deltas = await self._store.get_with_text(request.job_id)
+        return pb.GetJobResponse(job=job_from_events(latest, deltas))
 
     @unary_errors
     async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
@@ -222,20 +247,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         self, request: pb.ListDeadLettersRequest, context: Ctx
     ) -> pb.ListDeadLettersResponse:
         where = _filter(request.filter, "filter")
-        size = request.page_size or _DEFAULT_PAGE
-        if size > _MAX_PAGE:
-            raise InvalidArgument(f"page_size: at most {_MAX_PAGE}", field="page_size")
-        after = 0
-        if request.page_token:
-            token = request.page_token
-            # isascii: str.isdigit also takes other scripts' digits, which int() would read.
-            valid = token.isascii() and token.isdigit() and len(token) <= 19
-            if not (valid and int(token) <= _MAX_PAGE_TOKEN):
-                raise InvalidArgument(
-                    f"page_token: {clip(token)!r} is not a next_page_token from ListDeadLetters",
-                    field="page_token",
-                )
-            after = int(token)
+        size = page_size(request.page_size, "page_size")
+        after = page_token_seq(request.page_token, "page_token")
         found, next_after = await self._dead_letters.page(where, size=size, after_seq=after)
         response = pb.ListDeadLettersResponse(next_page_token=str(next_after) if next_after else "")
         response.dead_letters.extend(dead_letter_to_pb(s.dead_letter) for s in found)
@@ -252,29 +265,27 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 "(or set all to redrive everything)",
                 field="filter",
             )
-        if request.route:
-            self._check_route(request.route, "route")
+        if request.target_route:
+            self._check_route(request.target_route, "target_route")
         lane = ""
-        if request.lane != job_pb2.LANE_UNSPECIFIED:
-            if request.lane not in LANE_FROM_PB:
-                raise InvalidArgument(f"lane: unknown lane {request.lane}", field="lane")
-            lane = LANE_FROM_PB[request.lane]
+        if request.target_lane != job_pb2.LANE_UNSPECIFIED:
+            if request.target_lane not in LANE_FROM_PB:
+                raise InvalidArgument(f"target_lane: unknown lane {request.target_lane}", field="target_lane")
+            lane = LANE_FROM_PB[request.target_lane]
         rate = request.rate_per_second or self._config.dlq.redrive_rate_per_s
         # Slower than this, the last job's time would overflow (1000 jobs: 31 years ahead).
         if not _MIN_REDRIVE_RATE <= rate < float("inf"):
             raise InvalidArgument(
                 f"rate_per_second: must be a number from {_MIN_REDRIVE_RATE} up", field="rate_per_second"
             )
-        limit = request.limit or _MAX_PAGE
-        if limit > _MAX_PAGE:
-            raise InvalidArgument(f"limit: at most {_MAX_PAGE} per call", field="limit")
+        limit = page_size(request.limit, "limit", default=MAX_PAGE_SIZE)
         done = await redrive(
             self._store,
             self._dead_letters,
             where,
             limit=limit,
             rate_per_s=rate,
-            route=request.route,
+            route=request.target_route,
             lane=lane,
         )
         response = pb.RedriveDeadLettersResponse()
@@ -283,9 +294,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             if isinstance(outcome, Submitted):
                 item.new_job_id = outcome.job_id
             else:
-                item.error.code = outcome.code.value[0]
-                item.error.message = outcome.message
-                item.error.field = outcome.field
+                item_error(outcome, item.error)
         return response
 
     @unary_errors
@@ -298,6 +307,8 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 raise InvalidArgument(
                     f"providers[{i}]: unknown provider {clip(name)!r} (known: {known})",
                     field=f"providers[{i}]",
+                    reason="UNKNOWN_PROVIDER",
+                    metadata={"provider": name},
                 )
         wanted = set(request.providers)
         names = [n for n in self._config.providers if not wanted or n in wanted]
@@ -313,6 +324,29 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         tiers = {route: self._health.tiers(route, at) for route in self._config.routes}
         return stats_to_pb(self._config, snapshot, self._health.health(now=at), now, tiers)
 
+    @unary_errors
+    async def GetServerInfo(
+        self, request: ops_pb2.GetServerInfoRequest, context: Ctx
+    ) -> ops_pb2.GetServerInfoResponse:
+        limits = ops_pb2.Limits(
+            max_batch_jobs=self._config.broker.max_batch_jobs,
+            max_job_bytes=self._config.broker.max_payload_bytes,
+            max_stream_job_ids=_MAX_WATCH_IDS,
+            max_metadata_entries=MAX_METADATA,
+            max_metadata_key_chars=MAX_METADATA_KEY,
+            max_metadata_value_chars=MAX_METADATA_VALUE,
+            max_idempotency_key_chars=MAX_IDEMPOTENCY_KEY,
+            max_debounce_key_chars=MAX_DEBOUNCE_KEY,
+            max_page_size=MAX_PAGE_SIZE,
+        )
+        limits.max_schedule_ahead.FromSeconds(int(self._config.queue.events_max_age_s))
+        return ops_pb2.GetServerInfoResponse(
+            version=_VERSION,
+            limits=limits,
+            routes=list(self._config.routes),
+            default_lane=LANE_TO_PB[self._config.lanes.default],
+        )
+
 
 def _job_attributes(span: Span, spec: JobSpec) -> None:
     if span.is_recording():
@@ -326,14 +360,28 @@ def _filter(pb_filter: dead_letter_pb2.DeadLetterFilter, field: str) -> DeadLett
         raise InvalidArgument(
             f"{field}.route: {clip(pb_filter.route)!r} is not a route name", field=f"{field}.route"
         )
-    since = timestamp_from_pb(pb_filter.since, f"{field}.since") if pb_filter.HasField("since") else None
-    until = timestamp_from_pb(pb_filter.until, f"{field}.until") if pb_filter.HasField("until") else None
+    since = (
+        timestamp_from_pb(pb_filter.start_time, f"{field}.start_time")
+        if pb_filter.HasField("start_time")
+        else None
+    )
+    until = (
+        timestamp_from_pb(pb_filter.end_time, f"{field}.end_time") if pb_filter.HasField("end_time") else None
+    )
     if since is not None and until is not None and until <= since:
-        raise InvalidArgument(f"{field}.until: must be after since", field=f"{field}.until")
+        raise InvalidArgument(f"{field}.end_time: must be after start_time", field=f"{field}.end_time")
+    reason = reason_from_pb(pb_filter.reason)
+    if pb_filter.reason and not reason:
+        raise InvalidArgument(f"{field}.reason: unknown value {pb_filter.reason}", field=f"{field}.reason")
+    code = error_code_from_pb(pb_filter.error_code)
+    if pb_filter.error_code and not code:
+        where = f"{field}.error_code"
+        raise InvalidArgument(f"{where}: unknown value {pb_filter.error_code}", field=where)
     return DeadLetterFilter(
         job_ids=tuple(pb_filter.job_ids),
         route=pb_filter.route,
-        reason=pb_filter.reason,
+        reason=reason,
+        error_code=code,
         since=since,
         until=until,
     )

@@ -1,5 +1,8 @@
 """Exceptions -> gRPC status, in exactly one place, with google.rpc rich details
-(ErrorInfo always; BadRequest when a field is at fault; RetryInfo when retrying helps)."""
+(``laneway.v1.ErrorReason``, errors.proto): ErrorInfo always (domain ``laneway.v1``, a
+reason name, its metadata); BadRequest for INVALID_ARGUMENT naming the field at fault;
+ResourceInfo for NOT_FOUND; RetryInfo for UNAVAILABLE and ABORTED. A batch item's
+``BatchItemError`` gets the same reason and metadata (``item_error``)."""
 
 from __future__ import annotations
 
@@ -15,14 +18,40 @@ from grpc_status import rpc_status
 
 from laneway.broker.server.requests import Undecodable
 from laneway.errors import ApiError, InternalError, InvalidArgument
+from laneway.v1 import broker_service_pb2, errors_pb2
 
-__all__ = ["ERROR_DOMAIN", "status_for", "stream_errors", "unary_errors"]
+__all__ = [
+    "ERROR_DOMAIN",
+    "REASONS",
+    "item_error",
+    "reason_for",
+    "status_for",
+    "stream_errors",
+    "unary_errors",
+]
 
 ERROR_DOMAIN = "laneway.v1"
 # The status travels in the trailers (message, and again in BadRequest): kept well under
 # gRPC's metadata limit, whatever a message repeats of the request.
 _MAX_MESSAGE = 1024
 _MAX_FIELD = 256
+_PREFIX = "ERROR_REASON_"
+#: Every reason the broker may send: ``ErrorReason`` names without their prefix.
+REASONS = frozenset(
+    v.name.removeprefix(_PREFIX) for v in errors_pb2.ErrorReason.DESCRIPTOR.values if v.number != 0
+)
+# The reason of an error raised without one (or with a name that is not an ErrorReason).
+_DEFAULT_REASON = {
+    grpc.StatusCode.INVALID_ARGUMENT: "INVALID_FIELD",
+    grpc.StatusCode.NOT_FOUND: "UNKNOWN_JOB",
+    grpc.StatusCode.ALREADY_EXISTS: "IDEMPOTENCY_KEY_REUSED",
+    grpc.StatusCode.ABORTED: "CONTENDED",
+    grpc.StatusCode.UNAVAILABLE: "NATS_UNAVAILABLE",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "ENQUEUE_OUTCOME_UNKNOWN",
+}
+# Retrying helps (RetryInfo). Not DEADLINE_EXCEEDED: the job may have been enqueued.
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})
+_DEFAULT_RETRY_DELAY_S = 1.0
 log = structlog.get_logger("laneway.broker")
 
 Req = TypeVar("Req")
@@ -30,12 +59,27 @@ Resp = TypeVar("Resp")
 Self = TypeVar("Self")
 
 
+def reason_for(err: ApiError) -> str:
+    """``err``'s ErrorInfo reason: its own when it is an ErrorReason name, else its code's default."""
+    return err.reason if err.reason in REASONS else _DEFAULT_REASON.get(err.code, "INTERNAL")
+
+
+def _metadata(err: ApiError, field: str) -> dict[str, str]:
+    # Values are clipped like the message: a caller's 10,000-character route must not
+    # overflow the trailers.
+    metadata = {key: _clipped(value, _MAX_FIELD) for key, value in err.metadata.items()}
+    if field:
+        metadata["field"] = field
+    return metadata
+
+
 def status_for(err: ApiError) -> grpc.Status:
     message, field = _clipped(err.message, _MAX_MESSAGE), _clipped(err.field, _MAX_FIELD)
+    metadata = _metadata(err, field)
     details: list[Any] = [
-        error_details_pb2.ErrorInfo(reason=err.reason or err.code.name, domain=ERROR_DOMAIN)
+        error_details_pb2.ErrorInfo(reason=reason_for(err), domain=ERROR_DOMAIN, metadata=metadata)
     ]
-    if field:
+    if err.code == grpc.StatusCode.INVALID_ARGUMENT and field:
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
@@ -43,8 +87,16 @@ def status_for(err: ApiError) -> grpc.Status:
                 ]
             )
         )
-    if err.retryable:
-        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
+    if err.code == grpc.StatusCode.NOT_FOUND:
+        details.append(
+            error_details_pb2.ResourceInfo(
+                resource_type="laneway.v1.Job", resource_name=metadata.get("job_id", ""), description=message
+            )
+        )
+    if err.code in _RETRYABLE:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(1e9 * (err.retry_delay or _DEFAULT_RETRY_DELAY_S)))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for d in details:
         any_msg = any_pb2.Any()
@@ -52,6 +104,17 @@ def status_for(err: ApiError) -> grpc.Status:
         packed.append(any_msg)
     code: int = err.code.value[0]
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+
+
+def item_error(err: ApiError, out: broker_service_pb2.BatchItemError) -> None:
+    """Fill a batch item's error (SubmitBatch, RedriveDeadLetters) as ``status_for``
+    would answer the same error for a single request."""
+    field = _clipped(err.field, _MAX_FIELD)
+    out.code = err.code.value[0]
+    out.message = _clipped(err.message, _MAX_MESSAGE)
+    out.field = field
+    out.reason = errors_pb2.ErrorReason.Value(_PREFIX + reason_for(err))
+    out.metadata.update(_metadata(err, field))
 
 
 def _clipped(text: str, limit: int) -> str:
@@ -65,7 +128,8 @@ def _refuse_undecodable(request: object) -> None:
         raise InvalidArgument(
             f"{where}the request is not a valid {request.message_type} ({request.why})",
             field=request.field,
-            reason="INVALID_FIELD" if request.field else "MALFORMED_REQUEST",
+            # errors.proto: not decodable is MALFORMED_REQUEST, naming the field when known.
+            reason="MALFORMED_REQUEST",
         )
 
 

@@ -204,8 +204,11 @@ class EventFeed:
             if [e.job_seq for e in run] == list(range(last + 1, seen.job_seq + 1)):
                 return run
             await asyncio.sleep(0.002 * (attempt + 1))  # replica catch-up: poll with a deadline
-        raise Unavailable(f"job {job_id}: events {last + 1}..{seen.job_seq - 1} missing from the store")
+        missing = f"job {job_id}: events {last + 1}..{seen.job_seq - 1} missing from the store"
+        raise Unavailable(missing, reason="NATS_UNAVAILABLE", metadata={"job_id": job_id})
 
 
 def _unknown(job_id: str) -> NotFound:
-    return NotFound(f"job {job_id} not found", field="job_ids", reason="UNKNOWN_JOB")
+    return NotFound(
+        f"job {job_id} not found", field="job_ids", reason="UNKNOWN_JOB", metadata={"job_id": job_id}
+    )

@@ -5,43 +5,58 @@ import laneway
 with laneway.Client("127.0.0.1:50051") as client:
     final = client.run("chat", laneway.chat("hello"), lane="high")
     print(final.result.chat.text)
+
+Everything a caller needs is here: the clients, their results, every exception
+they raise (``laneway.errors``), the input helpers and the ``laneway.v1`` messages
+they return. The server side (``laneway.broker``, ``laneway.workers``) is not.
 """
 
-from laneway.client import (
-    FINAL_STATES,
-    AsyncClient,
-    CancelOutcome,
-    Client,
-    DeadLetterPage,
-    Redriven,
-    Submitted,
-)
+from laneway.async_client import AsyncClient
+from laneway.calls import CancelOutcome, OnDisconnect, Submitted
+from laneway.dead_letters import DeadLetterPage, Redriven
 from laneway.errors import (
+    Aborted,
+    AlreadyExists,
     ApiError,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InternalError,
     InvalidArgument,
     LanewayError,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from laneway.inputs import JobInput, chat, classification, embedding, job
+from laneway.inputs import JobInput, JobOptions, chat, classification, embedding, job
+from laneway.streams import FINAL_STATES
+from laneway.sync_client import Client
 from laneway.v1.dead_letter_pb2 import DeadLetter
-from laneway.v1.job_pb2 import JobEvent, JobState
+from laneway.v1.job_pb2 import Job, JobEvent, JobState
 
 __all__ = [
     "FINAL_STATES",
+    "Aborted",
+    "AlreadyExists",
     "ApiError",
     "AsyncClient",
     "CancelOutcome",
+    "Cancelled",
     "Client",
     "DeadLetter",
     "DeadLetterPage",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InternalError",
     "InvalidArgument",
+    "Job",
     "JobEvent",
     "JobInput",
+    "JobOptions",
     "JobState",
     "LanewayError",
     "NotFound",
+    "OnDisconnect",
     "Redriven",
     "ResourceExhausted",
     "Submitted",

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-import grpc
-
-from laneway.errors import ApiError, error_for_code
+from laneway.error_details import from_batch_item
+from laneway.errors import ApiError
 from laneway.inputs import job
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import dead_letter_pb2, job_pb2
 
-__all__ = ["DeadLetterPage", "Redriven", "dlq_filter", "item_error", "redrive_request", "redriven"]
+__all__ = ["DeadLetterPage", "Redriven", "dlq_filter", "redrive_request", "redriven"]
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,28 @@ def dlq_filter(
     reason: str = "",
     since: datetime | None = None,
     until: datetime | None = None,
+    error_code: str = "",
 ) -> dead_letter_pb2.DeadLetterFilter:
-    f = dead_letter_pb2.DeadLetterFilter(job_ids=list(job_ids), route=route, reason=reason)
+    """``reason``: a dead-letter reason (``permanent_error``, ``attempts_exhausted``,
+    ``max_deliveries``); ``error_code``: the final error's code (``invalid_request``...)."""
+    f = dead_letter_pb2.DeadLetterFilter(job_ids=list(job_ids), route=route)
+    if reason:
+        f.reason = _enum_value(dead_letter_pb2.DeadLetterReason, "DEAD_LETTER_REASON_", reason, "reason")
+    if error_code:
+        f.error_code = _enum_value(job_pb2.JobErrorCode, "JOB_ERROR_CODE_", error_code, "error_code")
     if since is not None:
-        f.since.FromDatetime(since)
+        f.start_time.FromDatetime(since)
     if until is not None:
-        f.until.FromDatetime(until)
+        f.end_time.FromDatetime(until)
     return f
+
+
+def _enum_value(enum: Any, prefix: str, name: str, param: str) -> Any:
+    try:
+        return enum.Value(prefix + name.upper())
+    except ValueError:
+        known = ", ".join(n.removeprefix(prefix).lower() for n in enum.keys()[1:])
+        raise ValueError(f"{param}: unknown value {name!r} (one of: {known})") from None
 
 
 def redrive_request(
@@ -52,6 +67,7 @@ def redrive_request(
     job_ids: Sequence[str] = (),
     route: str = "",
     reason: str = "",
+    error_code: str = "",
     since: datetime | None = None,
     until: datetime | None = None,
     all: bool = False,
@@ -60,25 +76,21 @@ def redrive_request(
     rate_per_second: float = 0.0,
     limit: int = 0,
 ) -> pb.RedriveDeadLettersRequest:
+    """``to_route`` / ``to_lane`` become the request's ``target_route`` / ``target_lane``."""
     request = pb.RedriveDeadLettersRequest(
-        filter=dlq_filter(job_ids, route, reason, since, until),
+        filter=dlq_filter(job_ids, route, reason, since, until, error_code),
         all=all,
-        route=to_route,
+        target_route=to_route,
         rate_per_second=rate_per_second,
         limit=limit,
     )
-    request.lane = job(to_route or "x", job_pb2.ChatInput(), lane=to_lane).lane
+    request.target_lane = job(to_route or "x", job_pb2.ChatInput(), lane=to_lane).lane
     return request
 
 
 def redriven(response: pb.RedriveDeadLettersResponse) -> list[Redriven]:
     out = []
     for r in response.redriven:
-        error = item_error(r.error) if r.HasField("error") else None
+        error = from_batch_item(r.error) if r.HasField("error") else None
         out.append(Redriven(r.job_id, r.new_job_id, error))
     return out
-
-
-def item_error(error: pb.BatchItemError) -> ApiError:
-    code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
-    return error_for_code(code)(error.message, field=error.field)

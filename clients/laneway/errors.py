@@ -1,33 +1,45 @@
-"""Laneway's exceptions: one root, shared by the client and the server.
+"""Laneway's exceptions: one root; ``ApiError`` and its subclasses are shared by the
+client and the server.
 
 Hierarchy::
 
     LanewayError
-    ├── ConfigError             a config file is invalid (names file, line, key)
-    ├── TopologyError           the NATS server lacks a feature Laneway needs
-    └── ApiError                an RPC failed; carries the gRPC status code
-        ├── InvalidArgument     INVALID_ARGUMENT (``field`` names the request field)
-        ├── NotFound            NOT_FOUND
+    └── ApiError                an RPC failed; carries the gRPC status code and the reason
+        ├── InvalidArgument     INVALID_ARGUMENT: the request can never succeed as is
+        │                       (``field`` names the request field; reasons INVALID_FIELD,
+        │                       MALFORMED_REQUEST, LIMIT_EXCEEDED, UNKNOWN_ROUTE, UNKNOWN_PROVIDER)
+        ├── NotFound            NOT_FOUND (UNKNOWN_JOB)
+        ├── AlreadyExists       ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED)
         ├── FailedPrecondition  FAILED_PRECONDITION
-        ├── ResourceExhausted   RESOURCE_EXHAUSTED (payload too large, queue full)
-        ├── Unavailable         UNAVAILABLE (retryable: broker or NATS down, shutting down)
-        ├── DeadlineExceeded    DEADLINE_EXCEEDED
+        ├── Aborted             ABORTED (CONTENDED: retry)
+        ├── ResourceExhausted   RESOURCE_EXHAUSTED
+        ├── Unavailable         UNAVAILABLE (NOT_ENQUEUED, NATS_UNAVAILABLE, SHUTTING_DOWN,
+        │                       NO_HEALTHY_TARGET, or no broker reachable: retry)
+        ├── DeadlineExceeded    DEADLINE_EXCEEDED (ENQUEUE_OUTCOME_UNKNOWN: the job may run;
+        │                       retry a Submit only with an idempotency key)
         ├── Cancelled           CANCELLED
         └── InternalError       INTERNAL, UNKNOWN and any other code
 
 The broker raises ``ApiError`` subclasses and maps them to a gRPC status in one
-place (``laneway.broker.server.status``); the client maps a status back to the same class
-(``laneway.client``), so both sides speak the same exceptions.
+place (``laneway.broker.server.status``), with a ``google.rpc.ErrorInfo`` whose reason
+is a ``laneway.v1.ErrorReason`` name; the client maps a status back to the same class,
+reason, metadata and retry delay (``laneway.error_details``), so both sides speak the
+same exceptions.
+The server's own errors (``ConfigError``, ``TopologyError``) live in
+``laneway.broker.core.errors``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import grpc
 
 __all__ = [
+    "Aborted",
+    "AlreadyExists",
     "ApiError",
     "Cancelled",
-    "ConfigError",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InternalError",
@@ -35,7 +47,6 @@ __all__ = [
     "LanewayError",
     "NotFound",
     "ResourceExhausted",
-    "TopologyError",
     "Unavailable",
     "error_for_code",
 ]
@@ -45,27 +56,34 @@ class LanewayError(Exception):
     """Root of every exception Laneway raises on purpose."""
 
 
-class ConfigError(LanewayError):
-    """A configuration file or value is invalid. The message names file, line and key."""
-
-
-class TopologyError(LanewayError):
-    """The NATS server cannot host Laneway's JetStream topology (version, JetStream off)."""
-
-
 class ApiError(LanewayError):
     """An RPC failed with a gRPC status."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    #: Whether sending the same request again is safe and may succeed.
     retryable: bool = False
 
-    def __init__(self, message: str, *, field: str = "", reason: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str = "",
+        reason: str = "",
+        metadata: Mapping[str, str] | None = None,
+        retry_delay: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         #: Request field at fault (``BadRequest`` detail), e.g. ``job.route``.
         self.field = field
-        #: Machine-readable reason (``ErrorInfo`` detail), e.g. ``UNKNOWN_ROUTE``.
+        #: Machine-readable reason (``ErrorInfo.reason``): a ``laneway.v1.ErrorReason``
+        #: name without its prefix, e.g. ``UNKNOWN_ROUTE``; "" when the status had none
+        #: (an error from the gRPC library or a proxy).
         self.reason = reason
+        #: ``ErrorInfo.metadata``: the values the reason documents (field, limit, route, job_id).
+        self.metadata: dict[str, str] = dict(metadata or {})
+        #: Seconds to wait before retrying (``RetryInfo``), when the broker said.
+        self.retry_delay = retry_delay
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -79,8 +97,17 @@ class NotFound(ApiError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class AlreadyExists(ApiError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class FailedPrecondition(ApiError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(ApiError):
+    code = grpc.StatusCode.ABORTED
+    retryable = True
 
 
 class ResourceExhausted(ApiError):
@@ -93,8 +120,9 @@ class Unavailable(ApiError):
 
 
 class DeadlineExceeded(ApiError):
+    # Not retryable as is: a Submit that timed out may have enqueued its job; only a
+    # retry with the same idempotency key is safe.
     code = grpc.StatusCode.DEADLINE_EXCEEDED
-    retryable = True
 
 
 class Cancelled(ApiError):
@@ -110,7 +138,9 @@ _BY_CODE: dict[grpc.StatusCode, type[ApiError]] = {
     for cls in (
         InvalidArgument,
         NotFound,
+        AlreadyExists,
         FailedPrecondition,
+        Aborted,
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import cast
+from typing import TypedDict, cast
 
 from laneway.v1 import job_pb2
 
-__all__ = ["JobInput", "chat", "classification", "embedding", "job"]
+__all__ = ["JobInput", "JobOptions", "chat", "classification", "embedding", "job"]
 
 _LANES = {
     "high": job_pb2.LANE_HIGH,
@@ -22,6 +22,22 @@ _ROLES = {
     "assistant": job_pb2.CHAT_ROLE_ASSISTANT,
 }
 JobInput = job_pb2.ChatInput | job_pb2.EmbeddingInput | job_pb2.ClassificationInput
+
+
+class JobOptions(TypedDict, total=False):
+    """The keyword options of ``laneway.job``, which ``submit`` and ``run`` take too
+    (``**options: Unpack[JobOptions]``); see ``job`` for what each means."""
+
+    lane: str
+    metadata: Mapping[str, str] | None
+    idempotency_key: str
+    deadline: datetime | None
+    not_before: datetime | None
+    delay: float | timedelta | None
+    debounce_key: str
+    debounce: float | timedelta | None
+    providers: Iterable[str]
+    exclude_providers: Iterable[str]
 
 
 def chat(
@@ -73,7 +89,12 @@ def job(
 ) -> job_pb2.JobSpec:
     """A job spec; ``lane`` is "high", "normal", "low" or "" for the broker's default.
 
-    Scheduling (at most one): ``not_before`` (an aware datetime), ``delay`` (seconds
+    ``metadata``: the job's own key/value pairs (kept with it, on every event);
+    ``idempotency_key``: the broker enqueues a key once (a later submit with the same
+    key and job answers the first job's id); ``deadline``: an aware datetime after
+    which the job expires instead of running.
+
+    Scheduling (at most one, else ``ValueError``): ``not_before`` (an aware datetime), ``delay`` (seconds
     or a timedelta), or ``debounce_key`` with a ``debounce`` window: submissions with
     the same route and key inside the window collapse into one job that runs once,
     the window after the last of them, with the last one's input.
@@ -81,6 +102,14 @@ def job(
     ``providers`` pins the job to some of the route's targets, ``exclude_providers``
     keeps it away from some; overflow and failover stay within what is allowed.
     """
+    given = {
+        "not_before": not_before is not None,
+        "delay": delay is not None,
+        "debounce": bool(debounce_key) or debounce is not None,
+    }
+    if sum(given.values()) > 1:
+        chosen = " and ".join(name for name, on in given.items() if on)
+        raise ValueError(f"a job has at most one of not_before, delay and debounce, got {chosen}")
     spec = job_pb2.JobSpec(
         route=route,
         metadata=dict(metadata or {}),
@@ -97,9 +126,9 @@ def job(
     else:
         spec.classification.CopyFrom(input)
     if deadline is not None:
-        spec.deadline.FromDatetime(deadline)
+        spec.deadline_time.FromDatetime(deadline)
     if not_before is not None:
-        spec.not_before.FromDatetime(not_before)
+        spec.not_before_time.FromDatetime(not_before)
     if delay is not None:
         spec.delay.FromTimedelta(_timedelta(delay))
     if debounce_key or debounce is not None:

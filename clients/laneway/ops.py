@@ -44,7 +44,7 @@ def delivery_rates(
     previous one. A counter that went down (the lane's consumer was recreated) reads as 0."""
     if previous is None:
         return {}
-    elapsed = (current.time.ToNanoseconds() - previous.time.ToNanoseconds()) / 1e9
+    elapsed = (current.read_time.ToNanoseconds() - previous.read_time.ToNanoseconds()) / 1e9
     if elapsed <= 0:
         return {}
     before = {(r.route, lane.lane): lane.delivered for r in previous.routes for lane in r.lanes}

@@ -28,7 +28,7 @@ gets ``Unavailable``: long enough for a broker to be restarted or replaced."""
 FINAL_STATES = frozenset(
     {
         job_pb2.JOB_STATE_SUCCEEDED,
-        job_pb2.JOB_STATE_FAILED,
+        job_pb2.JOB_STATE_NOT_ENQUEUED,
         job_pb2.JOB_STATE_CANCELLED,
         job_pb2.JOB_STATE_EXPIRED,
         job_pb2.JOB_STATE_DEAD_LETTERED,

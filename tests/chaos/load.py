@@ -127,7 +127,7 @@ class Load:
 
 _FINAL_PB = {
     job_pb2.JOB_STATE_SUCCEEDED,
-    job_pb2.JOB_STATE_FAILED,
+    job_pb2.JOB_STATE_NOT_ENQUEUED,
     job_pb2.JOB_STATE_CANCELLED,
     job_pb2.JOB_STATE_EXPIRED,
     job_pb2.JOB_STATE_DEAD_LETTERED,
@@ -211,7 +211,7 @@ def _count(stack: Stack, load: Load, by_job: dict[str, list[job_pb2.JobEvent]]) 
             report.more_than_one_final += 1
             examples["more_than_one_final"].append(job_id)
         states[job_pb2.JobState.Name(finals[0].state).removeprefix("JOB_STATE_")] += 1
-        ended = finals[0].time.ToDatetime(tzinfo=UTC).timestamp()
+        ended = finals[0].event_time.ToDatetime(tzinfo=UTC).timestamp()
         calls = calls_by_job.get(job_id, [])
         after = [c for c in calls if c > ended]
         report.calls_after_final += len(after)

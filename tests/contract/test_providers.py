@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from laneway.broker.cli.natsd import free_port
+from laneway.broker.core.errors import ConfigError
 from laneway.broker.core.model import (
     ChatInput,
     ChatMessage,
@@ -25,7 +26,6 @@ from laneway.broker.core.model import (
     ErrorClass,
     GenerationParams,
 )
-from laneway.errors import ConfigError
 from laneway.workers.fakes.mock import MockProviderConfig
 from laneway.workers.fakes.server import FakeProvider, FakeProviderSettings, Step
 from laneway.workers.fakes.simulation import unit_vector

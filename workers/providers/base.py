@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 
 from laneway.broker.config.provider_types import ENTRY_POINT_GROUP, provider_types
 from laneway.broker.config.providers import ProviderConfigBase
+from laneway.broker.core.errors import ConfigError
 from laneway.broker.core.model import (
     ChatInput,
     ChatOutput,
@@ -33,7 +34,7 @@ from laneway.broker.core.model import (
     JobResult,
     TokenUsage,
 )
-from laneway.errors import ConfigError, LanewayError
+from laneway.errors import LanewayError
 
 __all__ = [
     "ENTRY_POINT_GROUP",

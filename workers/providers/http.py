@@ -34,8 +34,8 @@ from httpx_sse import EventSource, ServerSentEvent, SSEError, aconnect_sse
 from pydantic import Field, field_validator
 
 from laneway.broker.config.providers import ProviderConfigBase
+from laneway.broker.core.errors import ConfigError
 from laneway.broker.core.model import ChatOutput, ErrorClass, JobError, TokenUsage
-from laneway.errors import ConfigError
 from laneway.workers.providers.base import CallContext, ProviderError, RateLimits, ResponseInfo
 from laneway.workers.providers.classify import (
     classify_exception,

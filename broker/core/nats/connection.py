@@ -9,9 +9,9 @@ from collections.abc import Callable
 import structlog
 from nats.aio.client import Client as NatsClient
 
+from laneway.broker.core.errors import TopologyError
 from laneway.broker.core.redact import redact_url
 from laneway.broker.core.topology import check_server_version
-from laneway.errors import TopologyError
 
 __all__ = ["FastHeaderClient", "connect_nats"]
 

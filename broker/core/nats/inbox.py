@@ -139,8 +139,8 @@ async def direct_get(
                     if status in ("404", "204"):  # nothing / end of batch
                         break
                     if status:
-                        raise Unavailable(f"stream answered {status} to a read")
+                        raise Unavailable(f"stream answered {status} to a read", reason="NATS_UNAVAILABLE")
                     out.append(msg)
         except TimeoutError as err:
-            raise Unavailable("stream did not answer a read in time") from err
+            raise Unavailable("stream did not answer a read in time", reason="NATS_UNAVAILABLE") from err
     return out

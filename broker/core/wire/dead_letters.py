@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 from laneway.broker.core.model import ErrorClass, JobError, JobEvent, JobState, QueuedJob
 from laneway.broker.core.wire.events import error_from_pb, error_to_pb
 from laneway.broker.core.wire.jobs import queued_job_from_pb, queued_job_to_pb
-from laneway.v1 import dead_letter_pb2, queue_pb2
+from laneway.internal.v1 import queue_pb2
+from laneway.v1 import dead_letter_pb2
 
 __all__ = [
     "AttemptRecord",
@@ -20,12 +21,28 @@ __all__ = [
     "dead_letter_to_pb",
     "decode_dead_letter",
     "encode_dead_letter",
+    "reason_from_pb",
+    "reason_to_pb",
 ]
 
 REASON_PERMANENT = "permanent_error"
 REASON_EXHAUSTED = "attempts_exhausted"
 REASON_MAX_DELIVERIES = "max_deliveries"
 MAX_DELIVERIES_CODE = "max_deliveries"
+_REASON_TO_PB = {
+    REASON_PERMANENT: dead_letter_pb2.DEAD_LETTER_REASON_PERMANENT_ERROR,
+    REASON_EXHAUSTED: dead_letter_pb2.DEAD_LETTER_REASON_ATTEMPTS_EXHAUSTED,
+    REASON_MAX_DELIVERIES: dead_letter_pb2.DEAD_LETTER_REASON_MAX_DELIVERIES,
+}
+_REASON_FROM_PB = {v: k for k, v in _REASON_TO_PB.items()}
+
+
+def reason_to_pb(reason: str) -> dead_letter_pb2.DeadLetterReason.ValueType:
+    return _REASON_TO_PB.get(reason, dead_letter_pb2.DEAD_LETTER_REASON_UNSPECIFIED)
+
+
+def reason_from_pb(reason: dead_letter_pb2.DeadLetterReason.ValueType) -> str:
+    return _REASON_FROM_PB.get(reason, "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,39 +99,39 @@ def attempts_from_history(events: Sequence[JobEvent]) -> tuple[AttemptRecord, ..
 def dead_letter_to_pb(dl: DeadLetter) -> dead_letter_pb2.DeadLetter:
     queued = queued_job_to_pb(dl.job)
     pb = dead_letter_pb2.DeadLetter(
-        job_id=dl.job.job_id, reason=dl.reason, deliveries=dl.deliveries, spec=queued.spec
+        job_id=dl.job.job_id, reason=reason_to_pb(dl.reason), deliveries=dl.deliveries, spec=queued.spec
     )
     error_to_pb(dl.error, pb.error)
-    pb.enqueued_at.FromDatetime(dl.job.enqueued_at)
-    pb.dead_lettered_at.FromDatetime(dl.dead_lettered_at)
+    pb.enqueue_time.FromDatetime(dl.job.enqueued_at)
+    pb.dead_letter_time.FromDatetime(dl.dead_lettered_at)
     for a in dl.attempts:
         rec = pb.attempts.add(attempt=a.attempt, provider=a.provider, model=a.model)
-        rec.started_at.FromDatetime(a.started_at)
+        rec.start_time.FromDatetime(a.started_at)
         if a.ended_at is not None:
-            rec.ended_at.FromDatetime(a.ended_at)
+            rec.end_time.FromDatetime(a.ended_at)
         if a.error is not None:
             error_to_pb(a.error, rec.error)
     return pb
 
 
 def dead_letter_from_pb(pb: dead_letter_pb2.DeadLetter) -> DeadLetter:
-    queued = queue_pb2.QueuedJob(job_id=pb.job_id, spec=pb.spec, enqueued_at=pb.enqueued_at)
+    queued = queue_pb2.QueuedJob(job_id=pb.job_id, spec=pb.spec, enqueue_time=pb.enqueue_time)
     return DeadLetter(
         job=queued_job_from_pb(queued),
-        reason=pb.reason,
+        reason=reason_from_pb(pb.reason),
         error=error_from_pb(pb.error),
         attempts=tuple(
             AttemptRecord(
                 attempt=a.attempt,
                 provider=a.provider,
                 model=a.model,
-                started_at=a.started_at.ToDatetime(tzinfo=UTC),
-                ended_at=a.ended_at.ToDatetime(tzinfo=UTC) if a.HasField("ended_at") else None,
+                started_at=a.start_time.ToDatetime(tzinfo=UTC),
+                ended_at=a.end_time.ToDatetime(tzinfo=UTC) if a.HasField("end_time") else None,
                 error=error_from_pb(a.error) if a.HasField("error") else None,
             )
             for a in pb.attempts
         ),
-        dead_lettered_at=pb.dead_lettered_at.ToDatetime(tzinfo=UTC),
+        dead_lettered_at=pb.dead_letter_time.ToDatetime(tzinfo=UTC),
         deliveries=pb.deliveries,
     )
 

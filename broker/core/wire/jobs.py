@@ -8,8 +8,10 @@ Validation errors are ``InvalidArgument`` naming the request field
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.duration_pb2 import Duration
@@ -28,18 +30,25 @@ from laneway.broker.core.model import (
 )
 from laneway.broker.core.wire.timestamps import set_timestamp, to_datetime
 from laneway.errors import InvalidArgument
-from laneway.v1 import job_pb2, queue_pb2
+from laneway.internal.v1 import queue_pb2
+from laneway.v1 import job_pb2
 
 __all__ = [
     "LANE_FROM_PB",
     "LANE_TO_PB",
+    "MAX_DEBOUNCE_KEY",
+    "MAX_IDEMPOTENCY_KEY",
     "MAX_METADATA",
+    "MAX_METADATA_KEY",
+    "MAX_METADATA_VALUE",
     "NAME_RE",
     "clip",
     "decode_queued_job",
     "encode_queued_job",
+    "over_limit",
     "queued_job_from_pb",
     "queued_job_to_pb",
+    "request_digest",
     "spec_from_pb",
     "spec_to_pb",
     "timestamp_from_pb",
@@ -61,10 +70,10 @@ _ROLE_TO_PB = {
     "assistant": job_pb2.CHAT_ROLE_ASSISTANT,
 }
 MAX_METADATA = 64
-_MAX_METADATA_KEY = 128
-_MAX_METADATA_VALUE = 1024
-_MAX_IDEMPOTENCY_KEY = 256
-_MAX_DEBOUNCE_KEY = 256
+MAX_METADATA_KEY = 128
+MAX_METADATA_VALUE = 1024
+MAX_IDEMPOTENCY_KEY = 256
+MAX_DEBOUNCE_KEY = 256
 # protobuf's own ranges (google/protobuf/timestamp.proto, duration.proto): outside them
 # a value is malformed, and converting it overflows datetime instead of saying so.
 _MIN_TIMESTAMP_S, _MAX_TIMESTAMP_S = -62_135_596_800, 253_402_300_799  # 0001-01-01 .. 9999-12-31
@@ -84,6 +93,12 @@ def clip(value: str, limit: int = _ECHO_CHARS) -> str:
 
 def _bad(field: str, message: str) -> InvalidArgument:
     return InvalidArgument(f"{field}: {message}", field=field, reason="INVALID_FIELD")
+
+
+def over_limit(field: str, message: str, limit: int, actual: int) -> InvalidArgument:
+    """A request over one of the documented limits (``ErrorReason.LIMIT_EXCEEDED``)."""
+    metadata = {"limit": str(limit), "actual": str(actual)}
+    return InvalidArgument(f"{field}: {message}", field=field, reason="LIMIT_EXCEEDED", metadata=metadata)
 
 
 def timestamp_from_pb(ts: Timestamp, field: str) -> datetime:
@@ -142,19 +157,32 @@ def spec_from_pb(
     else:
         raise _bad(f"{field}.lane", f"unknown lane {pb.lane} (use LANE_HIGH, LANE_NORMAL or LANE_LOW)")
     if len(pb.metadata) > MAX_METADATA:
-        raise _bad(f"{field}.metadata", f"at most {MAX_METADATA} entries")
+        n = len(pb.metadata)
+        raise over_limit(f"{field}.metadata", f"at most {MAX_METADATA} entries", MAX_METADATA, n)
     for key, value in pb.metadata.items():
-        if not key or len(key) > _MAX_METADATA_KEY:
-            raise _bad(f"{field}.metadata", f"keys must be 1-{_MAX_METADATA_KEY} characters")
-        if len(value) > _MAX_METADATA_VALUE:
-            raise _bad(f"{field}.metadata[{key}]", f"at most {_MAX_METADATA_VALUE} characters")
-    if len(pb.idempotency_key) > _MAX_IDEMPOTENCY_KEY:
-        raise _bad(f"{field}.idempotency_key", f"at most {_MAX_IDEMPOTENCY_KEY} characters")
-    deadline = timestamp_from_pb(pb.deadline, f"{field}.deadline") if pb.HasField("deadline") else None
+        if not key:
+            raise _bad(f"{field}.metadata", f"keys must be 1-{MAX_METADATA_KEY} characters")
+        if len(key) > MAX_METADATA_KEY:
+            message = f"keys must be 1-{MAX_METADATA_KEY} characters"
+            raise over_limit(f"{field}.metadata", message, MAX_METADATA_KEY, len(key))
+        if len(value) > MAX_METADATA_VALUE:
+            message = f"at most {MAX_METADATA_VALUE} characters"
+            raise over_limit(f"{field}.metadata[{key}]", message, MAX_METADATA_VALUE, len(value))
+    if len(pb.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        message, n = f"at most {MAX_IDEMPOTENCY_KEY} characters", len(pb.idempotency_key)
+        raise over_limit(f"{field}.idempotency_key", message, MAX_IDEMPOTENCY_KEY, n)
+    deadline = (
+        timestamp_from_pb(pb.deadline_time, f"{field}.deadline_time")
+        if pb.HasField("deadline_time")
+        else None
+    )
     not_before, debounce_key = _schedule_from_pb(pb, field, now or datetime.now(UTC))
     if not_before is not None and deadline is not None and not_before >= deadline:
-        raise _bad(f"{field}.deadline", "is not after the time the job becomes visible (not_before/delay)")
-    return JobSpec(
+        raise _bad(
+            f"{field}.deadline_time",
+            "is not after the time the job becomes visible (not_before_time, delay or debounce)",
+        )
+    spec = JobSpec(
         route=pb.route,
         lane=lane,
         input=_input_from_pb(pb, field),
@@ -166,6 +194,23 @@ def spec_from_pb(
         providers=_names(pb.providers, f"{field}.providers"),
         exclude_providers=_names(pb.exclude_providers, f"{field}.exclude_providers"),
     )
+    return replace(spec, request_digest=request_digest(pb, spec)) if spec.idempotency_key else spec
+
+
+def request_digest(pb: job_pb2.JobSpec, spec: JobSpec) -> str:
+    """What a second submission with the same idempotency key must match: sha256 of the
+    job as the caller asked for it. Built from the validated ``spec`` (so a default
+    spelled out or left unset, the lane or a message's role, counts the same) with
+    its schedule as sent: a ``delay`` or debounce window is relative, and ``spec``
+    holds the absolute time it gave, which differs between two identical requests.
+    The deadline is left out: it bounds the job rather than defines it, and a caller
+    that retries a lost answer often sets it anew from the current time."""
+    canonical = job_pb2.JobSpec()
+    spec_to_pb(replace(spec, not_before=None, deadline=None), canonical)
+    kind = pb.WhichOneof("schedule")
+    if kind is not None:
+        getattr(canonical, kind).CopyFrom(getattr(pb, kind))
+    return hashlib.sha256(canonical.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _names(values: Sequence[str], field: str) -> tuple[str, ...]:
@@ -178,20 +223,21 @@ def _names(values: Sequence[str], field: str) -> tuple[str, ...]:
 
 
 def _schedule_from_pb(pb: job_pb2.JobSpec, field: str, now: datetime) -> tuple[datetime | None, str]:
-    """(not_before, debounce key) from at most one of not_before, delay, debounce."""
-    given = [name for name in ("not_before", "delay", "debounce") if pb.HasField(name)]
-    if len(given) > 1:
-        raise _bad(f"{field}.{given[1]}", f"set at most one of not_before, delay, debounce (got {given})")
-    if pb.HasField("not_before"):
-        return timestamp_from_pb(pb.not_before, f"{field}.not_before"), ""
-    if pb.HasField("delay"):
+    """(not_before, debounce key) from the ``schedule`` oneof (not_before_time, delay, debounce)."""
+    kind = pb.WhichOneof("schedule")
+    if kind == "not_before_time":
+        return timestamp_from_pb(pb.not_before_time, f"{field}.not_before_time"), ""
+    if kind == "delay":
         if pb.delay.seconds == 0 == pb.delay.nanos:
             return now, ""  # a zero delay is no delay
         return _after(now, pb.delay, f"{field}.delay"), ""
-    if pb.HasField("debounce"):
+    if kind == "debounce":
         key = pb.debounce.key
-        if not key or len(key) > _MAX_DEBOUNCE_KEY:
-            raise _bad(f"{field}.debounce.key", f"required, at most {_MAX_DEBOUNCE_KEY} characters")
+        if not key:
+            raise _bad(f"{field}.debounce.key", f"required, at most {MAX_DEBOUNCE_KEY} characters")
+        if len(key) > MAX_DEBOUNCE_KEY:
+            message = f"at most {MAX_DEBOUNCE_KEY} characters"
+            raise over_limit(f"{field}.debounce.key", message, MAX_DEBOUNCE_KEY, len(key))
         return _after(now, pb.debounce.window, f"{field}.debounce.window"), key
     return None, ""
 
@@ -252,8 +298,8 @@ def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
     out.lane = LANE_TO_PB[spec.lane]
     out.metadata.update(spec.metadata)
     out.idempotency_key = spec.idempotency_key
-    set_timestamp(spec.deadline, out.deadline)
-    set_timestamp(spec.not_before, out.not_before)
+    set_timestamp(spec.deadline, out.deadline_time)
+    set_timestamp(spec.not_before, out.not_before_time)
     out.providers.extend(spec.providers)
     out.exclude_providers.extend(spec.exclude_providers)
     inp = spec.input
@@ -301,8 +347,8 @@ def _spec_from_trusted_pb(pb: job_pb2.JobSpec, debounce_key: str) -> JobSpec:
         input=inp,
         metadata=dict(pb.metadata),
         idempotency_key=pb.idempotency_key,
-        deadline=to_datetime(pb.deadline) if pb.HasField("deadline") else None,
-        not_before=to_datetime(pb.not_before) if pb.HasField("not_before") else None,
+        deadline=to_datetime(pb.deadline_time) if pb.HasField("deadline_time") else None,
+        not_before=to_datetime(pb.not_before_time) if pb.HasField("not_before_time") else None,
         debounce_key=debounce_key,
         providers=tuple(pb.providers),
         exclude_providers=tuple(pb.exclude_providers),
@@ -319,7 +365,7 @@ def encode_queued_job(job: QueuedJob) -> bytes:
 def queued_job_to_pb(job: QueuedJob) -> queue_pb2.QueuedJob:
     pb = queue_pb2.QueuedJob(job_id=job.job_id, debounce_key=job.spec.debounce_key)
     spec_to_pb(job.spec, pb.spec)
-    set_timestamp(job.enqueued_at, pb.enqueued_at)
+    set_timestamp(job.enqueued_at, pb.enqueue_time)
     return pb
 
 
@@ -329,4 +375,4 @@ def decode_queued_job(data: bytes) -> QueuedJob:
 
 def queued_job_from_pb(pb: queue_pb2.QueuedJob) -> QueuedJob:
     spec = _spec_from_trusted_pb(pb.spec, pb.debounce_key)
-    return QueuedJob(job_id=pb.job_id, spec=spec, enqueued_at=to_datetime(pb.enqueued_at))
+    return QueuedJob(job_id=pb.job_id, spec=spec, enqueued_at=to_datetime(pb.enqueue_time))

@@ -23,59 +23,67 @@ _sym_db = _symbol_database.Default()
 
 
 from laneway.v1 import dead_letter_pb2 as laneway_dot_v1_dot_dead__letter__pb2
+from laneway.v1 import errors_pb2 as laneway_dot_v1_dot_errors__pb2
 from laneway.v1 import job_pb2 as laneway_dot_v1_dot_job__pb2
 from laneway.v1 import ops_pb2 as laneway_dot_v1_dot_ops__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flaneway/v1/broker_service.proto\x12\nlaneway.v1\x1a\x1claneway/v1/dead_letter.proto\x1a\x14laneway/v1/job.proto\x1a\x14laneway/v1/ops.proto\"1\n\rSubmitRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\"3\n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"7\n\x12SubmitBatchRequest\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.laneway.v1.JobSpec\">\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"]\n\rSubmitOutcome\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemError\"B\n\x13SubmitBatchResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.laneway.v1.SubmitOutcome\"\xb8\x01\n\x14StreamResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12G\n\x0cresume_after\x18\x02 \x03(\x0b\x32\x31.laneway.v1.StreamResultsRequest.ResumeAfterEntry\x12\x12\n\nfinal_only\x18\x03 \x01(\x08\x1a\x32\n\x10ResumeAfterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"<\n\x15StreamResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"B\n\nRunRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12\x12\n\nfinal_only\x18\x02 \x01(\x08\"E\n\x0bRunResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"3\n\x0eGetJobResponse\x12!\n\x03job\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"K\n\x11\x43\x61ncelJobResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"m\n\x16ListDeadLettersRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.DeadLetterFilter\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x17ListDeadLettersResponse\x12,\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x16.laneway.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xad\x01\n\x19RedriveDeadLettersRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.DeadLetterFilter\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\r\n\x05route\x18\x03 \x01(\t\x12\x1e\n\x04lane\x18\x04 \x01(\x0e\x32\x10.laneway.v1.Lane\x12\x17\n\x0frate_per_second\x18\x05 \x01(\x01\x12\r\n\x05limit\x18\x06 \x01(\r\"Y\n\x08Redriven\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x12\n\nnew_job_id\x18\x02 \x01(\t\x12)\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemError\"D\n\x1aRedriveDeadLettersResponse\x12&\n\x08redriven\x18\x01 \x03(\x0b\x32\x14.laneway.v1.Redriven2\xa7\x06\n\rBrokerService\x12?\n\x06Submit\x12\x19.laneway.v1.SubmitRequest\x1a\x1a.laneway.v1.SubmitResponse\x12N\n\x0bSubmitBatch\x12\x1e.laneway.v1.SubmitBatchRequest\x1a\x1f.laneway.v1.SubmitBatchResponse\x12V\n\rStreamResults\x12 .laneway.v1.StreamResultsRequest\x1a!.laneway.v1.StreamResultsResponse0\x01\x12\x38\n\x03Run\x12\x16.laneway.v1.RunRequest\x1a\x17.laneway.v1.RunResponse0\x01\x12?\n\x06GetJob\x12\x19.laneway.v1.GetJobRequest\x1a\x1a.laneway.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.laneway.v1.CancelJobRequest\x1a\x1d.laneway.v1.CancelJobResponse\x12Z\n\x0fListDeadLetters\x12\".laneway.v1.ListDeadLettersRequest\x1a#.laneway.v1.ListDeadLettersResponse\x12\x63\n\x12RedriveDeadLetters\x12%.laneway.v1.RedriveDeadLettersRequest\x1a&.laneway.v1.RedriveDeadLettersResponse\x12`\n\x11GetProviderHealth\x12$.laneway.v1.GetProviderHealthRequest\x1a%.laneway.v1.GetProviderHealthResponse\x12\x45\n\x08GetStats\x12\x1b.laneway.v1.GetStatsRequest\x1a\x1c.laneway.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flaneway/v1/broker_service.proto\x12\nlaneway.v1\x1a\x1claneway/v1/dead_letter.proto\x1a\x17laneway/v1/errors.proto\x1a\x14laneway/v1/job.proto\x1a\x14laneway/v1/ops.proto\"1\n\rSubmitRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\"3\n\x0eSubmitResponse\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"7\n\x12SubmitBatchRequest\x12!\n\x04jobs\x18\x01 \x03(\x0b\x32\x13.laneway.v1.JobSpec\"\xd4\x01\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\x12\'\n\x06reason\x18\x04 \x01(\x0e\x32\x17.laneway.v1.ErrorReason\x12:\n\x08metadata\x18\x05 \x03(\x0b\x32(.laneway.v1.BatchItemError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\rSubmitOutcome\x12\x10\n\x06job_id\x18\x01 \x01(\tH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemErrorH\x00\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x42\t\n\x07outcome\"B\n\x13SubmitBatchResponse\x12+\n\x08outcomes\x18\x01 \x03(\x0b\x32\x19.laneway.v1.SubmitOutcome\"\xb8\x01\n\x14StreamResultsRequest\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12G\n\x0cresume_after\x18\x02 \x03(\x0b\x32\x31.laneway.v1.StreamResultsRequest.ResumeAfterEntry\x12\x12\n\nfinal_only\x18\x03 \x01(\x08\x1a\x32\n\x10ResumeAfterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"<\n\x15StreamResultsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\"s\n\nRunRequest\x12 \n\x03job\x18\x01 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12\x12\n\nfinal_only\x18\x02 \x01(\x08\x12/\n\ron_disconnect\x18\x03 \x01(\x0e\x32\x18.laneway.v1.OnDisconnect\"E\n\x0bRunResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.laneway.v1.JobEvent\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\".\n\x0eGetJobResponse\x12\x1c\n\x03job\x18\x01 \x01(\x0b\x32\x0f.laneway.v1.Job\"2\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"K\n\x11\x43\x61ncelJobResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x11\n\tcancelled\x18\x02 \x01(\x08\"m\n\x16ListDeadLettersRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.DeadLetterFilter\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"`\n\x17ListDeadLettersResponse\x12,\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x16.laneway.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xbb\x01\n\x19RedriveDeadLettersRequest\x12,\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.DeadLetterFilter\x12\x0b\n\x03\x61ll\x18\x02 \x01(\x08\x12\x14\n\x0ctarget_route\x18\x03 \x01(\t\x12%\n\x0btarget_lane\x18\x04 \x01(\x0e\x32\x10.laneway.v1.Lane\x12\x17\n\x0frate_per_second\x18\x05 \x01(\x01\x12\r\n\x05limit\x18\x06 \x01(\x05\"h\n\x08Redriven\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\nnew_job_id\x18\x02 \x01(\tH\x00\x12+\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1a.laneway.v1.BatchItemErrorH\x00\x42\t\n\x07outcome\"D\n\x1aRedriveDeadLettersResponse\x12&\n\x08redriven\x18\x01 \x03(\x0b\x32\x14.laneway.v1.Redriven*c\n\x0cOnDisconnect\x12\x1d\n\x19ON_DISCONNECT_UNSPECIFIED\x10\x00\x12\x1a\n\x16ON_DISCONNECT_CONTINUE\x10\x01\x12\x18\n\x14ON_DISCONNECT_CANCEL\x10\x02\x32\xfd\x06\n\rBrokerService\x12?\n\x06Submit\x12\x19.laneway.v1.SubmitRequest\x1a\x1a.laneway.v1.SubmitResponse\x12N\n\x0bSubmitBatch\x12\x1e.laneway.v1.SubmitBatchRequest\x1a\x1f.laneway.v1.SubmitBatchResponse\x12V\n\rStreamResults\x12 .laneway.v1.StreamResultsRequest\x1a!.laneway.v1.StreamResultsResponse0\x01\x12\x38\n\x03Run\x12\x16.laneway.v1.RunRequest\x1a\x17.laneway.v1.RunResponse0\x01\x12?\n\x06GetJob\x12\x19.laneway.v1.GetJobRequest\x1a\x1a.laneway.v1.GetJobResponse\x12H\n\tCancelJob\x12\x1c.laneway.v1.CancelJobRequest\x1a\x1d.laneway.v1.CancelJobResponse\x12Z\n\x0fListDeadLetters\x12\".laneway.v1.ListDeadLettersRequest\x1a#.laneway.v1.ListDeadLettersResponse\x12\x63\n\x12RedriveDeadLetters\x12%.laneway.v1.RedriveDeadLettersRequest\x1a&.laneway.v1.RedriveDeadLettersResponse\x12`\n\x11GetProviderHealth\x12$.laneway.v1.GetProviderHealthRequest\x1a%.laneway.v1.GetProviderHealthResponse\x12\x45\n\x08GetStats\x12\x1b.laneway.v1.GetStatsRequest\x1a\x1c.laneway.v1.GetStatsResponse\x12T\n\rGetServerInfo\x12 .laneway.v1.GetServerInfoRequest\x1a!.laneway.v1.GetServerInfoResponseB\x90\x01\n\x0e\x64\x65v.laneway.v1B\x12\x42rokerServiceProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'laneway.v1.broker_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.laneway.v1B\022BrokerServiceProtoP\001Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\242\002\003LWY\252\002\nLaneway.V1\312\002\nLaneway\\V1\352\002\013Laneway::V1'
+  _globals['_BATCHITEMERROR_METADATAENTRY']._loaded_options = None
+  _globals['_BATCHITEMERROR_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._loaded_options = None
   _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITREQUEST']._serialized_start=121
-  _globals['_SUBMITREQUEST']._serialized_end=170
-  _globals['_SUBMITRESPONSE']._serialized_start=172
-  _globals['_SUBMITRESPONSE']._serialized_end=223
-  _globals['_SUBMITBATCHREQUEST']._serialized_start=225
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=280
-  _globals['_BATCHITEMERROR']._serialized_start=282
-  _globals['_BATCHITEMERROR']._serialized_end=344
-  _globals['_SUBMITOUTCOME']._serialized_start=346
-  _globals['_SUBMITOUTCOME']._serialized_end=439
-  _globals['_SUBMITBATCHRESPONSE']._serialized_start=441
-  _globals['_SUBMITBATCHRESPONSE']._serialized_end=507
-  _globals['_STREAMRESULTSREQUEST']._serialized_start=510
-  _globals['_STREAMRESULTSREQUEST']._serialized_end=694
-  _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_start=644
-  _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_end=694
-  _globals['_STREAMRESULTSRESPONSE']._serialized_start=696
-  _globals['_STREAMRESULTSRESPONSE']._serialized_end=756
-  _globals['_RUNREQUEST']._serialized_start=758
-  _globals['_RUNREQUEST']._serialized_end=824
-  _globals['_RUNRESPONSE']._serialized_start=826
-  _globals['_RUNRESPONSE']._serialized_end=895
-  _globals['_GETJOBREQUEST']._serialized_start=897
-  _globals['_GETJOBREQUEST']._serialized_end=928
-  _globals['_GETJOBRESPONSE']._serialized_start=930
-  _globals['_GETJOBRESPONSE']._serialized_end=981
-  _globals['_CANCELJOBREQUEST']._serialized_start=983
-  _globals['_CANCELJOBREQUEST']._serialized_end=1033
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1035
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1110
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1112
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1221
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1223
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1319
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=1322
-  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=1495
-  _globals['_REDRIVEN']._serialized_start=1497
-  _globals['_REDRIVEN']._serialized_end=1586
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=1588
-  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=1656
-  _globals['_BROKERSERVICE']._serialized_start=1659
-  _globals['_BROKERSERVICE']._serialized_end=2466
+  _globals['_ONDISCONNECT']._serialized_start=1922
+  _globals['_ONDISCONNECT']._serialized_end=2021
+  _globals['_SUBMITREQUEST']._serialized_start=146
+  _globals['_SUBMITREQUEST']._serialized_end=195
+  _globals['_SUBMITRESPONSE']._serialized_start=197
+  _globals['_SUBMITRESPONSE']._serialized_end=248
+  _globals['_SUBMITBATCHREQUEST']._serialized_start=250
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=305
+  _globals['_BATCHITEMERROR']._serialized_start=308
+  _globals['_BATCHITEMERROR']._serialized_end=520
+  _globals['_BATCHITEMERROR_METADATAENTRY']._serialized_start=473
+  _globals['_BATCHITEMERROR_METADATAENTRY']._serialized_end=520
+  _globals['_SUBMITOUTCOME']._serialized_start=522
+  _globals['_SUBMITOUTCOME']._serialized_end=630
+  _globals['_SUBMITBATCHRESPONSE']._serialized_start=632
+  _globals['_SUBMITBATCHRESPONSE']._serialized_end=698
+  _globals['_STREAMRESULTSREQUEST']._serialized_start=701
+  _globals['_STREAMRESULTSREQUEST']._serialized_end=885
+  _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_start=835
+  _globals['_STREAMRESULTSREQUEST_RESUMEAFTERENTRY']._serialized_end=885
+  _globals['_STREAMRESULTSRESPONSE']._serialized_start=887
+  _globals['_STREAMRESULTSRESPONSE']._serialized_end=947
+  _globals['_RUNREQUEST']._serialized_start=949
+  _globals['_RUNREQUEST']._serialized_end=1064
+  _globals['_RUNRESPONSE']._serialized_start=1066
+  _globals['_RUNRESPONSE']._serialized_end=1135
+  _globals['_GETJOBREQUEST']._serialized_start=1137
+  _globals['_GETJOBREQUEST']._serialized_end=1168
+  _globals['_GETJOBRESPONSE']._serialized_start=1170
+  _globals['_GETJOBRESPONSE']._serialized_end=1216
+  _globals['_CANCELJOBREQUEST']._serialized_start=1218
+  _globals['_CANCELJOBREQUEST']._serialized_end=1268
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1270
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1345
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1347
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1456
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1458
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1554
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_start=1557
+  _globals['_REDRIVEDEADLETTERSREQUEST']._serialized_end=1744
+  _globals['_REDRIVEN']._serialized_start=1746
+  _globals['_REDRIVEN']._serialized_end=1850
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_start=1852
+  _globals['_REDRIVEDEADLETTERSRESPONSE']._serialized_end=1920
+  _globals['_BROKERSERVICE']._serialized_start=2024
+  _globals['_BROKERSERVICE']._serialized_end=2917
 # @@protoc_insertion_point(module_scope)

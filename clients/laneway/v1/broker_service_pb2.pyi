@@ -7,7 +7,9 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from laneway.v1 import dead_letter_pb2 as _dead_letter_pb2
+from laneway.v1 import errors_pb2 as _errors_pb2
 from laneway.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
@@ -19,6 +21,38 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _OnDisconnect:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OnDisconnectEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OnDisconnect.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ON_DISCONNECT_UNSPECIFIED: _OnDisconnect.ValueType  # 0
+    """CONTINUE."""
+    ON_DISCONNECT_CONTINUE: _OnDisconnect.ValueType  # 1
+    """The job runs on; its result is kept (GetJob, StreamResults with its id, which
+    the first RunResponse carries).
+    """
+    ON_DISCONNECT_CANCEL: _OnDisconnect.ValueType  # 2
+    """The job is cancelled (it ends CANCELLED, a provider call in flight is
+    aborted) when the call is cancelled or its deadline passes.
+    """
+
+class OnDisconnect(_OnDisconnect, metaclass=_OnDisconnectEnumTypeWrapper):
+    """What Run does with its job when the caller goes away before the final event."""
+
+ON_DISCONNECT_UNSPECIFIED: OnDisconnect.ValueType  # 0
+"""CONTINUE."""
+ON_DISCONNECT_CONTINUE: OnDisconnect.ValueType  # 1
+"""The job runs on; its result is kept (GetJob, StreamResults with its id, which
+the first RunResponse carries).
+"""
+ON_DISCONNECT_CANCEL: OnDisconnect.ValueType  # 2
+"""The job is cancelled (it ends CANCELLED, a provider call in flight is
+aborted) when the call is cancelled or its deadline passes.
+"""
+Global___OnDisconnect: _TypeAlias = OnDisconnect  # noqa: Y015
 
 @_typing.final
 class SubmitRequest(_message.Message):
@@ -69,7 +103,12 @@ class SubmitBatchRequest(_message.Message):
 
     JOBS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.JobSpec]: ...
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.JobSpec]:
+        """1 to 1,000 jobs (broker.max_batch_jobs; GetServerInfo says the value in
+        force). More is refused whole with INVALID_ARGUMENT, reason LIMIT_EXCEEDED.
+        Each job is judged on its own: one bad job does not stop the others.
+        """
+
     def __init__(
         self,
         *,
@@ -85,28 +124,59 @@ Global___SubmitBatchRequest: _TypeAlias = SubmitBatchRequest  # noqa: Y015
 
 @_typing.final
 class BatchItemError(_message.Message):
-    """Why one job of a batch was not enqueued."""
+    """Why one job of a batch (or one dead letter of a redrive) was not enqueued:
+    what Submit would have answered for it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     FIELD_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     code: _builtins.int
-    """gRPC status code (google.rpc.Code) the job would have got from Submit."""
+    """gRPC status code (google.rpc.Code), e.g. 3 for INVALID_ARGUMENT."""
     message: _builtins.str
     field: _builtins.str
-    """Request field at fault, e.g. "jobs[3].route"."""
+    """Request field at fault, e.g. "jobs[3].route"; empty when no field is."""
+    reason: _errors_pb2.ErrorReason.ValueType
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """As ErrorInfo.metadata for the same error (field, limit, route, job_id, ...)."""
+
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         field: _builtins.str = ...,
+        reason: _errors_pb2.ErrorReason.ValueType = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field", b"field", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -117,25 +187,30 @@ class SubmitOutcome(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
-    DUPLICATE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    """Empty when error is set."""
+    """The job's id: a new job, or the original one when duplicate is true."""
     duplicate: _builtins.bool
+    """True when the idempotency key was seen before: job_id is the original job."""
     @_builtins.property
-    def error(self) -> Global___BatchItemError: ...
+    def error(self) -> Global___BatchItemError:
+        """Why this job was not enqueued."""
+
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
-        duplicate: _builtins.bool = ...,
         error: Global___BatchItemError | None = ...,
+        duplicate: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "error", b"error", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duplicate", b"duplicate", "error", b"error", "job_id", b"job_id", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["job_id", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
 Global___SubmitOutcome: _TypeAlias = SubmitOutcome  # noqa: Y015
 
@@ -191,7 +266,9 @@ class StreamResultsRequest(_message.Message):
     final_only: _builtins.bool
     """Send only each job's final event (for callers that want results, not progress)."""
     @_builtins.property
-    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 10,000 job ids (more: INVALID_ARGUMENT, reason LIMIT_EXCEEDED)."""
+
     @_builtins.property
     def resume_after(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
         """Resume point per job id: only events with seq greater than this are sent."""
@@ -237,8 +314,10 @@ class RunRequest(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     FINAL_ONLY_FIELD_NUMBER: _builtins.int
+    ON_DISCONNECT_FIELD_NUMBER: _builtins.int
     final_only: _builtins.bool
     """Send only the final event."""
+    on_disconnect: Global___OnDisconnect.ValueType
     @_builtins.property
     def job(self) -> _job_pb2.JobSpec: ...
     def __init__(
@@ -246,10 +325,11 @@ class RunRequest(_message.Message):
         *,
         job: _job_pb2.JobSpec | None = ...,
         final_only: _builtins.bool = ...,
+        on_disconnect: Global___OnDisconnect.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_only", b"final_only", "job", b"job"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["final_only", b"final_only", "job", b"job", "on_disconnect", b"on_disconnect"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -304,13 +384,11 @@ class GetJobResponse(_message.Message):
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> _job_pb2.JobEvent:
-        """The job's latest event, which is a full snapshot of its state."""
-
+    def job(self) -> _job_pb2.Job: ...
     def __init__(
         self,
         *,
-        job: _job_pb2.JobEvent | None = ...,
+        job: _job_pb2.Job | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -375,9 +453,13 @@ class ListDeadLettersRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """At most this many dead letters (default 50, at most 1000)."""
+    """At most this many dead letters: 0 for the default (50); larger than 1,000 is
+    taken as 1,000; negative is INVALID_ARGUMENT.
+    """
     page_token: _builtins.str
-    """next_page_token of the previous page; empty for the first page."""
+    """next_page_token of the previous page; empty for the first page. The other
+    fields must be the same as on the call that returned it.
+    """
     @_builtins.property
     def filter(self) -> _dead_letter_pb2.DeadLetterFilter: ...
     def __init__(
@@ -402,7 +484,7 @@ class ListDeadLettersResponse(_message.Message):
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
-    """Empty on the last page."""
+    """Empty when there are no more matches (never a token to an empty page)."""
     @_builtins.property
     def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[_dead_letter_pb2.DeadLetter]: ...
     def __init__(
@@ -425,26 +507,28 @@ class RedriveDeadLettersRequest(_message.Message):
 
     FILTER_FIELD_NUMBER: _builtins.int
     ALL_FIELD_NUMBER: _builtins.int
-    ROUTE_FIELD_NUMBER: _builtins.int
-    LANE_FIELD_NUMBER: _builtins.int
+    TARGET_ROUTE_FIELD_NUMBER: _builtins.int
+    TARGET_LANE_FIELD_NUMBER: _builtins.int
     RATE_PER_SECOND_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     all: _builtins.bool
     """Redrive every dead letter (an explicit opt-in for an empty filter)."""
-    route: _builtins.str
+    target_route: _builtins.str
     """Optional: submit onto this route instead of the original one."""
-    lane: _job_pb2.Lane.ValueType
+    target_lane: _job_pb2.Lane.ValueType
     """Optional: submit onto this lane instead of the original one."""
     rate_per_second: _builtins.float
     """Jobs per second the redriven jobs become visible at (default: the broker's
     dlq.redrive_rate_per_s). The pacing is durable: it survives restarts.
     """
     limit: _builtins.int
-    """At most this many dead letters (default and maximum 1000 per call)."""
+    """At most this many dead letters: 0 for 1,000; larger than 1,000 is taken as
+    1,000; negative is INVALID_ARGUMENT. Call again for the rest.
+    """
     @_builtins.property
     def filter(self) -> _dead_letter_pb2.DeadLetterFilter:
-        """Which dead letters; at least one of filter.job_ids, route, reason, since,
-        until must be set, unless all is true.
+        """Which dead letters (the source); at least one of its fields must be set,
+        unless all is true.
         """
 
     def __init__(
@@ -452,14 +536,14 @@ class RedriveDeadLettersRequest(_message.Message):
         *,
         filter: _dead_letter_pb2.DeadLetterFilter | None = ...,
         all: _builtins.bool = ...,
-        route: _builtins.str = ...,
-        lane: _job_pb2.Lane.ValueType = ...,
+        target_route: _builtins.str = ...,
+        target_lane: _job_pb2.Lane.ValueType = ...,
         rate_per_second: _builtins.float = ...,
         limit: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "filter", b"filter", "lane", b"lane", "limit", b"limit", "rate_per_second", b"rate_per_second", "route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "filter", b"filter", "limit", b"limit", "rate_per_second", b"rate_per_second", "target_lane", b"target_lane", "target_route", b"target_route"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -477,9 +561,11 @@ class Redriven(_message.Message):
     job_id: _builtins.str
     """The dead-lettered job."""
     new_job_id: _builtins.str
-    """The new job that runs it again (empty when error is set)."""
+    """The new job that runs it again."""
     @_builtins.property
-    def error(self) -> Global___BatchItemError: ...
+    def error(self) -> Global___BatchItemError:
+        """Why it could not be redriven."""
+
     def __init__(
         self,
         *,
@@ -487,11 +573,13 @@ class Redriven(_message.Message):
         new_job_id: _builtins.str = ...,
         error: Global___BatchItemError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "new_job_id", b"new_job_id", "outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "new_job_id", b"new_job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "new_job_id", b"new_job_id", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["new_job_id", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
 Global___Redriven: _TypeAlias = Redriven  # noqa: Y015
 

@@ -28,6 +28,9 @@ if _version_not_supported:
 
 class BrokerServiceStub:
     """Laneway's broker: submit AI jobs, follow their events, poll and cancel them.
+
+    Errors: every error status carries a google.rpc.ErrorInfo whose reason is an
+    ErrorReason (errors.proto says which details come with which status).
     """
 
     def __init__(self, channel):
@@ -86,10 +89,18 @@ class BrokerServiceStub:
                 request_serializer=laneway_dot_v1_dot_ops__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=laneway_dot_v1_dot_ops__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.GetServerInfo = channel.unary_unary(
+                '/laneway.v1.BrokerService/GetServerInfo',
+                request_serializer=laneway_dot_v1_dot_ops__pb2.GetServerInfoRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_ops__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
 
 
 class BrokerServiceServicer:
     """Laneway's broker: submit AI jobs, follow their events, poll and cancel them.
+
+    Errors: every error status carries a google.rpc.ErrorInfo whose reason is an
+    ErrorReason (errors.proto says which details come with which status).
     """
 
     def Submit(self, request, context):
@@ -116,14 +127,17 @@ class BrokerServiceServicer:
 
     def Run(self, request, context):
         """Submit one job and stream its events until the final one, in one call:
-        the lowest-latency way to get a result.
+        the lowest-latency way to get a result. If the caller goes away first (it
+        cancels the call or its deadline passes), the job keeps running unless
+        RunRequest.on_disconnect is CANCEL.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """The job's latest state.
+        """The job as it stands: state, attempts, timings, the text so far, its result
+        or error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +174,13 @@ class BrokerServiceServicer:
 
     def GetStats(self, request, context):
         """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetServerInfo(self, request, context):
+        """The broker's version, the limits every request must stay within, and its routes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,6 +239,11 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     request_deserializer=laneway_dot_v1_dot_ops__pb2.GetStatsRequest.FromString,
                     response_serializer=laneway_dot_v1_dot_ops__pb2.GetStatsResponse.SerializeToString,
             ),
+            'GetServerInfo': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetServerInfo,
+                    request_deserializer=laneway_dot_v1_dot_ops__pb2.GetServerInfoRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_ops__pb2.GetServerInfoResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'laneway.v1.BrokerService', rpc_method_handlers)
@@ -228,6 +254,9 @@ def add_BrokerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class BrokerService:
     """Laneway's broker: submit AI jobs, follow their events, poll and cancel them.
+
+    Errors: every error status carries a google.rpc.ErrorInfo whose reason is an
+    ErrorReason (errors.proto says which details come with which status).
     """
 
     @staticmethod
@@ -490,6 +519,33 @@ class BrokerService:
             '/laneway.v1.BrokerService/GetStats',
             laneway_dot_v1_dot_ops__pb2.GetStatsRequest.SerializeToString,
             laneway_dot_v1_dot_ops__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetServerInfo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/GetServerInfo',
+            laneway_dot_v1_dot_ops__pb2.GetServerInfoRequest.SerializeToString,
+            laneway_dot_v1_dot_ops__pb2.GetServerInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,

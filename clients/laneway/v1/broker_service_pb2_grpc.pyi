@@ -28,7 +28,11 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class BrokerServiceStub:
-    """Laneway's broker: submit AI jobs, follow their events, poll and cancel them."""
+    """Laneway's broker: submit AI jobs, follow their events, poll and cancel them.
+
+    Errors: every error status carries a google.rpc.ErrorInfo whose reason is an
+    ErrorReason (errors.proto says which details come with which status).
+    """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
@@ -44,10 +48,14 @@ class BrokerServiceStub:
     """
     Run: _grpc.UnaryStreamMultiCallable[_broker_service_pb2.RunRequest, _broker_service_pb2.RunResponse]
     """Submit one job and stream its events until the final one, in one call:
-    the lowest-latency way to get a result.
+    the lowest-latency way to get a result. If the caller goes away first (it
+    cancels the call or its deadline passes), the job keeps running unless
+    RunRequest.on_disconnect is CANCEL.
     """
     GetJob: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.GetJobRequest, _broker_service_pb2.GetJobResponse]
-    """The job's latest state."""
+    """The job as it stands: state, attempts, timings, the text so far, its result
+    or error.
+    """
     CancelJob: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.CancelJobRequest, _broker_service_pb2.CancelJobResponse]
     """Cancel a job that has not finished. Idempotent."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.ListDeadLettersRequest, _broker_service_pb2.ListDeadLettersResponse]
@@ -60,10 +68,16 @@ class BrokerServiceStub:
     """Circuit state, rate and budget of providers, from the fleet-wide state in JetStream KV."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_ops_pb2.GetStatsRequest, _ops_pb2.GetStatsResponse]
     """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health."""
+    GetServerInfo: _grpc.UnaryUnaryMultiCallable[_ops_pb2.GetServerInfoRequest, _ops_pb2.GetServerInfoResponse]
+    """The broker's version, the limits every request must stay within, and its routes."""
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
-    """Laneway's broker: submit AI jobs, follow their events, poll and cancel them."""
+    """Laneway's broker: submit AI jobs, follow their events, poll and cancel them.
+
+    Errors: every error status carries a google.rpc.ErrorInfo whose reason is an
+    ErrorReason (errors.proto says which details come with which status).
+    """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.SubmitRequest, _broker_service_pb2.SubmitResponse]  # type: ignore[assignment]
@@ -76,10 +90,14 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """
     Run: _aio.UnaryStreamMultiCallable[_broker_service_pb2.RunRequest, _broker_service_pb2.RunResponse]  # type: ignore[assignment]
     """Submit one job and stream its events until the final one, in one call:
-    the lowest-latency way to get a result.
+    the lowest-latency way to get a result. If the caller goes away first (it
+    cancels the call or its deadline passes), the job keeps running unless
+    RunRequest.on_disconnect is CANCEL.
     """
     GetJob: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.GetJobRequest, _broker_service_pb2.GetJobResponse]  # type: ignore[assignment]
-    """The job's latest state."""
+    """The job as it stands: state, attempts, timings, the text so far, its result
+    or error.
+    """
     CancelJob: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.CancelJobRequest, _broker_service_pb2.CancelJobResponse]  # type: ignore[assignment]
     """Cancel a job that has not finished. Idempotent."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.ListDeadLettersRequest, _broker_service_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
@@ -92,9 +110,15 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """Circuit state, rate and budget of providers, from the fleet-wide state in JetStream KV."""
     GetStats: _aio.UnaryUnaryMultiCallable[_ops_pb2.GetStatsRequest, _ops_pb2.GetStatsResponse]  # type: ignore[assignment]
     """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health."""
+    GetServerInfo: _aio.UnaryUnaryMultiCallable[_ops_pb2.GetServerInfoRequest, _ops_pb2.GetServerInfoResponse]  # type: ignore[assignment]
+    """The broker's version, the limits every request must stay within, and its routes."""
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Laneway's broker: submit AI jobs, follow their events, poll and cancel them."""
+    """Laneway's broker: submit AI jobs, follow their events, poll and cancel them.
+
+    Errors: every error status carries a google.rpc.ErrorInfo whose reason is an
+    ErrorReason (errors.proto says which details come with which status).
+    """
 
     @_abc_1.abstractmethod
     def Submit(
@@ -129,7 +153,9 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_broker_service_pb2.RunResponse], _abc.AsyncIterator[_broker_service_pb2.RunResponse]]:
         """Submit one job and stream its events until the final one, in one call:
-        the lowest-latency way to get a result.
+        the lowest-latency way to get a result. If the caller goes away first (it
+        cancels the call or its deadline passes), the job keeps running unless
+        RunRequest.on_disconnect is CANCEL.
         """
 
     @_abc_1.abstractmethod
@@ -138,7 +164,9 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _broker_service_pb2.GetJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_broker_service_pb2.GetJobResponse, _abc.Awaitable[_broker_service_pb2.GetJobResponse]]:
-        """The job's latest state."""
+        """The job as it stands: state, attempts, timings, the text so far, its result
+        or error.
+        """
 
     @_abc_1.abstractmethod
     def CancelJob(
@@ -181,5 +209,13 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ops_pb2.GetStatsResponse, _abc.Awaitable[_ops_pb2.GetStatsResponse]]:
         """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health."""
+
+    @_abc_1.abstractmethod
+    def GetServerInfo(
+        self,
+        request: _ops_pb2.GetServerInfoRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ops_pb2.GetServerInfoResponse, _abc.Awaitable[_ops_pb2.GetServerInfoResponse]]:
+        """The broker's version, the limits every request must stay within, and its routes."""
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

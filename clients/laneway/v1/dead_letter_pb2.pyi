@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from laneway.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
@@ -20,6 +21,36 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _DeadLetterReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DeadLetterReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeadLetterReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEAD_LETTER_REASON_UNSPECIFIED: _DeadLetterReason.ValueType  # 0
+    DEAD_LETTER_REASON_PERMANENT_ERROR: _DeadLetterReason.ValueType  # 1
+    """A provider said the request can never succeed (a permanent JobError)."""
+    DEAD_LETTER_REASON_ATTEMPTS_EXHAUSTED: _DeadLetterReason.ValueType  # 2
+    """Every attempt the route allows failed with a retryable error."""
+    DEAD_LETTER_REASON_MAX_DELIVERIES: _DeadLetterReason.ValueType  # 3
+    """JetStream gave up delivering the job (workers crashed on it or kept handing
+    it back); error.code is MAX_DELIVERIES.
+    """
+
+class DeadLetterReason(_DeadLetterReason, metaclass=_DeadLetterReasonEnumTypeWrapper):
+    """Why a job was dead-lettered."""
+
+DEAD_LETTER_REASON_UNSPECIFIED: DeadLetterReason.ValueType  # 0
+DEAD_LETTER_REASON_PERMANENT_ERROR: DeadLetterReason.ValueType  # 1
+"""A provider said the request can never succeed (a permanent JobError)."""
+DEAD_LETTER_REASON_ATTEMPTS_EXHAUSTED: DeadLetterReason.ValueType  # 2
+"""Every attempt the route allows failed with a retryable error."""
+DEAD_LETTER_REASON_MAX_DELIVERIES: DeadLetterReason.ValueType  # 3
+"""JetStream gave up delivering the job (workers crashed on it or kept handing
+it back); error.code is MAX_DELIVERIES.
+"""
+Global___DeadLetterReason: _TypeAlias = DeadLetterReason  # noqa: Y015
+
 @_typing.final
 class AttemptRecord(_message.Message):
     """One provider attempt of a dead-lettered job."""
@@ -29,16 +60,16 @@ class AttemptRecord(_message.Message):
     ATTEMPT_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
-    STARTED_AT_FIELD_NUMBER: _builtins.int
-    ENDED_AT_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     attempt: _builtins.int
     provider: _builtins.str
     model: _builtins.str
     @_builtins.property
-    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def ended_at(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def error(self) -> _job_pb2.JobError:
         """Why the attempt did not succeed."""
@@ -49,13 +80,13 @@ class AttemptRecord(_message.Message):
         attempt: _builtins.int = ...,
         provider: _builtins.str = ...,
         model: _builtins.str = ...,
-        started_at: _timestamp_pb2.Timestamp | None = ...,
-        ended_at: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
         error: _job_pb2.JobError | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "error", b"error", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "ended_at", b"ended_at", "error", b"error", "model", b"model", "provider", b"provider", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "error", b"error", "model", b"model", "provider", b"provider", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -74,14 +105,11 @@ class DeadLetter(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
-    ENQUEUED_AT_FIELD_NUMBER: _builtins.int
-    DEAD_LETTERED_AT_FIELD_NUMBER: _builtins.int
+    ENQUEUE_TIME_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_TIME_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
-    reason: _builtins.str
-    """Why it was dead-lettered: "permanent_error", "attempts_exhausted" or
-    "max_deliveries" (JetStream gave up delivering it, e.g. it crashed workers).
-    """
+    reason: Global___DeadLetterReason.ValueType
     deliveries: _builtins.int
     """JetStream deliveries of the job (0 when unknown)."""
     @_builtins.property
@@ -97,24 +125,24 @@ class DeadLetter(_message.Message):
         """Every attempt, oldest first (rate-limited tries included)."""
 
     @_builtins.property
-    def enqueued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def enqueue_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def dead_lettered_at(self) -> _timestamp_pb2.Timestamp: ...
+    def dead_letter_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         spec: _job_pb2.JobSpec | None = ...,
-        reason: _builtins.str = ...,
+        reason: Global___DeadLetterReason.ValueType = ...,
         error: _job_pb2.JobError | None = ...,
         attempts: _abc.Iterable[Global___AttemptRecord] | None = ...,
-        enqueued_at: _timestamp_pb2.Timestamp | None = ...,
-        dead_lettered_at: _timestamp_pb2.Timestamp | None = ...,
+        enqueue_time: _timestamp_pb2.Timestamp | None = ...,
+        dead_letter_time: _timestamp_pb2.Timestamp | None = ...,
         deliveries: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_lettered_at", b"dead_lettered_at", "enqueued_at", b"enqueued_at", "error", b"error", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter_time", b"dead_letter_time", "enqueue_time", b"enqueue_time", "error", b"error", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "dead_lettered_at", b"dead_lettered_at", "deliveries", b"deliveries", "enqueued_at", b"enqueued_at", "error", b"error", "job_id", b"job_id", "reason", b"reason", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "dead_letter_time", b"dead_letter_time", "deliveries", b"deliveries", "enqueue_time", b"enqueue_time", "error", b"error", "job_id", b"job_id", "reason", b"reason", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -122,28 +150,34 @@ Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
 
 @_typing.final
 class DeadLetterFilter(_message.Message):
-    """Which dead letters a list or redrive applies to. Empty fields match all."""
+    """Which dead letters a list or redrive applies to. Unset fields match all; set
+    fields must all match.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_IDS_FIELD_NUMBER: _builtins.int
     ROUTE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    SINCE_FIELD_NUMBER: _builtins.int
-    UNTIL_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     route: _builtins.str
-    reason: _builtins.str
-    """A DeadLetter.reason, or an error code (e.g. "invalid_request")."""
+    """Only jobs submitted to this route."""
+    reason: Global___DeadLetterReason.ValueType
+    """Only jobs dead-lettered for this reason."""
+    error_code: _job_pb2.JobErrorCode.ValueType
+    """Only jobs whose final error has this code."""
     @_builtins.property
     def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only these jobs."""
+        """Only these jobs (at most 1,000)."""
 
     @_builtins.property
-    def since(self) -> _timestamp_pb2.Timestamp:
+    def start_time(self) -> _timestamp_pb2.Timestamp:
         """Dead-lettered at or after this instant."""
 
     @_builtins.property
-    def until(self) -> _timestamp_pb2.Timestamp:
+    def end_time(self) -> _timestamp_pb2.Timestamp:
         """Dead-lettered before this instant."""
 
     def __init__(
@@ -151,13 +185,14 @@ class DeadLetterFilter(_message.Message):
         *,
         job_ids: _abc.Iterable[_builtins.str] | None = ...,
         route: _builtins.str = ...,
-        reason: _builtins.str = ...,
-        since: _timestamp_pb2.Timestamp | None = ...,
-        until: _timestamp_pb2.Timestamp | None = ...,
+        reason: Global___DeadLetterReason.ValueType = ...,
+        error_code: _job_pb2.JobErrorCode.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_ids", b"job_ids", "reason", b"reason", "route", b"route", "since", b"since", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error_code", b"error_code", "job_ids", b"job_ids", "reason", b"reason", "route", b"route", "start_time", b"start_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

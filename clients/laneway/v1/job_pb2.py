@@ -26,27 +26,32 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14laneway/v1/job.proto\x12\nlaneway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x0b\x43hatMessage\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.laneway.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x90\x01\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"t\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.laneway.v1.ChatMessage\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.laneway.v1.GenerationParams\x12\x0e\n\x06stream\x18\x03 \x01(\x08\"\x1f\n\x0e\x45mbeddingInput\x12\r\n\x05texts\x18\x01 \x03(\t\"3\n\x13\x43lassificationInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\"\xb1\x04\n\x07JobSpec\x12\r\n\x05route\x18\x01 \x01(\t\x12\x1e\n\x04lane\x18\x02 \x01(\x0e\x32\x10.laneway.v1.Lane\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.laneway.v1.ChatInputH\x00\x12/\n\tembedding\x18\x04 \x01(\x0b\x32\x1a.laneway.v1.EmbeddingInputH\x00\x12\x39\n\x0e\x63lassification\x18\x05 \x01(\x0b\x32\x1f.laneway.v1.ClassificationInputH\x00\x12\x33\n\x08metadata\x18\x06 \x03(\x0b\x32!.laneway.v1.JobSpec.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nnot_before\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05\x64\x65lay\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x08\x64\x65\x62ounce\x18\x0b \x01(\x0b\x32\x14.laneway.v1.Debounce\x12\x11\n\tproviders\x18\x0c \x03(\t\x12\x19\n\x11\x65xclude_providers\x18\r \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"B\n\x08\x44\x65\x62ounce\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"r\n\nChatOutput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.laneway.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"c\n\x0f\x45mbeddingOutput\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.laneway.v1.Embedding\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"L\n\x14\x43lassificationOutput\x12\r\n\x05label\x18\x01 \x01(\t\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"\xab\x01\n\tJobResult\x12&\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x16.laneway.v1.ChatOutputH\x00\x12\x30\n\tembedding\x18\x02 \x01(\x0b\x32\x1b.laneway.v1.EmbeddingOutputH\x00\x12:\n\x0e\x63lassification\x18\x03 \x01(\x0b\x32 .laneway.v1.ClassificationOutputH\x00\x42\x08\n\x06output\"~\n\x08JobError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12+\n\x0b\x65rror_class\x18\x03 \x01(\x0e\x32\x16.laneway.v1.ErrorClass\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x05 \x01(\r\"\xa9\x05\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\x12\x1e\n\x04lane\x18\x08 \x01(\x0e\x32\x10.laneway.v1.Lane\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65nqueued_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06result\x18\r \x01(\x0b\x32\x15.laneway.v1.JobResultH\x00\x12%\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x14.laneway.v1.JobErrorH\x00\x12&\n\x05\x64\x65lta\x18\x12 \x01(\x0b\x32\x15.laneway.v1.TextDeltaH\x00\x12\x34\n\x08metadata\x18\x0f \x03(\x0b\x32\".laneway.v1.JobEvent.MetadataEntry\x12.\n\nnot_before\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsuperseded_by\x18\x11 \x01(\t\x12\r\n\x05reset\x18\x13 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t*J\n\x04Lane\x12\x14\n\x10LANE_UNSPECIFIED\x10\x00\x12\r\n\tLANE_HIGH\x10\x01\x12\x0f\n\x0bLANE_NORMAL\x10\x02\x12\x0c\n\x08LANE_LOW\x10\x03*\x99\x02\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x16\n\x12JOB_STATE_RETRYING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x07\x12\x1b\n\x17JOB_STATE_DEAD_LETTERED\x10\x08\x12\x18\n\x14JOB_STATE_SUPERSEDED\x10\t\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\n*h\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*}\n\nErrorClass\x12\x1b\n\x17\x45RROR_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_CLASS_TRANSIENT\x10\x01\x12\x1c\n\x18\x45RROR_CLASS_RATE_LIMITED\x10\x02\x12\x19\n\x15\x45RROR_CLASS_PERMANENT\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14laneway/v1/job.proto\x12\nlaneway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"B\n\x0b\x43hatMessage\x12\"\n\x04role\x18\x01 \x01(\x0e\x32\x14.laneway.v1.ChatRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x90\x01\n\x10GenerationParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_p\"t\n\tChatInput\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.laneway.v1.ChatMessage\x12,\n\x06params\x18\x02 \x01(\x0b\x32\x1c.laneway.v1.GenerationParams\x12\x0e\n\x06stream\x18\x03 \x01(\x08\"\x1f\n\x0e\x45mbeddingInput\x12\r\n\x05texts\x18\x01 \x03(\t\"3\n\x13\x43lassificationInput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x03(\t\"\xcd\x04\n\x07JobSpec\x12\r\n\x05route\x18\x01 \x01(\t\x12\x1e\n\x04lane\x18\x02 \x01(\x0e\x32\x10.laneway.v1.Lane\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.laneway.v1.ChatInputH\x00\x12/\n\tembedding\x18\x04 \x01(\x0b\x32\x1a.laneway.v1.EmbeddingInputH\x00\x12\x39\n\x0e\x63lassification\x18\x05 \x01(\x0b\x32\x1f.laneway.v1.ClassificationInputH\x00\x12\x33\n\x08metadata\x18\x06 \x03(\x0b\x32!.laneway.v1.JobSpec.MetadataEntry\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x12\x31\n\rdeadline_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x0fnot_before_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampH\x01\x12*\n\x05\x64\x65lay\x18\n \x01(\x0b\x32\x19.google.protobuf.DurationH\x01\x12(\n\x08\x64\x65\x62ounce\x18\x0b \x01(\x0b\x32\x14.laneway.v1.DebounceH\x01\x12\x11\n\tproviders\x18\x0c \x03(\t\x12\x19\n\x11\x65xclude_providers\x18\r \x03(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05inputB\n\n\x08schedule\"B\n\x08\x44\x65\x62ounce\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x06window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\nTokenUsage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\r\x12\x15\n\routput_tokens\x18\x02 \x01(\r\"r\n\nChatOutput\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.laneway.v1.FinishReason\x12%\n\x05usage\x18\x03 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"c\n\x0f\x45mbeddingOutput\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.laneway.v1.Embedding\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"L\n\x14\x43lassificationOutput\x12\r\n\x05label\x18\x01 \x01(\t\x12%\n\x05usage\x18\x02 \x01(\x0b\x32\x16.laneway.v1.TokenUsage\"\xab\x01\n\tJobResult\x12&\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x16.laneway.v1.ChatOutputH\x00\x12\x30\n\tembedding\x18\x02 \x01(\x0b\x32\x1b.laneway.v1.EmbeddingOutputH\x00\x12:\n\x0e\x63lassification\x18\x03 \x01(\x0b\x32 .laneway.v1.ClassificationOutputH\x00\x42\x08\n\x06output\"\x98\x01\n\x08JobError\x12&\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x18.laneway.v1.JobErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12+\n\x0b\x65rror_class\x18\x03 \x01(\x0e\x32\x16.laneway.v1.ErrorClass\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12\x13\n\x0bhttp_status\x18\x05 \x01(\r\"\xb2\x05\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\r\n\x05route\x18\x07 \x01(\t\x12\x1e\n\x04lane\x18\x08 \x01(\x0e\x32\x10.laneway.v1.Lane\x12.\n\nevent_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x65nqueue_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06result\x18\r \x01(\x0b\x32\x15.laneway.v1.JobResultH\x00\x12%\n\x05\x65rror\x18\x0e \x01(\x0b\x32\x14.laneway.v1.JobErrorH\x00\x12&\n\x05\x64\x65lta\x18\x12 \x01(\x0b\x32\x15.laneway.v1.TextDeltaH\x00\x12\x34\n\x08metadata\x18\x0f \x03(\x0b\x32\".laneway.v1.JobEvent.MetadataEntry\x12\x33\n\x0fnot_before_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rsuperseded_by\x18\x11 \x01(\t\x12\r\n\x05reset\x18\x13 \x01(\x08\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07payload\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x85\x05\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.laneway.v1.JobState\x12\r\n\x05route\x18\x03 \x01(\t\x12\x1e\n\x04lane\x18\x04 \x01(\x0e\x32\x10.laneway.v1.Lane\x12/\n\x08metadata\x18\x05 \x03(\x0b\x32\x1d.laneway.v1.Job.MetadataEntry\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\r\x12\x10\n\x08provider\x18\x07 \x01(\t\x12\r\n\x05model\x18\x08 \x01(\t\x12\x30\n\x0c\x65nqueue_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnot_before_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04text\x18\x0e \x01(\t\x12\'\n\x06result\x18\x0f \x01(\x0b\x32\x15.laneway.v1.JobResultH\x00\x12%\n\x05\x65rror\x18\x10 \x01(\x0b\x32\x14.laneway.v1.JobErrorH\x00\x12\x15\n\rsuperseded_by\x18\x11 \x01(\t\x12\x10\n\x08last_seq\x18\x12 \x01(\x04\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\t\n\x07outcome*J\n\x04Lane\x12\x14\n\x10LANE_UNSPECIFIED\x10\x00\x12\r\n\tLANE_HIGH\x10\x01\x12\x0f\n\x0bLANE_NORMAL\x10\x02\x12\x0c\n\x08LANE_LOW\x10\x03*\x9f\x02\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x16\n\x12JOB_STATE_RETRYING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x1a\n\x16JOB_STATE_NOT_ENQUEUED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x15\n\x11JOB_STATE_EXPIRED\x10\x07\x12\x1b\n\x17JOB_STATE_DEAD_LETTERED\x10\x08\x12\x18\n\x14JOB_STATE_SUPERSEDED\x10\t\x12\x17\n\x13JOB_STATE_SCHEDULED\x10\n*h\n\x08\x43hatRole\x12\x19\n\x15\x43HAT_ROLE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x43HAT_ROLE_SYSTEM\x10\x01\x12\x12\n\x0e\x43HAT_ROLE_USER\x10\x02\x12\x17\n\x13\x43HAT_ROLE_ASSISTANT\x10\x03*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*}\n\nErrorClass\x12\x1b\n\x17\x45RROR_CLASS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45RROR_CLASS_TRANSIENT\x10\x01\x12\x1c\n\x18\x45RROR_CLASS_RATE_LIMITED\x10\x02\x12\x19\n\x15\x45RROR_CLASS_PERMANENT\x10\x03*\xfe\x07\n\x0cJobErrorCode\x12\x1e\n\x1aJOB_ERROR_CODE_UNSPECIFIED\x10\x00\x12\"\n\x1eJOB_ERROR_CODE_INVALID_REQUEST\x10\x01\x12*\n&JOB_ERROR_CODE_CONTEXT_LENGTH_EXCEEDED\x10\x02\x12!\n\x1dJOB_ERROR_CODE_CONTENT_POLICY\x10\x03\x12%\n!JOB_ERROR_CODE_INSUFFICIENT_QUOTA\x10\x04\x12\x1f\n\x1bJOB_ERROR_CODE_UNAUTHORIZED\x10\x05\x12\x1c\n\x18JOB_ERROR_CODE_FORBIDDEN\x10\x06\x12\"\n\x1eJOB_ERROR_CODE_MODEL_NOT_FOUND\x10\x07\x12$\n JOB_ERROR_CODE_REQUEST_TOO_LARGE\x10\x08\x12%\n!JOB_ERROR_CODE_ENDPOINT_NOT_FOUND\x10\t\x12\x1e\n\x1aJOB_ERROR_CODE_UNSUPPORTED\x10\n\x12\x1f\n\x1bJOB_ERROR_CODE_RATE_LIMITED\x10\x0b\x12\x1d\n\x19JOB_ERROR_CODE_OVERLOADED\x10\x0c\x12\'\n#JOB_ERROR_CODE_PROVIDER_UNAVAILABLE\x10\r\x12!\n\x1dJOB_ERROR_CODE_PROVIDER_ERROR\x10\x0e\x12\x1a\n\x16JOB_ERROR_CODE_TIMEOUT\x10\x0f\x12 \n\x1cJOB_ERROR_CODE_NETWORK_ERROR\x10\x10\x12!\n\x1dJOB_ERROR_CODE_CONNECT_FAILED\x10\x11\x12\x1f\n\x1bJOB_ERROR_CODE_BAD_RESPONSE\x10\x12\x12#\n\x1fJOB_ERROR_CODE_TRUNCATED_STREAM\x10\x13\x12 \n\x1cJOB_ERROR_CODE_INVALID_LABEL\x10\x14\x12\x1f\n\x1bJOB_ERROR_CODE_CIRCUIT_OPEN\x10\x15\x12\x1e\n\x1aJOB_ERROR_CODE_WORKER_LOST\x10\x16\x12\x1e\n\x1aJOB_ERROR_CODE_HANDED_BACK\x10\x17\x12$\n JOB_ERROR_CODE_NO_HEALTHY_TARGET\x10\x18\x12$\n JOB_ERROR_CODE_DEADLINE_EXCEEDED\x10\x19\x12\x1c\n\x18JOB_ERROR_CODE_CANCELLED\x10\x1a\x12!\n\x1dJOB_ERROR_CODE_ENQUEUE_FAILED\x10\x1b\x12!\n\x1dJOB_ERROR_CODE_MAX_DELIVERIES\x10\x1c\x42\x86\x01\n\x0e\x64\x65v.laneway.v1B\x08JobProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'laneway.v1.job_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.laneway.v1B\010JobProtoP\001Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\242\002\003LWY\252\002\nLaneway.V1\312\002\nLaneway\\V1\352\002\013Laneway::V1'
   _globals['_JOBSPEC_METADATAENTRY']._loaded_options = None
   _globals['_JOBSPEC_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_JOBEVENT_METADATAENTRY']._loaded_options = None
   _globals['_JOBEVENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_LANE']._serialized_start=2548
-  _globals['_LANE']._serialized_end=2622
-  _globals['_JOBSTATE']._serialized_start=2625
-  _globals['_JOBSTATE']._serialized_end=2906
-  _globals['_CHATROLE']._serialized_start=2908
-  _globals['_CHATROLE']._serialized_end=3012
-  _globals['_FINISHREASON']._serialized_start=3015
-  _globals['_FINISHREASON']._serialized_end=3174
-  _globals['_ERRORCLASS']._serialized_start=3176
-  _globals['_ERRORCLASS']._serialized_end=3301
+  _globals['_JOB_METADATAENTRY']._loaded_options = None
+  _globals['_JOB_METADATAENTRY']._serialized_options = b'8\001'
+  _globals['_LANE']._serialized_start=3260
+  _globals['_LANE']._serialized_end=3334
+  _globals['_JOBSTATE']._serialized_start=3337
+  _globals['_JOBSTATE']._serialized_end=3624
+  _globals['_CHATROLE']._serialized_start=3626
+  _globals['_CHATROLE']._serialized_end=3730
+  _globals['_FINISHREASON']._serialized_start=3733
+  _globals['_FINISHREASON']._serialized_end=3892
+  _globals['_ERRORCLASS']._serialized_start=3894
+  _globals['_ERRORCLASS']._serialized_end=4019
+  _globals['_JOBERRORCODE']._serialized_start=4022
+  _globals['_JOBERRORCODE']._serialized_end=5044
   _globals['_CHATMESSAGE']._serialized_start=101
   _globals['_CHATMESSAGE']._serialized_end=167
   _globals['_GENERATIONPARAMS']._serialized_start=170
@@ -58,29 +63,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSIFICATIONINPUT']._serialized_start=467
   _globals['_CLASSIFICATIONINPUT']._serialized_end=518
   _globals['_JOBSPEC']._serialized_start=521
-  _globals['_JOBSPEC']._serialized_end=1082
-  _globals['_JOBSPEC_METADATAENTRY']._serialized_start=1026
-  _globals['_JOBSPEC_METADATAENTRY']._serialized_end=1073
-  _globals['_DEBOUNCE']._serialized_start=1084
-  _globals['_DEBOUNCE']._serialized_end=1150
-  _globals['_TOKENUSAGE']._serialized_start=1152
-  _globals['_TOKENUSAGE']._serialized_end=1209
-  _globals['_CHATOUTPUT']._serialized_start=1211
-  _globals['_CHATOUTPUT']._serialized_end=1325
-  _globals['_EMBEDDING']._serialized_start=1327
-  _globals['_EMBEDDING']._serialized_end=1354
-  _globals['_EMBEDDINGOUTPUT']._serialized_start=1356
-  _globals['_EMBEDDINGOUTPUT']._serialized_end=1455
-  _globals['_CLASSIFICATIONOUTPUT']._serialized_start=1457
-  _globals['_CLASSIFICATIONOUTPUT']._serialized_end=1533
-  _globals['_JOBRESULT']._serialized_start=1536
-  _globals['_JOBRESULT']._serialized_end=1707
-  _globals['_JOBERROR']._serialized_start=1709
-  _globals['_JOBERROR']._serialized_end=1835
-  _globals['_JOBEVENT']._serialized_start=1838
-  _globals['_JOBEVENT']._serialized_end=2519
-  _globals['_JOBEVENT_METADATAENTRY']._serialized_start=1026
-  _globals['_JOBEVENT_METADATAENTRY']._serialized_end=1073
-  _globals['_TEXTDELTA']._serialized_start=2521
-  _globals['_TEXTDELTA']._serialized_end=2546
+  _globals['_JOBSPEC']._serialized_end=1110
+  _globals['_JOBSPEC_METADATAENTRY']._serialized_start=1042
+  _globals['_JOBSPEC_METADATAENTRY']._serialized_end=1089
+  _globals['_DEBOUNCE']._serialized_start=1112
+  _globals['_DEBOUNCE']._serialized_end=1178
+  _globals['_TOKENUSAGE']._serialized_start=1180
+  _globals['_TOKENUSAGE']._serialized_end=1237
+  _globals['_CHATOUTPUT']._serialized_start=1239
+  _globals['_CHATOUTPUT']._serialized_end=1353
+  _globals['_EMBEDDING']._serialized_start=1355
+  _globals['_EMBEDDING']._serialized_end=1382
+  _globals['_EMBEDDINGOUTPUT']._serialized_start=1384
+  _globals['_EMBEDDINGOUTPUT']._serialized_end=1483
+  _globals['_CLASSIFICATIONOUTPUT']._serialized_start=1485
+  _globals['_CLASSIFICATIONOUTPUT']._serialized_end=1561
+  _globals['_JOBRESULT']._serialized_start=1564
+  _globals['_JOBRESULT']._serialized_end=1735
+  _globals['_JOBERROR']._serialized_start=1738
+  _globals['_JOBERROR']._serialized_end=1890
+  _globals['_JOBEVENT']._serialized_start=1893
+  _globals['_JOBEVENT']._serialized_end=2583
+  _globals['_JOBEVENT_METADATAENTRY']._serialized_start=1042
+  _globals['_JOBEVENT_METADATAENTRY']._serialized_end=1089
+  _globals['_TEXTDELTA']._serialized_start=2585
+  _globals['_TEXTDELTA']._serialized_end=2610
+  _globals['_JOB']._serialized_start=2613
+  _globals['_JOB']._serialized_end=3258
+  _globals['_JOB_METADATAENTRY']._serialized_start=1042
+  _globals['_JOB_METADATAENTRY']._serialized_end=1089
 # @@protoc_insertion_point(module_scope)

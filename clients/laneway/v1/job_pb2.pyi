@@ -59,25 +59,40 @@ class _JobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobState.Val
     JOB_STATE_RETRYING: _JobState.ValueType  # 3
     """The attempt failed with a retryable error; the job is queued again."""
     JOB_STATE_SUCCEEDED: _JobState.ValueType  # 4
-    JOB_STATE_FAILED: _JobState.ValueType  # 5
+    """Final: the provider answered; the event's (the Job's) result holds the output."""
+    JOB_STATE_NOT_ENQUEUED: _JobState.ValueType  # 5
+    """Final: the broker could not store the job, and its caller was told so
+    (Submit answered UNAVAILABLE with reason NOT_ENQUEUED). Nothing of it ran or
+    will run. Seen only by StreamResults or GetJob callers who learned the id in
+    another way; error.code is ENQUEUE_FAILED.
+    """
     JOB_STATE_CANCELLED: _JobState.ValueType  # 6
+    """Final: cancelled by CancelJob (or by Run's on_disconnect = CANCEL) before it
+    finished. error.code is CANCELLED; a provider call in flight is aborted.
+    """
     JOB_STATE_EXPIRED: _JobState.ValueType  # 7
-    """The job's deadline passed before it could run."""
+    """Final: the job's deadline passed before it could run (or before its next
+    attempt could start). error.code is DEADLINE_EXCEEDED.
+    """
     JOB_STATE_DEAD_LETTERED: _JobState.ValueType  # 8
-    """Failed permanently or ran out of attempts: the job is kept in the dead-letter
-    queue (ListDeadLetters) with every attempt's error, and can be redriven.
+    """Final: the job failed. It failed permanently (a provider said the request
+    can never succeed), ran out of attempts, or JetStream gave up delivering it.
+    error holds the last error; the job is kept in the dead-letter queue
+    (ListDeadLetters) with every attempt's error, and RedriveDeadLetters runs it
+    again as a new job.
     """
     JOB_STATE_SUPERSEDED: _JobState.ValueType  # 9
-    """A later submission with the same debounce key replaced this one before it ran
-    (JobEvent.superseded_by names it).
+    """Final: a later submission with the same debounce key replaced this one before
+    it ran (superseded_by names it). Follow that job for the result.
     """
     JOB_STATE_SCHEDULED: _JobState.ValueType  # 10
-    """Durably stored, waiting for its not_before time (a delayed or debounced job)."""
+    """Durably stored, waiting for its not_before_time (a delayed or debounced job)."""
 
 class JobState(_JobState, metaclass=_JobStateEnumTypeWrapper):
     """Lifecycle state of a job. SCHEDULED, QUEUED, RUNNING and RETRYING are
-    transient; every job ends in exactly one final state (SUCCEEDED, FAILED,
-    CANCELLED, EXPIRED, DEAD_LETTERED, SUPERSEDED).
+    transient; every job ends in exactly one final state: SUCCEEDED, DEAD_LETTERED
+    (the job failed), CANCELLED, EXPIRED, SUPERSEDED or NOT_ENQUEUED. No event
+    follows a final one.
     """
 
 JOB_STATE_UNSPECIFIED: JobState.ValueType  # 0
@@ -88,20 +103,34 @@ JOB_STATE_RUNNING: JobState.ValueType  # 2
 JOB_STATE_RETRYING: JobState.ValueType  # 3
 """The attempt failed with a retryable error; the job is queued again."""
 JOB_STATE_SUCCEEDED: JobState.ValueType  # 4
-JOB_STATE_FAILED: JobState.ValueType  # 5
+"""Final: the provider answered; the event's (the Job's) result holds the output."""
+JOB_STATE_NOT_ENQUEUED: JobState.ValueType  # 5
+"""Final: the broker could not store the job, and its caller was told so
+(Submit answered UNAVAILABLE with reason NOT_ENQUEUED). Nothing of it ran or
+will run. Seen only by StreamResults or GetJob callers who learned the id in
+another way; error.code is ENQUEUE_FAILED.
+"""
 JOB_STATE_CANCELLED: JobState.ValueType  # 6
+"""Final: cancelled by CancelJob (or by Run's on_disconnect = CANCEL) before it
+finished. error.code is CANCELLED; a provider call in flight is aborted.
+"""
 JOB_STATE_EXPIRED: JobState.ValueType  # 7
-"""The job's deadline passed before it could run."""
+"""Final: the job's deadline passed before it could run (or before its next
+attempt could start). error.code is DEADLINE_EXCEEDED.
+"""
 JOB_STATE_DEAD_LETTERED: JobState.ValueType  # 8
-"""Failed permanently or ran out of attempts: the job is kept in the dead-letter
-queue (ListDeadLetters) with every attempt's error, and can be redriven.
+"""Final: the job failed. It failed permanently (a provider said the request
+can never succeed), ran out of attempts, or JetStream gave up delivering it.
+error holds the last error; the job is kept in the dead-letter queue
+(ListDeadLetters) with every attempt's error, and RedriveDeadLetters runs it
+again as a new job.
 """
 JOB_STATE_SUPERSEDED: JobState.ValueType  # 9
-"""A later submission with the same debounce key replaced this one before it ran
-(JobEvent.superseded_by names it).
+"""Final: a later submission with the same debounce key replaced this one before
+it ran (superseded_by names it). Follow that job for the result.
 """
 JOB_STATE_SCHEDULED: JobState.ValueType  # 10
-"""Durably stored, waiting for its not_before time (a delayed or debounced job)."""
+"""Durably stored, waiting for its not_before_time (a delayed or debounced job)."""
 Global___JobState: _TypeAlias = JobState  # noqa: Y015
 
 class _ChatRole:
@@ -169,6 +198,142 @@ ERROR_CLASS_RATE_LIMITED: ErrorClass.ValueType  # 2
 ERROR_CLASS_PERMANENT: ErrorClass.ValueType  # 3
 """Invalid request, auth, content policy, context too long: retrying cannot help."""
 Global___ErrorClass: _TypeAlias = ErrorClass  # noqa: Y015
+
+class _JobErrorCode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobErrorCodeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobErrorCode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_ERROR_CODE_UNSPECIFIED: _JobErrorCode.ValueType  # 0
+    JOB_ERROR_CODE_INVALID_REQUEST: _JobErrorCode.ValueType  # 1
+    """[permanent] The provider refused the request as invalid (HTTP 400, 422, other 4xx)."""
+    JOB_ERROR_CODE_CONTEXT_LENGTH_EXCEEDED: _JobErrorCode.ValueType  # 2
+    """[permanent] The input is longer than the model's context."""
+    JOB_ERROR_CODE_CONTENT_POLICY: _JobErrorCode.ValueType  # 3
+    """[permanent] The provider's content policy refused the input."""
+    JOB_ERROR_CODE_INSUFFICIENT_QUOTA: _JobErrorCode.ValueType  # 4
+    """[permanent] The provider account is out of quota (a 429 that waiting cannot fix)."""
+    JOB_ERROR_CODE_UNAUTHORIZED: _JobErrorCode.ValueType  # 5
+    """[permanent] The provider refused the API key (HTTP 401)."""
+    JOB_ERROR_CODE_FORBIDDEN: _JobErrorCode.ValueType  # 6
+    """[permanent] The API key may not do this (HTTP 403)."""
+    JOB_ERROR_CODE_MODEL_NOT_FOUND: _JobErrorCode.ValueType  # 7
+    """[permanent] The provider does not know the model."""
+    JOB_ERROR_CODE_REQUEST_TOO_LARGE: _JobErrorCode.ValueType  # 8
+    """[permanent] The provider refused the request's size (HTTP 413)."""
+    JOB_ERROR_CODE_ENDPOINT_NOT_FOUND: _JobErrorCode.ValueType  # 9
+    """[permanent] HTTP 404 without naming a model: the provider's base_url is wrong."""
+    JOB_ERROR_CODE_UNSUPPORTED: _JobErrorCode.ValueType  # 10
+    """[permanent] The provider type cannot run this kind of input."""
+    JOB_ERROR_CODE_RATE_LIMITED: _JobErrorCode.ValueType  # 11
+    """[rate-limited] HTTP 429: retried after the provider's Retry-After."""
+    JOB_ERROR_CODE_OVERLOADED: _JobErrorCode.ValueType  # 12
+    """[rate-limited] The provider is overloaded (HTTP 529, or 503 "overloaded")."""
+    JOB_ERROR_CODE_PROVIDER_UNAVAILABLE: _JobErrorCode.ValueType  # 13
+    """[transient] HTTP 502, 503 or 504."""
+    JOB_ERROR_CODE_PROVIDER_ERROR: _JobErrorCode.ValueType  # 14
+    """[transient] Another HTTP 5xx or 409, or an unexpected failure of the call."""
+    JOB_ERROR_CODE_TIMEOUT: _JobErrorCode.ValueType  # 15
+    """[transient] The call timed out (or HTTP 408)."""
+    JOB_ERROR_CODE_NETWORK_ERROR: _JobErrorCode.ValueType  # 16
+    """[transient] The connection failed during the call."""
+    JOB_ERROR_CODE_CONNECT_FAILED: _JobErrorCode.ValueType  # 17
+    """[transient] No connection could be made: the request never reached the provider."""
+    JOB_ERROR_CODE_BAD_RESPONSE: _JobErrorCode.ValueType  # 18
+    """[transient] The provider's answer could not be read (malformed body)."""
+    JOB_ERROR_CODE_TRUNCATED_STREAM: _JobErrorCode.ValueType  # 19
+    """[transient] A streamed answer ended before it was complete."""
+    JOB_ERROR_CODE_INVALID_LABEL: _JobErrorCode.ValueType  # 20
+    """[transient] A classification answer was not one of the input labels."""
+    JOB_ERROR_CODE_CIRCUIT_OPEN: _JobErrorCode.ValueType  # 21
+    """[transient] The provider's circuit is open (it has been failing)."""
+    JOB_ERROR_CODE_WORKER_LOST: _JobErrorCode.ValueType  # 22
+    """[transient] The attempt's worker stopped or lost its lease mid-call."""
+    JOB_ERROR_CODE_HANDED_BACK: _JobErrorCode.ValueType  # 23
+    """[transient] The worker shut down and handed the job back before it finished."""
+    JOB_ERROR_CODE_NO_HEALTHY_TARGET: _JobErrorCode.ValueType  # 24
+    """[permanent] Every provider the job may use is down and the route's
+    when_all_down is FAIL.
+    """
+    JOB_ERROR_CODE_DEADLINE_EXCEEDED: _JobErrorCode.ValueType  # 25
+    """[permanent] The job's deadline passed (state EXPIRED)."""
+    JOB_ERROR_CODE_CANCELLED: _JobErrorCode.ValueType  # 26
+    """[permanent] CancelJob cancelled the job (state CANCELLED)."""
+    JOB_ERROR_CODE_ENQUEUE_FAILED: _JobErrorCode.ValueType  # 27
+    """[transient] The broker could not store the job (state NOT_ENQUEUED)."""
+    JOB_ERROR_CODE_MAX_DELIVERIES: _JobErrorCode.ValueType  # 28
+    """[transient] JetStream gave up delivering the job: workers crashed on it or
+    kept handing it back (state DEAD_LETTERED).
+    """
+
+class JobErrorCode(_JobErrorCode, metaclass=_JobErrorCodeEnumTypeWrapper):
+    """What went wrong with a job or one of its attempts: a closed set. The class
+    (ErrorClass) each code comes with is given in brackets.
+    """
+
+JOB_ERROR_CODE_UNSPECIFIED: JobErrorCode.ValueType  # 0
+JOB_ERROR_CODE_INVALID_REQUEST: JobErrorCode.ValueType  # 1
+"""[permanent] The provider refused the request as invalid (HTTP 400, 422, other 4xx)."""
+JOB_ERROR_CODE_CONTEXT_LENGTH_EXCEEDED: JobErrorCode.ValueType  # 2
+"""[permanent] The input is longer than the model's context."""
+JOB_ERROR_CODE_CONTENT_POLICY: JobErrorCode.ValueType  # 3
+"""[permanent] The provider's content policy refused the input."""
+JOB_ERROR_CODE_INSUFFICIENT_QUOTA: JobErrorCode.ValueType  # 4
+"""[permanent] The provider account is out of quota (a 429 that waiting cannot fix)."""
+JOB_ERROR_CODE_UNAUTHORIZED: JobErrorCode.ValueType  # 5
+"""[permanent] The provider refused the API key (HTTP 401)."""
+JOB_ERROR_CODE_FORBIDDEN: JobErrorCode.ValueType  # 6
+"""[permanent] The API key may not do this (HTTP 403)."""
+JOB_ERROR_CODE_MODEL_NOT_FOUND: JobErrorCode.ValueType  # 7
+"""[permanent] The provider does not know the model."""
+JOB_ERROR_CODE_REQUEST_TOO_LARGE: JobErrorCode.ValueType  # 8
+"""[permanent] The provider refused the request's size (HTTP 413)."""
+JOB_ERROR_CODE_ENDPOINT_NOT_FOUND: JobErrorCode.ValueType  # 9
+"""[permanent] HTTP 404 without naming a model: the provider's base_url is wrong."""
+JOB_ERROR_CODE_UNSUPPORTED: JobErrorCode.ValueType  # 10
+"""[permanent] The provider type cannot run this kind of input."""
+JOB_ERROR_CODE_RATE_LIMITED: JobErrorCode.ValueType  # 11
+"""[rate-limited] HTTP 429: retried after the provider's Retry-After."""
+JOB_ERROR_CODE_OVERLOADED: JobErrorCode.ValueType  # 12
+"""[rate-limited] The provider is overloaded (HTTP 529, or 503 "overloaded")."""
+JOB_ERROR_CODE_PROVIDER_UNAVAILABLE: JobErrorCode.ValueType  # 13
+"""[transient] HTTP 502, 503 or 504."""
+JOB_ERROR_CODE_PROVIDER_ERROR: JobErrorCode.ValueType  # 14
+"""[transient] Another HTTP 5xx or 409, or an unexpected failure of the call."""
+JOB_ERROR_CODE_TIMEOUT: JobErrorCode.ValueType  # 15
+"""[transient] The call timed out (or HTTP 408)."""
+JOB_ERROR_CODE_NETWORK_ERROR: JobErrorCode.ValueType  # 16
+"""[transient] The connection failed during the call."""
+JOB_ERROR_CODE_CONNECT_FAILED: JobErrorCode.ValueType  # 17
+"""[transient] No connection could be made: the request never reached the provider."""
+JOB_ERROR_CODE_BAD_RESPONSE: JobErrorCode.ValueType  # 18
+"""[transient] The provider's answer could not be read (malformed body)."""
+JOB_ERROR_CODE_TRUNCATED_STREAM: JobErrorCode.ValueType  # 19
+"""[transient] A streamed answer ended before it was complete."""
+JOB_ERROR_CODE_INVALID_LABEL: JobErrorCode.ValueType  # 20
+"""[transient] A classification answer was not one of the input labels."""
+JOB_ERROR_CODE_CIRCUIT_OPEN: JobErrorCode.ValueType  # 21
+"""[transient] The provider's circuit is open (it has been failing)."""
+JOB_ERROR_CODE_WORKER_LOST: JobErrorCode.ValueType  # 22
+"""[transient] The attempt's worker stopped or lost its lease mid-call."""
+JOB_ERROR_CODE_HANDED_BACK: JobErrorCode.ValueType  # 23
+"""[transient] The worker shut down and handed the job back before it finished."""
+JOB_ERROR_CODE_NO_HEALTHY_TARGET: JobErrorCode.ValueType  # 24
+"""[permanent] Every provider the job may use is down and the route's
+when_all_down is FAIL.
+"""
+JOB_ERROR_CODE_DEADLINE_EXCEEDED: JobErrorCode.ValueType  # 25
+"""[permanent] The job's deadline passed (state EXPIRED)."""
+JOB_ERROR_CODE_CANCELLED: JobErrorCode.ValueType  # 26
+"""[permanent] CancelJob cancelled the job (state CANCELLED)."""
+JOB_ERROR_CODE_ENQUEUE_FAILED: JobErrorCode.ValueType  # 27
+"""[transient] The broker could not store the job (state NOT_ENQUEUED)."""
+JOB_ERROR_CODE_MAX_DELIVERIES: JobErrorCode.ValueType  # 28
+"""[transient] JetStream gave up delivering the job: workers crashed on it or
+kept handing it back (state DEAD_LETTERED).
+"""
+Global___JobErrorCode: _TypeAlias = JobErrorCode  # noqa: Y015
 
 @_typing.final
 class ChatMessage(_message.Message):
@@ -309,7 +474,12 @@ Global___ClassificationInput: _TypeAlias = ClassificationInput  # noqa: Y015
 
 @_typing.final
 class JobSpec(_message.Message):
-    """What a caller submits."""
+    """What a caller submits.
+
+    Limits (INVALID_ARGUMENT with reason LIMIT_EXCEEDED when exceeded; GetServerInfo
+    returns the values in force): the serialized job at most 1 MiB
+    (broker.max_payload_bytes).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -340,17 +510,24 @@ class JobSpec(_message.Message):
     CLASSIFICATION_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
-    DEADLINE_FIELD_NUMBER: _builtins.int
-    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    DEADLINE_TIME_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_TIME_FIELD_NUMBER: _builtins.int
     DELAY_FIELD_NUMBER: _builtins.int
     DEBOUNCE_FIELD_NUMBER: _builtins.int
     PROVIDERS_FIELD_NUMBER: _builtins.int
     EXCLUDE_PROVIDERS_FIELD_NUMBER: _builtins.int
     route: _builtins.str
-    """Route name (a model group from the config file)."""
+    """Route name (a model group from the config file): 1-64 letters, digits, '-'
+    or '_'. An unknown route is refused with reason UNKNOWN_ROUTE.
+    """
     lane: Global___Lane.ValueType
     idempotency_key: _builtins.str
-    """Optional: a second Submit with the same key returns the first job's id."""
+    """Optional, at most 256 characters: a second Submit with the same route and key
+    returns the first job (duplicate = true) instead of enqueueing another.
+    Reusing a key for a different job is refused (ALREADY_EXISTS, reason
+    IDEMPOTENCY_KEY_REUSED; the deadline is not compared, as a retry often
+    recomputes it). A key is remembered for 24 hours.
+    """
     @_builtins.property
     def chat(self) -> Global___ChatInput: ...
     @_builtins.property
@@ -359,25 +536,27 @@ class JobSpec(_message.Message):
     def classification(self) -> Global___ClassificationInput: ...
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Caller metadata, returned unchanged on GetJob; never used as a metric label."""
+        """Caller metadata, returned unchanged on events and by GetJob; never used as a
+        metric label. At most 64 entries; keys 1-128 characters, values at most 1,024.
+        """
 
     @_builtins.property
-    def deadline(self) -> _timestamp_pb2.Timestamp:
+    def deadline_time(self) -> _timestamp_pb2.Timestamp:
         """Optional: the job is not sent to a provider after this instant; it ends EXPIRED."""
 
     @_builtins.property
-    def not_before(self) -> _timestamp_pb2.Timestamp:
-        """Optional: the job becomes visible to workers at this instant (durably:
-        survives restarts). At most one of not_before, delay and debounce.
+    def not_before_time(self) -> _timestamp_pb2.Timestamp:
+        """The job becomes visible to workers at this instant (durably: survives
+        restarts). At most queue.events_max_age_s ahead.
         """
 
     @_builtins.property
     def delay(self) -> _duration_pb2.Duration:
-        """Optional: like not_before, relative to the time the broker accepts the job."""
+        """Like not_before_time, relative to the time the broker accepts the job."""
 
     @_builtins.property
     def debounce(self) -> Global___Debounce:
-        """Optional: collapse submissions that share a key (see Debounce)."""
+        """Collapse submissions that share a key (see Debounce)."""
 
     @_builtins.property
     def providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -400,20 +579,25 @@ class JobSpec(_message.Message):
         classification: Global___ClassificationInput | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         idempotency_key: _builtins.str = ...,
-        deadline: _timestamp_pb2.Timestamp | None = ...,
-        not_before: _timestamp_pb2.Timestamp | None = ...,
+        deadline_time: _timestamp_pb2.Timestamp | None = ...,
+        not_before_time: _timestamp_pb2.Timestamp | None = ...,
         delay: _duration_pb2.Duration | None = ...,
         debounce: Global___Debounce | None = ...,
         providers: _abc.Iterable[_builtins.str] | None = ...,
         exclude_providers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "input", b"input", "not_before", b"not_before"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline_time", b"deadline_time", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "input", b"input", "not_before_time", b"not_before_time", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline", b"deadline", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "exclude_providers", b"exclude_providers", "idempotency_key", b"idempotency_key", "input", b"input", "lane", b"lane", "metadata", b"metadata", "not_before", b"not_before", "providers", b"providers", "route", b"route"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline_time", b"deadline_time", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "exclude_providers", b"exclude_providers", "idempotency_key", b"idempotency_key", "input", b"input", "lane", b"lane", "metadata", b"metadata", "not_before_time", b"not_before_time", "providers", b"providers", "route", b"route", "schedule", b"schedule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "embedding", "classification"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
+    _WhichOneofReturnType_schedule: _TypeAlias = _typing.Literal["not_before_time", "delay", "debounce"]  # noqa: Y015
+    _WhichOneofArgType_schedule: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType_input) -> _WhichOneofReturnType_input | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_schedule) -> _WhichOneofReturnType_schedule | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
 
@@ -429,6 +613,7 @@ class Debounce(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     key: _builtins.str
+    """1-256 characters."""
     @_builtins.property
     def window(self) -> _duration_pb2.Duration: ...
     def __init__(
@@ -602,18 +787,18 @@ class JobError(_message.Message):
     ERROR_CLASS_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
-    code: _builtins.str
-    """Machine-readable reason, e.g. "provider_unavailable", "invalid_request", "deadline_exceeded"."""
+    code: Global___JobErrorCode.ValueType
     message: _builtins.str
     """Human-readable message (the provider's own message where there is one)."""
     error_class: Global___ErrorClass.ValueType
     retryable: _builtins.bool
+    """Whether errors of this class are retried."""
     http_status: _builtins.int
     """HTTP status from the provider, 0 when there was none."""
     def __init__(
         self,
         *,
-        code: _builtins.str = ...,
+        code: Global___JobErrorCode.ValueType = ...,
         message: _builtins.str = ...,
         error_class: Global___ErrorClass.ValueType = ...,
         retryable: _builtins.bool = ...,
@@ -663,15 +848,15 @@ class JobEvent(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     ROUTE_FIELD_NUMBER: _builtins.int
     LANE_FIELD_NUMBER: _builtins.int
-    TIME_FIELD_NUMBER: _builtins.int
-    ENQUEUED_AT_FIELD_NUMBER: _builtins.int
-    STARTED_AT_FIELD_NUMBER: _builtins.int
-    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    ENQUEUE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     DELTA_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
-    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_TIME_FIELD_NUMBER: _builtins.int
     SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
@@ -692,17 +877,17 @@ class JobEvent(_message.Message):
     a failed attempt; discard the text you have before the next attempt's deltas.
     """
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp:
+    def event_time(self) -> _timestamp_pb2.Timestamp:
         """When this event was emitted."""
 
     @_builtins.property
-    def enqueued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def enqueue_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def started_at(self) -> _timestamp_pb2.Timestamp:
+    def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the first attempt."""
 
     @_builtins.property
-    def finished_at(self) -> _timestamp_pb2.Timestamp:
+    def end_time(self) -> _timestamp_pb2.Timestamp:
         """Set on final events."""
 
     @_builtins.property
@@ -711,7 +896,7 @@ class JobEvent(_message.Message):
 
     @_builtins.property
     def error(self) -> Global___JobError:
-        """The error of a failed attempt (RETRYING) or of the job (FAILED, EXPIRED,
+        """The error of a failed attempt (RETRYING) or of the job (NOT_ENQUEUED, EXPIRED,
         CANCELLED, DEAD_LETTERED).
         """
 
@@ -726,7 +911,7 @@ class JobEvent(_message.Message):
         """Caller metadata from the JobSpec."""
 
     @_builtins.property
-    def not_before(self) -> _timestamp_pb2.Timestamp:
+    def not_before_time(self) -> _timestamp_pb2.Timestamp:
         """When a SCHEDULED job becomes visible to workers."""
 
     def __init__(
@@ -740,21 +925,21 @@ class JobEvent(_message.Message):
         model: _builtins.str = ...,
         route: _builtins.str = ...,
         lane: Global___Lane.ValueType = ...,
-        time: _timestamp_pb2.Timestamp | None = ...,
-        enqueued_at: _timestamp_pb2.Timestamp | None = ...,
-        started_at: _timestamp_pb2.Timestamp | None = ...,
-        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        enqueue_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
         result: Global___JobResult | None = ...,
         error: Global___JobError | None = ...,
         delta: Global___TextDelta | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        not_before: _timestamp_pb2.Timestamp | None = ...,
+        not_before_time: _timestamp_pb2.Timestamp | None = ...,
         superseded_by: _builtins.str = ...,
         reset: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "not_before", b"not_before", "payload", b"payload", "result", b"result", "started_at", b"started_at", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "event_time", b"event_time", "not_before_time", b"not_before_time", "payload", b"payload", "result", b"result", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delta", b"delta", "enqueued_at", b"enqueued_at", "error", b"error", "finished_at", b"finished_at", "job_id", b"job_id", "lane", b"lane", "metadata", b"metadata", "model", b"model", "not_before", b"not_before", "payload", b"payload", "provider", b"provider", "reset", b"reset", "result", b"result", "route", b"route", "seq", b"seq", "started_at", b"started_at", "state", b"state", "superseded_by", b"superseded_by", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delta", b"delta", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "event_time", b"event_time", "job_id", b"job_id", "lane", b"lane", "metadata", b"metadata", "model", b"model", "not_before_time", b"not_before_time", "payload", b"payload", "provider", b"provider", "reset", b"reset", "result", b"result", "route", b"route", "seq", b"seq", "start_time", b"start_time", "state", b"state", "superseded_by", b"superseded_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["result", "error", "delta"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
@@ -780,3 +965,132 @@ class TextDelta(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TextDelta: _TypeAlias = TextDelta  # noqa: Y015
+
+@_typing.final
+class Job(_message.Message):
+    """A job as it stands: GetJob's answer. Built from the job's events, so it is as
+    current as the latest one (last_seq).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    LANE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    ENQUEUE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_TIME_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    state: Global___JobState.ValueType
+    route: _builtins.str
+    lane: Global___Lane.ValueType
+    attempt: _builtins.int
+    """Attempt number, 0 before the first attempt starts."""
+    provider: _builtins.str
+    """Provider and model of the current or last attempt ("" before the first)."""
+    model: _builtins.str
+    text: _builtins.str
+    """Chat jobs with stream = true: the current attempt's text so far (every delta
+    since the last reset, in seq order). Once SUCCEEDED, result has the full text.
+    """
+    superseded_by: _builtins.str
+    """SUPERSEDED only: the job (same debounce key) that replaced this one."""
+    last_seq: _builtins.int
+    """seq of the latest event: StreamResults with resume_after[job_id] = last_seq
+    follows the job from here on.
+    """
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Caller metadata from the JobSpec."""
+
+    @_builtins.property
+    def enqueue_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the first attempt; unset before it."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When the job reached its final state; unset before."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """Time of the latest event."""
+
+    @_builtins.property
+    def not_before_time(self) -> _timestamp_pb2.Timestamp:
+        """When a SCHEDULED job becomes visible to workers."""
+
+    @_builtins.property
+    def result(self) -> Global___JobResult:
+        """SUCCEEDED: the output."""
+
+    @_builtins.property
+    def error(self) -> Global___JobError:
+        """The error that ended the job (final states other than SUCCEEDED), or the
+        last failed attempt's error while RETRYING.
+        """
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        state: Global___JobState.ValueType = ...,
+        route: _builtins.str = ...,
+        lane: Global___Lane.ValueType = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attempt: _builtins.int = ...,
+        provider: _builtins.str = ...,
+        model: _builtins.str = ...,
+        enqueue_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        not_before_time: _timestamp_pb2.Timestamp | None = ...,
+        text: _builtins.str = ...,
+        result: Global___JobResult | None = ...,
+        error: Global___JobError | None = ...,
+        superseded_by: _builtins.str = ...,
+        last_seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "not_before_time", b"not_before_time", "outcome", b"outcome", "result", b"result", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "job_id", b"job_id", "lane", b"lane", "last_seq", b"last_seq", "metadata", b"metadata", "model", b"model", "not_before_time", b"not_before_time", "outcome", b"outcome", "provider", b"provider", "result", b"result", "route", b"route", "start_time", b"start_time", "state", b"state", "superseded_by", b"superseded_by", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___Job: _TypeAlias = Job  # noqa: Y015

@@ -27,33 +27,42 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from laneway.v1 import job_pb2 as laneway_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14laneway/v1/ops.proto\x12\nlaneway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"\xcf\x02\n\x0bLimitHealth\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63onfigured_rpm\x18\x02 \x01(\r\x12\x16\n\x0e\x63onfigured_tpm\x18\x03 \x01(\r\x12\x18\n\x0b\x63urrent_rpm\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06\x62udget\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x30\n\x0cpaused_until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpause_reason\x18\x07 \x01(\t\x12\x15\n\rrate_fraction\x18\x08 \x01(\x01\x12\x18\n\x10requests_granted\x18\t \x01(\x04\x12\x14\n\x0crate_limited\x18\n \x01(\x04\x12\x18\n\x0b\x63urrent_tpm\x18\x0b \x01(\x01H\x02\x88\x01\x01\x42\x0e\n\x0c_current_rpmB\t\n\x07_budgetB\x0e\n\x0c_current_tpm\"\xd8\x06\n\x0eProviderHealth\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12/\n\rcircuit_state\x18\x03 \x01(\x0e\x32\x18.laneway.v1.CircuitState\x12\x17\n\x0f\x63ircuit_enabled\x18\x04 \x01(\x08\x12.\n\nopen_until\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63onfigured_rpm\x18\x06 \x01(\r\x12\x16\n\x0e\x63onfigured_tpm\x18\x07 \x01(\r\x12\x16\n\x0emax_concurrent\x18\x08 \x01(\r\x12\x18\n\x0b\x63urrent_rpm\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06\x62udget\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tin_flight\x18\x0b \x01(\r\x12\x30\n\x0cpaused_until\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpause_reason\x18\r \x01(\t\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12\x33\n\x0flast_error_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x10 \x01(\r\x12\r\n\x05opens\x18\x11 \x01(\r\x12&\n\x05limit\x18\x12 \x01(\x0b\x32\x17.laneway.v1.LimitHealth\x12\'\n\x06models\x18\x13 \x03(\x0b\x32\x17.laneway.v1.LimitHealth\x12\x18\n\x0b\x63urrent_tpm\x18\x14 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0crecent_calls\x18\x15 \x01(\r\x12\x17\n\nerror_rate\x18\x16 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11rate_limited_rate\x18\x17 \x01(\x01H\x04\x88\x01\x01\x12\x1a\n\rlatency_p50_s\x18\x18 \x01(\x01H\x05\x88\x01\x01\x12\x1a\n\rlatency_p95_s\x18\x19 \x01(\x01H\x06\x88\x01\x01\x42\x0e\n\x0c_current_rpmB\t\n\x07_budgetB\x0e\n\x0c_current_tpmB\r\n\x0b_error_rateB\x14\n\x12_rate_limited_rateB\x10\n\x0e_latency_p50_sB\x10\n\x0e_latency_p95_s\"-\n\x18GetProviderHealthRequest\x12\x11\n\tproviders\x18\x01 \x03(\t\"J\n\x19GetProviderHealthResponse\x12-\n\tproviders\x18\x01 \x03(\x0b\x32\x1a.laneway.v1.ProviderHealth\"\x8c\x01\n\tLaneStats\x12\x1e\n\x04lane\x18\x01 \x01(\x0e\x32\x10.laneway.v1.Lane\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x04\x12\x0e\n\x06leased\x18\x03 \x01(\x04\x12-\n\noldest_age\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tdelivered\x18\x05 \x01(\x04\"b\n\x0fTierTargetStats\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0e\n\x06starts\x18\x03 \x01(\x04\x12\x0c\n\x04owed\x18\x04 \x01(\x01\x12\x0f\n\x07present\x18\x05 \x01(\x08\"G\n\tTierStats\x12\x0c\n\x04tier\x18\x01 \x01(\r\x12,\n\x07targets\x18\x02 \x03(\x0b\x32\x1b.laneway.v1.TierTargetStats\"\x94\x01\n\nRouteStats\x12\r\n\x05route\x18\x01 \x01(\t\x12$\n\x05lanes\x18\x02 \x03(\x0b\x32\x15.laneway.v1.LaneStats\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x03 \x01(\x04\x12\x15\n\rwhen_all_down\x18\x04 \x01(\t\x12$\n\x05tiers\x18\x05 \x03(\x0b\x32\x15.laneway.v1.TierStats\"\x11\n\x0fGetStatsRequest\"\x93\x01\n\x10GetStatsResponse\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06routes\x18\x02 \x03(\x0b\x32\x16.laneway.v1.RouteStats\x12-\n\tproviders\x18\x03 \x03(\x0b\x32\x1a.laneway.v1.ProviderHealth*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x02\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14laneway/v1/ops.proto\x12\nlaneway.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"\xd1\x02\n\x0bLimitHealth\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63onfigured_rpm\x18\x02 \x01(\r\x12\x16\n\x0e\x63onfigured_tpm\x18\x03 \x01(\r\x12\x18\n\x0b\x63urrent_rpm\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06\x62udget\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x32\n\x0epause_end_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpause_reason\x18\x07 \x01(\t\x12\x15\n\rrate_fraction\x18\x08 \x01(\x01\x12\x18\n\x10requests_granted\x18\t \x01(\x04\x12\x14\n\x0crate_limited\x18\n \x01(\x04\x12\x18\n\x0b\x63urrent_tpm\x18\x0b \x01(\x01H\x02\x88\x01\x01\x42\x0e\n\x0c_current_rpmB\t\n\x07_budgetB\x0e\n\x0c_current_tpm\"\xe1\x06\n\x0eProviderHealth\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12/\n\rcircuit_state\x18\x03 \x01(\x0e\x32\x18.laneway.v1.CircuitState\x12\x17\n\x0f\x63ircuit_enabled\x18\x04 \x01(\x08\x12\x31\n\ropen_end_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63onfigured_rpm\x18\x06 \x01(\r\x12\x16\n\x0e\x63onfigured_tpm\x18\x07 \x01(\r\x12\x16\n\x0emax_concurrent\x18\x08 \x01(\r\x12\x18\n\x0b\x63urrent_rpm\x18\t \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06\x62udget\x18\n \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tin_flight\x18\x0b \x01(\r\x12\x32\n\x0epause_end_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cpause_reason\x18\r \x01(\t\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12\x33\n\x0flast_error_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14\x63onsecutive_failures\x18\x10 \x01(\r\x12\r\n\x05opens\x18\x11 \x01(\r\x12&\n\x05limit\x18\x12 \x01(\x0b\x32\x17.laneway.v1.LimitHealth\x12\'\n\x06models\x18\x13 \x03(\x0b\x32\x17.laneway.v1.LimitHealth\x12\x18\n\x0b\x63urrent_tpm\x18\x14 \x01(\x01H\x02\x88\x01\x01\x12\x14\n\x0crecent_calls\x18\x15 \x01(\r\x12\x17\n\nerror_rate\x18\x16 \x01(\x01H\x03\x88\x01\x01\x12\x1e\n\x11rate_limited_rate\x18\x17 \x01(\x01H\x04\x88\x01\x01\x12.\n\x0blatency_p50\x18\x18 \x01(\x0b\x32\x19.google.protobuf.Duration\x12.\n\x0blatency_p95\x18\x19 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0e\n\x0c_current_rpmB\t\n\x07_budgetB\x0e\n\x0c_current_tpmB\r\n\x0b_error_rateB\x14\n\x12_rate_limited_rate\"-\n\x18GetProviderHealthRequest\x12\x11\n\tproviders\x18\x01 \x03(\t\"J\n\x19GetProviderHealthResponse\x12-\n\tproviders\x18\x01 \x03(\x0b\x32\x1a.laneway.v1.ProviderHealth\"\x8c\x01\n\tLaneStats\x12\x1e\n\x04lane\x18\x01 \x01(\x0e\x32\x10.laneway.v1.Lane\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x04\x12\x0e\n\x06leased\x18\x03 \x01(\x04\x12-\n\noldest_age\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x11\n\tdelivered\x18\x05 \x01(\x04\"b\n\x0fTierTargetStats\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x0e\n\x06starts\x18\x03 \x01(\x04\x12\x0c\n\x04owed\x18\x04 \x01(\x01\x12\x0f\n\x07present\x18\x05 \x01(\x08\"G\n\tTierStats\x12\x0c\n\x04tier\x18\x01 \x01(\r\x12,\n\x07targets\x18\x02 \x03(\x0b\x32\x1b.laneway.v1.TierTargetStats\"\xad\x01\n\nRouteStats\x12\r\n\x05route\x18\x01 \x01(\t\x12$\n\x05lanes\x18\x02 \x03(\x0b\x32\x15.laneway.v1.LaneStats\x12\x14\n\x0c\x64\x65\x61\x64_letters\x18\x03 \x01(\x04\x12.\n\rwhen_all_down\x18\x04 \x01(\x0e\x32\x17.laneway.v1.WhenAllDown\x12$\n\x05tiers\x18\x05 \x03(\x0b\x32\x15.laneway.v1.TierStats\"\x11\n\x0fGetStatsRequest\"\x98\x01\n\x10GetStatsResponse\x12-\n\tread_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06routes\x18\x02 \x03(\x0b\x32\x16.laneway.v1.RouteStats\x12-\n\tproviders\x18\x03 \x03(\x0b\x32\x1a.laneway.v1.ProviderHealth\"\x16\n\x14GetServerInfoRequest\"\xc4\x02\n\x06Limits\x12\x16\n\x0emax_batch_jobs\x18\x01 \x01(\r\x12\x15\n\rmax_job_bytes\x18\x02 \x01(\r\x12\x1a\n\x12max_stream_job_ids\x18\x03 \x01(\r\x12\x1c\n\x14max_metadata_entries\x18\x04 \x01(\r\x12\x1e\n\x16max_metadata_key_chars\x18\x05 \x01(\r\x12 \n\x18max_metadata_value_chars\x18\x06 \x01(\r\x12!\n\x19max_idempotency_key_chars\x18\x07 \x01(\r\x12\x1e\n\x16max_debounce_key_chars\x18\x08 \x01(\r\x12\x15\n\rmax_page_size\x18\t \x01(\r\x12\x35\n\x12max_schedule_ahead\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\"\x84\x01\n\x15GetServerInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\"\n\x06limits\x18\x02 \x01(\x0b\x32\x12.laneway.v1.Limits\x12\x0e\n\x06routes\x18\x03 \x03(\t\x12&\n\x0c\x64\x65\x66\x61ult_lane\x18\x04 \x01(\x0e\x32\x10.laneway.v1.Lane*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x02\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x03*\\\n\x0bWhenAllDown\x12\x1d\n\x19WHEN_ALL_DOWN_UNSPECIFIED\x10\x00\x12\x16\n\x12WHEN_ALL_DOWN_WAIT\x10\x01\x12\x16\n\x12WHEN_ALL_DOWN_FAIL\x10\x02\x42\x86\x01\n\x0e\x64\x65v.laneway.v1B\x08OpsProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'laneway.v1.ops_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
-  _globals['_CIRCUITSTATE']._serialized_start=2079
-  _globals['_CIRCUITSTATE']._serialized_end=2203
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.laneway.v1B\010OpsProtoP\001Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\242\002\003LWY\252\002\nLaneway.V1\312\002\nLaneway\\V1\352\002\013Laneway::V1'
+  _globals['_CIRCUITSTATE']._serialized_start=2606
+  _globals['_CIRCUITSTATE']._serialized_end=2730
+  _globals['_WHENALLDOWN']._serialized_start=2732
+  _globals['_WHENALLDOWN']._serialized_end=2824
   _globals['_LIMITHEALTH']._serialized_start=124
-  _globals['_LIMITHEALTH']._serialized_end=459
-  _globals['_PROVIDERHEALTH']._serialized_start=462
-  _globals['_PROVIDERHEALTH']._serialized_end=1318
-  _globals['_GETPROVIDERHEALTHREQUEST']._serialized_start=1320
-  _globals['_GETPROVIDERHEALTHREQUEST']._serialized_end=1365
-  _globals['_GETPROVIDERHEALTHRESPONSE']._serialized_start=1367
-  _globals['_GETPROVIDERHEALTHRESPONSE']._serialized_end=1441
-  _globals['_LANESTATS']._serialized_start=1444
-  _globals['_LANESTATS']._serialized_end=1584
-  _globals['_TIERTARGETSTATS']._serialized_start=1586
-  _globals['_TIERTARGETSTATS']._serialized_end=1684
-  _globals['_TIERSTATS']._serialized_start=1686
-  _globals['_TIERSTATS']._serialized_end=1757
-  _globals['_ROUTESTATS']._serialized_start=1760
-  _globals['_ROUTESTATS']._serialized_end=1908
-  _globals['_GETSTATSREQUEST']._serialized_start=1910
-  _globals['_GETSTATSREQUEST']._serialized_end=1927
-  _globals['_GETSTATSRESPONSE']._serialized_start=1930
-  _globals['_GETSTATSRESPONSE']._serialized_end=2077
+  _globals['_LIMITHEALTH']._serialized_end=461
+  _globals['_PROVIDERHEALTH']._serialized_start=464
+  _globals['_PROVIDERHEALTH']._serialized_end=1329
+  _globals['_GETPROVIDERHEALTHREQUEST']._serialized_start=1331
+  _globals['_GETPROVIDERHEALTHREQUEST']._serialized_end=1376
+  _globals['_GETPROVIDERHEALTHRESPONSE']._serialized_start=1378
+  _globals['_GETPROVIDERHEALTHRESPONSE']._serialized_end=1452
+  _globals['_LANESTATS']._serialized_start=1455
+  _globals['_LANESTATS']._serialized_end=1595
+  _globals['_TIERTARGETSTATS']._serialized_start=1597
+  _globals['_TIERTARGETSTATS']._serialized_end=1695
+  _globals['_TIERSTATS']._serialized_start=1697
+  _globals['_TIERSTATS']._serialized_end=1768
+  _globals['_ROUTESTATS']._serialized_start=1771
+  _globals['_ROUTESTATS']._serialized_end=1944
+  _globals['_GETSTATSREQUEST']._serialized_start=1946
+  _globals['_GETSTATSREQUEST']._serialized_end=1963
+  _globals['_GETSTATSRESPONSE']._serialized_start=1966
+  _globals['_GETSTATSRESPONSE']._serialized_end=2118
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2120
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2142
+  _globals['_LIMITS']._serialized_start=2145
+  _globals['_LIMITS']._serialized_end=2469
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=2472
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=2604
 # @@protoc_insertion_point(module_scope)

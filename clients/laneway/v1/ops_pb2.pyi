@@ -34,7 +34,7 @@ class _CircuitStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitS
     CIRCUIT_STATE_HALF_OPEN: _CircuitState.ValueType  # 2
     """The open phase has ended: a few probe calls test the provider."""
     CIRCUIT_STATE_OPEN: _CircuitState.ValueType  # 3
-    """No worker calls the provider until open_until."""
+    """No worker calls the provider until open_end_time."""
 
 class CircuitState(_CircuitState, metaclass=_CircuitStateEnumTypeWrapper):
     """A provider's circuit breaker, shared by every worker of the fleet."""
@@ -45,8 +45,36 @@ CIRCUIT_STATE_CLOSED: CircuitState.ValueType  # 1
 CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 2
 """The open phase has ended: a few probe calls test the provider."""
 CIRCUIT_STATE_OPEN: CircuitState.ValueType  # 3
-"""No worker calls the provider until open_until."""
+"""No worker calls the provider until open_end_time."""
 Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
+
+class _WhenAllDown:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WhenAllDownEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WhenAllDown.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WHEN_ALL_DOWN_UNSPECIFIED: _WhenAllDown.ValueType  # 0
+    WHEN_ALL_DOWN_WAIT: _WhenAllDown.ValueType  # 1
+    """Keep the job queued until a provider recovers (the default)."""
+    WHEN_ALL_DOWN_FAIL: _WhenAllDown.ValueType  # 2
+    """Refuse new jobs (UNAVAILABLE, reason NO_HEALTHY_TARGET) and end queued ones
+    DEAD_LETTERED with NO_HEALTHY_TARGET.
+    """
+
+class WhenAllDown(_WhenAllDown, metaclass=_WhenAllDownEnumTypeWrapper):
+    """What a route does with a job while every provider it may use is down (circuit
+    open).
+    """
+
+WHEN_ALL_DOWN_UNSPECIFIED: WhenAllDown.ValueType  # 0
+WHEN_ALL_DOWN_WAIT: WhenAllDown.ValueType  # 1
+"""Keep the job queued until a provider recovers (the default)."""
+WHEN_ALL_DOWN_FAIL: WhenAllDown.ValueType  # 2
+"""Refuse new jobs (UNAVAILABLE, reason NO_HEALTHY_TARGET) and end queued ones
+DEAD_LETTERED with NO_HEALTHY_TARGET.
+"""
+Global___WhenAllDown: _TypeAlias = WhenAllDown  # noqa: Y015
 
 @_typing.final
 class LimitHealth(_message.Message):
@@ -59,7 +87,7 @@ class LimitHealth(_message.Message):
     CONFIGURED_TPM_FIELD_NUMBER: _builtins.int
     CURRENT_RPM_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
-    PAUSED_UNTIL_FIELD_NUMBER: _builtins.int
+    PAUSE_END_TIME_FIELD_NUMBER: _builtins.int
     PAUSE_REASON_FIELD_NUMBER: _builtins.int
     RATE_FRACTION_FIELD_NUMBER: _builtins.int
     REQUESTS_GRANTED_FIELD_NUMBER: _builtins.int
@@ -88,7 +116,7 @@ class LimitHealth(_message.Message):
     headers say it is nearly out); unset when no token limit applies.
     """
     @_builtins.property
-    def paused_until(self) -> _timestamp_pb2.Timestamp:
+    def pause_end_time(self) -> _timestamp_pb2.Timestamp:
         """No call goes out before this (a fleet-wide Retry-After); unset when not paused."""
 
     def __init__(
@@ -99,16 +127,16 @@ class LimitHealth(_message.Message):
         configured_tpm: _builtins.int = ...,
         current_rpm: _builtins.float | None = ...,
         budget: _builtins.float | None = ...,
-        paused_until: _timestamp_pb2.Timestamp | None = ...,
+        pause_end_time: _timestamp_pb2.Timestamp | None = ...,
         pause_reason: _builtins.str = ...,
         rate_fraction: _builtins.float = ...,
         requests_granted: _builtins.int = ...,
         rate_limited: _builtins.int = ...,
         current_tpm: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "paused_until", b"paused_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "pause_end_time", b"pause_end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "model", b"model", "pause_reason", b"pause_reason", "paused_until", b"paused_until", "rate_fraction", b"rate_fraction", "rate_limited", b"rate_limited", "requests_granted", b"requests_granted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "budget", b"budget", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "model", b"model", "pause_end_time", b"pause_end_time", "pause_reason", b"pause_reason", "rate_fraction", b"rate_fraction", "rate_limited", b"rate_limited", "requests_granted", b"requests_granted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
@@ -137,14 +165,14 @@ class ProviderHealth(_message.Message):
     TYPE_FIELD_NUMBER: _builtins.int
     CIRCUIT_STATE_FIELD_NUMBER: _builtins.int
     CIRCUIT_ENABLED_FIELD_NUMBER: _builtins.int
-    OPEN_UNTIL_FIELD_NUMBER: _builtins.int
+    OPEN_END_TIME_FIELD_NUMBER: _builtins.int
     CONFIGURED_RPM_FIELD_NUMBER: _builtins.int
     CONFIGURED_TPM_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
     CURRENT_RPM_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
     IN_FLIGHT_FIELD_NUMBER: _builtins.int
-    PAUSED_UNTIL_FIELD_NUMBER: _builtins.int
+    PAUSE_END_TIME_FIELD_NUMBER: _builtins.int
     PAUSE_REASON_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     LAST_ERROR_TIME_FIELD_NUMBER: _builtins.int
@@ -156,11 +184,11 @@ class ProviderHealth(_message.Message):
     RECENT_CALLS_FIELD_NUMBER: _builtins.int
     ERROR_RATE_FIELD_NUMBER: _builtins.int
     RATE_LIMITED_RATE_FIELD_NUMBER: _builtins.int
-    LATENCY_P50_S_FIELD_NUMBER: _builtins.int
-    LATENCY_P95_S_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_FIELD_NUMBER: _builtins.int
+    LATENCY_P95_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     type: _builtins.str
-    """Provider type from the config: mock, openai, anthropic."""
+    """Provider type from the config: mock, openai, anthropic, or a plugin's type."""
     circuit_state: Global___CircuitState.ValueType
     circuit_enabled: _builtins.bool
     """False when the config turns the provider's breaker off (it then stays closed)."""
@@ -191,17 +219,12 @@ class ProviderHealth(_message.Message):
     """
     error_rate: _builtins.float
     rate_limited_rate: _builtins.float
-    latency_p50_s: _builtins.float
-    """Latency of the answered calls over the same minute, in seconds (interpolated
-    within histogram buckets); unset without answers.
-    """
-    latency_p95_s: _builtins.float
     @_builtins.property
-    def open_until(self) -> _timestamp_pb2.Timestamp:
+    def open_end_time(self) -> _timestamp_pb2.Timestamp:
         """End of the current open phase; unset unless open."""
 
     @_builtins.property
-    def paused_until(self) -> _timestamp_pb2.Timestamp: ...
+    def pause_end_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def last_error_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -212,6 +235,14 @@ class ProviderHealth(_message.Message):
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___LimitHealth]:
         """Budgets of the models with their own limits (limits.models)."""
 
+    @_builtins.property
+    def latency_p50(self) -> _duration_pb2.Duration:
+        """Latency of the answered calls over the same minute (interpolated within
+        histogram buckets); unset without answers.
+        """
+
+    @_builtins.property
+    def latency_p95(self) -> _duration_pb2.Duration: ...
     def __init__(
         self,
         *,
@@ -219,14 +250,14 @@ class ProviderHealth(_message.Message):
         type: _builtins.str = ...,
         circuit_state: Global___CircuitState.ValueType = ...,
         circuit_enabled: _builtins.bool = ...,
-        open_until: _timestamp_pb2.Timestamp | None = ...,
+        open_end_time: _timestamp_pb2.Timestamp | None = ...,
         configured_rpm: _builtins.int = ...,
         configured_tpm: _builtins.int = ...,
         max_concurrent: _builtins.int = ...,
         current_rpm: _builtins.float | None = ...,
         budget: _builtins.float | None = ...,
         in_flight: _builtins.int = ...,
-        paused_until: _timestamp_pb2.Timestamp | None = ...,
+        pause_end_time: _timestamp_pb2.Timestamp | None = ...,
         pause_reason: _builtins.str = ...,
         last_error: _builtins.str = ...,
         last_error_time: _timestamp_pb2.Timestamp | None = ...,
@@ -238,12 +269,12 @@ class ProviderHealth(_message.Message):
         recent_calls: _builtins.int = ...,
         error_rate: _builtins.float | None = ...,
         rate_limited_rate: _builtins.float | None = ...,
-        latency_p50_s: _builtins.float | None = ...,
-        latency_p95_s: _builtins.float | None = ...,
+        latency_p50: _duration_pb2.Duration | None = ...,
+        latency_p95: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "_error_rate", b"_error_rate", "_latency_p50_s", b"_latency_p50_s", "_latency_p95_s", b"_latency_p95_s", "_rate_limited_rate", b"_rate_limited_rate", "budget", b"budget", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "error_rate", b"error_rate", "last_error_time", b"last_error_time", "latency_p50_s", b"latency_p50_s", "latency_p95_s", b"latency_p95_s", "limit", b"limit", "open_until", b"open_until", "paused_until", b"paused_until", "rate_limited_rate", b"rate_limited_rate"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "_error_rate", b"_error_rate", "_rate_limited_rate", b"_rate_limited_rate", "budget", b"budget", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "error_rate", b"error_rate", "last_error_time", b"last_error_time", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "limit", b"limit", "open_end_time", b"open_end_time", "pause_end_time", b"pause_end_time", "rate_limited_rate", b"rate_limited_rate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "_error_rate", b"_error_rate", "_latency_p50_s", b"_latency_p50_s", "_latency_p95_s", b"_latency_p95_s", "_rate_limited_rate", b"_rate_limited_rate", "budget", b"budget", "circuit_enabled", b"circuit_enabled", "circuit_state", b"circuit_state", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "consecutive_failures", b"consecutive_failures", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "error_rate", b"error_rate", "in_flight", b"in_flight", "last_error", b"last_error", "last_error_time", b"last_error_time", "latency_p50_s", b"latency_p50_s", "latency_p95_s", b"latency_p95_s", "limit", b"limit", "max_concurrent", b"max_concurrent", "models", b"models", "open_until", b"open_until", "opens", b"opens", "pause_reason", b"pause_reason", "paused_until", b"paused_until", "provider", b"provider", "rate_limited_rate", b"rate_limited_rate", "recent_calls", b"recent_calls", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_budget", b"_budget", "_current_rpm", b"_current_rpm", "_current_tpm", b"_current_tpm", "_error_rate", b"_error_rate", "_rate_limited_rate", b"_rate_limited_rate", "budget", b"budget", "circuit_enabled", b"circuit_enabled", "circuit_state", b"circuit_state", "configured_rpm", b"configured_rpm", "configured_tpm", b"configured_tpm", "consecutive_failures", b"consecutive_failures", "current_rpm", b"current_rpm", "current_tpm", b"current_tpm", "error_rate", b"error_rate", "in_flight", b"in_flight", "last_error", b"last_error", "last_error_time", b"last_error_time", "latency_p50", b"latency_p50", "latency_p95", b"latency_p95", "limit", b"limit", "max_concurrent", b"max_concurrent", "models", b"models", "open_end_time", b"open_end_time", "opens", b"opens", "pause_end_time", b"pause_end_time", "pause_reason", b"pause_reason", "provider", b"provider", "rate_limited_rate", b"rate_limited_rate", "recent_calls", b"recent_calls", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__budget: _TypeAlias = _typing.Literal["budget"]  # noqa: Y015
     _WhichOneofArgType__budget: _TypeAlias = _typing.Literal["_budget", b"_budget"]  # noqa: Y015
@@ -253,10 +284,6 @@ class ProviderHealth(_message.Message):
     _WhichOneofArgType__current_tpm: _TypeAlias = _typing.Literal["_current_tpm", b"_current_tpm"]  # noqa: Y015
     _WhichOneofReturnType__error_rate: _TypeAlias = _typing.Literal["error_rate"]  # noqa: Y015
     _WhichOneofArgType__error_rate: _TypeAlias = _typing.Literal["_error_rate", b"_error_rate"]  # noqa: Y015
-    _WhichOneofReturnType__latency_p50_s: _TypeAlias = _typing.Literal["latency_p50_s"]  # noqa: Y015
-    _WhichOneofArgType__latency_p50_s: _TypeAlias = _typing.Literal["_latency_p50_s", b"_latency_p50_s"]  # noqa: Y015
-    _WhichOneofReturnType__latency_p95_s: _TypeAlias = _typing.Literal["latency_p95_s"]  # noqa: Y015
-    _WhichOneofArgType__latency_p95_s: _TypeAlias = _typing.Literal["_latency_p95_s", b"_latency_p95_s"]  # noqa: Y015
     _WhichOneofReturnType__rate_limited_rate: _TypeAlias = _typing.Literal["rate_limited_rate"]  # noqa: Y015
     _WhichOneofArgType__rate_limited_rate: _TypeAlias = _typing.Literal["_rate_limited_rate", b"_rate_limited_rate"]  # noqa: Y015
     @_typing.overload
@@ -267,10 +294,6 @@ class ProviderHealth(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__current_tpm) -> _WhichOneofReturnType__current_tpm | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__error_rate) -> _WhichOneofReturnType__error_rate | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p50_s) -> _WhichOneofReturnType__latency_p50_s | None: ...
-    @_typing.overload
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_p95_s) -> _WhichOneofReturnType__latency_p95_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rate_limited_rate) -> _WhichOneofReturnType__rate_limited_rate | None: ...
 
@@ -440,8 +463,8 @@ class RouteStats(_message.Message):
     route: _builtins.str
     dead_letters: _builtins.int
     """Dead letters kept for this route."""
-    when_all_down: _builtins.str
-    """The route's when_all_down policy: "wait" or "fail"."""
+    when_all_down: Global___WhenAllDown.ValueType
+    """The route's when_all_down policy."""
     @_builtins.property
     def lanes(self) -> _containers.RepeatedCompositeFieldContainer[Global___LaneStats]:
         """High, normal, low."""
@@ -456,7 +479,7 @@ class RouteStats(_message.Message):
         route: _builtins.str = ...,
         lanes: _abc.Iterable[Global___LaneStats] | None = ...,
         dead_letters: _builtins.int = ...,
-        when_all_down: _builtins.str = ...,
+        when_all_down: Global___WhenAllDown.ValueType = ...,
         tiers: _abc.Iterable[Global___TierStats] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -486,11 +509,11 @@ Global___GetStatsRequest: _TypeAlias = GetStatsRequest  # noqa: Y015
 class GetStatsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
-    TIME_FIELD_NUMBER: _builtins.int
+    READ_TIME_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
     PROVIDERS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp:
+    def read_time(self) -> _timestamp_pb2.Timestamp:
         """When the figures were read (the broker's clock)."""
 
     @_builtins.property
@@ -502,14 +525,124 @@ class GetStatsResponse(_message.Message):
     def __init__(
         self,
         *,
-        time: _timestamp_pb2.Timestamp | None = ...,
+        read_time: _timestamp_pb2.Timestamp | None = ...,
         routes: _abc.Iterable[Global___RouteStats] | None = ...,
         providers: _abc.Iterable[Global___ProviderHealth] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["read_time", b"read_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["providers", b"providers", "routes", b"routes", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["providers", b"providers", "read_time", b"read_time", "routes", b"routes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatsResponse: _TypeAlias = GetStatsResponse  # noqa: Y015
+
+@_typing.final
+class GetServerInfoRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoRequest: _TypeAlias = GetServerInfoRequest  # noqa: Y015
+
+@_typing.final
+class Limits(_message.Message):
+    """Every limit a request must stay within. A request over one is refused with
+    INVALID_ARGUMENT, reason LIMIT_EXCEEDED, and ErrorInfo.metadata "limit".
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_BATCH_JOBS_FIELD_NUMBER: _builtins.int
+    MAX_JOB_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_STREAM_JOB_IDS_FIELD_NUMBER: _builtins.int
+    MAX_METADATA_ENTRIES_FIELD_NUMBER: _builtins.int
+    MAX_METADATA_KEY_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_METADATA_VALUE_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_IDEMPOTENCY_KEY_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_DEBOUNCE_KEY_CHARS_FIELD_NUMBER: _builtins.int
+    MAX_PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    MAX_SCHEDULE_AHEAD_FIELD_NUMBER: _builtins.int
+    max_batch_jobs: _builtins.int
+    """Jobs per SubmitBatch call (broker.max_batch_jobs)."""
+    max_job_bytes: _builtins.int
+    """Bytes of one serialized job (broker.max_payload_bytes)."""
+    max_stream_job_ids: _builtins.int
+    """Job ids per StreamResults call."""
+    max_metadata_entries: _builtins.int
+    """Entries of JobSpec.metadata, and characters of one key and of one value."""
+    max_metadata_key_chars: _builtins.int
+    max_metadata_value_chars: _builtins.int
+    max_idempotency_key_chars: _builtins.int
+    """Characters of JobSpec.idempotency_key and of Debounce.key."""
+    max_debounce_key_chars: _builtins.int
+    max_page_size: _builtins.int
+    """Largest page of ListDeadLetters (a larger page_size is capped to it), and the
+    most dead letters one RedriveDeadLetters call takes.
+    """
+    @_builtins.property
+    def max_schedule_ahead(self) -> _duration_pb2.Duration:
+        """How far ahead a job may be scheduled (queue.events_max_age_s)."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_jobs: _builtins.int = ...,
+        max_job_bytes: _builtins.int = ...,
+        max_stream_job_ids: _builtins.int = ...,
+        max_metadata_entries: _builtins.int = ...,
+        max_metadata_key_chars: _builtins.int = ...,
+        max_metadata_value_chars: _builtins.int = ...,
+        max_idempotency_key_chars: _builtins.int = ...,
+        max_debounce_key_chars: _builtins.int = ...,
+        max_page_size: _builtins.int = ...,
+        max_schedule_ahead: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_schedule_ahead", b"max_schedule_ahead"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_jobs", b"max_batch_jobs", "max_debounce_key_chars", b"max_debounce_key_chars", "max_idempotency_key_chars", b"max_idempotency_key_chars", "max_job_bytes", b"max_job_bytes", "max_metadata_entries", b"max_metadata_entries", "max_metadata_key_chars", b"max_metadata_key_chars", "max_metadata_value_chars", b"max_metadata_value_chars", "max_page_size", b"max_page_size", "max_schedule_ahead", b"max_schedule_ahead", "max_stream_job_ids", b"max_stream_job_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Limits: _TypeAlias = Limits  # noqa: Y015
+
+@_typing.final
+class GetServerInfoResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    ROUTES_FIELD_NUMBER: _builtins.int
+    DEFAULT_LANE_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    """The broker's version (the laneway package's)."""
+    default_lane: _job_pb2.Lane.ValueType
+    """The lane a job without one goes to."""
+    @_builtins.property
+    def limits(self) -> Global___Limits: ...
+    @_builtins.property
+    def routes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Configured route names, in config order."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        limits: Global___Limits | None = ...,
+        routes: _abc.Iterable[_builtins.str] | None = ...,
+        default_lane: _job_pb2.Lane.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_lane", b"default_lane", "limits", b"limits", "routes", b"routes", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015

@@ -1,0 +1,1 @@
+"""Generated from protos/laneway/internal/v1 (make proto): do not edit."""

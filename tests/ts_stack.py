@@ -1,0 +1,135 @@
+"""A real stack for the TypeScript client's tests (clients/typescript/test/), driven
+over stdin/stdout: ``.venv/bin/python -m tests.ts_stack``.
+
+nats-server, one broker and one worker as separate processes (``tests.stack.Stack``),
+so the broker can be killed and started again on the same address mid-test.
+
+Protocol (one JSON object per line on stdout, one command per line on stdin):
+
+- on start: ``{"ready": true, "address": "127.0.0.1:PORT"}``
+- ``restart-broker``: SIGKILL the broker, start a new one on the same address, then
+  ``{"restarted": true, "address": ...}`` once it serves;
+- ``restart-broker graceful``: the same with SIGTERM (the broker drains: open streams
+  end UNAVAILABLE with reason SHUTTING_DOWN);
+- ``kill-broker`` then ``start-broker``: an outage as long as the test likes, each
+  answered ``{"killed": true}`` / ``{"started": true, "address": ...}``;
+- ``quit`` (or stdin closed): tear everything down and exit 0.
+
+Any failure is printed as ``{"error": "..."}`` and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from tests.stack import Stack
+
+__all__ = ["TS_CONFIG"]
+
+# chat: instant mock; stream: 80 ms per streamed word (a 40-word message takes ~3 s);
+# doomed: every call fails with a 503 and one failure opens its circuit for 10
+# minutes, so with when_all_down: fail the route then refuses jobs (NO_HEALTHY_TARGET).
+# No braces: Stack formats the config with call_log.
+TS_CONFIG = """\
+broker:
+  grpc_addr: "127.0.0.1:0"
+workers:
+  retry_backoff_s: 0.05
+  retry_backoff_max_s: 0.2
+  shutdown_grace_s: 2
+  max_attempts: 2
+providers:
+  mock:
+    type: mock
+    concurrency: 64
+    call_log: "{call_log}"
+  streamer:
+    type: mock
+    concurrency: 8
+    token_delay_ms: 80
+  doomed:
+    type: mock
+    concurrency: 4
+    error_rates:
+      503: 1.0
+    circuit:
+      consecutive_failures: 1
+      open_s: 600
+      max_open_s: 600
+routes:
+  chat:
+    targets:
+      - provider: mock
+        model: mock-chat
+  stream:
+    targets:
+      - provider: streamer
+        model: mock-chat
+  doomed:
+    when_all_down: fail
+    targets:
+      - provider: doomed
+        model: mock-chat
+"""
+
+
+async def stop_broker(stack: Stack) -> None:
+    """SIGTERM the broker and wait for it to exit (Stack only kills it)."""
+    proc = stack._broker  # Stack has no graceful stop of the broker alone
+    assert proc is not None
+    proc.terminate()
+    await proc.wait()
+
+
+def say(obj: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def serve(root: Path) -> None:
+    async with Stack(root, workers=1, config=TS_CONFIG) as stack:
+        say({"ready": True, "address": stack.address, "root": str(root)})
+        while True:
+            line = await asyncio.to_thread(sys.stdin.readline)
+            command = line.strip()
+            if not line or command == "quit":
+                break
+            if not command:
+                continue
+            if command in ("restart-broker", "restart-broker graceful"):
+                if command.endswith("graceful"):
+                    await stop_broker(stack)
+                else:
+                    await stack.kill_broker()
+                await stack.start_broker()
+                say({"restarted": True, "address": stack.address})
+            elif command == "kill-broker":
+                await stack.kill_broker()
+                say({"killed": True})
+            elif command == "start-broker":
+                await stack.start_broker()
+                say({"started": True, "address": stack.address})
+            else:
+                say({"error": f"unknown command {command!r}"})
+
+
+def main() -> int:
+    root = Path(tempfile.mkdtemp(prefix="laneway-ts-"))
+    try:
+        asyncio.run(serve(root))
+        return 0
+    except BaseException as err:  # report anything to the test, which prints it
+        say({"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()})
+        return 1
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
