@@ -21,7 +21,10 @@ from laneway.v1 import errors_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 # What errors.proto documents as ErrorInfo metadata.
-METADATA_KEYS = {"field", "limit", "actual", "route", "provider", "job_id", "idempotency_key"}
+METADATA_KEYS = {
+    "field", "limit", "actual", "route", "provider", "job_id", "idempotency_key",
+    "role", "required", "tenant", "quota",
+}  # fmt: skip
 
 
 def _subclasses(cls: type) -> set[type]:
@@ -114,7 +117,9 @@ def _info(details: dict[type[Message], Message]) -> error_details_pb2.ErrorInfo:
         (errors.DeadlineExceeded("x"), "ENQUEUE_OUTCOME_UNKNOWN"),
         (errors.InternalError("x"), "INTERNAL"),
         (errors.FailedPrecondition("x"), "INTERNAL"),
-        (errors.ResourceExhausted("x"), "INTERNAL"),
+        (errors.ResourceExhausted("x"), "QUOTA_EXCEEDED"),
+        (errors.Unauthenticated("x"), "UNAUTHENTICATED"),
+        (errors.PermissionDenied("x"), "PERMISSION_DENIED"),
         # Not an ErrorReason name: the code's default, never the made-up name.
         (errors.InvalidArgument("x", reason="BATCH_TOO_LARGE"), "INVALID_FIELD"),
         (errors.Unavailable("x", reason="UNSPECIFIED"), "NATS_UNAVAILABLE"),

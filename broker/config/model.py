@@ -42,6 +42,7 @@ from laneway.broker.config.errors import (
 from laneway.broker.config.provider_types import AnyProviderConfig
 from laneway.broker.config.providers import CircuitConfig, ConfigModel, ErrorRates, LimitsConfig
 from laneway.broker.config.routes import BatchConfig, RouteConfig, RouteTarget
+from laneway.broker.config.security import AuthConfig, BrokerTlsConfig, NatsCredentials, TenantConfig
 from laneway.broker.core.errors import ConfigError
 from laneway.broker.core.model import LANES, NAME_PATTERN
 
@@ -93,6 +94,8 @@ class NatsConfig(ConfigModel):
     """Port of the embedded nats-server ``laneway up`` starts when no URL is given
     (``--nats-port`` overrides it). Unset: 4222 when free, else any free port. Set: that
     port (0: any free one), and ``laneway up`` fails if it is taken."""
+    credentials: NatsCredentials = Field(default_factory=NatsCredentials)
+    """How to authenticate to NATS (user and password, token, nkey, creds file, TLS)."""
 
 
 class BrokerConfig(ConfigModel):
@@ -102,10 +105,13 @@ class BrokerConfig(ConfigModel):
     """``HOST:PORT`` the gRPC server listens on; use ``0.0.0.0:PORT`` or ``[::]:PORT``
     to accept connections from other hosts."""
     max_payload_bytes: PositiveInt = 1_048_576
-    """Largest serialized job accepted, in bytes; larger ones are rejected as
-    RESOURCE_EXHAUSTED. Keep it under the NATS server's ``max_payload``."""
+    """Largest serialized job accepted, in bytes; larger ones are refused as
+    INVALID_ARGUMENT (``LIMIT_EXCEEDED``). Keep it under the NATS server's ``max_payload``."""
     max_batch_jobs: PositiveInt = 1000
     """Most jobs one SubmitBatch call may carry."""
+    tls: BrokerTlsConfig | None = None
+    """TLS (and optionally mTLS) on the gRPC port. Unset: plaintext, which the broker
+    accepts only on loopback unless started with ``--insecure``."""
 
     @field_validator("grpc_addr")
     @classmethod
@@ -260,6 +266,10 @@ class LanewayConfig(ConfigModel):
 
     nats: NatsConfig = Field(default_factory=NatsConfig)
     """Connection to NATS."""
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    """API keys and roles (off unless enabled)."""
+    tenants: dict[Name, TenantConfig] = {}  # noqa: RUF012 (pydantic copies it)
+    """Per-tenant quotas, by tenant name."""
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     """gRPC server settings and request limits."""
     queue: QueueConfig = Field(default_factory=QueueConfig)

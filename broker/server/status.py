@@ -48,6 +48,9 @@ _DEFAULT_REASON = {
     grpc.StatusCode.ABORTED: "CONTENDED",
     grpc.StatusCode.UNAVAILABLE: "NATS_UNAVAILABLE",
     grpc.StatusCode.DEADLINE_EXCEEDED: "ENQUEUE_OUTCOME_UNKNOWN",
+    grpc.StatusCode.UNAUTHENTICATED: "UNAUTHENTICATED",
+    grpc.StatusCode.PERMISSION_DENIED: "PERMISSION_DENIED",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "QUOTA_EXCEEDED",
 }
 # Retrying helps (RetryInfo). Not DEADLINE_EXCEEDED: the job may have been enqueued.
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED})

@@ -25,7 +25,9 @@ from laneway.errors import (
     InvalidArgument,
     LanewayError,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from laneway.inputs import JobInput, JobOptions, chat, classification, embedding, job
@@ -56,10 +58,12 @@ __all__ = [
     "JobState",
     "LanewayError",
     "NotFound",
+    "PermissionDenied",
     "OnDisconnect",
     "Redriven",
     "ResourceExhausted",
     "Submitted",
+    "Unauthenticated",
     "Unavailable",
     "chat",
     "classification",

@@ -12,11 +12,14 @@ Hierarchy::
         ├── AlreadyExists       ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED)
         ├── FailedPrecondition  FAILED_PRECONDITION
         ├── Aborted             ABORTED (CONTENDED: retry)
-        ├── ResourceExhausted   RESOURCE_EXHAUSTED
+        ├── ResourceExhausted   RESOURCE_EXHAUSTED (QUOTA_EXCEEDED: the tenant is over a quota;
+        │                       retry after ``retry_delay``)
         ├── Unavailable         UNAVAILABLE (NOT_ENQUEUED, NATS_UNAVAILABLE, SHUTTING_DOWN,
         │                       NO_HEALTHY_TARGET, or no broker reachable: retry)
         ├── DeadlineExceeded    DEADLINE_EXCEEDED (ENQUEUE_OUTCOME_UNKNOWN: the job may run;
         │                       retry a Submit only with an idempotency key)
+        ├── Unauthenticated     UNAUTHENTICATED (no API key, or an unknown, revoked or expired one)
+        ├── PermissionDenied    PERMISSION_DENIED (the key's role may not make the call)
         ├── Cancelled           CANCELLED
         └── InternalError       INTERNAL, UNKNOWN and any other code
 
@@ -46,7 +49,9 @@ __all__ = [
     "InvalidArgument",
     "LanewayError",
     "NotFound",
+    "PermissionDenied",
     "ResourceExhausted",
+    "Unauthenticated",
     "Unavailable",
     "error_for_code",
 ]
@@ -125,6 +130,14 @@ class DeadlineExceeded(ApiError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(ApiError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(ApiError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Cancelled(ApiError):
     code = grpc.StatusCode.CANCELLED
 
@@ -144,6 +157,8 @@ _BY_CODE: dict[grpc.StatusCode, type[ApiError]] = {
         ResourceExhausted,
         Unavailable,
         DeadlineExceeded,
+        Unauthenticated,
+        PermissionDenied,
         Cancelled,
         InternalError,
     )

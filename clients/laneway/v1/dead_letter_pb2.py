@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from laneway.v1 import job_pb2 as laneway_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1claneway/v1/dead_letter.proto\x12\nlaneway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"\xc4\x01\n\rAttemptRecord\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x14.laneway.v1.JobError\"\xbb\x02\n\nDeadLetter\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.laneway.v1.DeadLetterReason\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.laneway.v1.JobError\x12+\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32\x19.laneway.v1.AttemptRecord\x12\x30\n\x0c\x65nqueue_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x64\x65\x61\x64_letter_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndeliveries\x18\x08 \x01(\r\"\xec\x01\n\x10\x44\x65\x61\x64LetterFilter\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\r\n\x05route\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.laneway.v1.DeadLetterReason\x12,\n\nerror_code\x18\x06 \x01(\x0e\x32\x18.laneway.v1.JobErrorCode\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb0\x01\n\x10\x44\x65\x61\x64LetterReason\x12\"\n\x1e\x44\x45\x41\x44_LETTER_REASON_UNSPECIFIED\x10\x00\x12&\n\"DEAD_LETTER_REASON_PERMANENT_ERROR\x10\x01\x12)\n%DEAD_LETTER_REASON_ATTEMPTS_EXHAUSTED\x10\x02\x12%\n!DEAD_LETTER_REASON_MAX_DELIVERIES\x10\x03\x42\x8d\x01\n\x0e\x64\x65v.laneway.v1B\x0f\x44\x65\x61\x64LetterProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1claneway/v1/dead_letter.proto\x12\nlaneway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"\xc4\x01\n\rAttemptRecord\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\r\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x14.laneway.v1.JobError\"\xcb\x02\n\nDeadLetter\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.laneway.v1.DeadLetterReason\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.laneway.v1.JobError\x12+\n\x08\x61ttempts\x18\x05 \x03(\x0b\x32\x19.laneway.v1.AttemptRecord\x12\x30\n\x0c\x65nqueue_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10\x64\x65\x61\x64_letter_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndeliveries\x18\x08 \x01(\r\x12\x0e\n\x06tenant\x18\t \x01(\t\"\xfc\x01\n\x10\x44\x65\x61\x64LetterFilter\x12\x0f\n\x07job_ids\x18\x01 \x03(\t\x12\r\n\x05route\x18\x02 \x01(\t\x12,\n\x06reason\x18\x03 \x01(\x0e\x32\x1c.laneway.v1.DeadLetterReason\x12,\n\nerror_code\x18\x06 \x01(\x0e\x32\x18.laneway.v1.JobErrorCode\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x07 \x01(\t*\xb0\x01\n\x10\x44\x65\x61\x64LetterReason\x12\"\n\x1e\x44\x45\x41\x44_LETTER_REASON_UNSPECIFIED\x10\x00\x12&\n\"DEAD_LETTER_REASON_PERMANENT_ERROR\x10\x01\x12)\n%DEAD_LETTER_REASON_ATTEMPTS_EXHAUSTED\x10\x02\x12%\n!DEAD_LETTER_REASON_MAX_DELIVERIES\x10\x03\x42\x8d\x01\n\x0e\x64\x65v.laneway.v1B\x0f\x44\x65\x61\x64LetterProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,12 +34,12 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'laneway.v1.dead_letter_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.laneway.v1B\017DeadLetterProtoP\001Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\242\002\003LWY\252\002\nLaneway.V1\312\002\nLaneway\\V1\352\002\013Laneway::V1'
-  _globals['_DEADLETTERREASON']._serialized_start=856
-  _globals['_DEADLETTERREASON']._serialized_end=1032
+  _globals['_DEADLETTERREASON']._serialized_start=888
+  _globals['_DEADLETTERREASON']._serialized_end=1064
   _globals['_ATTEMPTRECORD']._serialized_start=100
   _globals['_ATTEMPTRECORD']._serialized_end=296
   _globals['_DEADLETTER']._serialized_start=299
-  _globals['_DEADLETTER']._serialized_end=614
-  _globals['_DEADLETTERFILTER']._serialized_start=617
-  _globals['_DEADLETTERFILTER']._serialized_end=853
+  _globals['_DEADLETTER']._serialized_end=630
+  _globals['_DEADLETTERFILTER']._serialized_start=633
+  _globals['_DEADLETTERFILTER']._serialized_end=885
 # @@protoc_insertion_point(module_scope)

@@ -108,10 +108,13 @@ class DeadLetter(_message.Message):
     ENQUEUE_TIME_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_TIME_FIELD_NUMBER: _builtins.int
     DELIVERIES_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     reason: Global___DeadLetterReason.ValueType
     deliveries: _builtins.int
     """JetStream deliveries of the job (0 when unknown)."""
+    tenant: _builtins.str
+    """The tenant the job belongs to; empty without authentication."""
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec:
         """The job exactly as submitted."""
@@ -139,10 +142,11 @@ class DeadLetter(_message.Message):
         enqueue_time: _timestamp_pb2.Timestamp | None = ...,
         dead_letter_time: _timestamp_pb2.Timestamp | None = ...,
         deliveries: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter_time", b"dead_letter_time", "enqueue_time", b"enqueue_time", "error", b"error", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "dead_letter_time", b"dead_letter_time", "deliveries", b"deliveries", "enqueue_time", b"enqueue_time", "error", b"error", "job_id", b"job_id", "reason", b"reason", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "dead_letter_time", b"dead_letter_time", "deliveries", b"deliveries", "enqueue_time", b"enqueue_time", "error", b"error", "job_id", b"job_id", "reason", b"reason", "spec", b"spec", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -162,12 +166,17 @@ class DeadLetterFilter(_message.Message):
     ERROR_CODE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     route: _builtins.str
     """Only jobs submitted to this route."""
     reason: Global___DeadLetterReason.ValueType
     """Only jobs dead-lettered for this reason."""
     error_code: _job_pb2.JobErrorCode.ValueType
     """Only jobs whose final error has this code."""
+    tenant: _builtins.str
+    """Admins only: only this tenant's dead letters (others always see only their
+    own tenant's).
+    """
     @_builtins.property
     def job_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these jobs (at most 1,000)."""
@@ -189,10 +198,11 @@ class DeadLetterFilter(_message.Message):
         error_code: _job_pb2.JobErrorCode.ValueType = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error_code", b"error_code", "job_ids", b"job_ids", "reason", b"reason", "route", b"route", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error_code", b"error_code", "job_ids", b"job_ids", "reason", b"reason", "route", b"route", "start_time", b"start_time", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17laneway/v1/errors.proto\x12\nlaneway.v1*\x81\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12\"\n\x1e\x45RROR_REASON_MALFORMED_REQUEST\x10\x02\x12\x1f\n\x1b\x45RROR_REASON_LIMIT_EXCEEDED\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_UNKNOWN_ROUTE\x10\x04\x12!\n\x1d\x45RROR_REASON_UNKNOWN_PROVIDER\x10\x05\x12\'\n#ERROR_REASON_IDEMPOTENCY_KEY_REUSED\x10\x06\x12\x1c\n\x18\x45RROR_REASON_UNKNOWN_JOB\x10\x07\x12\"\n\x1e\x45RROR_REASON_NO_HEALTHY_TARGET\x10\x08\x12\x1d\n\x19\x45RROR_REASON_NOT_ENQUEUED\x10\t\x12!\n\x1d\x45RROR_REASON_NATS_UNAVAILABLE\x10\n\x12(\n$ERROR_REASON_ENQUEUE_OUTCOME_UNKNOWN\x10\x0b\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x0c\x12\x1a\n\x16\x45RROR_REASON_CONTENDED\x10\r\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0e\x42\x89\x01\n\x0e\x64\x65v.laneway.v1B\x0b\x45rrorsProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17laneway/v1/errors.proto\x12\nlaneway.v1*\xe8\x04\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45RROR_REASON_INVALID_FIELD\x10\x01\x12\"\n\x1e\x45RROR_REASON_MALFORMED_REQUEST\x10\x02\x12\x1f\n\x1b\x45RROR_REASON_LIMIT_EXCEEDED\x10\x03\x12\x1e\n\x1a\x45RROR_REASON_UNKNOWN_ROUTE\x10\x04\x12!\n\x1d\x45RROR_REASON_UNKNOWN_PROVIDER\x10\x05\x12\'\n#ERROR_REASON_IDEMPOTENCY_KEY_REUSED\x10\x06\x12\x1c\n\x18\x45RROR_REASON_UNKNOWN_JOB\x10\x07\x12\"\n\x1e\x45RROR_REASON_NO_HEALTHY_TARGET\x10\x08\x12\x1d\n\x19\x45RROR_REASON_NOT_ENQUEUED\x10\t\x12!\n\x1d\x45RROR_REASON_NATS_UNAVAILABLE\x10\n\x12(\n$ERROR_REASON_ENQUEUE_OUTCOME_UNKNOWN\x10\x0b\x12\x1e\n\x1a\x45RROR_REASON_SHUTTING_DOWN\x10\x0c\x12\x1a\n\x16\x45RROR_REASON_CONTENDED\x10\r\x12\x19\n\x15\x45RROR_REASON_INTERNAL\x10\x0e\x12 \n\x1c\x45RROR_REASON_UNAUTHENTICATED\x10\x0f\x12\"\n\x1e\x45RROR_REASON_PERMISSION_DENIED\x10\x10\x12\x1f\n\x1b\x45RROR_REASON_QUOTA_EXCEEDED\x10\x11\x42\x89\x01\n\x0e\x64\x65v.laneway.v1B\x0b\x45rrorsProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,5 +33,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.laneway.v1B\013ErrorsProtoP\001Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\242\002\003LWY\252\002\nLaneway.V1\312\002\nLaneway\\V1\352\002\013Laneway::V1'
   _globals['_ERRORREASON']._serialized_start=40
-  _globals['_ERRORREASON']._serialized_end=553
+  _globals['_ERRORREASON']._serialized_end=656
 # @@protoc_insertion_point(module_scope)

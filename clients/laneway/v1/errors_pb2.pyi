@@ -89,6 +89,21 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """INTERNAL. A bug in the broker; the broker's log has the details. Retrying may
     not help.
     """
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 15
+    """UNAUTHENTICATED. The call carries no API key (authorization: Bearer <key>), or
+    one the broker does not know, or one revoked or expired. Retrying with the same
+    key cannot help.
+    """
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 16
+    """PERMISSION_DENIED. The API key is valid but its role may not make this call
+    (e.g. a reader submitting, a submitter reading stats). Metadata: role,
+    required (the least role that may).
+    """
+    ERROR_REASON_QUOTA_EXCEEDED: _ErrorReason.ValueType  # 17
+    """RESOURCE_EXHAUSTED. The caller's tenant is over one of its quotas (submit
+    rate, jobs queued at once). Nothing was enqueued. Metadata: tenant, quota,
+    limit. A QuotaFailure detail names the quota; RetryInfo says when to retry.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why an RPC (or one item of a batch) failed.
@@ -173,5 +188,20 @@ moment. Nothing was changed by this call. Retry (RetryInfo).
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 14
 """INTERNAL. A bug in the broker; the broker's log has the details. Retrying may
 not help.
+"""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 15
+"""UNAUTHENTICATED. The call carries no API key (authorization: Bearer <key>), or
+one the broker does not know, or one revoked or expired. Retrying with the same
+key cannot help.
+"""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 16
+"""PERMISSION_DENIED. The API key is valid but its role may not make this call
+(e.g. a reader submitting, a submitter reading stats). Metadata: role,
+required (the least role that may).
+"""
+ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 17
+"""RESOURCE_EXHAUSTED. The caller's tenant is over one of its quotas (submit
+rate, jobs queued at once). Nothing was enqueued. Metadata: tenant, quota,
+limit. A QuotaFailure detail names the quota; RetryInfo says when to retry.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

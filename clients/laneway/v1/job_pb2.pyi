@@ -859,6 +859,7 @@ class JobEvent(_message.Message):
     NOT_BEFORE_TIME_FIELD_NUMBER: _builtins.int
     SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
     RESET_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     seq: _builtins.int
     """Per-job sequence number: 1 for the first event, +1 for each later one."""
@@ -875,6 +876,10 @@ class JobEvent(_message.Message):
     reset: _builtins.bool
     """Streaming jobs, on RETRYING events: every delta received so far belongs to
     a failed attempt; discard the text you have before the next attempt's deltas.
+    """
+    tenant: _builtins.str
+    """The tenant the job belongs to (its submitter's API key's); empty when the
+    broker runs without authentication.
     """
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
@@ -936,10 +941,11 @@ class JobEvent(_message.Message):
         not_before_time: _timestamp_pb2.Timestamp | None = ...,
         superseded_by: _builtins.str = ...,
         reset: _builtins.bool = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delta", b"delta", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "event_time", b"event_time", "not_before_time", b"not_before_time", "payload", b"payload", "result", b"result", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delta", b"delta", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "event_time", b"event_time", "job_id", b"job_id", "lane", b"lane", "metadata", b"metadata", "model", b"model", "not_before_time", b"not_before_time", "payload", b"payload", "provider", b"provider", "reset", b"reset", "result", b"result", "route", b"route", "seq", b"seq", "start_time", b"start_time", "state", b"state", "superseded_by", b"superseded_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "delta", b"delta", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "event_time", b"event_time", "job_id", b"job_id", "lane", b"lane", "metadata", b"metadata", "model", b"model", "not_before_time", b"not_before_time", "payload", b"payload", "provider", b"provider", "reset", b"reset", "result", b"result", "route", b"route", "seq", b"seq", "start_time", b"start_time", "state", b"state", "superseded_by", b"superseded_by", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["result", "error", "delta"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
@@ -1012,6 +1018,7 @@ class Job(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     route: _builtins.str
@@ -1031,6 +1038,8 @@ class Job(_message.Message):
     """seq of the latest event: StreamResults with resume_after[job_id] = last_seq
     follows the job from here on.
     """
+    tenant: _builtins.str
+    """The tenant the job belongs to; empty without authentication."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller metadata from the JobSpec."""
@@ -1084,10 +1093,11 @@ class Job(_message.Message):
         error: Global___JobError | None = ...,
         superseded_by: _builtins.str = ...,
         last_seq: _builtins.int = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "not_before_time", b"not_before_time", "outcome", b"outcome", "result", b"result", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "job_id", b"job_id", "lane", b"lane", "last_seq", b"last_seq", "metadata", b"metadata", "model", b"model", "not_before_time", b"not_before_time", "outcome", b"outcome", "provider", b"provider", "result", b"result", "route", b"route", "start_time", b"start_time", "state", b"state", "superseded_by", b"superseded_by", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "job_id", b"job_id", "lane", b"lane", "last_seq", b"last_seq", "metadata", b"metadata", "model", b"model", "not_before_time", b"not_before_time", "outcome", b"outcome", "provider", b"provider", "result", b"result", "route", b"route", "start_time", b"start_time", "state", b"state", "superseded_by", b"superseded_by", "tenant", b"tenant", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015

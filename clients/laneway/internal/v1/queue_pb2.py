@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from laneway.v1 import job_pb2 as laneway_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flaneway/internal/v1/queue.proto\x12\x13laneway.internal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"\x86\x01\n\tQueuedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12\x30\n\x0c\x65nqueue_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x65\x62ounce_key\x18\x04 \x01(\tBFZDgithub.com/laneway-dev/laneway/gen/go/laneway/internal/v1;internalv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1flaneway/internal/v1/queue.proto\x12\x13laneway.internal.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"\x96\x01\n\tQueuedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12!\n\x04spec\x18\x02 \x01(\x0b\x32\x13.laneway.v1.JobSpec\x12\x30\n\x0c\x65nqueue_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x64\x65\x62ounce_key\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\tBFZDgithub.com/laneway-dev/laneway/gen/go/laneway/internal/v1;internalv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,5 +35,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZDgithub.com/laneway-dev/laneway/gen/go/laneway/internal/v1;internalv1'
   _globals['_QUEUEDJOB']._serialized_start=112
-  _globals['_QUEUEDJOB']._serialized_end=246
+  _globals['_QUEUEDJOB']._serialized_end=262
 # @@protoc_insertion_point(module_scope)

@@ -30,9 +30,12 @@ class QueuedJob(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     ENQUEUE_TIME_FIELD_NUMBER: _builtins.int
     DEBOUNCE_KEY_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     debounce_key: _builtins.str
     """The submitted debounce key (the window is already folded into spec.not_before_time)."""
+    tenant: _builtins.str
+    """The submitter's tenant ("" without authentication)."""
     @_builtins.property
     def spec(self) -> _job_pb2.JobSpec: ...
     @_builtins.property
@@ -44,10 +47,11 @@ class QueuedJob(_message.Message):
         spec: _job_pb2.JobSpec | None = ...,
         enqueue_time: _timestamp_pb2.Timestamp | None = ...,
         debounce_key: _builtins.str = ...,
+        tenant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["enqueue_time", b"enqueue_time", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["debounce_key", b"debounce_key", "enqueue_time", b"enqueue_time", "job_id", b"job_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["debounce_key", b"debounce_key", "enqueue_time", b"enqueue_time", "job_id", b"job_id", "spec", b"spec", "tenant", b"tenant"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
