@@ -1,10 +1,11 @@
 """``make bench``: Laneway's throughput and latency next to baselines measured in
 the same run (a raw nats-py JetStream loop and a raw grpc.aio echo), then its
 features: embedding batching on against off, and the time to the first streamed
-delta through Laneway against calling the provider directly; and what metrics cost
-(throughput with metrics off against on, in one run).
+delta through Laneway against calling the provider directly; what metrics cost
+(throughput with metrics off against on, in one run); and what authentication and
+TLS cost (throughput and latency with an API key and TLS on against both off).
 
-    .venv/bin/python -m bench [--jobs N] [--quick] [--only laneway|baselines|features|metrics]
+    .venv/bin/python -m bench [--jobs N] [--quick] [--only laneway|baselines|features|metrics|auth_tls]
 
 Prints a table with ratios and the spec's targets, and writes the figures to
 ``bench/results/latest.json`` (or ``--output``). Exits 1 when a job failed or was
@@ -41,8 +42,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small N and a short paced phase (< 60 s)")
     p.add_argument(
         "--only",
-        choices=("laneway", "baselines", "features", "metrics"),
-        help="run only one side, or only the features, or only the metrics overhead",
+        choices=("laneway", "baselines", "features", "metrics", "auth_tls"),
+        help="run only one side, or only the features, the metrics or the auth+TLS overhead",
     )
     p.add_argument("--unary-concurrency", type=int, default=64, help="unary jobs in flight (default 64)")
     p.add_argument("--batches-in-flight", type=int, default=6, help="SubmitBatch calls in flight (default 6)")
@@ -67,6 +68,7 @@ def _nats_version() -> str:
 
 
 async def _run(s: Settings, only: str | None) -> dict[str, Throughput | Latency | Count]:
+    from bench.auth_tls_bench import run_auth_tls
     from bench.baselines import run_baselines
     from bench.features_bench import run_features
     from bench.laneway_bench import run_laneway
@@ -85,6 +87,8 @@ async def _run(s: Settings, only: str | None) -> dict[str, Throughput | Latency 
         results.update(await run_features(s))
     if only in (None, "metrics"):
         results.update(await run_metrics(s))
+    if only in (None, "auth_tls"):
+        results.update(await run_auth_tls(s))
     return results
 
 
@@ -119,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{meta['nats_server']}, {meta['payload_bytes']}-byte jobs, {s.jobs} jobs per throughput phase, "
         f"run took {elapsed:.0f}s"
     )
+    from bench.auth_tls_bench import auth_tls_rows
     from bench.metrics_bench import metrics_rows
 
-    rows = comparison_rows(results) + metrics_rows(results)
+    rows = comparison_rows(results) + metrics_rows(results) + auth_tls_rows(results)
     print_report(results, rows, header=header)
     write_json(
         args.output,

@@ -334,7 +334,7 @@ class _SilentWorkerMetrics(WorkerMetrics):
 class _SilentBrokerMetrics(BrokerMetrics):
     """Drops every observation: a broker with metrics off."""
 
-    def job_submitted(self, route: str, lane: str) -> None:
+    def job_submitted(self, route: str, lane: str, tenant: str = "other") -> None:
         pass
 
 

@@ -53,8 +53,17 @@ routes:
 class Stack:
     """``async with Stack(tmp_path, workers=2) as stack``: everything up, torn down on exit."""
 
-    def __init__(self, root: Path, *, workers: int = 2, config: str = CHAOS_CONFIG) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        workers: int = 2,
+        config: str = CHAOS_CONFIG,
+        client_tls: dict[str, bytes] | None = None,
+    ) -> None:
         self.root = root
+        #: AsyncClient TLS arguments (root_certificates, ...) when the config gives the broker TLS.
+        self.client_tls = client_tls or {}
         self.call_log = root / "calls.jsonl"
         self.config_file = root / "laneway.yaml"
         self.config_file.write_text(config.format(call_log=self.call_log))
@@ -114,7 +123,7 @@ class Stack:
     async def start_broker(self) -> None:
         self._broker = await self._spawn("broker", "--grpc-addr", self.address)
         # Serving once a read answers (GetStats goes through to NATS).
-        async with laneway.AsyncClient(self.address, timeout=2) as client:
+        async with laneway.AsyncClient(self.address, timeout=2, **self.client_tls) as client:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 30
             while True:

@@ -50,3 +50,31 @@ async def test_quick_features_bench(tmp_path: Path) -> None:
     assert ttfd["target_on"] == "compared"
     assert ttfd["verdict"] in ("PASS", "FAIL")
     assert figures["results"]["features.embed.on.calls"]["jobs"] == figures["settings"]["embed_jobs"]
+
+
+@pytest.mark.timeout(300)
+async def test_quick_auth_tls_bench(tmp_path: Path) -> None:
+    """Auth+TLS on against off: both stacks run, every job succeeds, the rows are printed."""
+    output = tmp_path / "latest.json"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench", "--quick", "--only", "auth_tls", "--output", str(output),
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 240)
+    except TimeoutError:
+        proc.terminate()
+        await proc.wait()
+        raise
+    stdout, stderr = out.decode(), err.decode()
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{stdout}\n{stderr}"
+    assert "failed or lost jobs: 0" in stdout
+    rows = {row["metric"]: row for row in json.loads(output.read_text())["comparison"]}
+    for metric in (
+        "e2e jobs/s, unary Submit, auth+TLS on",
+        "e2e jobs/s, SubmitBatch x100, auth+TLS on",
+        "latency p50 @100/s, auth+TLS on (ms)",
+    ):
+        assert metric in stdout, f"{metric!r} missing from the table:\n{stdout}"
+        assert rows[metric]["laneway"] > 0 and rows[metric]["baseline"] > 0
+        assert rows[metric]["baseline_name"] == "auth+TLS off"

@@ -108,7 +108,7 @@ async def _up(tmp_path: Path, *extra: str, env: dict[str, str] | None = None) ->
         assert url is not None and url[1] == f"http://127.0.0.1:{metrics}/metrics".encode()
         async with httpx.AsyncClient() as http:
             scraped = (await http.get(url[1].decode())).text
-        assert 'laneway_submitted_total{lane="normal",route="chat"} 1.0' in scraped
+        assert 'laneway_submitted_total{lane="normal",route="chat",tenant="other"} 1.0' in scraped
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     finally:

@@ -193,8 +193,10 @@ async def test_status_details_become_the_exception(tls_server: TlsServer, certs:
 
 
 def test_connection_arguments_are_checked() -> None:
-    with pytest.raises(ValueError, match="only over TLS"):
-        laneway.Client("127.0.0.1:1", api_key="k")
+    with pytest.raises(ValueError, match="only over TLS") as refused:
+        laneway.Client("broker.example:50051", api_key="k-secret")
+    assert "k-secret" not in str(refused.value)
+    laneway.Client("127.0.0.1:1", api_key="k").close()  # loopback: plaintext is fine
     with pytest.raises(ValueError, match="go together"):
         laneway.Client("127.0.0.1:1", tls=True, certificate_chain=b"x")
     channel = grpc.insecure_channel("127.0.0.1:1")

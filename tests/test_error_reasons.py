@@ -89,6 +89,7 @@ def _details(err: errors.ApiError) -> tuple[grpc.StatusCode, dict[type[Message],
             error_details_pb2.BadRequest,
             error_details_pb2.ResourceInfo,
             error_details_pb2.RetryInfo,
+            error_details_pb2.QuotaFailure,
         ):
             if any_msg.Is(kind.DESCRIPTOR):
                 detail = kind()
@@ -145,6 +146,22 @@ def test_invalid_argument_names_its_field_in_bad_request_and_metadata() -> None:
     assert isinstance(bad, error_details_pb2.BadRequest)
     assert [(v.field, v.description) for v in bad.field_violations] == [("jobs", "jobs: too many")]
     assert set(details) == {error_details_pb2.ErrorInfo, error_details_pb2.BadRequest}
+
+
+def test_quota_exceeded_names_the_tenant_in_quota_failure_and_when_to_retry() -> None:
+    metadata = {"tenant": "acme", "quota": "submit_rate_per_s", "limit": "5"}
+    err = errors.ResourceExhausted(
+        "over the rate", reason="QUOTA_EXCEEDED", metadata=metadata, retry_delay=0.25
+    )
+    code, details = _details(err)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(_info(details).metadata) == metadata
+    quota = details[error_details_pb2.QuotaFailure]
+    assert isinstance(quota, error_details_pb2.QuotaFailure)
+    assert [(v.subject, v.description) for v in quota.violations] == [("tenant:acme", "over the rate")]
+    retry = details[error_details_pb2.RetryInfo]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToNanoseconds() == 250_000_000
 
 
 def test_not_found_names_the_job_in_resource_info_not_bad_request() -> None:

@@ -116,8 +116,8 @@ async def test_broker_metrics_show_queue_depth_and_dead_letters(nats_server, con
         assert value(s, "laneway_queue_depth", route="chat", lane="high") == 2
         assert value(s, "laneway_queue_depth", route="embed", lane="normal") == 0
         assert value(s, "laneway_queue_ack_pending", route="chat", lane="normal") == 0
-        assert value(s, "laneway_submitted_total", route="chat", lane="normal") == 10
-        assert value(s, "laneway_submitted_total", route="chat", lane="high") == 2
+        assert value(s, "laneway_submitted_total", route="chat", lane="normal", tenant="other") == 10
+        assert value(s, "laneway_submitted_total", route="chat", lane="high", tenant="other") == 2
         assert value(s, "laneway_dead_letters", route="chat") == 0
         # Waiting jobs have an age; an empty lane has none.
         assert value(s, "laneway_queue_oldest_job_age_seconds", route="chat", lane="normal") > 0

@@ -16,25 +16,14 @@ from pathlib import Path
 import pytest
 
 from laneway.broker.cli.natsd import EmbeddedNats, find_nats_server, free_port
+from tests.cli_process import run_laneway
 from tests.test_cli import ROOT
 
 
 async def laneway(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
     """Run ``laneway ARGS``; killed (with its children) if it outlives ``timeout``."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "laneway.broker.cli", *args,
-        cwd=ROOT, env={**os.environ, **(env or {})},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
-    )  # fmt: skip
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    code, out, err, _ = await run_laneway(*args, env=env, timeout=timeout)
+    return code, out, err
 
 
 _CONFIG = """

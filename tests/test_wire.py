@@ -221,6 +221,7 @@ def test_next_event_carries_every_field_but_the_payload() -> None:
         "superseded_by": "other",
         "delta": "piece",
         "reset": True,
+        "tenant": "acme",
     }
     # A field added to JobEvent must be added here, and to JobEvent.next.
     assert set(sample) == {f.name for f in dataclasses.fields(JobEvent)}

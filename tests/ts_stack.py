@@ -6,7 +6,10 @@ so the broker can be killed and started again on the same address mid-test.
 
 Protocol (one JSON object per line on stdout, one command per line on stdin):
 
-- on start: ``{"ready": true, "address": "127.0.0.1:PORT"}``
+- on start: ``{"ready": true, "address": "127.0.0.1:PORT"}``; with ``LANEWAY_TS_TLS=tls``
+  (or ``mtls``) the broker serves TLS (and requires client certificates) on certificates
+  from ``tests.certs``, and the answer adds ``"tls": {"ca", "clientCert", "clientKey"}``
+  (PEM file paths);
 - ``restart-broker``: SIGKILL the broker, start a new one on the same address, then
   ``{"restarted": true, "address": ...}`` once it serves;
 - ``restart-broker graceful``: the same with SIGTERM (the broker drains: open streams
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
+from tests.certs import make_certs
 from tests.stack import Stack
 
 __all__ = ["TS_CONFIG"]
@@ -92,9 +97,27 @@ def say(obj: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
+def _with_tls(root: Path, mode: str) -> tuple[str, dict[str, bytes], dict[str, str]]:
+    """The config with broker TLS, the Python client's TLS arguments, the paths for Node."""
+    certs = make_certs(root / "certs")
+    block = f"  tls:\n    cert_file: {certs.server_cert}\n    key_file: {certs.server_key}\n"
+    if mode == "mtls":
+        block += f"    client_ca_file: {certs.ca}\n"
+    config = TS_CONFIG.replace('  grpc_addr: "127.0.0.1:0"\n', '  grpc_addr: "127.0.0.1:0"\n' + block, 1)
+    client = {"root_certificates": certs.read("ca")}
+    if mode == "mtls":
+        client |= {"certificate_chain": certs.read("client_cert"), "private_key": certs.read("client_key")}
+    paths = {"ca": str(certs.ca), "clientCert": str(certs.client_cert), "clientKey": str(certs.client_key)}
+    return config, client, paths
+
+
 async def serve(root: Path) -> None:
-    async with Stack(root, workers=1, config=TS_CONFIG) as stack:
-        say({"ready": True, "address": stack.address, "root": str(root)})
+    mode = os.environ.get("LANEWAY_TS_TLS", "")
+    if mode not in ("", "tls", "mtls"):
+        raise ValueError(f"LANEWAY_TS_TLS must be tls or mtls, not {mode!r}")
+    config, client_tls, paths = _with_tls(root, mode) if mode else (TS_CONFIG, {}, {})
+    async with Stack(root, workers=1, config=config, client_tls=client_tls) as stack:
+        say({"ready": True, "address": stack.address, "root": str(root), **({"tls": paths} if mode else {})})
         while True:
             line = await asyncio.to_thread(sys.stdin.readline)
             command = line.strip()

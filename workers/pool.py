@@ -119,6 +119,7 @@ class WorkerPool:
             self.nats_url,
             name=self._name,
             connect_timeout=cfg.nats.connect_timeout_s,
+            auth=cfg.nats.credentials.auth(),
             on_reconnected=self._on_reconnected,
             on_disconnected=self._on_disconnected,
         )

@@ -22,10 +22,31 @@ import typer
 
 import laneway
 from laneway.broker.cli import ready
-from laneway.broker.cli.common import DEFAULT_ADDR, AddrOpt, client_call, echo_json
+from laneway.broker.cli.common import (
+    DEFAULT_ADDR,
+    AddrOpt,
+    ApiKeyOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    client_call,
+    echo_json,
+    tls_args,
+)
 from laneway.broker.cli.dlq import dlq_app
 from laneway.broker.cli.fake import fake_provider
+from laneway.broker.cli.keys import keys_app
+from laneway.broker.cli.nats_flags import NatsFlags, nats_credential_options
 from laneway.broker.cli.ops import providers, stats, top
+from laneway.broker.cli.server_tls import (
+    InsecureOpt,
+    ServerCaOpt,
+    ServerCertOpt,
+    ServerKeyOpt,
+    UpTlsOpt,
+    prepare_up_tls,
+    with_broker_tls,
+)
 from laneway.broker.config.errors import YamlDocument
 from laneway.broker.config.model import LanewayConfig, config_json_schema, default_config, load_config
 from laneway.broker.observability.logs import configure_logging
@@ -45,6 +66,7 @@ app = typer.Typer(
 config_app = typer.Typer(no_args_is_help=True, help="Check and describe config files.")
 app.add_typer(config_app, name="config")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(keys_app, name="keys")
 app.command("fake-provider")(fake_provider)
 app.command()(providers)
 app.command()(stats)
@@ -117,6 +139,7 @@ def _serve(
     nats_url: str | None,
     service: str,
     part: Callable[[LanewayConfig, str], AbstractAsyncContextManager[object]],
+    nats_flags: NatsFlags | None = None,
 ) -> None:
     """Run one part of the stack until SIGINT/SIGTERM, then close it gracefully."""
     configure_logging()
@@ -125,6 +148,7 @@ def _serve(
         cfg, _ = _load(config)
     except LanewayError as err:
         _fail(err)
+    cfg = (nats_flags or NatsFlags()).apply(cfg)
     url = _nats_url(nats_url, cfg)
     if not url:
         raise typer.BadParameter(
@@ -140,11 +164,17 @@ def _serve(
 
 
 @app.command()
+@nats_credential_options
 def broker(
     config: ConfigOpt = None,
     nats_url: NatsOpt = None,
     grpc_addr: Annotated[str | None, typer.Option(help="Listen address (default: broker.grpc_addr).")] = None,
     metrics_port: MetricsOpt = None,
+    nats_flags: NatsFlags | None = None,
+    tls_cert: ServerCertOpt = None,
+    tls_key: ServerKeyOpt = None,
+    tls_client_ca: ServerCaOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Run a broker: the gRPC API in front of JetStream."""
     from laneway.broker.server.process import BrokerServer
@@ -153,11 +183,19 @@ def broker(
         config,
         nats_url,
         "laneway-broker",
-        lambda cfg, url: BrokerServer(cfg, nats_url=url, grpc_addr=grpc_addr, metrics_port=metrics_port),
+        lambda cfg, url: BrokerServer(
+            with_broker_tls(cfg, tls_cert, tls_key, tls_client_ca),
+            nats_url=url,
+            grpc_addr=grpc_addr,
+            metrics_port=metrics_port,
+            insecure=insecure,
+        ),
+        nats_flags,
     )
 
 
 @app.command()
+@nats_credential_options
 def worker(
     config: ConfigOpt = None,
     nats_url: NatsOpt = None,
@@ -165,6 +203,7 @@ def worker(
         list[str] | None, typer.Option(help="Serve only these providers (repeatable).")
     ] = None,
     metrics_port: MetricsOpt = None,
+    nats_flags: NatsFlags | None = None,
 ) -> None:
     """Run a worker process: provider pools pulling their routes' lanes."""
     from laneway.workers.pool import WorkerPool
@@ -174,10 +213,12 @@ def worker(
         nats_url,
         "laneway-worker",
         lambda cfg, url: WorkerPool(cfg, nats_url=url, providers=provider, metrics_port=metrics_port),
+        nats_flags,
     )
 
 
 @app.command()
+@nats_credential_options
 def up(
     config: ConfigOpt = None,
     grpc_addr: Annotated[str | None, typer.Option(help="Broker listen address.")] = None,
@@ -202,15 +243,26 @@ def up(
             max=65535,
         ),
     ] = None,
+    nats_flags: NatsFlags | None = None,
+    tls: UpTlsOpt = None,
+    insecure: InsecureOpt = False,
 ) -> None:
     """Run the whole stack: embedded nats-server (unless a URL is given), a broker, workers."""
     from laneway.broker.cli.stack import run_stack
+    from laneway.broker.server.exposure import check_exposure
 
     configure_logging()
     try:
         cfg, path = _load(config)
+        addr = grpc_addr or cfg.broker.grpc_addr
+        check_exposure(
+            addr, tls=tls is not None or cfg.broker.tls is not None, auth=cfg.auth.enabled, insecure=insecure
+        )
+        up_tls = prepare_up_tls(tls, data_dir, cfg.broker.tls)
     except LanewayError as err:
         _fail(err)
+    nats_flags = nats_flags or NatsFlags()
+    cfg = nats_flags.apply(cfg)
     _run(
         run_stack(
             cfg,
@@ -221,6 +273,9 @@ def up(
             workers=workers,
             metrics_port=metrics_port,
             nats_port=nats_port,
+            nats_flags=nats_flags,
+            tls=up_tls,
+            insecure=insecure,
         )
     )
 
@@ -288,6 +343,10 @@ def submit(
     wait: Annotated[bool, typer.Option("--wait", help="Stream events until the final one.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
     addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Submit a job; prints its id (with --wait, its events until the final one)."""
     if priority not in _LANES:
@@ -313,7 +372,9 @@ def submit(
         options["debounce_key"], options["debounce"] = debounce_key, debounce
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             done = await client.submit(route, job_input, **options)
             typer.echo(done.job_id + (" (duplicate)" if done.duplicate else ""))
             return await _watch(client, [done.job_id], as_json) if wait else True
@@ -326,11 +387,17 @@ def watch(
     job_ids: Annotated[list[str], typer.Argument(help="Job ids.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
     addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Stream the events of jobs until each is final (from their first event)."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             return await _watch(client, job_ids, as_json)
 
     client_call(go())
@@ -341,11 +408,17 @@ def get(
     job_id: str,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
     addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Show a job's current state."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             found = await client.get_job(job_id)
             if as_json:
                 echo_json(found)
@@ -365,11 +438,21 @@ def get(
 
 
 @app.command()
-def cancel(job_id: str, reason: str = "", addr: AddrOpt = DEFAULT_ADDR) -> None:
+def cancel(
+    job_id: str,
+    reason: str = "",
+    addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
     """Cancel a job that has not finished."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             outcome = await client.cancel_job(job_id, reason)
         state = job_pb2.JobState.Name(outcome.state).removeprefix("JOB_STATE_")
         typer.echo(f"{job_id} {state}" + ("" if outcome.cancelled else " (already final)"))

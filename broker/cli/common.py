@@ -9,15 +9,29 @@ import os
 import re
 from collections.abc import Coroutine
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, TypedDict
 
 import typer
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from laneway.errors import ApiError
+from laneway.errors import ApiError, Unauthenticated
 
-__all__ = ["DEFAULT_ADDR", "AddrOpt", "JsonOpt", "client_call", "echo_json", "parse_when"]
+__all__ = [
+    "DEFAULT_ADDR",
+    "AddrOpt",
+    "ApiKeyOpt",
+    "JsonOpt",
+    "TlsArgs",
+    "TlsCaOpt",
+    "TlsCertOpt",
+    "TlsKeyOpt",
+    "client_call",
+    "echo_json",
+    "parse_when",
+    "tls_args",
+]
 
 DEFAULT_ADDR = os.environ.get("LANEWAY_ADDR", "127.0.0.1:50051")
 
@@ -25,6 +39,63 @@ AddrOpt = Annotated[
     str, typer.Option("--addr", help="Broker address (default: $LANEWAY_ADDR or 127.0.0.1:50051).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON lines.")]
+ApiKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="LANEWAY_API_KEY",
+        show_envvar=False,
+        help="API key for a broker with auth on (better: $LANEWAY_API_KEY, not shown by ps).",
+    ),
+]
+TlsCaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-ca",
+        envvar="LANEWAY_TLS_CA",
+        help="Connect with TLS, trusting this PEM CA (e.g. the one `laneway up --tls dev` prints).",
+    ),
+]
+TlsCertOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tls-cert", envvar="LANEWAY_TLS_CERT", help="PEM client certificate, for a broker that wants mTLS."
+    ),
+]
+TlsKeyOpt = Annotated[
+    Path | None,
+    typer.Option("--tls-key", envvar="LANEWAY_TLS_KEY", help="PEM private key of --tls-cert."),
+]
+
+
+class TlsArgs(TypedDict, total=False):
+    """``laneway.AsyncClient`` keyword arguments for TLS."""
+
+    root_certificates: bytes
+    certificate_chain: bytes
+    private_key: bytes
+
+
+def tls_args(ca: Path | None, cert: Path | None, key: Path | None) -> TlsArgs:
+    """The client's TLS arguments from ``--tls-ca``, ``--tls-cert`` and ``--tls-key``
+    (none given: plaintext). Any one of them turns TLS on."""
+    if (cert is None) != (key is None):
+        raise typer.BadParameter("--tls-cert and --tls-key go together (mTLS)")
+    args = TlsArgs()
+    if ca is not None:
+        args["root_certificates"] = _read(ca, "--tls-ca")
+    if cert is not None and key is not None:
+        args["certificate_chain"] = _read(cert, "--tls-cert")
+        args["private_key"] = _read(key, "--tls-key")
+    return args
+
+
+def _read(path: Path, option: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise typer.BadParameter(f"{option}: cannot read {path}: {err.strerror or err}") from None
+
 
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -35,7 +106,13 @@ def client_call(coro: Coroutine[Any, Any, bool]) -> None:
     result (a job that did not succeed) exits 1."""
     try:
         ok = asyncio.run(coro)
+    except Unauthenticated as err:
+        typer.echo(f"error: {err} (pass --api-key or set LANEWAY_API_KEY)", err=True)
+        raise typer.Exit(2) from None
     except ApiError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except ValueError as err:  # the client refused its arguments (e.g. an API key in clear)
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     if ok is False:

@@ -8,7 +8,19 @@ import typer
 from google.protobuf.timestamp_pb2 import Timestamp
 
 import laneway
-from laneway.broker.cli.common import DEFAULT_ADDR, AddrOpt, JsonOpt, client_call, echo_json, parse_when
+from laneway.broker.cli.common import (
+    DEFAULT_ADDR,
+    AddrOpt,
+    ApiKeyOpt,
+    JsonOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    client_call,
+    echo_json,
+    parse_when,
+    tls_args,
+)
 from laneway.dead_letters import dlq_filter
 from laneway.v1 import dead_letter_pb2, job_pb2
 
@@ -25,6 +37,9 @@ ErrorCodeOpt = Annotated[
 ]
 SinceOpt = Annotated[str, typer.Option(help="Dead-lettered at or after: ISO time or age (30m, 2h, 1d).")]
 UntilOpt = Annotated[str, typer.Option(help="Dead-lettered before: ISO time or age.")]
+TenantOpt = Annotated[
+    str, typer.Option(help="Admins: only this tenant's (other keys always see only their own tenant's).")
+]
 
 
 def _check_filter(reason: str, error_code: str) -> None:
@@ -48,9 +63,10 @@ def _code(value: int) -> str:
 
 def _summary(dl: laneway.DeadLetter) -> str:
     lane = job_pb2.Lane.Name(dl.spec.lane).removeprefix("LANE_").lower()
+    tenant = f" tenant={dl.tenant}" if dl.tenant else ""
     return (
         f"{dl.job_id} {dl.spec.route}/{lane} {_reason(dl.reason)} {_code(dl.error.code)} "
-        f"attempts={len(dl.attempts)} at={_ts(dl.dead_letter_time)}"
+        f"attempts={len(dl.attempts)} at={_ts(dl.dead_letter_time)}{tenant}"
     )
 
 
@@ -61,9 +77,14 @@ def dlq_list(
     error_code: ErrorCodeOpt = "",
     since: SinceOpt = "",
     until: UntilOpt = "",
+    tenant: TenantOpt = "",
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
     as_json: JsonOpt = False,
     addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Dead letters, oldest first."""
     _check_filter(reason, error_code)
@@ -72,7 +93,9 @@ def dlq_list(
 
     async def go() -> bool:
         shown, token = 0, ""
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             while shown < limit:
                 page = await client.list_dead_letters(
                     route=route,
@@ -82,6 +105,7 @@ def dlq_list(
                     until=until_at,
                     page_size=min(1000, limit - shown),
                     page_token=token,
+                    tenant=tenant,
                 )
                 for dl in page.dead_letters:
                     echo_json(dl) if as_json else typer.echo(_summary(dl))
@@ -97,11 +121,21 @@ def dlq_list(
 
 
 @dlq_app.command("show")
-def dlq_show(job_id: str, as_json: JsonOpt = False, addr: AddrOpt = DEFAULT_ADDR) -> None:
+def dlq_show(
+    job_id: str,
+    as_json: JsonOpt = False,
+    addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
     """One dead letter in full: the job, every attempt and its error."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             found = (await client.list_dead_letters(job_ids=[job_id])).dead_letters
         if not found:
             typer.echo(f"error: no dead letter for job {job_id}", err=True)
@@ -130,12 +164,17 @@ def dlq_redrive(
     error_code: ErrorCodeOpt = "",
     since: SinceOpt = "",
     until: UntilOpt = "",
+    tenant: TenantOpt = "",
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter (when no filter is given).")] = False,
     to_route: Annotated[str, typer.Option(help="Submit onto this route instead.")] = "",
     to_lane: Annotated[str, typer.Option(help="Submit onto this lane instead: high, normal, low.")] = "",
     rate: Annotated[float, typer.Option(help="Jobs per second (default: dlq.redrive_rate_per_s).")] = 0.0,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 1000,
     addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Submit dead letters again as new jobs, paced; prints `old -> new` per job."""
     _check_filter(reason, error_code)
@@ -143,7 +182,9 @@ def dlq_redrive(
         raise typer.BadParameter(f"--to-lane must be high, normal or low, not {to_lane!r}")
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             done = await client.redrive_dead_letters(
                 job_ids=job_ids or [],
                 route=route,
@@ -156,6 +197,7 @@ def dlq_redrive(
                 to_lane=to_lane,
                 rate_per_second=rate,
                 limit=limit,
+                tenant=tenant,
             )
         for r in done:
             typer.echo(f"{r.job_id} -> {r.new_job_id}" if r.error is None else f"{r.job_id} error: {r.error}")

@@ -18,6 +18,7 @@ from types import TracebackType
 import nats
 
 from laneway.broker.core.errors import TopologyError
+from laneway.broker.core.nats.credentials import NatsAuth
 from laneway.broker.core.redact import redact_url
 
 __all__ = ["EmbeddedNats", "find_nats_server", "free_port"]
@@ -60,11 +61,17 @@ class EmbeddedNats:
         log_file: str | os.PathLike[str] | None = None,
         user: str = "",
         password: str = "",
+        config_file: str | os.PathLike[str] | None = None,
+        auth: NatsAuth | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         # Clients must authenticate with these when set (tests of credential handling).
         self.user = user
         self.password = password
+        # A nats-server config (accounts, nkeys, TLS: what flags cannot say), and the
+        # credentials its start-up probe connects with (tests of nats.credentials).
+        self.config_file = Path(config_file) if config_file else None
+        self.auth = auth
         self.host = host
         self.port = port or free_port(host)
         self._startup_timeout = startup_timeout
@@ -96,6 +103,7 @@ class EmbeddedNats:
             "--port", str(self.port),
             "--log", str(self._log_file),
             *(["--user", self.user, "--pass", self.password] if self.user else []),
+            *(["--config", str(self.config_file)] if self.config_file else []),
         ]  # fmt: skip
         self._proc = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL
@@ -121,6 +129,7 @@ class EmbeddedNats:
                     allow_reconnect=False,
                     max_reconnect_attempts=0,
                     error_cb=_quiet,
+                    **(self.auth.connect_options(self.url) if self.auth else {}),
                 )
             except Exception as err:  # not listening yet
                 last_error = err

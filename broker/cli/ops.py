@@ -24,7 +24,16 @@ from rich.table import Table
 from rich.text import Text
 
 import laneway
-from laneway.broker.cli.common import DEFAULT_ADDR, AddrOpt, client_call
+from laneway.broker.cli.common import (
+    DEFAULT_ADDR,
+    AddrOpt,
+    ApiKeyOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    client_call,
+    tls_args,
+)
 from laneway.errors import ApiError
 from laneway.ops import circuit_name, delivery_rates, lane_name, oldest_age_s
 from laneway.v1 import ops_pb2
@@ -203,11 +212,17 @@ def providers(
     names: Annotated[list[str] | None, typer.Argument(help="Only these providers.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the response as one JSON object.")] = False,
     addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Providers' circuit state, rate now against the configured one, budget, last error."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             found = await client.get_provider_health(names or [])
         if as_json:
             typer.echo(_json(ops_pb2.GetProviderHealthResponse(providers=found)))
@@ -221,11 +236,17 @@ def providers(
 def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print the response as one JSON object.")] = False,
     addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Queue figures per route and lane, dead letters and provider health (GetStats)."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
             current = await client.get_stats()
         if as_json:
             typer.echo(_json(current))
@@ -242,11 +263,17 @@ def top(
     ] = False,
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 1.0,
     addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Live view of lanes (waiting, leased, oldest, jobs/s, dead letters) and providers."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(addr, timeout=max(2.0, interval * 2)) as client:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key, timeout=max(2.0, interval * 2)
+        ) as client:
             current = await client.get_stats()
             if once:
                 _console().print(render_top(current, {}))

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import structlog
 
+from laneway.broker.cli.nats_flags import NatsFlags
 from laneway.broker.cli.natsd import EmbeddedNats, free_port
 from laneway.broker.cli.ready import Child, spawn, stop_children, stop_on_signals, until_one_exits
+from laneway.broker.cli.server_tls import UpTls
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core import topology as t
 from laneway.broker.core.errors import TopologyError
@@ -68,6 +70,9 @@ async def run_stack(
     workers: int,
     metrics_port: int = 0,
     nats_port: int | None = None,
+    nats_flags: NatsFlags | None = None,
+    tls: UpTls | None = None,
+    insecure: bool = False,
 ) -> None:
     if nats_url and nats_port is not None:
         raise TopologyError(
@@ -81,7 +86,12 @@ async def run_stack(
             nats_url = natsd.url
             log.info("embedded nats-server started", url=nats_url, store_dir=str(natsd.store_dir))
         # Create the topology once here, so the children never race to create it.
-        nc = await connect_nats(nats_url, name="laneway-up", connect_timeout=config.nats.connect_timeout_s)
+        nc = await connect_nats(
+            nats_url,
+            name="laneway-up",
+            connect_timeout=config.nats.connect_timeout_s,
+            auth=config.nats.credentials.auth(),
+        )
         try:
             await t.ensure_topology(nc.jetstream(), t.TopologySettings.from_config(config))
         finally:
@@ -89,16 +99,22 @@ async def run_stack(
 
         # The URL goes in the environment, not on the command line, where `ps` shows
         # its password to every user of the machine.
-        env = {**os.environ, "NATS_URL": nats_url}
+        # So are the --nats-* secrets (the other --nats-* flags name files and a user).
+        nats_flags = nats_flags or NatsFlags()
+        env = {**os.environ, **nats_flags.child_env(), "NATS_URL": nats_url}
         common = ["--config", str(config_path)] if config_path else []
+        common += nats_flags.child_args()
         children: list[Child] = []
         stack.push_async_callback(stop_children, children, config.workers.shutdown_grace_s + 5)
         if config.fake_provider is not None:
             children.append(await _start_fake_provider(config, env))
         ports = _metrics_ports(metrics_port, 1 + workers)
         metrics = [["--metrics-port", str(p)] if p else [] for p in ports]
+        broker_args = [*(tls.broker_args if tls else []), *(["--insecure"] if insecure else [])]
         children.append(
-            await spawn("broker", ["broker", *common, "--grpc-addr", grpc_addr, *metrics[0]], env=env)
+            await spawn(
+                "broker", ["broker", *common, "--grpc-addr", grpc_addr, *metrics[0], *broker_args], env=env
+            )
         )
         for i in range(workers):
             children.append(await spawn(f"worker {i + 1}", ["worker", *common, *metrics[1 + i]], env=env))
@@ -116,7 +132,10 @@ async def run_stack(
                 if metrics_port
                 else ""
             )
-            + f"Try:  laneway submit --route {route} --priority high --text hello --wait\n"
+            + (tls.note if tls else "")
+            + f"Try:  laneway submit --route {route} --priority high --text hello --wait"
+            + (f" {tls.client_args}" if tls else "")
+            + "\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from laneway.broker.config.providers import ConfigModel
 from laneway.broker.core.model import NAME_PATTERN
+from laneway.broker.core.nats.credentials import NatsAuth
 
 __all__ = [
     "ROLES",
@@ -41,16 +42,22 @@ class BrokerTlsConfig(ConfigModel):
     key_file: str
     """PEM private key of ``cert_file``."""
     client_ca_file: str = ""
-    """PEM CA bundle that signs client certificates: set it for mTLS."""
-    require_client_cert: bool = False
-    """With ``client_ca_file``: refuse callers without a certificate it signed (mTLS);
-    without this, a client certificate is checked when one is sent."""
+    """PEM CA bundle that signs client certificates: set it for mTLS. Every client must
+    then present a certificate it signed; its subject CN can name the caller."""
+    require_client_cert: bool | None = None
+    """Unset: true exactly when ``client_ca_file`` is set. gRPC's Python server cannot
+    verify an optional client certificate, so false with a CA is refused."""
 
     @model_validator(mode="after")
     def _mtls_needs_a_ca(self) -> BrokerTlsConfig:
         if self.require_client_cert and not self.client_ca_file:
             raise ValueError(
                 "require_client_cert needs client_ca_file (the CA that signs client certificates)"
+            )
+        if self.require_client_cert is False and self.client_ca_file:
+            raise ValueError(
+                "with client_ca_file every client must present a certificate (gRPC cannot "
+                "verify an optional one): drop require_client_cert: false, or client_ca_file"
             )
         return self
 
@@ -80,12 +87,17 @@ class AuthConfig(ConfigModel):
 
 
 class TenantConfig(ConfigModel):
-    """One tenant's quotas (tenants not listed have none)."""
+    """One tenant's quotas (tenants not listed have none), checked at submit before anything
+    is written (``laneway.broker.server.quotas``)."""
 
     submit_rate_per_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    """Jobs per second the tenant may submit, across the fleet (bursts up to one second's worth)."""
+    """Jobs per second the tenant may submit through each broker (bursts up to one second's
+    worth, at least one job); over it: RESOURCE_EXHAUSTED ``QUOTA_EXCEEDED`` with RetryInfo.
+    Kept per broker process: behind N brokers a tenant may submit up to N times this."""
     max_queued_jobs: Annotated[int, Field(gt=0)] | None = None
-    """Jobs of the tenant that may be waiting or running at once."""
+    """Jobs of the tenant that may be waiting or running at once (scheduled ones included),
+    counted by the broker that accepted them: behind N brokers up to N times this, and a
+    restarted broker forgets the jobs it had accepted."""
     max_payload_bytes: Annotated[int, Field(gt=0)] | None = None
     """Largest serialized job the tenant may submit (at most ``broker.max_payload_bytes``)."""
     routes: list[Annotated[str, Field(pattern=NAME_PATTERN)]] | None = None
@@ -114,13 +126,18 @@ class NatsCredentials(ConfigModel):
     nkey seed file or credentials (JWT) file; TLS alongside any of them."""
 
     user: str = ""
-    password: str = ""
-    token: str = ""
+    """User name; its password from ``password`` or the ``NATS_PASSWORD`` environment variable."""
+    password: str = Field(default="", repr=False)
+    """With ``user``; best given as ``${VAR}`` (or ``NATS_PASSWORD``), not in the file."""
+    token: str = Field(default="", repr=False)
+    """A token the server accepts (``authorization { token: ... }``); ``${VAR}`` or ``NATS_TOKEN``."""
     nkey_seed_file: str = ""
     """File holding an nkey seed (``SU...``)."""
     creds_file: str = ""
     """A ``.creds`` file (user JWT and nkey seed) of a decentralised-auth account."""
     tls: NatsTlsConfig | None = None
+    """TLS to the server (``tls://`` URLs use it too); unset: TLS only when the server
+    asks for it, verified against the system's CAs."""
 
     @model_validator(mode="after")
     def _one_method(self) -> NatsCredentials:
@@ -138,6 +155,21 @@ class NatsCredentials(ConfigModel):
             raise ValueError(
                 f"set at most one of user/password, token, nkey_seed_file, creds_file (got {given})"
             )
-        if bool(self.user) != bool(self.password):
-            raise ValueError("user and password go together")
+        if self.password and not self.user:
+            raise ValueError("password needs user")
         return self
+
+    def auth(self) -> NatsAuth:
+        """These credentials as ``connect_nats`` takes them."""
+        tls = self.tls
+        return NatsAuth(
+            user=self.user,
+            password=self.password,
+            token=self.token,
+            nkey_seed_file=self.nkey_seed_file,
+            creds_file=self.creds_file,
+            tls=tls is not None,
+            ca_file=tls.ca_file if tls else "",
+            cert_file=tls.cert_file if tls else "",
+            key_file=tls.key_file if tls else "",
+        )

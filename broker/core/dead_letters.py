@@ -52,12 +52,25 @@ class DeadLetterFilter:
     """The final error's code (``invalid_request``, ...)."""
     since: datetime | None = None
     until: datetime | None = None
+    tenant: str | None = None
+    """Only this tenant's dead letters ("" is the tenant of jobs submitted without
+    authentication); None: every tenant's."""
 
     @property
     def empty(self) -> bool:
-        return not (self.job_ids or self.route or self.reason or self.error_code or self.since or self.until)
+        return not (
+            self.job_ids
+            or self.route
+            or self.reason
+            or self.error_code
+            or self.since
+            or self.until
+            or self.tenant is not None
+        )
 
     def matches(self, dl: DeadLetter) -> bool:
+        if self.tenant is not None and dl.job.spec.tenant != self.tenant:
+            return False
         if self.job_ids and dl.job.job_id not in self.job_ids:
             return False
         if self.route and dl.job.spec.route != self.route:

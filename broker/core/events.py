@@ -92,6 +92,7 @@ def first_event(job: QueuedJob) -> JobEvent:
         time=job.enqueued_at,
         enqueued_at=job.enqueued_at,
         metadata=job.spec.metadata,
+        tenant=job.spec.tenant,
     )
 
 

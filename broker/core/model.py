@@ -134,6 +134,9 @@ class JobSpec:
     """Only these providers may run the job (empty: any of the route's targets)."""
     exclude_providers: tuple[str, ...] = ()
     """Providers that must never run the job."""
+    tenant: str = ""
+    """The submitter's tenant ("" without authentication), set by the broker from the
+    caller's API key, never from the request; kept through redrive."""
     request_digest: str = field(default="", compare=False)
     """A job with an idempotency key: the digest of the JobSpec as submitted
     (``wire.jobs.request_digest``), which a second submission with the key must
@@ -220,6 +223,9 @@ class JobEvent:
     # RETRYING event (the failed attempt's deltas are void).
     delta: str | None = None
     reset: bool = False
+    tenant: str = ""
+    """The job's tenant (``JobSpec.tenant``), on every event: the broker checks who may
+    see a job from the event it reads anyway, with no extra lookup."""
 
     def next(self, state: JobState, **changes: object) -> JobEvent:
         """The following event: seq + 1, stamped now, payload cleared unless given."""
@@ -246,6 +252,7 @@ class JobEvent:
             "superseded_by": self.superseded_by,
             "delta": None,
             "reset": False,
+            "tenant": self.tenant,
         }
         fields.update(changes)
         return JobEvent(**fields)  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ _SECRET_PAIR = re.compile(
 # NATS nkey seeds (S + type letter + base32) and user JWTs, wherever they appear.
 _NKEY_SEED = re.compile(r"\bS[AOUNCPX][A-Z2-7]{54,}\b")
 _NATS_JWT = re.compile(r"\beyJ[\w\-]+\.eyJ[\w\-]+\.[\w\-]+")
+# Laneway API keys (``lw_<key_id>_<secret>``, ``laneway.broker.core.api_keys``): the id stays.
+_API_KEY = re.compile(r"\b(?P<id>lw_[a-z0-9]{10}_)[\w\-]{16,}")
 
 
 def _mask_userinfo(match: re.Match[str]) -> str:
@@ -47,4 +49,6 @@ def redact_text(text: str) -> str:
         text = _URL_USERINFO.sub(_mask_userinfo, text)
     text = _SECRET_PAIR.sub(lambda m: f"{m['key']}{MASK}", text)
     text = _NKEY_SEED.sub(MASK, text)
+    if "lw_" in text:
+        text = _API_KEY.sub(lambda m: f"{m['id']}{MASK}", text)
     return _NATS_JWT.sub(MASK, text)

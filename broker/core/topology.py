@@ -32,6 +32,9 @@ Key-value:
   ``calls.<provider>.<worker>`` for one worker's recent calls
   (``laneway.broker.fleet.call_window``); history 1, written with
   compare-and-set, watched by every worker and broker.
+- ``laneway_keys``: API key id -> its record (``laneway.broker.core.api_keys``:
+  tenant, role, SHA-256 of the key, created, expires, revoked), written by
+  ``laneway keys``, watched by every broker so a revoke applies at once.
 
 Nobody else spells a subject, stream, consumer or bucket name.
 """
@@ -82,6 +85,7 @@ __all__ = [
     "IDEMPOTENCY_BUCKET",
     "JOBS_PREFIX",
     "JOBS_STREAM",
+    "KEYS_BUCKET",
     "LIVE_ALL",
     "LIVE_PREFIX",
     "MAX_DELIVERIES_ADVISORY",
@@ -100,6 +104,7 @@ __all__ = [
     "delay_subject",
     "dlq_filter",
     "dlq_subject",
+    "ensure_keys_bucket",
     "ensure_topology",
     "event_subject",
     "idempotency_entry",
@@ -117,6 +122,7 @@ ADVISORY_STREAM = "LANEWAY_ADVISORIES"
 ADVISORY_CONSUMER = "dlq_sweeper"
 IDEMPOTENCY_BUCKET = "laneway_idempotency"
 PROVIDERS_BUCKET = "laneway_providers"
+KEYS_BUCKET = "laneway_keys"
 
 JOBS_PREFIX = "laneway.jobs"
 SCHED_PREFIX = "laneway.sched"
@@ -161,15 +167,27 @@ def delay_subject(job_id: str) -> str:
     return f"{SCHED_PREFIX}.at.{job_id}"
 
 
-def debounce_subject(route: str, debounce_key: str) -> str:
-    # Hashed: a caller's key may hold anything, a subject token may not.
-    digest = hashlib.sha256(debounce_key.encode()).hexdigest()[:32]
-    return f"{SCHED_PREFIX}.debounce.{route}.{digest}"
+def debounce_subject(route: str, debounce_key: str, tenant: str = "") -> str:
+    """The schedule subject a tenant's debounce key shares on a route.
+
+    Hashed: a caller's key may hold anything, a subject token may not. A tenant's
+    keys hash with the tenant (length-prefixed, so no two (tenant, key) pairs meet)
+    into a ``t``-marked token, which no tenant-less token (32 hex digits, as before
+    tenants existed) can equal: one tenant's key never replaces another's schedule."""
+    if not tenant:
+        return f"{SCHED_PREFIX}.debounce.{route}.{hashlib.sha256(debounce_key.encode()).hexdigest()[:32]}"
+    digest = hashlib.sha256(f"{len(tenant)}:{tenant}\0{debounce_key}".encode()).hexdigest()[:32]
+    return f"{SCHED_PREFIX}.debounce.{route}.t{digest}"
 
 
-def idempotency_entry(route: str, idempotency_key: str) -> str:
-    """The idempotency bucket's key for a route's caller key (hashed for the same reason)."""
-    return hashlib.sha256(f"{route}\0{idempotency_key}".encode()).hexdigest()
+def idempotency_entry(route: str, idempotency_key: str, tenant: str = "") -> str:
+    """The idempotency bucket's key for a tenant's caller key on a route (hashed for
+    the same reason). Tenant-less keys hash as before tenants existed; a tenant's
+    material starts ``<length>:<tenant>``, which no route name (no ``:``) can, so
+    two tenants' keys (or a tenant's and a tenant-less one) never share an entry."""
+    if not tenant:
+        return hashlib.sha256(f"{route}\0{idempotency_key}".encode()).hexdigest()
+    return hashlib.sha256(f"{len(tenant)}:{tenant}\0{route}\0{idempotency_key}".encode()).hexdigest()
 
 
 def limit_key(provider: str, model: str = "") -> str:
@@ -436,6 +454,12 @@ async def ensure_topology(js: JetStreamContext, settings: TopologySettings) -> N
     await _ensure_consumer(js, ADVISORY_STREAM, _advisory_consumer())
     await _ensure_bucket(js, IDEMPOTENCY_BUCKET, settings.replicas, ttl=float(_IDEMPOTENCY_TTL_S))
     await _ensure_bucket(js, PROVIDERS_BUCKET, settings.replicas)
+    await _ensure_bucket(js, KEYS_BUCKET, settings.replicas)
+
+
+async def ensure_keys_bucket(js: JetStreamContext, replicas: int = 1) -> None:
+    """The ``laneway_keys`` bucket alone, for ``laneway keys`` run before any broker."""
+    await _ensure_bucket(js, KEYS_BUCKET, replicas)
 
 
 async def _ensure_bucket(js: JetStreamContext, bucket: str, replicas: int, ttl: float | None = None) -> None:

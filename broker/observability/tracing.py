@@ -82,6 +82,8 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> bo
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 
+    from laneway.broker.observability.span_redaction import RedactingSpanExporter
+
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES win; this is only the default.
@@ -103,7 +105,8 @@ def setup_tracing(service_name: str, env: Mapping[str, str] | None = None) -> bo
         else:
             log.warning("unknown OTEL_TRACES_EXPORTER entry ignored", exporter=name)
             continue
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        # Exception messages recorded on spans may quote a URL with its password.
+        provider.add_span_processor(BatchSpanProcessor(RedactingSpanExporter(exporter)))
     trace.set_tracer_provider(provider)
     _installed = True
     log.info("tracing on", exporters=names, service=resource.attributes.get(SERVICE_NAME))

@@ -54,13 +54,14 @@ from laneway.broker.server.enqueue import NotStored, Stored, claim_is_void, enqu
 from laneway.broker.server.idempotency import Claim, check_same_job, decode_claim, encode_claim
 from laneway.broker.server.metrics import BrokerMetrics
 from laneway.broker.server.publish import job_headers, publish_debounced, publish_job, queue_subject
+from laneway.broker.server.quotas import Quotas, job_tenant
+from laneway.broker.server.tenancy import unknown_job
 from laneway.broker.server.watch import EventFeed
 from laneway.errors import (
     Aborted,
     ApiError,
     InternalError,
     InvalidArgument,
-    NotFound,
     Unavailable,
 )
 from laneway.v1 import job_pb2
@@ -91,9 +92,12 @@ class JobStore:
         max_payload_bytes: int,
         max_schedule_ahead_s: float,
         metrics: BrokerMetrics | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._nc = nc
         self._metrics = metrics
+        # Per-tenant quotas, checked once a job is built and before anything is written.
+        self.quotas = quotas if quotas is not None else Quotas({}, events)
         self.events = events
         self._feed = feed
         self._idempotency = idempotency
@@ -103,9 +107,10 @@ class JobStore:
     async def submit(self, spec: JobSpec, *, field: str = "job", timeout: float | None = None) -> Submitted:
         """Enqueue ``spec``, answering within ``timeout`` (the caller's deadline) when given."""
         deadline = enqueue_deadline(timeout)
-        job, payload = self._prepare(spec, field)
+        job, payload = await self._admitted(spec, field)
         original = await self._claim_key(spec, job.job_id)
         if original is not None:
+            self.quotas.release(job.job_id)
             return Submitted(original, duplicate=True)
         await self._enqueue(job, payload, deadline)
         return Submitted(job.job_id)
@@ -116,9 +121,10 @@ class JobStore:
         """Submit and follow: the job's events from QUEUED to final, read live only
         (the watcher exists before the job does, so nothing is read back). ``claimed``
         is told the job (or the original, for a seen idempotency key) before it is enqueued."""
-        job, payload = self._prepare(spec, "job")
+        job, payload = await self._admitted(spec, "job")
         original = await self._claim_key(spec, job.job_id)
         if original is not None:
+            self.quotas.release(job.job_id)
             done = Submitted(original, duplicate=True)
             if claimed is not None:
                 claimed(done)
@@ -131,6 +137,15 @@ class JobStore:
         create = functools.partial(self._enqueue, job, payload, enqueue_deadline(None))
         async for event in self._feed.watch([job.job_id], {}, create=create, final_only=final_only):
             yield done, event
+
+    async def _admitted(self, spec: JobSpec, field: str) -> tuple[QueuedJob, bytes]:
+        """``_prepare``, then the tenant's quotas (``quotas``): last before any write."""
+        job, payload = self._prepare(spec, field)
+        tenant = job_tenant(job)
+        self.quotas.check_route(tenant, spec.route, f"{field}.route")
+        self.quotas.check_payload(tenant, len(payload), field)
+        await self.quotas.admit(tenant, job.job_id)
+        return job, payload
 
     def _prepare(self, spec: JobSpec, field: str) -> tuple[QueuedJob, bytes]:
         job = QueuedJob(job_id=new_job_id(), spec=spec, enqueued_at=utcnow())
@@ -186,7 +201,8 @@ class JobStore:
 
     def _count(self, job: QueuedJob) -> None:
         if self._metrics is not None:
-            self._metrics.job_submitted(job.spec.route, job.spec.lane)
+            tenant = self.quotas.metric_label(job_tenant(job))
+            self._metrics.job_submitted(job.spec.route, job.spec.lane, tenant)
 
     async def _publish_or_fail(
         self, job: QueuedJob, payload: bytes, event_seq: int, deadline: float | None = None
@@ -216,12 +232,13 @@ class JobStore:
             if isinstance(spec, ApiError):
                 continue
             try:
-                job, payload = self._prepare(spec, f"jobs[{i}]")
+                job, payload = await self._admitted(spec, f"jobs[{i}]")
                 original = await self._claim_key(spec, job.job_id)
             except ApiError as err:
                 out[i] = err
                 continue
             if original is not None:
+                self.quotas.release(job.job_id)
                 out[i] = Submitted(original, duplicate=True)
             else:
                 fresh.append((i, job, payload))
@@ -264,7 +281,7 @@ class JobStore:
         if not spec.idempotency_key:
             return None
         try:
-            return await self._claim(spec.route, spec.idempotency_key, job_id, spec.request_digest)
+            return await self._claim(spec, job_id)
         except (nats.errors.Error, TimeoutError) as err:
             # NATS frozen, restarting or out of reach (a timeout, no stream response):
             # nothing was enqueued, and the same key may safely be sent again.
@@ -274,9 +291,11 @@ class JobStore:
                 reason="NATS_UNAVAILABLE",
             ) from err
 
-    async def _claim(self, route: str, key: str, job_id: str, request: str) -> str | None:
-        """``request``: the submitted job's digest; a key held by another job is refused."""
-        digest = t.idempotency_entry(route, key)
+    async def _claim(self, spec: JobSpec, job_id: str) -> str | None:
+        """Keys are the tenant's own; one held by a job of another request (``request``:
+        the submitted job's digest) is refused."""
+        key, request = spec.idempotency_key, spec.request_digest
+        digest = t.idempotency_entry(spec.route, key, spec.tenant)
         claim = encode_claim(Claim(job_id, time.time(), request))
         try:
             await self._idempotency.create(digest, claim)
@@ -305,15 +324,18 @@ class JobStore:
     async def get(self, job_id: str) -> StoredEvent:
         latest = await self.events.last(job_id)
         if latest is None:
-            raise NotFound(
-                f"job {job_id} not found", field="job_id", reason="UNKNOWN_JOB", metadata={"job_id": job_id}
-            )
+            raise unknown_job(job_id)
         return latest
 
-    async def get_with_text(self, job_id: str) -> tuple[job_pb2.JobEvent, list[str]]:
+    async def get_with_text(
+        self, job_id: str, *, tenant: str | None = None
+    ) -> tuple[job_pb2.JobEvent, list[str]]:
         """The job's latest event and, when a streaming attempt is under way, the text
-        pieces it has sent so far (read from the log only then: most jobs need one read)."""
+        pieces it has sent so far (read from the log only then: most jobs need one read).
+        With ``tenant``, a job of another tenant is unknown (``tenancy``)."""
         latest = job_pb2.JobEvent.FromString((await self.get(job_id)).data)
+        if tenant is not None and latest.tenant != tenant:
+            raise unknown_job(job_id)
         if not latest.HasField("delta"):
             return latest, []
         history = [job_pb2.JobEvent.FromString(e.data) for e in await self.events.history(job_id)]
@@ -326,11 +348,14 @@ class JobStore:
         # The history may have moved on past the latest event read: report the newest.
         return (history[-1] if history else latest), deltas
 
-    async def cancel(self, job_id: str, reason: str) -> tuple[JobState, bool]:
-        """Cancel unless final. Returns (state after the call, whether this call cancelled)."""
+    async def cancel(self, job_id: str, reason: str, *, tenant: str | None = None) -> tuple[JobState, bool]:
+        """Cancel unless final. Returns (state after the call, whether this call cancelled).
+        With ``tenant``, a job of another tenant is unknown (``tenancy``)."""
         for _ in range(8):
             latest = await self.get(job_id)
             current = latest.decode()
+            if tenant is not None and current.tenant != tenant:
+                raise unknown_job(job_id)
             if current.state.is_final:
                 return current.state, False
             cancelled = current.next(
@@ -360,6 +385,12 @@ class JobStore:
             pass  # it fires into a no-op instead: the worker sees the job is final
 
     def watch(
-        self, job_ids: Sequence[str], resume_after: Mapping[str, int], *, final_only: bool = False
+        self,
+        job_ids: Sequence[str],
+        resume_after: Mapping[str, int],
+        *,
+        final_only: bool = False,
+        tenant: str | None = None,
     ) -> AsyncIterator[StoredEvent]:
-        return self._feed.watch(job_ids, resume_after, final_only=final_only)
+        """With ``tenant``, a job of another tenant is unknown (``tenancy``)."""
+        return self._feed.watch(job_ids, resume_after, final_only=final_only, tenant=tenant)

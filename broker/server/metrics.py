@@ -123,8 +123,9 @@ class BrokerMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.submitted = FastCounter(
             "laneway_submitted",
-            "Jobs accepted and queued by this broker (duplicates of an idempotency key excluded).",
-            ["route", "lane"],
+            "Jobs accepted and queued by this broker (duplicates of an idempotency key excluded). "
+            "tenant: a tenant named in the config's tenants, else other.",
+            ["route", "lane", "tenant"],
             registry=self.registry,
         )
         # Registered now, read once ``watch_queues`` gives it JetStream: the registry
@@ -132,8 +133,9 @@ class BrokerMetrics:
         self.queues = QueueCollector()
         self.registry.register(self.queues)
 
-    def job_submitted(self, route: str, lane: str) -> None:
-        self.submitted.labels(route, lane).inc()
+    def job_submitted(self, route: str, lane: str, tenant: str = "other") -> None:
+        """``tenant``: a label bounded by the config (``quotas.Quotas.metric_label``)."""
+        self.submitted.labels(route, lane, tenant).inc()
 
     def watch_queues(
         self,

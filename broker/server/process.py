@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from types import TracebackType
+from typing import Any
 
 import grpc
 import structlog
@@ -18,15 +19,20 @@ from laneway.broker.core.events import EventLog
 from laneway.broker.core.nats.connection import connect_nats
 from laneway.broker.core.redact import redact_url
 from laneway.broker.observability.metrics import MetricsServer, start_metrics_server
+from laneway.broker.server.auth import AuthInterceptor
 from laneway.broker.server.disconnect import DisconnectCancels
+from laneway.broker.server.exposure import check_exposure
 from laneway.broker.server.jobs import JobStore
+from laneway.broker.server.keyring import KeyRing
 from laneway.broker.server.metrics import BrokerMetrics
 from laneway.broker.server.provider_health import ProviderHealthView
+from laneway.broker.server.quotas import Quotas
 from laneway.broker.server.reflection import enable_reflection
 from laneway.broker.server.requests import add_broker_service
 from laneway.broker.server.service import BrokerServicer
 from laneway.broker.server.stats import QueueStats
 from laneway.broker.server.sweeper import MaxDeliverySweeper
+from laneway.broker.server.tls import ReloadingTls
 from laneway.broker.server.watch import EventFeed
 from laneway.v1 import broker_service_pb2
 
@@ -49,6 +55,7 @@ class BrokerServer:
         reuse_port: bool = True,
         shutdown_grace_s: float = 5.0,
         metrics_port: int | None = None,
+        insecure: bool = False,
     ) -> None:
         self.config = config
         self.nats_url = nats_url
@@ -66,6 +73,8 @@ class BrokerServer:
         # None: the config's port; 0 there means off, but 0 passed here picks a free port.
         self._metrics_port = (config.metrics.broker_port or None) if metrics_port is None else metrics_port
         self._metrics_server: MetricsServer | None = None
+        self._insecure = insecure  # plaintext without auth beyond loopback (exposure.py)
+        self.tls: ReloadingTls | None = None
 
     async def __aenter__(self) -> BrokerServer:
         try:
@@ -81,10 +90,20 @@ class BrokerServer:
         await self.close()
 
     async def _start(self) -> None:
+        tls_config = self.config.broker.tls
+        check_exposure(
+            self.grpc_addr,
+            tls=tls_config is not None,
+            auth=self.config.auth.enabled,
+            insecure=self._insecure,
+        )
+        # Read and checked before anything starts: unusable files fail the start-up.
+        self.tls = ReloadingTls(tls_config) if tls_config is not None else None
         self._nc = await connect_nats(
             self.nats_url,
             name="laneway-broker",
             connect_timeout=self.config.nats.connect_timeout_s,
+            auth=self.config.nats.credentials.auth(),
             on_reconnected=self._on_nats_reconnected,
         )
         js = self._nc.jetstream()
@@ -99,6 +118,7 @@ class BrokerServer:
             max_payload_bytes=self.config.broker.max_payload_bytes,
             max_schedule_ahead_s=self.config.queue.events_max_age_s,
             metrics=self.metrics,
+            quotas=Quotas(self.config.tenants, events),
         )
         dead_letters = DeadLetterStore(self._nc, events)
         # Its cancels (Run's on_disconnect) end before the event log and NATS close.
@@ -106,9 +126,14 @@ class BrokerServer:
         await self._exit.enter_async_context(MaxDeliverySweeper(self._nc, events, dead_letters))
         providers = await self._exit.enter_async_context(ProviderHealthView(self._nc, self.config))
         stats = QueueStats(js, t.TopologySettings.from_config(self.config).lane_consumers())
+        interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
+        if self.config.auth.enabled:
+            keys = await self._exit.enter_async_context(KeyRing(self.config.auth, js))
+            interceptors.append(AuthInterceptor(keys))
         # Room for a full batch of maximum-size jobs; each job's own limit is checked with a clear message.
         max_message = max(64 * 1024 * 1024, 2 * self.config.broker.max_payload_bytes)
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
                 ("grpc.max_receive_message_length", max_message),
@@ -117,7 +142,7 @@ class BrokerServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+            ],
         )
         # Not the generated add_BrokerServiceServicer_to_server: its deserializers raise on a
         # malformed body before the handler runs (UNKNOWN); ours let it answer INVALID_ARGUMENT.
@@ -128,8 +153,12 @@ class BrokerServer:
             self._server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        enable_reflection((_SERVICE_NAME, health.SERVICE_NAME), self._server)
-        self.port = self._server.add_insecure_port(self.grpc_addr)
+        if self.config.auth.reflection:
+            enable_reflection((_SERVICE_NAME, health.SERVICE_NAME), self._server)
+        if self.tls is not None:
+            self.port = self._server.add_secure_port(self.grpc_addr, self.tls.credentials())
+        else:
+            self.port = self._server.add_insecure_port(self.grpc_addr)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.grpc_addr}")
         await self._server.start()
@@ -142,7 +171,12 @@ class BrokerServer:
             )
             self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
             log.info("broker metrics serving", metrics_addr=f"127.0.0.1:{port}")
-        log.info("broker serving", grpc_addr=self.address, nats_url=redact_url(self.nats_url))
+        log.info(
+            "broker serving",
+            grpc_addr=self.address,
+            nats_url=redact_url(self.nats_url),
+            tls="mtls" if self.tls is not None and self.tls.mutual else "on" if self.tls else "off",
+        )
 
     def _on_nats_reconnected(self) -> None:
         # Live events republished during the outage never reached us: open streams catch up.

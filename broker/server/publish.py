@@ -67,7 +67,7 @@ async def publish_debounced(
     """Replace the key's pending schedule with this job's, listing on it every job
     the schedule replaced: the worker that gets the job when the window closes ends
     them SUPERSEDED naming it, the job that runs (``laneway.broker.core.debounce``)."""
-    subject = t.debounce_subject(job.spec.route, job.spec.debounce_key)
+    subject = t.debounce_subject(job.spec.route, job.spec.debounce_key, job.spec.tenant)
     headers = job_headers(job, event_seq)
     js = nc.jetstream()
     for _ in range(16):

@@ -44,6 +44,8 @@ async def redrive(
             metadata[REDRIVEN_FROM] = old.job_id
         wait = n / rate_per_s
         specs.append(
+            # The spec keeps its tenant: the new job is the dead letter's tenant's, also
+            # when an admin of another tenant redrives it.
             replace(
                 old.spec,
                 route=route or old.spec.route,

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from google.protobuf import text_format
 from opentelemetry.trace import Span
 
 from laneway.broker.config.model import LanewayConfig
@@ -35,15 +36,19 @@ from laneway.broker.core.wire.jobs import (
     spec_from_pb,
     timestamp_from_pb,
 )
+from laneway.broker.observability.audit import audit
 from laneway.broker.observability.tracing import server_span
+from laneway.broker.server.auth import require_role
 from laneway.broker.server.disconnect import DisconnectCancels
 from laneway.broker.server.jobs import JobStore, Submitted
 from laneway.broker.server.ops_wire import provider_health_to_pb, stats_to_pb
 from laneway.broker.server.paging import MAX_PAGE_SIZE, page_size, page_token_seq
+from laneway.broker.server.principal import Principal, current_principal
 from laneway.broker.server.provider_health import ProviderHealthView
 from laneway.broker.server.redrive import redrive
 from laneway.broker.server.stats import QueueStats
 from laneway.broker.server.status import item_error, stream_errors, unary_errors
+from laneway.broker.server.tenancy import dead_letter_scope, requested_filter, tenant_scope
 from laneway.errors import ApiError, InvalidArgument, Unavailable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
@@ -83,8 +88,10 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         return self._spec(request.job, "job")
 
     def _check_route(self, route: str, field: str) -> None:
-        if route not in self._config.routes:
-            known = sorted(self._config.routes)
+        # A route the caller's tenant may not use is answered as unknown (``quotas``).
+        routes = self._store.quotas.routes_for(current_principal().tenant, self._config.routes)
+        if route not in routes:
+            known = sorted(routes)
             close = difflib.get_close_matches(route, known, n=1) if NAME_RE.match(route) else []
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known routes: {', '.join(known)})"
             message = f"{field}: unknown route {clip(route)!r}{hint}"
@@ -127,7 +134,9 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
             )
 
     def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
-        spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default)
+        # The job is the caller's tenant's: the broker says whose, never the request.
+        tenant = current_principal().tenant
+        spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default, tenant=tenant)
         self._check_route(spec.route, f"{field}.route")
         self._check_providers(spec, field)
         if spec.deadline is not None and spec.deadline <= utcnow():
@@ -199,7 +208,9 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
                 where = f"resume_after[{clip(job_id)}]"
                 raise InvalidArgument(f"{where}: not one of job_ids", field=where)
         ids, resume = list(request.job_ids), dict(request.resume_after)
-        async for stored in self._store.watch(ids, resume, final_only=request.final_only):
+        # Another tenant's job is unknown (``tenancy``); an admin's scope is None: no check.
+        scope = tenant_scope(current_principal())
+        async for stored in self._store.watch(ids, resume, final_only=request.final_only, tenant=scope):
             response = pb.StreamResultsResponse()
             # The stored bytes are a serialized JobEvent: merge them, no domain round trip.
             response.event.MergeFromString(stored.data)
@@ -233,20 +244,38 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
     @unary_errors
     async def GetJob(self, request: pb.GetJobRequest, context: Ctx) -> pb.GetJobResponse:
         _check_job_id(request.job_id, "job_id")
-        latest, deltas = await self._store.get_with_text(request.job_id)
+        scope = tenant_scope(current_principal())
+        latest, deltas = await self._store.get_with_text(request.job_id, tenant=scope)
         return pb.GetJobResponse(job=job_from_events(latest, deltas))
 
     @unary_errors
     async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:
         _check_job_id(request.job_id, "job_id")
-        state, cancelled = await self._store.cancel(request.job_id, request.reason)
+        principal = current_principal()
+        scope = tenant_scope(principal)
+        state, cancelled = await self._store.cancel(request.job_id, request.reason, tenant=scope)
+        if cancelled and principal.is_admin and principal.key_id:
+            await self._audit_cancel(request.job_id, principal)
         return pb.CancelJobResponse(state=int(state), cancelled=cancelled)  # type: ignore[arg-type]
+
+    async def _audit_cancel(self, job_id: str, principal: Principal) -> None:
+        """An admin cancelled a job: audited when it was another tenant's."""
+        tenant = (await self._store.get(job_id)).decode().tenant
+        if tenant != principal.tenant:
+            audit(
+                "cancel_other_tenant",
+                key_id=principal.key_id,
+                tenant=principal.tenant,
+                target=job_id,
+                job_tenant=tenant,
+            )
 
     @unary_errors
     async def ListDeadLetters(
         self, request: pb.ListDeadLettersRequest, context: Ctx
     ) -> pb.ListDeadLettersResponse:
-        where = _filter(request.filter, "filter")
+        principal = current_principal()
+        where = dead_letter_scope(requested_filter(_filter(request.filter, "filter"), principal), principal)
         size = page_size(request.page_size, "page_size")
         after = page_token_seq(request.page_token, "page_token")
         found, next_after = await self._dead_letters.page(where, size=size, after_seq=after)
@@ -258,7 +287,10 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
     async def RedriveDeadLetters(
         self, request: pb.RedriveDeadLettersRequest, context: Ctx
     ) -> pb.RedriveDeadLettersResponse:
-        where = _filter(request.filter, "filter")
+        principal = current_principal()
+        where = requested_filter(_filter(request.filter, "filter"), principal)
+        if request.all:
+            require_role("admin", "RedriveDeadLetters with all")
         if where.empty and not request.all:
             raise InvalidArgument(
                 "filter: empty; name job_ids, route, reason or a time range "
@@ -282,11 +314,21 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         done = await redrive(
             self._store,
             self._dead_letters,
-            where,
+            # A non-admin redrives only their own tenant's; a redriven job keeps its tenant.
+            dead_letter_scope(where, principal),
             limit=limit,
             rate_per_s=rate,
             route=request.target_route,
             lane=lane,
+        )
+        audit(
+            "redrive",
+            key_id=principal.key_id,
+            tenant=principal.tenant,
+            target="all"
+            if request.all
+            else clip(text_format.MessageToString(request.filter, as_one_line=True)),
+            redriven=sum(isinstance(outcome, Submitted) for _, outcome in done),
         )
         response = pb.RedriveDeadLettersResponse()
         for job_id, outcome in done:
@@ -343,7 +385,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         return ops_pb2.GetServerInfoResponse(
             version=_VERSION,
             limits=limits,
-            routes=list(self._config.routes),
+            routes=self._store.quotas.routes_for(current_principal().tenant, self._config.routes),
             default_lane=LANE_TO_PB[self._config.lanes.default],
         )
 
@@ -377,7 +419,11 @@ def _filter(pb_filter: dead_letter_pb2.DeadLetterFilter, field: str) -> DeadLett
     if pb_filter.error_code and not code:
         where = f"{field}.error_code"
         raise InvalidArgument(f"{where}: unknown value {pb_filter.error_code}", field=where)
+    if pb_filter.tenant and not NAME_RE.match(pb_filter.tenant):
+        where = f"{field}.tenant"
+        raise InvalidArgument(f"{where}: {clip(pb_filter.tenant)!r} is not a tenant name", field=where)
     return DeadLetterFilter(
+        tenant=pb_filter.tenant or None,
         job_ids=tuple(pb_filter.job_ids),
         route=pb_filter.route,
         reason=reason,

@@ -1,7 +1,8 @@
 """Exceptions -> gRPC status, in exactly one place, with google.rpc rich details
 (``laneway.v1.ErrorReason``, errors.proto): ErrorInfo always (domain ``laneway.v1``, a
 reason name, its metadata); BadRequest for INVALID_ARGUMENT naming the field at fault;
-ResourceInfo for NOT_FOUND; RetryInfo for UNAVAILABLE and ABORTED. A batch item's
+ResourceInfo for NOT_FOUND; RetryInfo for UNAVAILABLE and ABORTED; QuotaFailure and
+RetryInfo for RESOURCE_EXHAUSTED ``QUOTA_EXCEEDED`` (a tenant over its quota). A batch item's
 ``BatchItemError`` gets the same reason and metadata (``item_error``)."""
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def status_for(err: ApiError) -> grpc.Status:
                 resource_type="laneway.v1.Job", resource_name=metadata.get("job_id", ""), description=message
             )
         )
-    if err.code in _RETRYABLE:
+    quota = reason_for(err) == "QUOTA_EXCEEDED"
+    if quota:
+        details.append(_quota_failure(metadata, message))
+    if err.code in _RETRYABLE or quota:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(round(1e9 * (err.retry_delay or _DEFAULT_RETRY_DELAY_S)))
         details.append(error_details_pb2.RetryInfo(retry_delay=delay))
@@ -107,6 +111,14 @@ def status_for(err: ApiError) -> grpc.Status:
         packed.append(any_msg)
     code: int = err.code.value[0]
     return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=packed))
+
+
+def _quota_failure(metadata: dict[str, str], message: str) -> error_details_pb2.QuotaFailure:
+    # Over a tenant's quota (``laneway.broker.server.quotas``): its subject is the tenant.
+    violation = error_details_pb2.QuotaFailure.Violation(
+        subject=f"tenant:{metadata.get('tenant', '')}", description=message
+    )
+    return error_details_pb2.QuotaFailure(violations=[violation])
 
 
 def item_error(err: ApiError, out: broker_service_pb2.BatchItemError) -> None:

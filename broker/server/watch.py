@@ -28,6 +28,7 @@ from laneway.broker.core import topology as t
 from laneway.broker.core.events import EventLog, StoredEvent
 from laneway.broker.core.nats.inbox import unsubscribe_quietly
 from laneway.broker.core.tasks import Background
+from laneway.broker.server.tenancy import event_tenant, unknown_job
 from laneway.errors import NotFound, Unavailable
 
 __all__ = ["EventFeed"]
@@ -105,9 +106,13 @@ class EventFeed:
         *,
         create: Callable[[], Awaitable[None]] | None = None,
         final_only: bool = False,
+        tenant: str | None = None,
     ) -> AsyncIterator[StoredEvent]:
         """Every event of the jobs (after their resume points), in per-job order,
-        until each job's final event. Raises NotFound for an unknown job.
+        until each job's final event. Raises NotFound for an unknown job, and with
+        ``tenant`` for a job of another tenant alike, before anything is yielded
+        (checked once per job, on the stored event the watch reads first; a job's tenant
+        never changes).
 
         With ``create``, the jobs do not exist yet: ``create`` makes them once the
         watcher is registered, so every event arrives live and the store is not read.
@@ -126,7 +131,7 @@ class EventFeed:
                 await create()
                 initial = {}
             else:
-                initial = await self._initial(ids, last, final_only)
+                initial = await self._initial(ids, last, final_only, tenant)
             for job_id in initial:
                 events, top = initial[job_id]
                 for event in events:
@@ -162,7 +167,7 @@ class EventFeed:
                 self._forget(job_id, live)
 
     async def _initial(
-        self, ids: list[str], last: dict[str, int], final_only: bool
+        self, ids: list[str], last: dict[str, int], final_only: bool, tenant: str | None
     ) -> dict[str, tuple[list[StoredEvent], StoredEvent]]:
         """Per job: its stored events to send now, and its latest event."""
         if len(ids) == 1 and not final_only:
@@ -170,10 +175,16 @@ class EventFeed:
             # whole history in one request rather than latest, then history.
             job_id = ids[0]
             events = await self._log.history(job_id)
-            if not events:
+            if not events or (tenant is not None and event_tenant(events[-1].data) != tenant):
                 raise _unknown(job_id)
             return {job_id: ([e for e in events if e.job_seq > last[job_id]], events[-1])}
         latest = await self._log.latest(ids)
+        if tenant is not None:
+            # Every job first: nothing of the stream is sent when one of them is hidden.
+            for job_id in ids:
+                top = latest.get(job_id)
+                if top is None or event_tenant(top.data) != tenant:
+                    raise _unknown(job_id)
         out: dict[str, tuple[list[StoredEvent], StoredEvent]] = {}
         for job_id in ids:
             top = latest.get(job_id)
@@ -209,6 +220,4 @@ class EventFeed:
 
 
 def _unknown(job_id: str) -> NotFound:
-    return NotFound(
-        f"job {job_id} not found", field="job_ids", reason="UNKNOWN_JOB", metadata={"job_id": job_id}
-    )
+    return unknown_job(job_id, field="job_ids")

@@ -111,9 +111,10 @@ def list_request(
     until: datetime | None,
     page_size: int,
     page_token: str,
+    tenant: str = "",
 ) -> pb.ListDeadLettersRequest:
     return pb.ListDeadLettersRequest(
-        filter=dlq_filter(job_ids, route, reason, since, until, error_code),
+        filter=dlq_filter(job_ids, route, reason, since, until, error_code, tenant),
         page_size=page_size,
         page_token=page_token,
     )

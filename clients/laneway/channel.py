@@ -8,27 +8,33 @@ Both clients take the same connection arguments (``AsyncClient`` builds a
   (PEM bytes) to trust another CA; ``certificate_chain`` and ``private_key`` (PEM)
   for mutual TLS; or ``tls=`` a ready ``grpc.ChannelCredentials``. Certificates
   imply TLS.
-- ``api_key``: sent as ``authorization: Bearer <key>`` on every call, only over
-  TLS (gRPC refuses to send call credentials in plaintext). On a trusted plaintext
-  network, put the header in ``call_metadata`` yourself.
+- ``api_key``: sent as ``authorization: Bearer <key>`` on every call, over TLS, or
+  in plaintext only to a loopback target (``127.0.0.1``, ``::1``, ``localhost``, a
+  unix socket), where nobody on the network can read it; a plaintext channel to
+  any other address refuses an ``api_key`` (``ValueError``).
 - ``call_credentials``: any ``grpc.CallCredentials`` (e.g. a
   ``grpc.metadata_call_credentials`` plugin), also TLS only.
 - ``call_metadata``: gRPC metadata sent with every call; a method's own
   ``call_metadata`` is added to it (its values win for the same key).
 - ``channel``: a channel the caller made and owns; the client then uses it as is
   (no TLS arguments) and never closes it.
+
+A connection that fails because the TLS settings do not match the broker's (a
+plaintext client and a TLS broker, an untrusted certificate, a missing client
+certificate) raises ``Unavailable`` whose message says so (``laneway.transport_errors``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-__all__ = ["CHANNEL_OPTIONS", "DEFAULT_TARGET", "Connection", "Deadline", "connection"]
+__all__ = ["CHANNEL_OPTIONS", "DEFAULT_TARGET", "Connection", "Deadline", "connection", "is_loopback"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -56,10 +62,13 @@ class Connection:
     #: None for a plaintext channel.
     credentials: grpc.ChannelCredentials | None
     call_credentials: grpc.CallCredentials | None
-    metadata: Mapping[str, str]
+    #: Not in ``repr``: it may hold ``authorization`` (the API key).
+    metadata: Mapping[str, str] = field(repr=False)
     options: tuple[tuple[str, Any], ...]
     #: Seconds for a unary call when the method is given none.
     timeout: float
+    #: Whether the channel uses TLS; None for the caller's own channel (unknown).
+    tls: bool | None = None
 
     def aio_channel(self, target: str) -> grpc.aio.Channel:
         if self.credentials is None:
@@ -92,6 +101,7 @@ def connection(
     channel_options: Sequence[tuple[str, Any]],
     timeout: float,
     callers_channel: bool,
+    target: str = "",
 ) -> Connection:
     """Check the client's connection arguments and resolve them (``callers_channel``: the
     caller passed a channel, so nothing about making one may be given)."""
@@ -114,22 +124,50 @@ def connection(
         credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
     else:
         credentials = None
-    if (api_key or call_credentials) and credentials is None and not callers_channel:
+    if call_credentials and credentials is None and not callers_channel:
         raise ValueError(
-            "api_key and call_credentials are sent only over TLS (tls=True or root_certificates=...); "
+            "call_credentials are sent only over TLS (tls=True or root_certificates=...); "
             "on a trusted plaintext network pass call_metadata={'authorization': 'Bearer ...'}"
         )
+    metadata = dict(call_metadata or {})
     creds = [c for c in (call_credentials,) if c is not None]
-    if api_key:
+    if api_key and credentials is None and not callers_channel:
+        if not is_loopback(target):
+            raise ValueError(
+                f"api_key is sent only over TLS (tls=True or root_certificates=...) or in plaintext to "
+                f"a loopback address (127.0.0.1, ::1, localhost); {target!r} is neither"
+            )
+        # gRPC sends call credentials only over TLS: on loopback the header goes as metadata.
+        metadata.setdefault("authorization", f"Bearer {api_key}")
+    elif api_key:
         creds.append(grpc.access_token_call_credentials(api_key))
     combined = creds[0] if len(creds) == 1 else grpc.composite_call_credentials(*creds) if creds else None
     return Connection(
         credentials=credentials,
         call_credentials=combined,
-        metadata=dict(call_metadata or {}),
+        metadata=metadata,
         options=(*CHANNEL_OPTIONS, *channel_options),
         timeout=timeout,
+        tls=None if callers_channel else credentials is not None,
     )
+
+
+def is_loopback(target: str) -> bool:
+    """Whether a gRPC target names this machine only: a loopback address or
+    ``localhost`` (any port), or a unix socket."""
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    host = target.removeprefix("dns:").removeprefix("ipv4:").removeprefix("ipv6:").lstrip("/")
+    if host.startswith("["):
+        host = host[1 : host.find("]")] if "]" in host else host
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Deadline:

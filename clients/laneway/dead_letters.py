@@ -39,10 +39,12 @@ def dlq_filter(
     since: datetime | None = None,
     until: datetime | None = None,
     error_code: str = "",
+    tenant: str = "",
 ) -> dead_letter_pb2.DeadLetterFilter:
     """``reason``: a dead-letter reason (``permanent_error``, ``attempts_exhausted``,
-    ``max_deliveries``); ``error_code``: the final error's code (``invalid_request``...)."""
-    f = dead_letter_pb2.DeadLetterFilter(job_ids=list(job_ids), route=route)
+    ``max_deliveries``); ``error_code``: the final error's code (``invalid_request``...);
+    ``tenant``: admins only, that tenant's dead letters (others see only their own)."""
+    f = dead_letter_pb2.DeadLetterFilter(job_ids=list(job_ids), route=route, tenant=tenant)
     if reason:
         f.reason = _enum_value(dead_letter_pb2.DeadLetterReason, "DEAD_LETTER_REASON_", reason, "reason")
     if error_code:
@@ -75,10 +77,11 @@ def redrive_request(
     to_lane: str = "",
     rate_per_second: float = 0.0,
     limit: int = 0,
+    tenant: str = "",
 ) -> pb.RedriveDeadLettersRequest:
     """``to_route`` / ``to_lane`` become the request's ``target_route`` / ``target_lane``."""
     request = pb.RedriveDeadLettersRequest(
-        filter=dlq_filter(job_ids, route, reason, since, until, error_code),
+        filter=dlq_filter(job_ids, route, reason, since, until, error_code, tenant),
         all=all,
         target_route=to_route,
         rate_per_second=rate_per_second,

@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from laneway.errors import ApiError, error_for_code
+from laneway.transport_errors import explain
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import errors_pb2
 
@@ -24,11 +25,14 @@ __all__ = ["from_batch_item", "from_rpc_error"]
 _REASON_PREFIX = "ERROR_REASON_"
 
 
-def from_rpc_error(err: grpc.RpcError) -> ApiError:
-    """The exception for a failed call (sync ``grpc.Call`` or ``grpc.aio.AioRpcError``)."""
+def from_rpc_error(err: grpc.RpcError, *, tls: bool | None = None) -> ApiError:
+    """The exception for a failed call (sync ``grpc.Call`` or ``grpc.aio.AioRpcError``);
+    ``tls``: whether the channel uses TLS, for plain words on a failed connection."""
     call = cast(grpc.Call, err)
     code = call.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = (call.details() if hasattr(err, "details") else None) or str(err)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        message = explain(message, tls=tls)
     field = reason = ""
     metadata: dict[str, str] = {}
     retry_delay: float | None = None

@@ -100,6 +100,7 @@ class Client:
             channel_options=channel_options,
             timeout=timeout,
             callers_channel=channel is not None,
+            target=target,
         )
         self._resume = resume_bounds(resume_timeout, resume_attempts)
         self._owns_channel = channel is None
@@ -134,7 +135,7 @@ class Client:
                 credentials=self._conn.call_credentials,
             )
         except grpc.RpcError as err:
-            raise from_rpc_error(err) from None
+            raise from_rpc_error(err, tls=self._conn.tls) from None
 
     def _stream(
         self,
@@ -209,7 +210,7 @@ class Client:
                         yield response.event
                 return
             except grpc.RpcError as err:
-                mapped = from_rpc_error(err)
+                mapped = from_rpc_error(err, tls=self._conn.tls)
                 delay = window.next_delay() if resumable(err, mapped) else None
                 if delay is None:
                     raise mapped from None
@@ -277,7 +278,7 @@ class Client:
                 yield response.event
             return
         except grpc.RpcError as err:
-            mapped = from_rpc_error(err)
+            mapped = from_rpc_error(err, tls=self._conn.tls)
             if seen is None or not isinstance(mapped, Unavailable):
                 raise mapped from None
         finally:
@@ -335,13 +336,17 @@ class Client:
         until: datetime | None = None,
         page_size: int = 0,
         page_token: str = "",
+        tenant: str = "",
         timeout: float | None = None,
         call_metadata: Mapping[str, str] | None = None,
     ) -> DeadLetterPage:
         """One page of dead letters, oldest first; empty filters match all. ``reason``:
         permanent_error, attempts_exhausted or max_deliveries; ``error_code``: the final
-        error's code in lower case (e.g. invalid_request)."""
-        request = list_request(job_ids, route, reason, error_code, since, until, page_size, page_token)
+        error's code in lower case (e.g. invalid_request); ``tenant``: admins only, that
+        tenant's dead letters (other callers always see only their own tenant's)."""
+        request = list_request(
+            job_ids, route, reason, error_code, since, until, page_size, page_token, tenant
+        )
         return dead_letter_page(self._unary(self._stub.ListDeadLetters, request, timeout, call_metadata))
 
     def redrive_dead_letters(
@@ -358,6 +363,7 @@ class Client:
         to_lane: str = "",
         rate_per_second: float = 0.0,
         limit: int = 0,
+        tenant: str = "",
         timeout: float | None = None,
         call_metadata: Mapping[str, str] | None = None,
     ) -> list[Redriven]:
@@ -376,6 +382,7 @@ class Client:
             to_lane=to_lane,
             rate_per_second=rate_per_second,
             limit=limit,
+            tenant=tenant,
         )
         return redriven(self._unary(self._stub.RedriveDeadLetters, request, timeout, call_metadata))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Callable
 
@@ -10,7 +11,8 @@ import structlog
 from nats.aio.client import Client as NatsClient
 
 from laneway.broker.core.errors import TopologyError
-from laneway.broker.core.redact import redact_url
+from laneway.broker.core.nats.credentials import NatsAuth, has_userinfo, refusal_reason, untrusted_reason
+from laneway.broker.core.redact import redact_text, redact_url
 from laneway.broker.core.topology import check_server_version
 
 __all__ = ["FastHeaderClient", "connect_nats"]
@@ -52,6 +54,7 @@ async def connect_nats(
     *,
     name: str,
     connect_timeout: float = 5.0,
+    auth: NatsAuth | None = None,
     on_reconnected: Callable[[], None] | None = None,
     on_disconnected: Callable[[], None] | None = None,
 ) -> NatsClient:
@@ -60,11 +63,19 @@ async def connect_nats(
     The first connection must succeed within ``connect_timeout`` seconds (retrying
     meanwhile, quietly), or this raises one ``TopologyError`` with the last error: a
     process that cannot reach NATS at start-up should say so and exit, not log
-    forever. Once connected, the client reconnects for ever after an outage."""
+    forever. Once connected, the client reconnects for ever after an outage.
+
+    ``auth`` adds credentials and TLS (``nats.credentials``). A server that refuses
+    them, or whose certificate is not trusted, fails start-up at once with one
+    sentence that says so (retrying cannot help), naming the URL without its password
+    and never the credentials."""
 
     shown = redact_url(url)  # the URL as logs and errors show it: no password or token
     clients: list[NatsClient] = []
     errors: list[Exception] = []
+    auth = auth or NatsAuth()
+    options = auth.connect_options(url)  # a missing credential file fails here, by name
+    refused = asyncio.Event()  # the server said no to the credentials: stop retrying
 
     async def on_disconnect() -> None:
         if not clients or clients[0].is_closed:
@@ -81,36 +92,56 @@ async def connect_nats(
     async def on_error(err: Exception) -> None:
         if not clients:
             errors.append(err)  # start-up: reported once, in the TopologyError below
+            if refusal_reason([err], credentials_given=True) or untrusted_reason([err]):
+                refused.set()
             return
         log.warning("nats error", error=str(err))
 
     nc = FastHeaderClient()
-    try:
-        # nats-py retries the first connection for ever with reconnects allowed, and
-        # applies connect_timeout to each try only: the deadline on the whole is ours.
-        # nats-py annotates both timeouts as int; it takes (and we pass) seconds as float.
-        await asyncio.wait_for(
-            nc.connect(
-                url,
-                name=name,
-                connect_timeout=connect_timeout,  # type: ignore[arg-type]
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,  # type: ignore[arg-type]
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
-                error_cb=on_error,
-                allow_reconnect=True,
-            ),
-            connect_timeout,
+    # nats-py retries the first connection for ever with reconnects allowed, and
+    # applies connect_timeout to each try only: the deadline on the whole is ours.
+    # nats-py annotates both timeouts as int; it takes (and we pass) seconds as float.
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,  # type: ignore[arg-type]
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,  # type: ignore[arg-type]
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+            error_cb=on_error,
+            allow_reconnect=True,
+            **options,
         )
+    )
+    refusal = asyncio.ensure_future(refused.wait())
+    try:
+        await asyncio.wait(
+            {connecting, refusal}, timeout=connect_timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            raise TimeoutError
+        connecting.result()
     except Exception as err:
         await nc.close()
+        in_url = has_userinfo(url)
+        refused_why = refusal_reason(
+            errors, credentials_given=auth.given or in_url, in_url=in_url
+        ) or untrusted_reason(errors)
+        if refused_why is not None:
+            raise TopologyError(f"cannot connect to NATS at {shown}: {refused_why}") from None
         last = errors[-1] if errors and isinstance(err, TimeoutError) else err
         reason = f"{type(last).__name__}: {last}" if str(last) else type(last).__name__
         raise TopologyError(
             f"cannot connect to NATS at {shown} within {connect_timeout:g}s "
-            f"(nats.connect_timeout_s): {reason}"
+            f"(nats.connect_timeout_s): {redact_text(reason)}"
         ) from None
+    finally:
+        refusal.cancel()
     clients.append(nc)
     try:
         v = nc.connected_server_version

@@ -99,7 +99,11 @@ def attempts_from_history(events: Sequence[JobEvent]) -> tuple[AttemptRecord, ..
 def dead_letter_to_pb(dl: DeadLetter) -> dead_letter_pb2.DeadLetter:
     queued = queued_job_to_pb(dl.job)
     pb = dead_letter_pb2.DeadLetter(
-        job_id=dl.job.job_id, reason=reason_to_pb(dl.reason), deliveries=dl.deliveries, spec=queued.spec
+        job_id=dl.job.job_id,
+        reason=reason_to_pb(dl.reason),
+        deliveries=dl.deliveries,
+        spec=queued.spec,
+        tenant=dl.job.spec.tenant,
     )
     error_to_pb(dl.error, pb.error)
     pb.enqueue_time.FromDatetime(dl.job.enqueued_at)
@@ -115,7 +119,9 @@ def dead_letter_to_pb(dl: DeadLetter) -> dead_letter_pb2.DeadLetter:
 
 
 def dead_letter_from_pb(pb: dead_letter_pb2.DeadLetter) -> DeadLetter:
-    queued = queue_pb2.QueuedJob(job_id=pb.job_id, spec=pb.spec, enqueue_time=pb.enqueue_time)
+    queued = queue_pb2.QueuedJob(
+        job_id=pb.job_id, spec=pb.spec, enqueue_time=pb.enqueue_time, tenant=pb.tenant
+    )
     return DeadLetter(
         job=queued_job_from_pb(queued),
         reason=reason_from_pb(pb.reason),

@@ -104,6 +104,7 @@ def event_to_pb(e: JobEvent) -> job_pb2.JobEvent:
         route=e.route,
         lane=LANE_TO_PB[e.lane],
         metadata=e.metadata,
+        tenant=e.tenant,
     )
     set_timestamp(e.time, pb.event_time)
     set_timestamp(e.enqueued_at, pb.enqueue_time)
@@ -170,6 +171,7 @@ def event_from_pb(pb: job_pb2.JobEvent) -> JobEvent:
         superseded_by=pb.superseded_by,
         delta=pb.delta.text if pb.HasField("delta") else None,
         reset=pb.reset,
+        tenant=pb.tenant,
     )
 
 
@@ -195,6 +197,7 @@ def job_from_events(latest: job_pb2.JobEvent, deltas: Sequence[str] = ()) -> job
         model=latest.model,
         superseded_by=latest.superseded_by,
         last_seq=latest.seq,
+        tenant=latest.tenant,
     )
     for src, dst in (
         ("enqueue_time", job.enqueue_time),

@@ -139,11 +139,17 @@ def _after(now: datetime, d: Duration, field: str) -> datetime:
 
 
 def spec_from_pb(
-    pb: job_pb2.JobSpec, *, field: str, default_lane: str, now: datetime | None = None
+    pb: job_pb2.JobSpec,
+    *,
+    field: str,
+    default_lane: str,
+    now: datetime | None = None,
+    tenant: str = "",
 ) -> JobSpec:
     """Validate and convert a submitted JobSpec. Route existence and how far ahead
     a job may be scheduled are the caller's checks. ``now`` (default: the current
-    time) anchors a relative delay or debounce window."""
+    time) anchors a relative delay or debounce window. ``tenant``: the caller's
+    (the request names none)."""
     if not pb.route:
         raise _bad(f"{field}.route", "required")
     if not NAME_RE.match(pb.route):
@@ -193,6 +199,7 @@ def spec_from_pb(
         debounce_key=debounce_key,
         providers=_names(pb.providers, f"{field}.providers"),
         exclude_providers=_names(pb.exclude_providers, f"{field}.exclude_providers"),
+        tenant=tenant,
     )
     return replace(spec, request_digest=request_digest(pb, spec)) if spec.idempotency_key else spec
 
@@ -322,7 +329,7 @@ def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
         out.classification.labels.extend(inp.labels)
 
 
-def _spec_from_trusted_pb(pb: job_pb2.JobSpec, debounce_key: str) -> JobSpec:
+def _spec_from_trusted_pb(pb: job_pb2.JobSpec, debounce_key: str, tenant: str) -> JobSpec:
     # A queued job was validated (by spec_from_pb) when it was submitted: rebuilt here
     # without the checks, which were a tenth of a worker's CPU per job.
     kind = pb.WhichOneof("input")
@@ -352,6 +359,7 @@ def _spec_from_trusted_pb(pb: job_pb2.JobSpec, debounce_key: str) -> JobSpec:
         debounce_key=debounce_key,
         providers=tuple(pb.providers),
         exclude_providers=tuple(pb.exclude_providers),
+        tenant=tenant,
     )
 
 
@@ -363,7 +371,7 @@ def encode_queued_job(job: QueuedJob) -> bytes:
 
 
 def queued_job_to_pb(job: QueuedJob) -> queue_pb2.QueuedJob:
-    pb = queue_pb2.QueuedJob(job_id=job.job_id, debounce_key=job.spec.debounce_key)
+    pb = queue_pb2.QueuedJob(job_id=job.job_id, debounce_key=job.spec.debounce_key, tenant=job.spec.tenant)
     spec_to_pb(job.spec, pb.spec)
     set_timestamp(job.enqueued_at, pb.enqueue_time)
     return pb
@@ -374,5 +382,5 @@ def decode_queued_job(data: bytes) -> QueuedJob:
 
 
 def queued_job_from_pb(pb: queue_pb2.QueuedJob) -> QueuedJob:
-    spec = _spec_from_trusted_pb(pb.spec, pb.debounce_key)
+    spec = _spec_from_trusted_pb(pb.spec, pb.debounce_key, pb.tenant)
     return QueuedJob(job_id=pb.job_id, spec=spec, enqueued_at=to_datetime(pb.enqueue_time))

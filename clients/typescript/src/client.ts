@@ -18,6 +18,7 @@ import type { GetStatsResponse, GetServerInfoResponse, ProviderHealth } from "./
 import { Cancelled, DeadlineExceeded, LanewayError, Unavailable, fromBatchItemError, toLanewayError } from "./errors.js";
 import type { JobSpecInit } from "./inputs.js";
 import { isFinal } from "./states.js";
+import { explainTransportErrors } from "./transport_errors.js";
 
 /** Client certificates and trust roots for TLS (PEM strings or Buffers). */
 export interface TlsOptions {
@@ -37,6 +38,10 @@ export interface ClientOptions {
   tls?: boolean | TlsOptions;
   /** gRPC metadata sent with every call (e.g. `{ authorization: "Bearer ..." }`). */
   metadata?: Record<string, string>;
+  /** API key, sent as `authorization: Bearer <key>` on every call: over TLS, or in
+   * plaintext only to a loopback address (127.0.0.1, ::1, localhost); any other
+   * plaintext address throws (a key must not cross a network in clear). */
+  apiKey?: string;
   /** Default deadline of unary calls, in milliseconds (default 30,000; 0 or Infinity:
    * none). Streams have none unless a call passes its own `timeoutMs`. */
   timeoutMs?: number;
@@ -122,6 +127,12 @@ const RESUME_FIRST_DELAY_MS = 100;
 const RESUME_MAX_DELAY_MS = 2_000;
 
 /** `"host:port"`, `"http://host:port"` or `"https://host:port"` as a base URL. */
+/** Whether a base URL names this machine only (a loopback address or localhost). */
+function isLoopback(url: string): boolean {
+  const host = new URL(url).hostname.replace(/^\[|\]$/g, "").toLowerCase();
+  return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
 function baseUrl(address: string, tls: boolean): string {
   if (/^https?:\/\//.test(address)) {
     return tls ? address.replace(/^http:/, "https:") : address;
@@ -188,10 +199,20 @@ export class LanewayClient {
     this.transport = createGrpcTransport({
       baseUrl: url,
       sessionManager: this.sessions,
-      interceptors: options.interceptors ?? [],
+      // Ours innermost, so the caller's interceptors see the explained error too.
+      interceptors: [...(options.interceptors ?? []), explainTransportErrors(useTls, tlsOpts?.cert !== undefined)],
     });
     this.raw = createClient(BrokerService, this.transport);
     this.metadata = { ...(options.metadata ?? {}) };
+    if (options.apiKey) {
+      if (!useTls && !isLoopback(url)) {
+        throw new Error(
+          `apiKey is sent only over TLS (tls: true or { ca }) or in plaintext to a loopback ` +
+            `address (127.0.0.1, ::1, localhost); ${address} is neither`,
+        );
+      }
+      this.metadata.authorization = `Bearer ${options.apiKey}`;
+    }
     this.timeoutMs = options.timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.resumeForMs = options.resumeForMs ?? DEFAULT_RESUME_FOR_MS;
   }

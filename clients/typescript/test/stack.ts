@@ -13,6 +13,13 @@ export const REPO = process.env["LANEWAY_REPO"] ?? resolve(HERE, "..", "..", "..
 
 type Reply = Record<string, unknown>;
 
+/** PEM file paths of a TLS stack (LANEWAY_TS_TLS=tls or mtls): its CA and a client certificate it signed. */
+export interface StackTls {
+  ca: string;
+  clientCert: string;
+  clientKey: string;
+}
+
 export class Stack {
   private readonly replies: Reply[] = [];
   private waiter: ((r: Reply) => void) | undefined;
@@ -22,6 +29,7 @@ export class Stack {
     private readonly proc: ChildProcessWithoutNullStreams,
     private readonly lines: Interface,
     public address = "",
+    public tls: StackTls | undefined = undefined,
   ) {
     lines.on("line", (line) => {
       let reply: Reply;
@@ -43,14 +51,20 @@ export class Stack {
     });
   }
 
-  static async start(): Promise<Stack> {
+  /** `env` goes to tests.ts_stack on top of ours: LANEWAY_TS_TLS=tls|mtls for a TLS broker. */
+  static async start(env: Record<string, string> = {}): Promise<Stack> {
     const python = process.env["LANEWAY_PYTHON"] ?? join(REPO, ".venv", "bin", "python");
     if (!existsSync(python)) throw new Error(`no Python at ${python}: run 'make venv' (or set LANEWAY_PYTHON)`);
-    const proc = spawn(python, ["-m", "tests.ts_stack"], { cwd: REPO, stdio: ["pipe", "pipe", "pipe"] });
+    const proc = spawn(python, ["-m", "tests.ts_stack"], {
+      cwd: REPO,
+      stdio: ["pipe", "pipe", "pipe"],
+      env: { ...process.env, ...env },
+    });
     const stack = new Stack(proc, createInterface({ input: proc.stdout }));
     const ready = await stack.next(60_000);
     if (ready["ready"] !== true) throw new Error(`the stack did not start: ${JSON.stringify(ready)}\n${stack.stderr}`);
     stack.address = String(ready["address"]);
+    stack.tls = ready["tls"] as StackTls | undefined;
     return stack;
   }
 
