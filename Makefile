@@ -70,9 +70,11 @@ proto-check: venv
 	@echo "generated code matches protos/"
 
 # The TypeScript client (clients/typescript) is built and tested when node and npm are present.
+# Installs and builds the TypeScript client (tests that drive it from Python need dist/).
 node-deps:
-	@if command -v npm >/dev/null 2>&1 && [ ! -d clients/typescript/node_modules ]; then \
-		cd clients/typescript && npm ci --no-audit --no-fund --silent || echo "npm ci failed: TypeScript client tests will skip"; fi
+	@if command -v npm >/dev/null 2>&1; then cd clients/typescript && \
+		{ [ -d node_modules ] || npm ci --no-audit --no-fund --silent; } && npm run --silent build \
+		|| echo "npm ci or the build failed: TypeScript client tests will skip"; fi
 
 pytest: venv
 	$(BIN)/pytest
