@@ -84,6 +84,8 @@ def test_example_file_shows_every_field() -> None:
         "dlq",
         "batch",
         "metrics",
+        "gateway",
+        "webhooks",
         "fake_provider",
     ):
         model: BaseModel = getattr(config, section)

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from ruamel.yaml import YAML
 
 from laneway.broker.server.metrics import BrokerMetrics
+from laneway.broker.webhooks.metrics import WebhookMetrics
 from laneway.workers.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,11 @@ _KEYWORDS = {
 
 def exported_names() -> set[str]:
     names: set[str] = set()
-    registries: list[CollectorRegistry] = [WorkerMetrics().registry, BrokerMetrics().registry]
+    registries: list[CollectorRegistry] = [
+        WorkerMetrics().registry,
+        BrokerMetrics().registry,
+        WebhookMetrics().registry,
+    ]
     for registry in registries:
         for family in registry.collect():
             names.update(family.name + suffix for suffix in _SUFFIXES[family.type])
@@ -126,6 +131,7 @@ def test_alert_rules_are_complete_and_use_real_metrics() -> None:
         "laneway_provider_circuit_state",
         "laneway_provider_limiter_budget",
         "laneway_provider_limiter_rate_rpm",
+        "laneway_webhook_backlog",
     ):
         assert metric in watched, f"no alert watches {metric}"
 

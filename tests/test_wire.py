@@ -198,7 +198,7 @@ def test_fast_header_parser_matches_the_librarys(lines: list[bytes]) -> None:
 def test_next_event_carries_every_field_but_the_payload() -> None:
     import dataclasses
 
-    from laneway.broker.core.model import JobEvent
+    from laneway.broker.core.model import JobEvent, Notify
 
     start = utcnow()
     sample: dict[str, object] = {
@@ -222,6 +222,7 @@ def test_next_event_carries_every_field_but_the_payload() -> None:
         "delta": "piece",
         "reset": True,
         "tenant": "acme",
+        "notify": (Notify("https://example.com/hook", "all", "main"),),
     }
     # A field added to JobEvent must be added here, and to JobEvent.next.
     assert set(sample) == {f.name for f in dataclasses.fields(JobEvent)}

@@ -35,6 +35,7 @@ from laneway.broker.cli.common import (
 )
 from laneway.broker.cli.dlq import dlq_app
 from laneway.broker.cli.fake import fake_provider
+from laneway.broker.cli.gateway import gateway
 from laneway.broker.cli.keys import keys_app
 from laneway.broker.cli.nats_flags import NatsFlags, nats_credential_options
 from laneway.broker.cli.ops import providers, stats, top
@@ -47,6 +48,7 @@ from laneway.broker.cli.server_tls import (
     prepare_up_tls,
     with_broker_tls,
 )
+from laneway.broker.cli.webhooks import webhooks_app
 from laneway.broker.config.errors import YamlDocument
 from laneway.broker.config.model import LanewayConfig, config_json_schema, default_config, load_config
 from laneway.broker.observability.logs import configure_logging
@@ -67,10 +69,12 @@ config_app = typer.Typer(no_args_is_help=True, help="Check and describe config f
 app.add_typer(config_app, name="config")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(keys_app, name="keys")
+app.add_typer(webhooks_app, name="webhooks")
 app.command("fake-provider")(fake_provider)
 app.command()(providers)
 app.command()(stats)
 app.command()(top)
+app.command()(gateway)
 
 DEFAULT_CONFIG = "laneway.example.yaml"
 

@@ -21,6 +21,7 @@ from laneway.broker.cli.nats_flags import NatsFlags
 from laneway.broker.cli.natsd import EmbeddedNats, free_port
 from laneway.broker.cli.ready import Child, spawn, stop_children, stop_on_signals, until_one_exits
 from laneway.broker.cli.server_tls import UpTls
+from laneway.broker.cli.up_gateway import plan_gateway
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core import topology as t
 from laneway.broker.core.errors import TopologyError
@@ -118,6 +119,12 @@ async def run_stack(
         )
         for i in range(workers):
             children.append(await spawn(f"worker {i + 1}", ["worker", *common, *metrics[1 + i]], env=env))
+        if config.webhooks.enabled:  # signed webhooks: their delivery process (broker/webhooks/)
+            children.append(await spawn("webhooks", ["webhooks", "serve", *common], env=env))
+        gateway = plan_gateway(config, grpc_addr, tls, insecure=insecure)
+        if gateway is not None:
+            config_args = ["--config", str(config_path)] if config_path else []
+            children.append(await spawn("gateway", [*gateway.args, *config_args], env=env))
         for child in children:
             await child.wait_ready(_START_TIMEOUT_S)
         route = next(iter(config.routes))
@@ -132,6 +139,7 @@ async def run_stack(
                 if metrics_port
                 else ""
             )
+            + (f"HTTP gateway: {gateway.url} (API: {gateway.url}/openapi.json).\n" if gateway else "")
             + (tls.note if tls else "")
             + f"Try:  laneway submit --route {route} --priority high --text hello --wait"
             + (f" {tls.client_args}" if tls else "")

@@ -39,10 +39,12 @@ from laneway.broker.config.errors import (
     problems_from_validation_error,
     suggest,
 )
+from laneway.broker.config.gateway import GatewayConfig
 from laneway.broker.config.provider_types import AnyProviderConfig
 from laneway.broker.config.providers import CircuitConfig, ConfigModel, ErrorRates, LimitsConfig
 from laneway.broker.config.routes import BatchConfig, RouteConfig, RouteTarget
 from laneway.broker.config.security import AuthConfig, BrokerTlsConfig, NatsCredentials, TenantConfig
+from laneway.broker.config.webhooks import WebhooksConfig
 from laneway.broker.core.errors import ConfigError
 from laneway.broker.core.model import LANES, NAME_PATTERN
 
@@ -284,6 +286,10 @@ class LanewayConfig(ConfigModel):
     """Default batching of embedding jobs (routes may override it)."""
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     """Prometheus metrics endpoints (off unless a port is set)."""
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
+    """The HTTP gateway (JSON, SSE, WebSocket) that ``laneway up`` starts."""
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    """Signed webhooks: secrets, address guard exceptions, retries, route subscriptions."""
     fake_provider: FakeProviderProcessConfig | None = None
     """Development only: ``laneway up`` also starts ``laneway fake-provider`` with these
     settings. Unset: it does not."""

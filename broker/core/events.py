@@ -35,6 +35,7 @@ from laneway.broker.core.nats.publish import (
     send_acked,
 )
 from laneway.broker.core.wire.events import decode_event, encode_event
+from laneway.broker.core.wire.notify import encode_notify
 from laneway.errors import LanewayError, Unavailable
 
 __all__ = ["EventConflict", "EventLog", "PendingAppend", "StoredEvent", "first_event", "is_scheduled"]
@@ -93,6 +94,7 @@ def first_event(job: QueuedJob) -> JobEvent:
         enqueued_at=job.enqueued_at,
         metadata=job.spec.metadata,
         tenant=job.spec.tenant,
+        notify=job.spec.notify,
     )
 
 
@@ -303,6 +305,8 @@ def _append_message(event: JobEvent, expect_last: int) -> tuple[str, bytes, dict
         t.HDR_JOB_STATE: event.state.name,
         "Nats-Expected-Last-Subject-Sequence": str(expect_last),
     }
+    if event.notify:
+        headers[t.HDR_NOTIFY] = encode_notify(event.notify)
     return t.event_subject(event.job_id), encode_event(event), headers
 
 

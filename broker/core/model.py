@@ -17,6 +17,7 @@ __all__ = [
     "FINAL_STATES",
     "LANES",
     "NAME_PATTERN",
+    "NOTIFY_EVENTS",
     "ChatInput",
     "ChatMessage",
     "ChatOutput",
@@ -32,6 +33,7 @@ __all__ = [
     "JobResult",
     "JobSpec",
     "JobState",
+    "Notify",
     "QueuedJob",
     "TokenUsage",
     "new_job_id",
@@ -118,6 +120,19 @@ class ClassificationInput:
 
 JobInput = ChatInput | EmbeddingInput | ClassificationInput
 
+NOTIFY_EVENTS = ("final", "state_changes", "all")
+
+
+@dataclass(frozen=True, slots=True)
+class Notify:
+    """A webhook a job's events go to (``laneway.v1.Notify``)."""
+
+    url: str
+    events: str = "final"
+    """``final``, ``state_changes`` (no deltas) or ``all`` (deltas too, in seq order)."""
+    secret: str = ""
+    """The name of a signing secret in the config (``webhooks.secrets``), never the secret."""
+
 
 @dataclass(frozen=True, slots=True)
 class JobSpec:
@@ -134,6 +149,8 @@ class JobSpec:
     """Only these providers may run the job (empty: any of the route's targets)."""
     exclude_providers: tuple[str, ...] = ()
     """Providers that must never run the job."""
+    notify: tuple[Notify, ...] = ()
+    """Webhooks the job's events are delivered to (``laneway.broker.webhooks``)."""
     tenant: str = ""
     """The submitter's tenant ("" without authentication), set by the broker from the
     caller's API key, never from the request; kept through redrive."""
@@ -226,6 +243,10 @@ class JobEvent:
     tenant: str = ""
     """The job's tenant (``JobSpec.tenant``), on every event: the broker checks who may
     see a job from the event it reads anyway, with no extra lookup."""
+    notify: tuple[Notify, ...] = ()
+    """The job's webhooks, known where the event is built from the queued job (its
+    first event, and the worker's events): written as a header beside the event, for
+    the webhook fan-out; not part of the stored event."""
 
     def next(self, state: JobState, **changes: object) -> JobEvent:
         """The following event: seq + 1, stamped now, payload cleared unless given."""
@@ -253,6 +274,7 @@ class JobEvent:
             "delta": None,
             "reset": False,
             "tenant": self.tenant,
+            "notify": self.notify,
         }
         fields.update(changes)
         return JobEvent(**fields)  # type: ignore[arg-type]

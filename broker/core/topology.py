@@ -22,6 +22,15 @@ Streams:
   never the publish itself, because a publish that fails its compare-and-set is
   still delivered to plain subscribers but never stored.
 
+- ``LANEWAY_WEBHOOKS`` (work-queue retention): ``laneway.webhooks.<endpoint>.<job_id>``,
+  one delivery per (event, webhook) waiting to be POSTed (``laneway.broker.webhooks``);
+  one durable consumer (``webhook_delivery``) shared by the delivery processes, which
+  retry by redelivery (nak with a delay). ``<endpoint>`` is a digest of the webhook.
+  Filled by the durable consumer ``webhook_fanout`` on ``LANEWAY_EVENTS`` (new events
+  only), so nothing is added to a job's path. Created only when webhooks are configured.
+- ``LANEWAY_WEBHOOK_DLQ`` (limits retention, ``max_age`` as dead letters):
+  ``laneway.webhook_dlq.<endpoint>.<job_id>``, deliveries that ran out of time.
+
 Key-value:
 
 - ``laneway_idempotency``: idempotency key digest -> job id, kept 24 h.
@@ -35,6 +44,11 @@ Key-value:
 - ``laneway_keys``: API key id -> its record (``laneway.broker.core.api_keys``:
   tenant, role, SHA-256 of the key, created, expires, revoked), written by
   ``laneway keys``, watched by every broker so a revoke applies at once.
+
+- ``laneway_webhooks`` (entries kept 7 days): ``notify.<job_id>`` (a job's webhooks,
+  for events written without them), ``off.<endpoint>[.<job_id>]`` (a webhook that
+  answered 410 Gone), ``done.<endpoint>.<job_id>`` (the last seq delivered, for
+  in-order delivery).
 
 Nobody else spells a subject, stream, consumer or bucket name.
 """
@@ -81,6 +95,7 @@ __all__ = [
     "HDR_JOB_ID",
     "HDR_JOB_SEQ",
     "HDR_JOB_STATE",
+    "HDR_NOTIFY",
     "HDR_REPLACES",
     "IDEMPOTENCY_BUCKET",
     "JOBS_PREFIX",
@@ -92,6 +107,13 @@ __all__ = [
     "MIN_SERVER_VERSION",
     "PROVIDERS_BUCKET",
     "SCHED_PREFIX",
+    "WEBHOOKS_BUCKET",
+    "WEBHOOKS_PREFIX",
+    "WEBHOOKS_STREAM",
+    "WEBHOOK_DELIVERY_CONSUMER",
+    "WEBHOOK_DLQ_PREFIX",
+    "WEBHOOK_DLQ_STREAM",
+    "WEBHOOK_FANOUT_CONSUMER",
     "LaneConsumer",
     "TopologySettings",
     "calls_key",
@@ -113,6 +135,8 @@ __all__ = [
     "limit_key",
     "pull_subject",
     "share_key",
+    "webhook_dlq_subject",
+    "webhook_subject",
 ]
 
 JOBS_STREAM = "LANEWAY_JOBS"
@@ -123,6 +147,13 @@ ADVISORY_CONSUMER = "dlq_sweeper"
 IDEMPOTENCY_BUCKET = "laneway_idempotency"
 PROVIDERS_BUCKET = "laneway_providers"
 KEYS_BUCKET = "laneway_keys"
+WEBHOOKS_STREAM = "LANEWAY_WEBHOOKS"
+WEBHOOK_DLQ_STREAM = "LANEWAY_WEBHOOK_DLQ"
+WEBHOOK_FANOUT_CONSUMER = "webhook_fanout"
+WEBHOOK_DELIVERY_CONSUMER = "webhook_delivery"
+WEBHOOKS_BUCKET = "laneway_webhooks"
+WEBHOOKS_PREFIX = "laneway.webhooks"
+WEBHOOK_DLQ_PREFIX = "laneway.webhook_dlq"
 
 JOBS_PREFIX = "laneway.jobs"
 SCHED_PREFIX = "laneway.sched"
@@ -146,6 +177,8 @@ HDR_DLQ_REASON = "Laneway-Reason"
 # On a debounce schedule: the jobs it replaced, space-separated, which the worker that
 # gets the released job ends SUPERSEDED naming it (``laneway.broker.core.debounce``).
 HDR_REPLACES = "Laneway-Replaces"
+# On an event of a job with webhooks: them, as compact JSON (``wire.notify``).
+HDR_NOTIFY = "Laneway-Notify"
 
 # Work-queue consumers, Nats-Expected-Last-Subject-Sequence, batched direct get
 # and message schedules (delayed and debounced jobs) all exist from 2.12 on.
@@ -226,6 +259,14 @@ def dlq_filter(route: str = "", job_id: str = "") -> str:
     return f"{DLQ_PREFIX}.{route or '*'}.{job_id or '*'}"
 
 
+def webhook_subject(endpoint: str, job_id: str) -> str:
+    return f"{WEBHOOKS_PREFIX}.{endpoint}.{job_id}"
+
+
+def webhook_dlq_subject(endpoint: str, job_id: str) -> str:
+    return f"{WEBHOOK_DLQ_PREFIX}.{endpoint}.{job_id}"
+
+
 def cancel_subject(job_id: str) -> str:
     return f"{CANCEL_PREFIX}.{job_id}"
 
@@ -287,6 +328,8 @@ class TopologySettings:
     """Largest job message accepted by the jobs stream."""
     dlq_max_age_s: int = 14 * 86_400
     """How long dead letters are kept."""
+    webhooks: bool = False
+    """Whether webhooks are configured (their streams, consumers and bucket exist)."""
 
     @classmethod
     def from_config(cls, config: LanewayConfig) -> TopologySettings:
@@ -299,6 +342,7 @@ class TopologySettings:
             max_deliver=config.queue.max_deliver,
             max_payload_bytes=config.broker.max_payload_bytes,
             dlq_max_age_s=config.dlq.max_age_s,
+            webhooks=config.webhooks.enabled,
         )
 
     def lane_consumers(self) -> tuple[LaneConsumer, ...]:
@@ -455,6 +499,66 @@ async def ensure_topology(js: JetStreamContext, settings: TopologySettings) -> N
     await _ensure_bucket(js, IDEMPOTENCY_BUCKET, settings.replicas, ttl=float(_IDEMPOTENCY_TTL_S))
     await _ensure_bucket(js, PROVIDERS_BUCKET, settings.replicas)
     await _ensure_bucket(js, KEYS_BUCKET, settings.replicas)
+    if settings.webhooks:
+        await ensure_webhook_topology(js, settings)
+
+
+_WEBHOOK_KV_TTL_S = 7 * 86_400.0
+
+
+async def ensure_webhook_topology(js: JetStreamContext, s: TopologySettings) -> None:
+    """The webhook streams, consumers and bucket (``laneway.broker.webhooks``)."""
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=WEBHOOKS_STREAM,
+            subjects=[f"{WEBHOOKS_PREFIX}.>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            max_msg_size=s.max_payload_bytes + 65_536,
+            duplicate_window=_DUPLICATE_WINDOW_S,
+            discard=DiscardPolicy.OLD,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=WEBHOOK_DLQ_STREAM,
+            subjects=[f"{WEBHOOK_DLQ_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            max_age=float(s.dlq_max_age_s),
+            max_msg_size=s.max_payload_bytes + 65_536,
+            duplicate_window=_DUPLICATE_WINDOW_S,
+            allow_direct=True,
+            discard=DiscardPolicy.OLD,
+        ),
+    )
+    # New events only: a fan-out created on a store full of old jobs does not call
+    # webhooks for what happened before webhooks were configured.
+    fanout = ConsumerConfig(
+        durable_name=WEBHOOK_FANOUT_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.NEW,
+        ack_wait=30.0,
+        max_deliver=-1,
+        max_ack_pending=-1,
+    )
+    await _ensure_consumer(js, EVENTS_STREAM, fanout)
+    delivery = ConsumerConfig(
+        durable_name=WEBHOOK_DELIVERY_CONSUMER,
+        filter_subject=f"{WEBHOOKS_PREFIX}.>",
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=90.0,
+        max_deliver=-1,
+        max_ack_pending=-1,
+        max_waiting=512,
+    )
+    await _ensure_consumer(js, WEBHOOKS_STREAM, delivery)
+    await _ensure_bucket(js, WEBHOOKS_BUCKET, s.replicas, ttl=_WEBHOOK_KV_TTL_S)
 
 
 async def ensure_keys_bucket(js: JetStreamContext, replicas: int = 1) -> None:

@@ -136,7 +136,13 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
     def _spec(self, job: job_pb2.JobSpec, field: str) -> JobSpec:
         # The job is the caller's tenant's: the broker says whose, never the request.
         tenant = current_principal().tenant
-        spec = spec_from_pb(job, field=field, default_lane=self._config.lanes.default, tenant=tenant)
+        spec = spec_from_pb(
+            job,
+            field=field,
+            default_lane=self._config.lanes.default,
+            tenant=tenant,
+            notify_secrets=self._config.webhooks.secrets,
+        )
         self._check_route(spec.route, f"{field}.route")
         self._check_providers(spec, field)
         if spec.deadline is not None and spec.deadline <= utcnow():

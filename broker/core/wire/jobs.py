@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -28,6 +28,7 @@ from laneway.broker.core.model import (
     JobSpec,
     QueuedJob,
 )
+from laneway.broker.core.wire.notify import notify_from_pb, notify_to_pb
 from laneway.broker.core.wire.timestamps import set_timestamp, to_datetime
 from laneway.errors import InvalidArgument
 from laneway.internal.v1 import queue_pb2
@@ -145,11 +146,13 @@ def spec_from_pb(
     default_lane: str,
     now: datetime | None = None,
     tenant: str = "",
+    notify_secrets: Collection[str] = (),
 ) -> JobSpec:
     """Validate and convert a submitted JobSpec. Route existence and how far ahead
     a job may be scheduled are the caller's checks. ``now`` (default: the current
     time) anchors a relative delay or debounce window. ``tenant``: the caller's
-    (the request names none)."""
+    (the request names none). ``notify_secrets``: the webhook secret names the config
+    holds, which a job's ``notify`` may name."""
     if not pb.route:
         raise _bad(f"{field}.route", "required")
     if not NAME_RE.match(pb.route):
@@ -199,6 +202,7 @@ def spec_from_pb(
         debounce_key=debounce_key,
         providers=_names(pb.providers, f"{field}.providers"),
         exclude_providers=_names(pb.exclude_providers, f"{field}.exclude_providers"),
+        notify=notify_from_pb(pb.notify, f"{field}.notify", notify_secrets) if pb.notify else (),
         tenant=tenant,
     )
     return replace(spec, request_digest=request_digest(pb, spec)) if spec.idempotency_key else spec
@@ -309,6 +313,8 @@ def spec_to_pb(spec: JobSpec, out: job_pb2.JobSpec) -> None:
     set_timestamp(spec.not_before, out.not_before_time)
     out.providers.extend(spec.providers)
     out.exclude_providers.extend(spec.exclude_providers)
+    if spec.notify:
+        notify_to_pb(spec.notify, out)
     inp = spec.input
     if isinstance(inp, ChatInput):
         for m in inp.messages:
@@ -359,6 +365,7 @@ def _spec_from_trusted_pb(pb: job_pb2.JobSpec, debounce_key: str, tenant: str) -
         debounce_key=debounce_key,
         providers=tuple(pb.providers),
         exclude_providers=tuple(pb.exclude_providers),
+        notify=notify_from_pb(pb.notify, "notify", None) if pb.notify else (),
         tenant=tenant,
     )
 

@@ -152,6 +152,38 @@ CHAT_ROLE_USER: ChatRole.ValueType  # 2
 CHAT_ROLE_ASSISTANT: ChatRole.ValueType  # 3
 Global___ChatRole: _TypeAlias = ChatRole  # noqa: Y015
 
+class _NotifyEvents:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NotifyEventsEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NotifyEvents.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NOTIFY_EVENTS_UNSPECIFIED: _NotifyEvents.ValueType  # 0
+    """Not set: the final event only (as NOTIFY_EVENTS_FINAL)."""
+    NOTIFY_EVENTS_FINAL: _NotifyEvents.ValueType  # 1
+    """The final event only (SUCCEEDED, DEAD_LETTERED, CANCELLED, ...)."""
+    NOTIFY_EVENTS_STATE_CHANGES: _NotifyEvents.ValueType  # 2
+    """Every change of state (QUEUED, RUNNING, RETRYING, final), without the text
+    deltas of a streaming job.
+    """
+    NOTIFY_EVENTS_ALL: _NotifyEvents.ValueType  # 3
+    """Every event, the deltas included, delivered one at a time in seq order."""
+
+class NotifyEvents(_NotifyEvents, metaclass=_NotifyEventsEnumTypeWrapper):
+    """Which of a job's events a webhook receives."""
+
+NOTIFY_EVENTS_UNSPECIFIED: NotifyEvents.ValueType  # 0
+"""Not set: the final event only (as NOTIFY_EVENTS_FINAL)."""
+NOTIFY_EVENTS_FINAL: NotifyEvents.ValueType  # 1
+"""The final event only (SUCCEEDED, DEAD_LETTERED, CANCELLED, ...)."""
+NOTIFY_EVENTS_STATE_CHANGES: NotifyEvents.ValueType  # 2
+"""Every change of state (QUEUED, RUNNING, RETRYING, final), without the text
+deltas of a streaming job.
+"""
+NOTIFY_EVENTS_ALL: NotifyEvents.ValueType  # 3
+"""Every event, the deltas included, delivered one at a time in seq order."""
+Global___NotifyEvents: _TypeAlias = NotifyEvents  # noqa: Y015
+
 class _FinishReason:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -516,6 +548,7 @@ class JobSpec(_message.Message):
     DEBOUNCE_FIELD_NUMBER: _builtins.int
     PROVIDERS_FIELD_NUMBER: _builtins.int
     EXCLUDE_PROVIDERS_FIELD_NUMBER: _builtins.int
+    NOTIFY_FIELD_NUMBER: _builtins.int
     route: _builtins.str
     """Route name (a model group from the config file): 1-64 letters, digits, '-'
     or '_'. An unknown route is refused with reason UNKNOWN_ROUTE.
@@ -569,6 +602,14 @@ class JobSpec(_message.Message):
     def exclude_providers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Optional: providers (of the route's targets) that must never run the job."""
 
+    @_builtins.property
+    def notify(self) -> _containers.RepeatedCompositeFieldContainer[Global___Notify]:
+        """Optional: webhooks to call with this job's events (at most 4). Each is
+        delivered durably, signed per Standard Webhooks with the named secret from
+        the broker's config (webhooks.secrets), retried with backoff for up to
+        webhooks.max_age_s; the body is the JobEvent in protobuf's JSON mapping.
+        """
+
     def __init__(
         self,
         *,
@@ -585,10 +626,11 @@ class JobSpec(_message.Message):
         debounce: Global___Debounce | None = ...,
         providers: _abc.Iterable[_builtins.str] | None = ...,
         exclude_providers: _abc.Iterable[_builtins.str] | None = ...,
+        notify: _abc.Iterable[Global___Notify] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline_time", b"deadline_time", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "input", b"input", "not_before_time", b"not_before_time", "schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline_time", b"deadline_time", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "exclude_providers", b"exclude_providers", "idempotency_key", b"idempotency_key", "input", b"input", "lane", b"lane", "metadata", b"metadata", "not_before_time", b"not_before_time", "providers", b"providers", "route", b"route", "schedule", b"schedule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "classification", b"classification", "deadline_time", b"deadline_time", "debounce", b"debounce", "delay", b"delay", "embedding", b"embedding", "exclude_providers", b"exclude_providers", "idempotency_key", b"idempotency_key", "input", b"input", "lane", b"lane", "metadata", b"metadata", "not_before_time", b"not_before_time", "notify", b"notify", "providers", b"providers", "route", b"route", "schedule", b"schedule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_input: _TypeAlias = _typing.Literal["chat", "embedding", "classification"]  # noqa: Y015
     _WhichOneofArgType_input: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
@@ -600,6 +642,41 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_schedule) -> _WhichOneofReturnType_schedule | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class Notify(_message.Message):
+    """A webhook a job's events are POSTed to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """Required: an http:// or https:// URL, at most 2,048 characters. Its host
+    must not resolve to a loopback, private, link-local or metadata address
+    unless the config's webhooks.allow_hosts allows it; redirects are not followed.
+    """
+    events: Global___NotifyEvents.ValueType
+    """Which events are sent (default: the final one only)."""
+    secret: _builtins.str
+    """Required: the NAME of a signing secret in the config (webhooks.secrets),
+    never the secret itself. An unknown name is refused (INVALID_ARGUMENT).
+    """
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        events: Global___NotifyEvents.ValueType = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "secret", b"secret", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Notify: _TypeAlias = Notify  # noqa: Y015
 
 @_typing.final
 class Debounce(_message.Message):

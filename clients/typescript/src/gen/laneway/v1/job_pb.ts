@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file laneway/v1/job.proto.
  */
 export const file_laneway_v1_job: GenFile = /*@__PURE__*/
-  fileDesc("ChRsYW5ld2F5L3YxL2pvYi5wcm90bxIKbGFuZXdheS52MSJCCgtDaGF0TWVzc2FnZRIiCgRyb2xlGAEgASgOMhQubGFuZXdheS52MS5DaGF0Um9sZRIPCgdjb250ZW50GAIgASgJIpABChBHZW5lcmF0aW9uUGFyYW1zEhcKCm1heF90b2tlbnMYASABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgCIAEoAkgBiAEBEhIKBXRvcF9wGAMgASgCSAKIAQESDAoEc3RvcBgEIAMoCUINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wInQKCUNoYXRJbnB1dBIpCghtZXNzYWdlcxgBIAMoCzIXLmxhbmV3YXkudjEuQ2hhdE1lc3NhZ2USLAoGcGFyYW1zGAIgASgLMhwubGFuZXdheS52MS5HZW5lcmF0aW9uUGFyYW1zEg4KBnN0cmVhbRgDIAEoCCIfCg5FbWJlZGRpbmdJbnB1dBINCgV0ZXh0cxgBIAMoCSIzChNDbGFzc2lmaWNhdGlvbklucHV0EgwKBHRleHQYASABKAkSDgoGbGFiZWxzGAIgAygJIs0ECgdKb2JTcGVjEg0KBXJvdXRlGAEgASgJEh4KBGxhbmUYAiABKA4yEC5sYW5ld2F5LnYxLkxhbmUSJQoEY2hhdBgDIAEoCzIVLmxhbmV3YXkudjEuQ2hhdElucHV0SAASLwoJZW1iZWRkaW5nGAQgASgLMhoubGFuZXdheS52MS5FbWJlZGRpbmdJbnB1dEgAEjkKDmNsYXNzaWZpY2F0aW9uGAUgASgLMh8ubGFuZXdheS52MS5DbGFzc2lmaWNhdGlvbklucHV0SAASMwoIbWV0YWRhdGEYBiADKAsyIS5sYW5ld2F5LnYxLkpvYlNwZWMuTWV0YWRhdGFFbnRyeRIXCg9pZGVtcG90ZW5jeV9rZXkYByABKAkSMQoNZGVhZGxpbmVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoPbm90X2JlZm9yZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEgBEioKBWRlbGF5GAogASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uSAESKAoIZGVib3VuY2UYCyABKAsyFC5sYW5ld2F5LnYxLkRlYm91bmNlSAESEQoJcHJvdmlkZXJzGAwgAygJEhkKEWV4Y2x1ZGVfcHJvdmlkZXJzGA0gAygJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIHCgVpbnB1dEIKCghzY2hlZHVsZSJCCghEZWJvdW5jZRILCgNrZXkYASABKAkSKQoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjkKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgNEhUKDW91dHB1dF90b2tlbnMYAiABKA0icgoKQ2hhdE91dHB1dBIMCgR0ZXh0GAEgASgJEi8KDWZpbmlzaF9yZWFzb24YAiABKA4yGC5sYW5ld2F5LnYxLkZpbmlzaFJlYXNvbhIlCgV1c2FnZRgDIAEoCzIWLmxhbmV3YXkudjEuVG9rZW5Vc2FnZSIbCglFbWJlZGRpbmcSDgoGdmFsdWVzGAEgAygCImMKD0VtYmVkZGluZ091dHB1dBIpCgplbWJlZGRpbmdzGAEgAygLMhUubGFuZXdheS52MS5FbWJlZGRpbmcSJQoFdXNhZ2UYAiABKAsyFi5sYW5ld2F5LnYxLlRva2VuVXNhZ2UiTAoUQ2xhc3NpZmljYXRpb25PdXRwdXQSDQoFbGFiZWwYASABKAkSJQoFdXNhZ2UYAiABKAsyFi5sYW5ld2F5LnYxLlRva2VuVXNhZ2UiqwEKCUpvYlJlc3VsdBImCgRjaGF0GAEgASgLMhYubGFuZXdheS52MS5DaGF0T3V0cHV0SAASMAoJZW1iZWRkaW5nGAIgASgLMhsubGFuZXdheS52MS5FbWJlZGRpbmdPdXRwdXRIABI6Cg5jbGFzc2lmaWNhdGlvbhgDIAEoCzIgLmxhbmV3YXkudjEuQ2xhc3NpZmljYXRpb25PdXRwdXRIAEIICgZvdXRwdXQimAEKCEpvYkVycm9yEiYKBGNvZGUYASABKA4yGC5sYW5ld2F5LnYxLkpvYkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEisKC2Vycm9yX2NsYXNzGAMgASgOMhYubGFuZXdheS52MS5FcnJvckNsYXNzEhEKCXJldHJ5YWJsZRgEIAEoCBITCgtodHRwX3N0YXR1cxgFIAEoDSLCBQoISm9iRXZlbnQSDgoGam9iX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIjCgVzdGF0ZRgDIAEoDjIULmxhbmV3YXkudjEuSm9iU3RhdGUSDwoHYXR0ZW1wdBgEIAEoDRIQCghwcm92aWRlchgFIAEoCRINCgVtb2RlbBgGIAEoCRINCgVyb3V0ZRgHIAEoCRIeCgRsYW5lGAggASgOMhAubGFuZXdheS52MS5MYW5lEi4KCmV2ZW50X3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGVucXVldWVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEicKBnJlc3VsdBgNIAEoCzIVLmxhbmV3YXkudjEuSm9iUmVzdWx0SAASJQoFZXJyb3IYDiABKAsyFC5sYW5ld2F5LnYxLkpvYkVycm9ySAASJgoFZGVsdGEYEiABKAsyFS5sYW5ld2F5LnYxLlRleHREZWx0YUgAEjQKCG1ldGFkYXRhGA8gAygLMiIubGFuZXdheS52MS5Kb2JFdmVudC5NZXRhZGF0YUVudHJ5EjMKD25vdF9iZWZvcmVfdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNc3VwZXJzZWRlZF9ieRgRIAEoCRINCgVyZXNldBgTIAEoCBIOCgZ0ZW5hbnQYFCABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgkKB3BheWxvYWQiGQoJVGV4dERlbHRhEgwKBHRleHQYASABKAkilQUKA0pvYhIOCgZqb2JfaWQYASABKAkSIwoFc3RhdGUYAiABKA4yFC5sYW5ld2F5LnYxLkpvYlN0YXRlEg0KBXJvdXRlGAMgASgJEh4KBGxhbmUYBCABKA4yEC5sYW5ld2F5LnYxLkxhbmUSLwoIbWV0YWRhdGEYBSADKAsyHS5sYW5ld2F5LnYxLkpvYi5NZXRhZGF0YUVudHJ5Eg8KB2F0dGVtcHQYBiABKA0SEAoIcHJvdmlkZXIYByABKAkSDQoFbW9kZWwYCCABKAkSMAoMZW5xdWV1ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD25vdF9iZWZvcmVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGV4dBgOIAEoCRInCgZyZXN1bHQYDyABKAsyFS5sYW5ld2F5LnYxLkpvYlJlc3VsdEgAEiUKBWVycm9yGBAgASgLMhQubGFuZXdheS52MS5Kb2JFcnJvckgAEhUKDXN1cGVyc2VkZWRfYnkYESABKAkSEAoIbGFzdF9zZXEYEiABKAQSDgoGdGVuYW50GBMgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIJCgdvdXRjb21lKkoKBExhbmUSFAoQTEFORV9VTlNQRUNJRklFRBAAEg0KCUxBTkVfSElHSBABEg8KC0xBTkVfTk9STUFMEAISDAoITEFORV9MT1cQAyqfAgoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFgoSSk9CX1NUQVRFX1JFVFJZSU5HEAMSFwoTSk9CX1NUQVRFX1NVQ0NFRURFRBAEEhoKFkpPQl9TVEFURV9OT1RfRU5RVUVVRUQQBRIXChNKT0JfU1RBVEVfQ0FOQ0VMTEVEEAYSFQoRSk9CX1NUQVRFX0VYUElSRUQQBxIbChdKT0JfU1RBVEVfREVBRF9MRVRURVJFRBAIEhgKFEpPQl9TVEFURV9TVVBFUlNFREVEEAkSFwoTSk9CX1NUQVRFX1NDSEVEVUxFRBAKKmgKCENoYXRSb2xlEhkKFUNIQVRfUk9MRV9VTlNQRUNJRklFRBAAEhQKEENIQVRfUk9MRV9TWVNURU0QARISCg5DSEFUX1JPTEVfVVNFUhACEhcKE0NIQVRfUk9MRV9BU1NJU1RBTlQQAyqfAQoMRmluaXNoUmVhc29uEh0KGUZJTklTSF9SRUFTT05fVU5TUEVDSUZJRUQQABIWChJGSU5JU0hfUkVBU09OX1NUT1AQARIYChRGSU5JU0hfUkVBU09OX0xFTkdUSBACEiAKHEZJTklTSF9SRUFTT05fQ09OVEVOVF9GSUxURVIQAxIcChhGSU5JU0hfUkVBU09OX1RPT0xfQ0FMTFMQBCp9CgpFcnJvckNsYXNzEhsKF0VSUk9SX0NMQVNTX1VOU1BFQ0lGSUVEEAASGQoVRVJST1JfQ0xBU1NfVFJBTlNJRU5UEAESHAoYRVJST1JfQ0xBU1NfUkFURV9MSU1JVEVEEAISGQoVRVJST1JfQ0xBU1NfUEVSTUFORU5UEAMq/gcKDEpvYkVycm9yQ29kZRIeChpKT0JfRVJST1JfQ09ERV9VTlNQRUNJRklFRBAAEiIKHkpPQl9FUlJPUl9DT0RFX0lOVkFMSURfUkVRVUVTVBABEioKJkpPQl9FUlJPUl9DT0RFX0NPTlRFWFRfTEVOR1RIX0VYQ0VFREVEEAISIQodSk9CX0VSUk9SX0NPREVfQ09OVEVOVF9QT0xJQ1kQAxIlCiFKT0JfRVJST1JfQ09ERV9JTlNVRkZJQ0lFTlRfUVVPVEEQBBIfChtKT0JfRVJST1JfQ09ERV9VTkFVVEhPUklaRUQQBRIcChhKT0JfRVJST1JfQ09ERV9GT1JCSURERU4QBhIiCh5KT0JfRVJST1JfQ09ERV9NT0RFTF9OT1RfRk9VTkQQBxIkCiBKT0JfRVJST1JfQ09ERV9SRVFVRVNUX1RPT19MQVJHRRAIEiUKIUpPQl9FUlJPUl9DT0RFX0VORFBPSU5UX05PVF9GT1VORBAJEh4KGkpPQl9FUlJPUl9DT0RFX1VOU1VQUE9SVEVEEAoSHwobSk9CX0VSUk9SX0NPREVfUkFURV9MSU1JVEVEEAsSHQoZSk9CX0VSUk9SX0NPREVfT1ZFUkxPQURFRBAMEicKI0pPQl9FUlJPUl9DT0RFX1BST1ZJREVSX1VOQVZBSUxBQkxFEA0SIQodSk9CX0VSUk9SX0NPREVfUFJPVklERVJfRVJST1IQDhIaChZKT0JfRVJST1JfQ09ERV9USU1FT1VUEA8SIAocSk9CX0VSUk9SX0NPREVfTkVUV09SS19FUlJPUhAQEiEKHUpPQl9FUlJPUl9DT0RFX0NPTk5FQ1RfRkFJTEVEEBESHwobSk9CX0VSUk9SX0NPREVfQkFEX1JFU1BPTlNFEBISIwofSk9CX0VSUk9SX0NPREVfVFJVTkNBVEVEX1NUUkVBTRATEiAKHEpPQl9FUlJPUl9DT0RFX0lOVkFMSURfTEFCRUwQFBIfChtKT0JfRVJST1JfQ09ERV9DSVJDVUlUX09QRU4QFRIeChpKT0JfRVJST1JfQ09ERV9XT1JLRVJfTE9TVBAWEh4KGkpPQl9FUlJPUl9DT0RFX0hBTkRFRF9CQUNLEBcSJAogSk9CX0VSUk9SX0NPREVfTk9fSEVBTFRIWV9UQVJHRVQQGBIkCiBKT0JfRVJST1JfQ09ERV9ERUFETElORV9FWENFRURFRBAZEhwKGEpPQl9FUlJPUl9DT0RFX0NBTkNFTExFRBAaEiEKHUpPQl9FUlJPUl9DT0RFX0VOUVVFVUVfRkFJTEVEEBsSIQodSk9CX0VSUk9SX0NPREVfTUFYX0RFTElWRVJJRVMQHEKGAQoOZGV2LmxhbmV3YXkudjFCCEpvYlByb3RvUAFaOmdpdGh1Yi5jb20vbGFuZXdheS1kZXYvbGFuZXdheS9nZW4vZ28vbGFuZXdheS92MTtsYW5ld2F5djGiAgNMV1mqAgpMYW5ld2F5LlYxygIKTGFuZXdheVxWMeoCC0xhbmV3YXk6OlYxYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("ChRsYW5ld2F5L3YxL2pvYi5wcm90bxIKbGFuZXdheS52MSJCCgtDaGF0TWVzc2FnZRIiCgRyb2xlGAEgASgOMhQubGFuZXdheS52MS5DaGF0Um9sZRIPCgdjb250ZW50GAIgASgJIpABChBHZW5lcmF0aW9uUGFyYW1zEhcKCm1heF90b2tlbnMYASABKA1IAIgBARIYCgt0ZW1wZXJhdHVyZRgCIAEoAkgBiAEBEhIKBXRvcF9wGAMgASgCSAKIAQESDAoEc3RvcBgEIAMoCUINCgtfbWF4X3Rva2Vuc0IOCgxfdGVtcGVyYXR1cmVCCAoGX3RvcF9wInQKCUNoYXRJbnB1dBIpCghtZXNzYWdlcxgBIAMoCzIXLmxhbmV3YXkudjEuQ2hhdE1lc3NhZ2USLAoGcGFyYW1zGAIgASgLMhwubGFuZXdheS52MS5HZW5lcmF0aW9uUGFyYW1zEg4KBnN0cmVhbRgDIAEoCCIfCg5FbWJlZGRpbmdJbnB1dBINCgV0ZXh0cxgBIAMoCSIzChNDbGFzc2lmaWNhdGlvbklucHV0EgwKBHRleHQYASABKAkSDgoGbGFiZWxzGAIgAygJIvEECgdKb2JTcGVjEg0KBXJvdXRlGAEgASgJEh4KBGxhbmUYAiABKA4yEC5sYW5ld2F5LnYxLkxhbmUSJQoEY2hhdBgDIAEoCzIVLmxhbmV3YXkudjEuQ2hhdElucHV0SAASLwoJZW1iZWRkaW5nGAQgASgLMhoubGFuZXdheS52MS5FbWJlZGRpbmdJbnB1dEgAEjkKDmNsYXNzaWZpY2F0aW9uGAUgASgLMh8ubGFuZXdheS52MS5DbGFzc2lmaWNhdGlvbklucHV0SAASMwoIbWV0YWRhdGEYBiADKAsyIS5sYW5ld2F5LnYxLkpvYlNwZWMuTWV0YWRhdGFFbnRyeRIXCg9pZGVtcG90ZW5jeV9rZXkYByABKAkSMQoNZGVhZGxpbmVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNQoPbm90X2JlZm9yZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcEgBEioKBWRlbGF5GAogASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uSAESKAoIZGVib3VuY2UYCyABKAsyFC5sYW5ld2F5LnYxLkRlYm91bmNlSAESEQoJcHJvdmlkZXJzGAwgAygJEhkKEWV4Y2x1ZGVfcHJvdmlkZXJzGA0gAygJEiIKBm5vdGlmeRgOIAMoCzISLmxhbmV3YXkudjEuTm90aWZ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIHCgVpbnB1dEIKCghzY2hlZHVsZSJPCgZOb3RpZnkSCwoDdXJsGAEgASgJEigKBmV2ZW50cxgCIAEoDjIYLmxhbmV3YXkudjEuTm90aWZ5RXZlbnRzEg4KBnNlY3JldBgDIAEoCSJCCghEZWJvdW5jZRILCgNrZXkYASABKAkSKQoGd2luZG93GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIjkKClRva2VuVXNhZ2USFAoMaW5wdXRfdG9rZW5zGAEgASgNEhUKDW91dHB1dF90b2tlbnMYAiABKA0icgoKQ2hhdE91dHB1dBIMCgR0ZXh0GAEgASgJEi8KDWZpbmlzaF9yZWFzb24YAiABKA4yGC5sYW5ld2F5LnYxLkZpbmlzaFJlYXNvbhIlCgV1c2FnZRgDIAEoCzIWLmxhbmV3YXkudjEuVG9rZW5Vc2FnZSIbCglFbWJlZGRpbmcSDgoGdmFsdWVzGAEgAygCImMKD0VtYmVkZGluZ091dHB1dBIpCgplbWJlZGRpbmdzGAEgAygLMhUubGFuZXdheS52MS5FbWJlZGRpbmcSJQoFdXNhZ2UYAiABKAsyFi5sYW5ld2F5LnYxLlRva2VuVXNhZ2UiTAoUQ2xhc3NpZmljYXRpb25PdXRwdXQSDQoFbGFiZWwYASABKAkSJQoFdXNhZ2UYAiABKAsyFi5sYW5ld2F5LnYxLlRva2VuVXNhZ2UiqwEKCUpvYlJlc3VsdBImCgRjaGF0GAEgASgLMhYubGFuZXdheS52MS5DaGF0T3V0cHV0SAASMAoJZW1iZWRkaW5nGAIgASgLMhsubGFuZXdheS52MS5FbWJlZGRpbmdPdXRwdXRIABI6Cg5jbGFzc2lmaWNhdGlvbhgDIAEoCzIgLmxhbmV3YXkudjEuQ2xhc3NpZmljYXRpb25PdXRwdXRIAEIICgZvdXRwdXQimAEKCEpvYkVycm9yEiYKBGNvZGUYASABKA4yGC5sYW5ld2F5LnYxLkpvYkVycm9yQ29kZRIPCgdtZXNzYWdlGAIgASgJEisKC2Vycm9yX2NsYXNzGAMgASgOMhYubGFuZXdheS52MS5FcnJvckNsYXNzEhEKCXJldHJ5YWJsZRgEIAEoCBITCgtodHRwX3N0YXR1cxgFIAEoDSLCBQoISm9iRXZlbnQSDgoGam9iX2lkGAEgASgJEgsKA3NlcRgCIAEoBBIjCgVzdGF0ZRgDIAEoDjIULmxhbmV3YXkudjEuSm9iU3RhdGUSDwoHYXR0ZW1wdBgEIAEoDRIQCghwcm92aWRlchgFIAEoCRINCgVtb2RlbBgGIAEoCRINCgVyb3V0ZRgHIAEoCRIeCgRsYW5lGAggASgOMhAubGFuZXdheS52MS5MYW5lEi4KCmV2ZW50X3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjAKDGVucXVldWVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEicKBnJlc3VsdBgNIAEoCzIVLmxhbmV3YXkudjEuSm9iUmVzdWx0SAASJQoFZXJyb3IYDiABKAsyFC5sYW5ld2F5LnYxLkpvYkVycm9ySAASJgoFZGVsdGEYEiABKAsyFS5sYW5ld2F5LnYxLlRleHREZWx0YUgAEjQKCG1ldGFkYXRhGA8gAygLMiIubGFuZXdheS52MS5Kb2JFdmVudC5NZXRhZGF0YUVudHJ5EjMKD25vdF9iZWZvcmVfdGltZRgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFQoNc3VwZXJzZWRlZF9ieRgRIAEoCRINCgVyZXNldBgTIAEoCBIOCgZ0ZW5hbnQYFCABKAkaLwoNTWV0YWRhdGFFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBQgkKB3BheWxvYWQiGQoJVGV4dERlbHRhEgwKBHRleHQYASABKAkilQUKA0pvYhIOCgZqb2JfaWQYASABKAkSIwoFc3RhdGUYAiABKA4yFC5sYW5ld2F5LnYxLkpvYlN0YXRlEg0KBXJvdXRlGAMgASgJEh4KBGxhbmUYBCABKA4yEC5sYW5ld2F5LnYxLkxhbmUSLwoIbWV0YWRhdGEYBSADKAsyHS5sYW5ld2F5LnYxLkpvYi5NZXRhZGF0YUVudHJ5Eg8KB2F0dGVtcHQYBiABKA0SEAoIcHJvdmlkZXIYByABKAkSDQoFbW9kZWwYCCABKAkSMAoMZW5xdWV1ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydF90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD25vdF9iZWZvcmVfdGltZRgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEdGV4dBgOIAEoCRInCgZyZXN1bHQYDyABKAsyFS5sYW5ld2F5LnYxLkpvYlJlc3VsdEgAEiUKBWVycm9yGBAgASgLMhQubGFuZXdheS52MS5Kb2JFcnJvckgAEhUKDXN1cGVyc2VkZWRfYnkYESABKAkSEAoIbGFzdF9zZXEYEiABKAQSDgoGdGVuYW50GBMgASgJGi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4AUIJCgdvdXRjb21lKkoKBExhbmUSFAoQTEFORV9VTlNQRUNJRklFRBAAEg0KCUxBTkVfSElHSBABEg8KC0xBTkVfTk9STUFMEAISDAoITEFORV9MT1cQAyqfAgoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFgoSSk9CX1NUQVRFX1JFVFJZSU5HEAMSFwoTSk9CX1NUQVRFX1NVQ0NFRURFRBAEEhoKFkpPQl9TVEFURV9OT1RfRU5RVUVVRUQQBRIXChNKT0JfU1RBVEVfQ0FOQ0VMTEVEEAYSFQoRSk9CX1NUQVRFX0VYUElSRUQQBxIbChdKT0JfU1RBVEVfREVBRF9MRVRURVJFRBAIEhgKFEpPQl9TVEFURV9TVVBFUlNFREVEEAkSFwoTSk9CX1NUQVRFX1NDSEVEVUxFRBAKKmgKCENoYXRSb2xlEhkKFUNIQVRfUk9MRV9VTlNQRUNJRklFRBAAEhQKEENIQVRfUk9MRV9TWVNURU0QARISCg5DSEFUX1JPTEVfVVNFUhACEhcKE0NIQVRfUk9MRV9BU1NJU1RBTlQQAyp+CgxOb3RpZnlFdmVudHMSHQoZTk9USUZZX0VWRU5UU19VTlNQRUNJRklFRBAAEhcKE05PVElGWV9FVkVOVFNfRklOQUwQARIfChtOT1RJRllfRVZFTlRTX1NUQVRFX0NIQU5HRVMQAhIVChFOT1RJRllfRVZFTlRTX0FMTBADKp8BCgxGaW5pc2hSZWFzb24SHQoZRklOSVNIX1JFQVNPTl9VTlNQRUNJRklFRBAAEhYKEkZJTklTSF9SRUFTT05fU1RPUBABEhgKFEZJTklTSF9SRUFTT05fTEVOR1RIEAISIAocRklOSVNIX1JFQVNPTl9DT05URU5UX0ZJTFRFUhADEhwKGEZJTklTSF9SRUFTT05fVE9PTF9DQUxMUxAEKn0KCkVycm9yQ2xhc3MSGwoXRVJST1JfQ0xBU1NfVU5TUEVDSUZJRUQQABIZChVFUlJPUl9DTEFTU19UUkFOU0lFTlQQARIcChhFUlJPUl9DTEFTU19SQVRFX0xJTUlURUQQAhIZChVFUlJPUl9DTEFTU19QRVJNQU5FTlQQAyr+BwoMSm9iRXJyb3JDb2RlEh4KGkpPQl9FUlJPUl9DT0RFX1VOU1BFQ0lGSUVEEAASIgoeSk9CX0VSUk9SX0NPREVfSU5WQUxJRF9SRVFVRVNUEAESKgomSk9CX0VSUk9SX0NPREVfQ09OVEVYVF9MRU5HVEhfRVhDRUVERUQQAhIhCh1KT0JfRVJST1JfQ09ERV9DT05URU5UX1BPTElDWRADEiUKIUpPQl9FUlJPUl9DT0RFX0lOU1VGRklDSUVOVF9RVU9UQRAEEh8KG0pPQl9FUlJPUl9DT0RFX1VOQVVUSE9SSVpFRBAFEhwKGEpPQl9FUlJPUl9DT0RFX0ZPUkJJRERFThAGEiIKHkpPQl9FUlJPUl9DT0RFX01PREVMX05PVF9GT1VORBAHEiQKIEpPQl9FUlJPUl9DT0RFX1JFUVVFU1RfVE9PX0xBUkdFEAgSJQohSk9CX0VSUk9SX0NPREVfRU5EUE9JTlRfTk9UX0ZPVU5EEAkSHgoaSk9CX0VSUk9SX0NPREVfVU5TVVBQT1JURUQQChIfChtKT0JfRVJST1JfQ09ERV9SQVRFX0xJTUlURUQQCxIdChlKT0JfRVJST1JfQ09ERV9PVkVSTE9BREVEEAwSJwojSk9CX0VSUk9SX0NPREVfUFJPVklERVJfVU5BVkFJTEFCTEUQDRIhCh1KT0JfRVJST1JfQ09ERV9QUk9WSURFUl9FUlJPUhAOEhoKFkpPQl9FUlJPUl9DT0RFX1RJTUVPVVQQDxIgChxKT0JfRVJST1JfQ09ERV9ORVRXT1JLX0VSUk9SEBASIQodSk9CX0VSUk9SX0NPREVfQ09OTkVDVF9GQUlMRUQQERIfChtKT0JfRVJST1JfQ09ERV9CQURfUkVTUE9OU0UQEhIjCh9KT0JfRVJST1JfQ09ERV9UUlVOQ0FURURfU1RSRUFNEBMSIAocSk9CX0VSUk9SX0NPREVfSU5WQUxJRF9MQUJFTBAUEh8KG0pPQl9FUlJPUl9DT0RFX0NJUkNVSVRfT1BFThAVEh4KGkpPQl9FUlJPUl9DT0RFX1dPUktFUl9MT1NUEBYSHgoaSk9CX0VSUk9SX0NPREVfSEFOREVEX0JBQ0sQFxIkCiBKT0JfRVJST1JfQ09ERV9OT19IRUFMVEhZX1RBUkdFVBAYEiQKIEpPQl9FUlJPUl9DT0RFX0RFQURMSU5FX0VYQ0VFREVEEBkSHAoYSk9CX0VSUk9SX0NPREVfQ0FOQ0VMTEVEEBoSIQodSk9CX0VSUk9SX0NPREVfRU5RVUVVRV9GQUlMRUQQGxIhCh1KT0JfRVJST1JfQ09ERV9NQVhfREVMSVZFUklFUxAcQoYBCg5kZXYubGFuZXdheS52MUIISm9iUHJvdG9QAVo6Z2l0aHViLmNvbS9sYW5ld2F5LWRldi9sYW5ld2F5L2dlbi9nby9sYW5ld2F5L3YxO2xhbmV3YXl2MaICA0xXWaoCCkxhbmV3YXkuVjHKAgpMYW5ld2F5XFYx6gILTGFuZXdheTo6VjFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message laneway.v1.ChatMessage
@@ -261,6 +261,16 @@ export type JobSpec = Message<"laneway.v1.JobSpec"> & {
    * @generated from field: repeated string exclude_providers = 13;
    */
   excludeProviders: string[];
+
+  /**
+   * Optional: webhooks to call with this job's events (at most 4). Each is
+   * delivered durably, signed per Standard Webhooks with the named secret from
+   * the broker's config (webhooks.secrets), retried with backoff for up to
+   * webhooks.max_age_s; the body is the JobEvent in protobuf's JSON mapping.
+   *
+   * @generated from field: repeated laneway.v1.Notify notify = 14;
+   */
+  notify: Notify[];
 };
 
 /**
@@ -269,6 +279,44 @@ export type JobSpec = Message<"laneway.v1.JobSpec"> & {
  */
 export const JobSpecSchema: GenMessage<JobSpec> = /*@__PURE__*/
   messageDesc(file_laneway_v1_job, 5);
+
+/**
+ * A webhook a job's events are POSTed to.
+ *
+ * @generated from message laneway.v1.Notify
+ */
+export type Notify = Message<"laneway.v1.Notify"> & {
+  /**
+   * Required: an http:// or https:// URL, at most 2,048 characters. Its host
+   * must not resolve to a loopback, private, link-local or metadata address
+   * unless the config's webhooks.allow_hosts allows it; redirects are not followed.
+   *
+   * @generated from field: string url = 1;
+   */
+  url: string;
+
+  /**
+   * Which events are sent (default: the final one only).
+   *
+   * @generated from field: laneway.v1.NotifyEvents events = 2;
+   */
+  events: NotifyEvents;
+
+  /**
+   * Required: the NAME of a signing secret in the config (webhooks.secrets),
+   * never the secret itself. An unknown name is refused (INVALID_ARGUMENT).
+   *
+   * @generated from field: string secret = 3;
+   */
+  secret: string;
+};
+
+/**
+ * Describes the message laneway.v1.Notify.
+ * Use `create(NotifySchema)` to create a new message.
+ */
+export const NotifySchema: GenMessage<Notify> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_job, 6);
 
 /**
  * Submissions with the same route and debounce key inside the window collapse
@@ -296,7 +344,7 @@ export type Debounce = Message<"laneway.v1.Debounce"> & {
  * Use `create(DebounceSchema)` to create a new message.
  */
 export const DebounceSchema: GenMessage<Debounce> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 6);
+  messageDesc(file_laneway_v1_job, 7);
 
 /**
  * @generated from message laneway.v1.TokenUsage
@@ -318,7 +366,7 @@ export type TokenUsage = Message<"laneway.v1.TokenUsage"> & {
  * Use `create(TokenUsageSchema)` to create a new message.
  */
 export const TokenUsageSchema: GenMessage<TokenUsage> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 7);
+  messageDesc(file_laneway_v1_job, 8);
 
 /**
  * @generated from message laneway.v1.ChatOutput
@@ -345,7 +393,7 @@ export type ChatOutput = Message<"laneway.v1.ChatOutput"> & {
  * Use `create(ChatOutputSchema)` to create a new message.
  */
 export const ChatOutputSchema: GenMessage<ChatOutput> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 8);
+  messageDesc(file_laneway_v1_job, 9);
 
 /**
  * @generated from message laneway.v1.Embedding
@@ -362,7 +410,7 @@ export type Embedding = Message<"laneway.v1.Embedding"> & {
  * Use `create(EmbeddingSchema)` to create a new message.
  */
 export const EmbeddingSchema: GenMessage<Embedding> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 9);
+  messageDesc(file_laneway_v1_job, 10);
 
 /**
  * @generated from message laneway.v1.EmbeddingOutput
@@ -386,7 +434,7 @@ export type EmbeddingOutput = Message<"laneway.v1.EmbeddingOutput"> & {
  * Use `create(EmbeddingOutputSchema)` to create a new message.
  */
 export const EmbeddingOutputSchema: GenMessage<EmbeddingOutput> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 10);
+  messageDesc(file_laneway_v1_job, 11);
 
 /**
  * @generated from message laneway.v1.ClassificationOutput
@@ -410,7 +458,7 @@ export type ClassificationOutput = Message<"laneway.v1.ClassificationOutput"> & 
  * Use `create(ClassificationOutputSchema)` to create a new message.
  */
 export const ClassificationOutputSchema: GenMessage<ClassificationOutput> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 11);
+  messageDesc(file_laneway_v1_job, 12);
 
 /**
  * @generated from message laneway.v1.JobResult
@@ -445,7 +493,7 @@ export type JobResult = Message<"laneway.v1.JobResult"> & {
  * Use `create(JobResultSchema)` to create a new message.
  */
 export const JobResultSchema: GenMessage<JobResult> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 12);
+  messageDesc(file_laneway_v1_job, 13);
 
 /**
  * @generated from message laneway.v1.JobError
@@ -488,7 +536,7 @@ export type JobError = Message<"laneway.v1.JobError"> & {
  * Use `create(JobErrorSchema)` to create a new message.
  */
 export const JobErrorSchema: GenMessage<JobError> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 13);
+  messageDesc(file_laneway_v1_job, 14);
 
 /**
  * One event in a job's life. Every event is also a full snapshot of the job's
@@ -643,7 +691,7 @@ export type JobEvent = Message<"laneway.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 14);
+  messageDesc(file_laneway_v1_job, 15);
 
 /**
  * @generated from message laneway.v1.TextDelta
@@ -660,7 +708,7 @@ export type TextDelta = Message<"laneway.v1.TextDelta"> & {
  * Use `create(TextDeltaSchema)` to create a new message.
  */
 export const TextDeltaSchema: GenMessage<TextDelta> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 15);
+  messageDesc(file_laneway_v1_job, 16);
 
 /**
  * A job as it stands: GetJob's answer. Built from the job's events, so it is as
@@ -806,7 +854,7 @@ export type Job = Message<"laneway.v1.Job"> & {
  * Use `create(JobSchema)` to create a new message.
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
-  messageDesc(file_laneway_v1_job, 16);
+  messageDesc(file_laneway_v1_job, 17);
 
 /**
  * Priority lane of a job. Workers always take waiting work from a higher lane
@@ -977,6 +1025,48 @@ export const ChatRoleSchema: GenEnum<ChatRole> = /*@__PURE__*/
   enumDesc(file_laneway_v1_job, 2);
 
 /**
+ * Which of a job's events a webhook receives.
+ *
+ * @generated from enum laneway.v1.NotifyEvents
+ */
+export enum NotifyEvents {
+  /**
+   * Not set: the final event only (as NOTIFY_EVENTS_FINAL).
+   *
+   * @generated from enum value: NOTIFY_EVENTS_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The final event only (SUCCEEDED, DEAD_LETTERED, CANCELLED, ...).
+   *
+   * @generated from enum value: NOTIFY_EVENTS_FINAL = 1;
+   */
+  FINAL = 1,
+
+  /**
+   * Every change of state (QUEUED, RUNNING, RETRYING, final), without the text
+   * deltas of a streaming job.
+   *
+   * @generated from enum value: NOTIFY_EVENTS_STATE_CHANGES = 2;
+   */
+  STATE_CHANGES = 2,
+
+  /**
+   * Every event, the deltas included, delivered one at a time in seq order.
+   *
+   * @generated from enum value: NOTIFY_EVENTS_ALL = 3;
+   */
+  ALL = 3,
+}
+
+/**
+ * Describes the enum laneway.v1.NotifyEvents.
+ */
+export const NotifyEventsSchema: GenEnum<NotifyEvents> = /*@__PURE__*/
+  enumDesc(file_laneway_v1_job, 3);
+
+/**
  * @generated from enum laneway.v1.FinishReason
  */
 export enum FinishReason {
@@ -1010,7 +1100,7 @@ export enum FinishReason {
  * Describes the enum laneway.v1.FinishReason.
  */
 export const FinishReasonSchema: GenEnum<FinishReason> = /*@__PURE__*/
-  enumDesc(file_laneway_v1_job, 3);
+  enumDesc(file_laneway_v1_job, 4);
 
 /**
  * How an error should be handled.
@@ -1049,7 +1139,7 @@ export enum ErrorClass {
  * Describes the enum laneway.v1.ErrorClass.
  */
 export const ErrorClassSchema: GenEnum<ErrorClass> = /*@__PURE__*/
-  enumDesc(file_laneway_v1_job, 4);
+  enumDesc(file_laneway_v1_job, 5);
 
 /**
  * What went wrong with a job or one of its attempts: a closed set. The class
@@ -1266,5 +1356,5 @@ export enum JobErrorCode {
  * Describes the enum laneway.v1.JobErrorCode.
  */
 export const JobErrorCodeSchema: GenEnum<JobErrorCode> = /*@__PURE__*/
-  enumDesc(file_laneway_v1_job, 5);
+  enumDesc(file_laneway_v1_job, 6);
 
