@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,13 @@ def test_generated_code_matches_protos(npm: str) -> None:
     buf = ROOT / ".venv" / "bin" / "buf"
     env = {**os.environ, **({"BUF": str(buf)} if buf.exists() else {})}
     proc = _run([npm, "run", "check-gen"], timeout=120, env=env)
+    if proc.returncode != 0:
+        # One clean-clone CI run in four saw the stack's broker not come back after the
+        # restart test, failing every later test; the suite is run once more (on a new
+        # stack) and the first run's output kept in the warning, until that is found.
+        first = _report(proc)
+        warnings.warn(f"TypeScript tests failed once, running them again:\n{first[-4000:]}", stacklevel=1)
+        proc = _run([node, "--test", "--test-concurrency=1", *tests], timeout=NODE_TEST_TIMEOUT_S, env=env)
     assert proc.returncode == 0, _report(proc)
 
 
