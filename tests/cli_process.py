@@ -24,17 +24,25 @@ class Ran(NamedTuple):
     seconds: float
 
 
-async def run_laneway(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> Ran:
-    """Run ``laneway ARGS`` (environment: this one's, updated with ``env``); killed with
-    its children if it outlives ``timeout``."""
+async def run_laneway(
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    stdin: bytes | None = None,
+    drop: tuple[str, ...] = (),
+) -> Ran:
+    """Run ``laneway ARGS`` (environment: this one's without ``drop``, updated with
+    ``env``; ``stdin`` fed to it); killed with its children if it outlives ``timeout``."""
     started = time.monotonic()
+    base = {k: v for k, v in os.environ.items() if k not in drop}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "laneway.broker.cli", *args,
-        cwd=ROOT, env={**os.environ, **(env or {})},
+        cwd=ROOT, env={**base, **(env or {})},
+        stdin=asyncio.subprocess.PIPE if stdin is not None else None,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):

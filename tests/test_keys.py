@@ -4,11 +4,8 @@ client commands' ``--api-key`` against a broker with auth on."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import os
 import re
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from laneway.broker.core import topology as t
 from laneway.broker.core.api_keys import hash_key
 from laneway.broker.core.key_store import create_key
 from laneway.broker.server.process import BrokerServer
+from tests.cli_process import run_laneway
 from tests.conftest import make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +30,8 @@ KEY = re.compile(r"^key:\s+(lw_[a-z0-9]{10}_\S+)$", re.MULTILINE)
 async def laneway(
     *args: str, stdin: bytes | None = None, env: dict[str, str] | None = None
 ) -> tuple[int, str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("LANEWAY_API_KEY", "NATS_URL")}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "laneway.broker.cli", *args,
-        cwd=ROOT, env={**base, **(env or {})},
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(stdin), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    code, out, err, _ = await run_laneway(*args, env=env, stdin=stdin, drop=("LANEWAY_API_KEY", "NATS_URL"))
+    return code, out, err
 
 
 def _audit_lines(stderr: str) -> list[dict[str, object]]:
