@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import laneway
 from laneway.broker.cli.natsd import EmbeddedNats, free_port
+from tests.cluster import Cluster
 
 __all__ = ["CHAOS_CONFIG", "Stack"]
 
@@ -60,6 +61,7 @@ class Stack:
         workers: int = 2,
         config: str = CHAOS_CONFIG,
         client_tls: dict[str, bytes] | None = None,
+        nats: EmbeddedNats | Cluster | None = None,
     ) -> None:
         self.root = root
         #: AsyncClient TLS arguments (root_certificates, ...) when the config gives the broker TLS.
@@ -67,7 +69,8 @@ class Stack:
         self.call_log = root / "calls.jsonl"
         self.config_file = root / "laneway.yaml"
         self.config_file.write_text(config.format(call_log=self.call_log))
-        self.nats = EmbeddedNats(root / "nats")
+        # One server unless given a cluster (``tests.cluster``: its url lists every node).
+        self.nats = nats if nats is not None else EmbeddedNats(root / "nats")
         self.grpc_port = free_port()
         self._broker: asyncio.subprocess.Process | None = None
         #: The log file of the broker started last.
@@ -120,27 +123,57 @@ class Stack:
         finally:
             stderr.close()
 
-    async def start_broker(self) -> None:
-        self._broker = await self._spawn("broker", "--grpc-addr", self.address)
+    async def start_broker(self, within: float = 40) -> None:
+        """Start a broker on the stack's address and return once it serves; on failure
+        (it exited, or did not serve ``within`` seconds) the error carries its log's tail."""
+        broker = self._broker = await self._spawn("broker", "--grpc-addr", self.address)
+        last: BaseException | None = None
         # Serving once a read answers (GetStats goes through to NATS).
         async with laneway.AsyncClient(self.address, timeout=2, **self.client_tls) as client:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + 30
-            while True:
-                try:
-                    await client.get_stats()
-                    return
-                except laneway.ApiError:
-                    if loop.time() > deadline or self._broker.returncode is not None:
-                        raise
-                await asyncio.sleep(0.1)  # poll with a deadline: the child is starting
+            try:
+                async with asyncio.timeout(within):
+                    while broker.returncode is None:
+                        try:
+                            await client.get_stats()
+                            return
+                        except laneway.ApiError as err:
+                            last = err
+                        await asyncio.sleep(0.1)  # poll with a deadline: the child is starting
+            except TimeoutError:
+                pass
+        state = f"exited {broker.returncode}" if broker.returncode is not None else "still running"
+        raise RuntimeError(
+            f"the broker (pid {broker.pid}, {state}) did not serve on {self.address} within {within} s; "
+            f"last answer: {last!r}; its log ends:\n{self.log_tail(self.broker_log)}"
+        )
+
+    @staticmethod
+    def log_tail(path: Path, lines: int = 30) -> str:
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     async def kill_broker(self) -> None:
         broker, self._broker = self._broker, None
         await _kill(broker)
 
-    async def start_worker(self, i: int) -> None:
-        self._workers[i] = await self._spawn("worker")
+    async def start_worker(self, i: int, *, within: float = 40) -> None:
+        """Start worker ``i`` and return once it pulls (its log says so): a fault
+        injected before a slow start-up would otherwise meet a worker still connecting.
+        On failure the error carries its log's tail."""
+        proc = self._workers[i] = await self._spawn("worker")
+        log = self.root / f"worker-{self._spawned}.log"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while proc.returncode is None and loop.time() < deadline:
+            if log.exists() and "worker pulling" in log.read_text(errors="replace"):
+                return
+            await asyncio.sleep(0.05)  # poll with a deadline: the child is starting
+        state = f"exited {proc.returncode}" if proc.returncode is not None else "still running"
+        raise RuntimeError(
+            f"worker {i} (pid {proc.pid}, {state}) did not start pulling within {within} s; "
+            f"its log ends:\n{self.log_tail(log)}"
+        )
 
     def worker_down(self, i: int) -> bool:
         return self._workers[i] is None

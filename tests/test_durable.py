@@ -18,6 +18,10 @@ import laneway
 from laneway.broker.cli.natsd import EmbeddedNats
 from laneway.broker.config.model import LanewayConfig
 from laneway.broker.core import topology as t
+from laneway.broker.core.events import EventLog, first_event
+from laneway.broker.core.fence import ENQUEUE_BUDGET_S
+from laneway.broker.core.model import QueuedJob, new_job_id, utcnow
+from laneway.broker.core.wire.jobs import encode_queued_job, spec_from_pb
 from laneway.broker.server.process import BrokerServer
 from laneway.v1 import dead_letter_pb2, job_pb2
 from laneway.workers.pool import WorkerPool
@@ -374,25 +378,33 @@ async def test_redelivered_finished_job_is_not_run_again(broker, client, nats_se
     assert replay[-1] == final and len(replay) == final.seq
 
 
-async def test_job_whose_first_event_was_never_stored_never_runs(
-    broker, client, nats_server, tmp_path
-) -> None:
-    # A broker writes a single job's QUEUED event and the job together. If the event
-    # store refused the event (and the broker's FAILED fence too), the job sits in the
-    # queue with no log while its submitter was told the enqueue failed: a worker must
-    # wait for the event, then drop the job rather than run it.
-    from laneway.broker.core.model import QueuedJob, new_job_id, utcnow
-    from laneway.broker.core.wire.jobs import encode_queued_job, spec_from_pb
-
-    log = tmp_path / "calls.jsonl"
-    config = make_config(f"providers: {{mock: {{type: mock, call_log: '{log}'}}, slow: {{type: mock}}}}")
-    spec = laneway.job("chat", laneway.chat("never logged"))
-    orphan = QueuedJob(new_job_id(), spec_from_pb(spec, field="job", default_lane="normal"), utcnow())
-    nc = await nats.connect(nats_server.url)
+async def _publish_orphan(url: str, text: str, *, age_s: float) -> QueuedJob:
+    """A job in the queue with no event log, submitted ``age_s`` ago: what a broker
+    leaves when the job's write landed and its QUEUED event has not (yet)."""
+    spec = laneway.job("chat", laneway.chat(text))
+    orphan = QueuedJob(
+        new_job_id(),
+        spec_from_pb(spec, field="job", default_lane="normal"),
+        utcnow() - timedelta(seconds=age_s),
+    )
+    nc = await nats.connect(url)
     try:
         await nc.jetstream().publish(t.job_subject("chat", "normal"), encode_queued_job(orphan))
     finally:
         await nc.close()
+    return orphan
+
+
+async def test_job_whose_first_event_was_never_stored_never_runs(
+    broker, client, nats_server, tmp_path
+) -> None:
+    # A broker writes a single job's QUEUED event and the job together, and keeps
+    # writing the event for up to its enqueue budget when the store does not take it.
+    # A job still without a log after that was answered DEADLINE_EXCEEDED or refused:
+    # a worker fences its log (so a late QUEUED cannot revive it) and drops it.
+    log = tmp_path / "calls.jsonl"
+    config = make_config(f"providers: {{mock: {{type: mock, call_log: '{log}'}}, slow: {{type: mock}}}}")
+    orphan = await _publish_orphan(nats_server.url, "never logged", age_s=ENQUEUE_BUDGET_S + 10)
     async with WorkerPool(config, nats_url=nats_server.url):
         # A normal job on the same lane still runs.
         assert (await client.run("chat", laneway.chat("logged"))).state == S.JOB_STATE_SUCCEEDED
@@ -404,5 +416,36 @@ async def test_job_whose_first_event_was_never_stored_never_runs(
     assert [c["job_id"] for c in _calls(log)] != [] and orphan.job_id not in {
         c["job_id"] for c in _calls(log)
     }
-    with pytest.raises(laneway.NotFound):
-        await client.get_job(orphan.job_id)
+    fenced = await client.get_job(orphan.job_id)
+    assert fenced.state == S.JOB_STATE_NOT_ENQUEUED
+    assert fenced.error.code == job_pb2.JOB_ERROR_CODE_ENQUEUE_FAILED
+
+
+async def test_job_whose_first_event_lands_late_runs(broker, client, nats_server, tmp_path) -> None:
+    # The other side of the same race: the broker's QUEUED event lands a few seconds
+    # after the job (an events stream electing a leader on a cluster). The job, young
+    # enough for its broker to still be writing the event, waits for it and runs.
+    log = tmp_path / "calls.jsonl"
+    config = make_config(f"providers: {{mock: {{type: mock, call_log: '{log}'}}, slow: {{type: mock}}}}")
+    orphan = await _publish_orphan(nats_server.url, "logged late", age_s=0)
+    async with WorkerPool(config, nats_url=nats_server.url):
+
+        async def handed_back() -> bool:
+            # Delivered, found without a log, and handed back to wait (not dropped).
+            nc = await nats.connect(nats_server.url)
+            try:
+                info = await nc.jetstream().consumer_info(t.JOBS_STREAM, t.consumer_name("chat", "normal"))
+            finally:
+                await nc.close()
+            return info.num_redelivered > 0 or info.delivered.consumer_seq > 1
+
+        await eventually(handed_back)
+        nc = await nats.connect(nats_server.url)
+        try:
+            async with EventLog(nc) as events:
+                await events.append(first_event(orphan), expect_last=0)
+        finally:
+            await nc.close()
+        final = await client.wait(orphan.job_id, timeout=30)
+    assert final.state == S.JOB_STATE_SUCCEEDED
+    assert [c["job_id"] for c in _calls(log)].count(orphan.job_id) == 1

@@ -20,6 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PKG = ROOT / "clients" / "typescript"
 NODE_TEST_TIMEOUT_S = 180
+ARTIFACTS = ROOT / "build" / "test-artifacts"
 
 
 def _run(
@@ -30,6 +31,24 @@ def _run(
 
 def _report(proc: subprocess.CompletedProcess[str]) -> str:
     return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-20000:]}\nstderr:\n{proc.stderr[-10000:]}"
+
+
+def _first_failure(out: str) -> str:
+    """The first failed test's block of node's TAP output: later failures are often only
+    its consequences, and the tail of a long output loses it."""
+    lines = out.splitlines()
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("not ok"):
+            return "\n".join(lines[max(0, i - 2) : i + 40])
+    return ""
+
+
+def _keep(proc: subprocess.CompletedProcess[str], name: str) -> Path:
+    """The node run's whole output, kept as a test artifact (CI logs show only a tail)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    path.write_text(f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +97,16 @@ def test_typescript_client_against_a_real_stack(npm: str) -> None:
         # One clean-clone CI run in four saw the stack's broker not come back after the
         # restart test, failing every later test; the suite is run once more (on a new
         # stack) and the first run's output kept in the warning, until that is found.
-        first = _report(proc)
-        warnings.warn(f"TypeScript tests failed once, running them again:\n{first[-4000:]}", stacklevel=1)
+        kept = _keep(proc, "typescript-node-run-1.txt")
+        first = _first_failure(proc.stdout) or proc.stdout[-4000:]
+        warnings.warn(
+            f"TypeScript tests failed once (whole output: {kept}), running them again; "
+            f"the first failure:\n{first}\nstderr:\n{proc.stderr[-2000:]}",
+            stacklevel=1,
+        )
         proc = _run([node, "--test", "--test-concurrency=1", *tests], timeout=NODE_TEST_TIMEOUT_S, env=env)
-    assert proc.returncode == 0, _report(proc)
+    if proc.returncode != 0:
+        kept = _keep(proc, "typescript-node-run-2.txt")
+        raise AssertionError(
+            f"first failure:\n{_first_failure(proc.stdout)}\n(whole output: {kept})\n{_report(proc)}"
+        )

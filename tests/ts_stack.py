@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -84,17 +85,35 @@ routes:
 """
 
 
+# Past the config's shutdown grace (2 s): a broker still running then is stuck.
+_SIGTERM_GRACE_S = 30
+
+
 async def stop_broker(stack: Stack) -> None:
     """SIGTERM the broker and wait for it to exit (Stack only kills it)."""
     proc = stack._broker  # Stack has no graceful stop of the broker alone
     assert proc is not None
     proc.terminate()
-    await proc.wait()
+    try:
+        await asyncio.wait_for(proc.wait(), _SIGTERM_GRACE_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise RuntimeError(
+            f"the broker did not exit within {_SIGTERM_GRACE_S} s of SIGTERM; its log ends:\n"
+            + stack.log_tail(stack.broker_log)
+        ) from None
 
 
 def say(obj: dict[str, object]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
+
+
+def note(text: str) -> None:
+    """A timestamped progress line on stderr: the node tests print it when a command fails."""
+    sys.stderr.write(f"{time.strftime('%H:%M:%S')} ts_stack: {text}\n")
+    sys.stderr.flush()
 
 
 def _with_tls(root: Path, mode: str) -> tuple[str, dict[str, bytes], dict[str, str]]:
@@ -125,6 +144,8 @@ async def serve(root: Path) -> None:
                 break
             if not command:
                 continue
+            started = time.monotonic()
+            note(f"{command}: begun")
             if command in ("restart-broker", "restart-broker graceful"):
                 if command.endswith("graceful"):
                     await stop_broker(stack)
@@ -140,6 +161,7 @@ async def serve(root: Path) -> None:
                 say({"started": True, "address": stack.address})
             else:
                 say({"error": f"unknown command {command!r}"})
+            note(f"{command}: done in {time.monotonic() - started:.2f} s")
 
 
 def main() -> int:

@@ -7,6 +7,12 @@ broker wrote the event before the job (batches, scheduled jobs); a single job's
 broker writes both together, so the worker reads the sequence from the log, where
 the event may land a moment after the job is delivered. On a later delivery the
 log is read.
+
+A job delivered again with no log at all is one whose broker has not stored its
+first event. While the broker may still be doing so (it keeps trying for up to
+``ENQUEUE_BUDGET_S``, ``laneway.broker.server.enqueue``), the job waits; after that,
+the worker fences its log (NOT_ENQUEUED, compare-and-set on the empty log) and drops
+it. If the broker's first event lands first, the fence is refused and the job runs.
 """
 
 from __future__ import annotations
@@ -17,19 +23,30 @@ from nats.aio.msg import Msg
 
 from laneway.broker.core import topology as t
 from laneway.broker.core.events import EventConflict, EventLog, first_event
+from laneway.broker.core.fence import ENQUEUE_BUDGET_S, fence
 from laneway.broker.core.model import JobEvent, QueuedJob, utcnow
 from laneway.errors import LanewayError, Unavailable
-from laneway.workers.requeue import requeued
+from laneway.workers.requeue import Requeue, requeued
 
-__all__ = ["QUEUED_WAIT_S", "Unlogged", "previous", "queued_seq"]
+__all__ = ["QUEUED_WAIT_S", "Unlogged", "previous", "queued_seq", "unlogged"]
 
 QUEUED_WAIT_S = 1.0
 """How long a worker waits for a job's first event to land after the job."""
 
 
+# Past the broker's enqueue budget, with room for its clock being behind ours.
+_UNLOGGED_GIVE_UP_S = ENQUEUE_BUDGET_S + 5.0
+# How long a job without a log waits before it is looked at again.
+_UNLOGGED_WAIT_S = 2.0
+
+
 class Unlogged(LanewayError):
     """A job delivered again has no log although it is too young to have expired: its
-    first event was never stored and its submitter was told the enqueue failed."""
+    first event is not stored (yet)."""
+
+    def __init__(self, message: str, *, age_s: float) -> None:
+        super().__init__(message)
+        self.age_s = age_s
 
 
 async def previous(
@@ -44,8 +61,9 @@ async def previous(
         return first_event(job), None
     latest = await events.last(job.job_id)
     if latest is None:
-        if (utcnow() - job.enqueued_at).total_seconds() < events_max_age_s:
-            raise Unlogged(f"job {job.job_id} has no event log")
+        age_s = (utcnow() - job.enqueued_at).total_seconds()
+        if age_s < events_max_age_s:
+            raise Unlogged(f"job {job.job_id} has no event log", age_s=age_s)
         # Events expired before the job ran (queue older than events_max_age_s).
         return first_event(job), 0
     return latest.decode(), latest.stream_seq
@@ -68,3 +86,18 @@ async def queued_seq(events: EventLog, job: QueuedJob) -> int:
             raise Unavailable(f"job {job.job_id}: its first event is not in the event store")
         await asyncio.sleep(delay)  # poll with a deadline: the event lands just after the job
         delay = min(2 * delay, 0.05)
+
+
+async def unlogged(events: EventLog, requeue: Requeue, msg: Msg, job: QueuedJob, err: Unlogged) -> bool:
+    """Settle a delivery of a job without a log: True when the job is dropped for good
+    (its log fenced), False when it was handed back to be looked at again."""
+    if err.age_s < _UNLOGGED_GIVE_UP_S:
+        await requeue.wait(msg, _UNLOGGED_WAIT_S)  # its broker may still store its first event
+        return False
+    try:
+        await events.append(fence(first_event(job), "its first event was never stored"), expect_last=0)
+    except EventConflict:
+        await msg.nak()  # its log began after all: handle the job again
+        return False
+    await msg.term()
+    return True

@@ -32,7 +32,7 @@ from laneway.workers.calling import Target, call_target
 from laneway.workers.fleet.call_stats import CallStats
 from laneway.workers.fleet.limiter import FleetLimiter
 from laneway.workers.fleet.routing import Choice, Grant, TargetChooser, estimate_tokens
-from laneway.workers.log_position import Unlogged, previous, queued_seq
+from laneway.workers.log_position import Unlogged, previous, queued_seq, unlogged
 from laneway.workers.metrics import WorkerMetrics
 from laneway.workers.providers.base import CallContext, ProviderError
 from laneway.workers.requeue import Requeue
@@ -120,9 +120,9 @@ class JobRunner:
                     await self._requeue.wait(msg, choice.delay_s)  # no attempt made: back to the queue
                 else:
                     await self._run_with_slot(msg, job, choice, bound)
-            except Unlogged:
-                bound.warning("job dropped: its first event was never stored (its enqueue failed)")
-                await msg.term()
+            except Unlogged as err:
+                if await unlogged(self._events, self._requeue, msg, job, err):
+                    bound.warning("job dropped: its first event was never stored (its enqueue failed)")
             except _Lost:
                 # Someone else moved the job on; finish it if it is final, else leave it to its owner.
                 latest = await self._events.last(job.job_id)

@@ -62,11 +62,27 @@ class ProviderStateStore:
         self._listeners: list[Callable[[], None]] = []
         self._loaded = asyncio.Event()
 
-    async def start(self, *, load_timeout_s: float = 5.0) -> None:
+    async def start(self, *, load_timeout_s: float = 5.0, setup_timeout_s: float = 30.0) -> None:
         """Follow the bucket; returns once its current values are in (or after
-        ``load_timeout_s``, serving meanwhile: missing keys read as fresh state)."""
-        self._kv = await self._js.key_value(t.PROVIDERS_BUCKET)
-        self._watcher = await self._kv.watchall()
+        ``load_timeout_s``, serving meanwhile: missing keys read as fresh state).
+
+        Opening the watch is retried for up to ``setup_timeout_s``: on a NATS cluster
+        just after a node loss, creating its consumer times out until the bucket's
+        stream has settled its leader, and a process starting then should wait, not fail."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + setup_timeout_s
+        delay = 0.1
+        while True:
+            try:
+                self._kv = await self._js.key_value(t.PROVIDERS_BUCKET)
+                self._watcher = await self._kv.watchall()
+                break
+            except (nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError) as err:
+                if loop.time() + delay >= give_up:
+                    raise
+                log.info("provider state bucket not ready; retrying", error=type(err).__name__)
+                await asyncio.sleep(delay)  # back off while the bucket's stream elects a leader
+                delay = min(delay * 2, 2.0)
         self._watching.start(self._follow(self._watcher))
         try:
             await asyncio.wait_for(self._loaded.wait(), load_timeout_s)

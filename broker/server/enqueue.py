@@ -11,6 +11,14 @@ compare-and-set is refused, the log moved on without us: the first event landed
 (read it and try again after it) or a worker already took the job, which then was
 accepted, and the caller is told so.
 
+When the job itself is known to be stored and only its first event is missing, the
+broker finishes the enqueue instead: it writes the first event again (compare-and-set
+on an empty log) until it lands or the deadline passes. A fence there would race a
+worker that already has the job and, starting it eagerly (``workers.eager_start_s``),
+may have called the provider before its RUNNING write met the fence: on a NATS
+cluster, where the jobs and the events streams have different leaders, that is what
+a node loss did to every submit in the events leader's election (issue 18).
+
 What the caller hears:
 
 - success: both writes are stored (or a worker took the job);
@@ -25,16 +33,23 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
+from collections.abc import Sequence
 
 from laneway.broker.core.events import EventConflict, EventLog
-from laneway.broker.core.model import ErrorClass, JobError, JobEvent, JobState
+from laneway.broker.core.fence import ENQUEUE_BUDGET_S, ENQUEUE_FAILED, fence, is_fence
+from laneway.broker.core.model import JobEvent
 from laneway.errors import DeadlineExceeded, Unavailable
 
-__all__ = ["ENQUEUE_FAILED", "NotStored", "Stored", "claim_is_void", "enqueue_deadline", "settle"]
-
-ENQUEUE_FAILED = "enqueue_failed"
-# How long an enqueue may take to settle when the caller set no deadline.
-_BUDGET_S = 20.0
+__all__ = [
+    "ENQUEUE_FAILED",
+    "NotStored",
+    "Stored",
+    "append_first",
+    "claim_is_void",
+    "enqueue_deadline",
+    "refused_before_publish",
+    "settle",
+]
 
 
 class NotStored(Unavailable):
@@ -44,8 +59,8 @@ class NotStored(Unavailable):
 def enqueue_deadline(timeout: float | None) -> float:
     """The loop time by which an enqueue answers: inside the caller's deadline
     (``timeout`` seconds, with room for the answer to travel), and never later than
-    ``_BUDGET_S`` from now."""
-    budget = _BUDGET_S if timeout is None else min(_BUDGET_S, 0.9 * timeout - 0.2)
+    ``ENQUEUE_BUDGET_S`` from now."""
+    budget = ENQUEUE_BUDGET_S if timeout is None else min(ENQUEUE_BUDGET_S, 0.9 * timeout - 0.2)
     return asyncio.get_running_loop().time() + max(0.1, budget)
 
 
@@ -81,7 +96,10 @@ async def settle(
             break
         try:
             async with asyncio.timeout_at(deadline):
-                outcome = await _fence_or_look(events, first, first_seq, why)
+                if job is Stored.YES:
+                    outcome = await _complete_or_look(events, first)
+                else:
+                    outcome = await _fence_or_look(events, first, first_seq, why)
         except TimeoutError:
             break
         except Unavailable:
@@ -108,6 +126,38 @@ async def settle(
     )
 
 
+async def append_first(events: EventLog, first: JobEvent, *, deadline: float) -> int:
+    """Append a job's first event, before the job itself is published. When the store
+    does not answer, the event may still land later (a frozen nats-server keeps what it
+    was sent), leaving a log that says QUEUED for a job that was never queued: an
+    idempotency key's retry would then be told "duplicate" of a job that never runs.
+    So the log is fenced NOT_ENQUEUED first, and the caller refused (``settle``)."""
+    try:
+        return await events.append(first, expect_last=0)
+    except Unavailable as err:
+        [refusal] = await refused_before_publish(events, [(first, err.message)], deadline=deadline)
+        raise refusal from err
+
+
+async def refused_before_publish(
+    events: EventLog, unanswered: Sequence[tuple[JobEvent, str]], *, deadline: float | None = None
+) -> list[Unavailable]:
+    """The refusals of jobs never published whose first event's fate is unknown (each
+    with why), once their logs are fenced, or ``deadline`` (loop time; default: the enqueue
+    budget) passed: none can run."""
+    until = enqueue_deadline(None) if deadline is None else deadline
+
+    async def refusal(first: JobEvent, why: str) -> Unavailable:
+        try:
+            await settle(events, first, None, Stored.NO, why, deadline=until)
+        except Unavailable as err:
+            return err
+        # settle returns only for a job a worker took, and this one was never queued.
+        return Unavailable(f"the job was not enqueued ({why}): retry", reason="NOT_ENQUEUED")
+
+    return list(await asyncio.gather(*(refusal(first, why) for first, why in unanswered)))
+
+
 async def claim_is_void(events: EventLog, job_id: str, claimed_at: float, stale_after_s: float) -> bool:
     """Whether an idempotency key claimed for ``job_id`` (at Unix time ``claimed_at``)
     may be taken over by a new submission: its job was refused at enqueue (its log
@@ -120,7 +170,7 @@ async def claim_is_void(events: EventLog, job_id: str, claimed_at: float, stale_
     while True:
         latest = await events.last(job_id)
         if latest is not None:
-            return latest.final and _refused(latest.decode())
+            return latest.final and is_fence(latest.decode())
         left = claimed_at + stale_after_s - time.time()
         if left <= 0:
             return True
@@ -141,24 +191,32 @@ async def _fence_or_look(
 ) -> _Outcome | int:
     """End the log NOT_ENQUEUED right after the first event (or in its place): INERT when
     that is stored; else what the log shows: the first event's sequence, or TAKEN."""
-    failed = first.next(JobState.NOT_ENQUEUED, error=JobError(ENQUEUE_FAILED, why, ErrorClass.TRANSIENT))
     try:
-        await events.append(failed, expect_last=first_seq or 0)
+        await events.append(fence(first, why), expect_last=first_seq or 0)
         return _INERT
     except EventConflict:
         pass
+    return await _look(events, first)
+
+
+async def _complete_or_look(events: EventLog, first: JobEvent) -> _Outcome | int:
+    """Store the first event of a job that is stored itself (TAKEN: accepted); else
+    what the log shows, as ``_fence_or_look``."""
+    try:
+        await events.append(first, expect_last=0)
+        return _TAKEN
+    except EventConflict:
+        pass
+    return await _look(events, first)
+
+
+async def _look(events: EventLog, first: JobEvent) -> _Outcome | int:
     latest = await events.last(first.job_id)
     if latest is None:
         # Look again (``settle`` retries until its deadline).
         raise Unavailable("the event store refused a write to an empty log", reason="NATS_UNAVAILABLE")
     if latest.job_seq == first.seq:
         return latest.stream_seq
-    if _refused(latest.decode()):
+    if is_fence(latest.decode()):
         return _INERT  # an earlier fence of ours landed (its answer was lost)
     return _TAKEN
-
-
-def _refused(event: JobEvent) -> bool:
-    """Whether ``event`` is a fence: the job's enqueue was refused, and nothing of it runs."""
-    error = event.error
-    return event.state is JobState.NOT_ENQUEUED and error is not None and error.code == ENQUEUE_FAILED

@@ -50,7 +50,15 @@ from laneway.broker.core.nats.publish import (
     publish_many,
 )
 from laneway.broker.core.wire.jobs import encode_queued_job, over_limit
-from laneway.broker.server.enqueue import NotStored, Stored, claim_is_void, enqueue_deadline, settle
+from laneway.broker.server.enqueue import (
+    NotStored,
+    Stored,
+    append_first,
+    claim_is_void,
+    enqueue_deadline,
+    refused_before_publish,
+    settle,
+)
 from laneway.broker.server.idempotency import Claim, check_same_job, decode_claim, encode_claim
 from laneway.broker.server.metrics import BrokerMetrics
 from laneway.broker.server.publish import job_headers, publish_debounced, publish_job, queue_subject
@@ -168,7 +176,7 @@ class JobStore:
 
     async def _enqueue(self, job: QueuedJob, payload: bytes, deadline: float) -> None:
         if job.spec.debounce_key or is_scheduled(job):
-            event_seq = await self.events.append(first_event(job), expect_last=0)
+            event_seq = await append_first(self.events, first_event(job), deadline=deadline)
             await self._publish_or_fail(job, payload, event_seq, deadline)
         else:
             await self._enqueue_together(job, payload, deadline)
@@ -243,12 +251,19 @@ class JobStore:
             else:
                 fresh.append((i, job, payload))
         seqs = await self.events.append_many([(first_event(job), 0) for _, job, _ in fresh])
-        queued = []
+        queued, unanswered = [], []
         for (i, job, payload), seq in zip(fresh, seqs, strict=True):
             if isinstance(seq, int):
                 queued.append((i, job, payload, seq))
+            elif isinstance(seq, Unavailable):
+                unanswered.append((i, job, seq.message))  # it may land yet: fence it first
             else:
                 out[i] = seq if isinstance(seq, ApiError) else Unavailable(str(seq), reason="NOT_ENQUEUED")
+        refusals = await refused_before_publish(
+            self.events, [(first_event(j), why) for _, j, why in unanswered]
+        )
+        for (i, *_), refusal in zip(unanswered, refusals, strict=True):
+            out[i] = refusal
         # Debounced jobs need their compare-and-set loop: they take the single-job path.
         retry = [q for q in queued if q[1].spec.debounce_key]
         plain = [q for q in queued if not q[1].spec.debounce_key]

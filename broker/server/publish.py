@@ -30,25 +30,34 @@ from laneway.errors import Unavailable
 __all__ = ["job_headers", "publish_debounced", "publish_job", "queue_subject"]
 
 _PUBLISH_ATTEMPTS = 4
+# Longest pause between two tries: a stream's leader election takes a few seconds.
+_MAX_BACKOFF_S = 0.5
 
 
 async def publish_job(
     nc: NatsClient, job: QueuedJob, payload: bytes, event_seq: int | None, *, deadline: float | None = None
 ) -> None:
     """Publish with retries until ``deadline`` (loop time; None: 4 tries). Raises
-    NotStored when the queue refused the job, Unavailable when its fate is unknown."""
+    NotStored when the queue refused the job, Unavailable when its fate is unknown.
+
+    With a deadline, tries go on until it: on a NATS cluster, the jobs stream answers
+    nothing (no responders) for the few seconds its leader election takes after a node
+    loss, and a submit should wait that out rather than be refused."""
     headers = job_headers(job, event_seq)
     subject = queue_subject(job)
     loop = asyncio.get_running_loop()
     delay = 0.05
-    for attempt in range(_PUBLISH_ATTEMPTS):
+    attempt = 0
+    while True:
+        attempt += 1
         timeout = 5.0 if deadline is None else min(5.0, max(0.05, deadline - loop.time()))
         try:
             # Same Nats-Msg-Id on every try: a retry after a lost ack stores nothing twice.
             await publish_acked(nc, subject, payload, headers, timeout=timeout)
             return
         except PublishUnanswered as err:
-            if attempt == _PUBLISH_ATTEMPTS - 1 or (deadline is not None and loop.time() >= deadline):
+            out_of_time = loop.time() + delay >= deadline if deadline is not None else False
+            if out_of_time or (deadline is None and attempt >= _PUBLISH_ATTEMPTS):
                 raise Unavailable(
                     "job queue did not accept the job in time", reason="NATS_UNAVAILABLE"
                 ) from err
@@ -58,7 +67,7 @@ async def publish_job(
             why = f"job queue did not answer ({type(err).__name__})"
             raise Unavailable(why, reason="NATS_UNAVAILABLE") from err
         await asyncio.sleep(delay)  # back off while a JetStream leader election settles
-        delay *= 4
+        delay = min(delay * 2, _MAX_BACKOFF_S)
 
 
 async def publish_debounced(
@@ -77,6 +86,9 @@ async def publish_debounced(
             replaced, last_seq = [*replaced_by_schedule(pending.headers), pending_id], pending.seq or 0
         except nats.js.errors.NotFoundError:
             replaced, last_seq = [], 0  # nothing pending (or it already ran)
+        except nats.errors.Error as err:  # a timeout, or the connection closed: not published
+            why = f"job queue did not answer ({type(err).__name__})"
+            raise NotStored(why, reason="NOT_ENQUEUED") from err
         replaced = [j for j in dict.fromkeys(replaced) if j and j != job.job_id]
         overflow, replaced = replaced[:-MAX_REPLACED], replaced[-MAX_REPLACED:]
         expect = {

@@ -56,7 +56,7 @@ OTHER_TENANT = "other"
 
 _REFRESH_S = 0.2
 # A remembered job with no event this long after it was accepted was never stored:
-# longer than any enqueue takes to answer (``enqueue._BUDGET_S``).
+# longer than any enqueue takes to answer (``fence.ENQUEUE_BUDGET_S``).
 _NEVER_STORED_S = 30.0
 _QUEUED_RETRY_S = 1.0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import UTC
@@ -41,6 +42,8 @@ class Load:
         self._rate = rate
         self._prefix = prefix
         self.accepted: dict[int, str] = {}
+        #: Wall-clock time of each accepted submission, in order (pauses around faults).
+        self.accepted_at: list[float] = []
         self.refused: dict[int, str] = {}
         self.lost: dict[int, str] = {}
         self.streams = 0
@@ -111,6 +114,7 @@ class Load:
             (self.refused if err.reason else self.lost)[i] = f"{err.code.name} {err.reason}"
             return
         self.accepted[i] = done.job_id
+        self.accepted_at.append(time.time())
         if i % 2 == 0:
             watcher = asyncio.create_task(self._watch(done.job_id))
             self._watchers.add(watcher)
@@ -151,9 +155,13 @@ class Report:
     streams_missed_final: int = 0
     non_json_log_lines: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
+    finished_at: list[float] = field(default_factory=list)
+    """Wall-clock time of each accepted job's final event, sorted (pauses around faults)."""
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        out = asdict(self)
+        del out["finished_at"]  # thousands of numbers: measured from, not printed
+        return out
 
 
 class _Events:
@@ -170,7 +178,7 @@ async def account(stack: Stack, load: Load, *, settle_s: float = 45.0) -> Report
     """Wait (up to ``settle_s``) for every accepted job to end and every stream to see
     it, then count."""
     events = _Events()
-    nc = await nats.connect(stack.nats.url)
+    nc = await nats.connect(stack.nats.url.split(","))  # a cluster's url lists every node
     try:
         sub = await nc.jetstream().subscribe(
             f"{t.EVENTS_PREFIX}.>", stream=t.EVENTS_STREAM, ordered_consumer=True, cb=events.on_msg
@@ -188,6 +196,16 @@ async def account(stack: Stack, load: Load, *, settle_s: float = 45.0) -> Report
     return _count(stack, load, events.by_job)
 
 
+def _states(history: list[job_pb2.JobEvent]) -> str:
+    """A job's log in short (``seq:STATE`` each, with a final error's code): what a
+    refusal that ran left behind says how its fence failed."""
+    return " ".join(
+        f"{e.seq}:{job_pb2.JobState.Name(e.state).removeprefix('JOB_STATE_')}"
+        + (f"({e.error.message})" if e.HasField("error") else "")
+        for e in history
+    )
+
+
 def _finals(history: list[job_pb2.JobEvent]) -> list[job_pb2.JobEvent]:
     return [e for e in history if e.state in _FINAL_PB]
 
@@ -195,10 +213,10 @@ def _finals(history: list[job_pb2.JobEvent]) -> list[job_pb2.JobEvent]:
 def _count(stack: Stack, load: Load, by_job: dict[str, list[job_pb2.JobEvent]]) -> Report:
     report = Report(accepted=len(load.accepted), refused=len(load.refused), lost=len(load.lost))
     calls_by_job: dict[str, list[float]] = defaultdict(list)
-    called_inputs: set[str] = set()
+    called_inputs: dict[str, str] = {}  # input text -> the job id the provider was called for
     for call in stack.calls():
         calls_by_job[str(call["job_id"])].append(float(call["t"]))  # type: ignore[arg-type]
-        called_inputs.add(str(call["input"]))
+        called_inputs[str(call["input"])] = str(call["job_id"])
     states: Counter[str] = Counter()
     examples: dict[str, list[str]] = defaultdict(list)
     for job_id in load.accepted.values():
@@ -212,6 +230,7 @@ def _count(stack: Stack, load: Load, by_job: dict[str, list[job_pb2.JobEvent]]) 
             examples["more_than_one_final"].append(job_id)
         states[job_pb2.JobState.Name(finals[0].state).removeprefix("JOB_STATE_")] += 1
         ended = finals[0].event_time.ToDatetime(tzinfo=UTC).timestamp()
+        report.finished_at.append(ended)
         calls = calls_by_job.get(job_id, [])
         after = [c for c in calls if c > ended]
         report.calls_after_final += len(after)
@@ -219,9 +238,13 @@ def _count(stack: Stack, load: Load, by_job: dict[str, list[job_pb2.JobEvent]]) 
             examples["calls_after_final"].append(job_id)
         report.extra_calls += max(0, len(calls) - 1)
     report.finished = dict(states)
+    report.finished_at.sort()
     ran = [i for i in load.refused if load.text(i) in called_inputs]
     report.refused_that_ran = len(ran)
-    examples["refused_that_ran"] = [f"{load.text(i)}: {load.refused[i]}" for i in ran[:5]]
+    examples["refused_that_ran"] = [
+        f"{load.text(i)}: {load.refused[i]}; log {_states(by_job.get(called_inputs[load.text(i)], []))}"
+        for i in ran[:5]
+    ]
     report.lost_that_ran = sum(load.text(i) in called_inputs for i in load.lost)
     report.streams = load.streams
     report.streams_missed_final = load.streams - load.streams_final

@@ -149,12 +149,15 @@ describe("jobs", () => {
       const onResume = (err: LanewayError): void => {
         resumes.push(`${err.codeName}/${err.reason || "-"}: ${err.rawMessage}`);
       };
-      for await (const e of client.stream([jobId], { onResume })) {
-        events.push(e);
-        if (!restart && e.payload.case === "delta") restart = stack.restartBroker(graceful);
+      try {
+        for await (const e of client.stream([jobId], { onResume })) {
+          events.push(e);
+          if (!restart && e.payload.case === "delta") restart = stack.restartBroker(graceful);
+        }
+      } finally {
+        await restart; // the broker is back before the next test, even when the stream failed
       }
       assert.ok(restart, "a delta arrived before the job ended");
-      await restart;
       for (const r of resumes) t.diagnostic(`resumed after ${r}`);
       assertSeqs(events);
       assert.equal(events.at(-1)!.state, JobState.SUCCEEDED);
@@ -176,17 +179,21 @@ describe("jobs", () => {
     const events: JobEvent[] = [];
     let resumes = 0;
     let outage: Promise<void> | undefined;
-    for await (const e of client.stream([jobId], { onResume: () => resumes++ })) {
-      events.push(e);
-      if (!outage) {
-        outage = (async () => {
-          await stack.killBroker();
-          await new Promise((r) => setTimeout(r, 6_000));
-          await stack.startBroker();
-        })();
+    try {
+      for await (const e of client.stream([jobId], { onResume: () => resumes++ })) {
+        events.push(e);
+        if (!outage) {
+          outage = (async () => {
+            await stack.killBroker();
+            await new Promise((r) => setTimeout(r, 6_000));
+            await stack.startBroker();
+          })();
+        }
       }
+    } finally {
+      // Even when the stream fails, the broker is back before the next test starts.
+      await outage;
     }
-    await outage;
     assertSeqs(events);
     assert.equal(events.at(-1)!.state, JobState.SUCCEEDED);
     assert.equal(chatText(events.at(-1)!), "outlive it");
@@ -198,11 +205,14 @@ describe("jobs", () => {
     const events: JobEvent[] = [];
     let resumes = 0;
     let restart: Promise<void> | undefined;
-    for await (const { event } of client.run({ route: "stream", input: chat(words, { stream: true }) }, { onResume: () => resumes++ })) {
-      events.push(event);
-      if (!restart && event.payload.case === "delta") restart = stack.restartBroker();
+    try {
+      for await (const { event } of client.run({ route: "stream", input: chat(words, { stream: true }) }, { onResume: () => resumes++ })) {
+        events.push(event);
+        if (!restart && event.payload.case === "delta") restart = stack.restartBroker();
+      }
+    } finally {
+      await restart;
     }
-    await restart;
     assertSeqs(events);
     assert.ok(resumes >= 1, "the stream was resumed");
     assert.equal(events.at(-1)!.state, JobState.SUCCEEDED);

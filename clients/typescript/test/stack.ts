@@ -22,7 +22,8 @@ export interface StackTls {
 
 export class Stack {
   private readonly replies: Reply[] = [];
-  private waiter: ((r: Reply) => void) | undefined;
+  // One waiter per command sent, answered in order: the stack answers commands in turn.
+  private readonly waiters: ((r: Reply) => void)[] = [];
   private stderr = "";
 
   private constructor(
@@ -38,13 +39,9 @@ export class Stack {
       } catch {
         return; // not ours
       }
-      if (this.waiter) {
-        const w = this.waiter;
-        this.waiter = undefined;
-        w(reply);
-      } else {
-        this.replies.push(reply);
-      }
+      const waiter = this.waiters.shift();
+      if (waiter) waiter(reply);
+      else this.replies.push(reply);
     });
     proc.stderr.on("data", (chunk: Buffer) => {
       this.stderr = (this.stderr + chunk.toString()).slice(-20_000);
@@ -72,8 +69,16 @@ export class Stack {
     const queued = this.replies.shift();
     if (queued) return Promise.resolve(queued);
     return new Promise((resolve, reject) => {
+      const waiter = (r: Reply): void => {
+        clearTimeout(timer);
+        this.proc.off("exit", onExit);
+        resolve(r);
+      };
       const timer = setTimeout(() => {
-        this.waiter = undefined;
+        // Its answer may still come: it is dropped, not handed to the next command's waiter.
+        const i = this.waiters.indexOf(waiter);
+        if (i >= 0) this.waiters[i] = () => undefined;
+        this.proc.off("exit", onExit);
         reject(new Error(`no answer from tests.ts_stack within ${timeoutMs} ms\n${this.stderr}`));
       }, timeoutMs);
       const onExit = (code: number | null): void => {
@@ -81,11 +86,7 @@ export class Stack {
         reject(new Error(`tests.ts_stack exited (${code})\n${this.stderr}`));
       };
       this.proc.once("exit", onExit);
-      this.waiter = (r) => {
-        clearTimeout(timer);
-        this.proc.off("exit", onExit);
-        resolve(r);
-      };
+      this.waiters.push(waiter);
     });
   }
 
