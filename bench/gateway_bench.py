@@ -1,8 +1,9 @@
 """The HTTP gateway's cost, run by hand: ``.venv/bin/python -m bench.gateway_bench``.
 
 1. Added latency per event: the same streaming jobs followed at once over gRPC
-   (``StreamResults``) and over Server-Sent Events through a ``laneway gateway``
-   process; per event, the SSE arrival minus the gRPC arrival (p50, p90).
+   (``StreamResults``), over Server-Sent Events and over one WebSocket (``/v1/ws``,
+   subscribed to every job; ``bench.ws_latency``) through a ``laneway gateway``
+   process; per event, the SSE and the WS arrival minus the gRPC arrival (p50, p90).
 2. Memory: the gateway process's resident set with N concurrent SSE subscribers
    (default 2,000) on queued jobs, against the same process idle.
 
@@ -25,8 +26,10 @@ from pathlib import Path
 import aiohttp
 
 import laneway
+from bench.ws_latency import WsFollower
 from laneway.broker.cli.natsd import EmbeddedNats, free_port
 from laneway.broker.config.model import parse_config
+from laneway.broker.observability.logs import configure_logging
 from laneway.broker.server.process import BrokerServer
 from laneway.workers.pool import WorkerPool
 
@@ -63,19 +66,32 @@ async def _grpc_arrivals(client: laneway.AsyncClient, job_id: str, out: dict[int
         out[event.seq] = time.perf_counter()
 
 
-async def _latency(client: laneway.AsyncClient, http: aiohttp.ClientSession, jobs: int) -> list[float]:
-    added: list[float] = []
+async def _latency(
+    client: laneway.AsyncClient, http: aiohttp.ClientSession, ws: WsFollower, jobs: int
+) -> tuple[list[float], list[float]]:
+    """Per event (seq > 1: QUEUED is a replay for all three), SSE and WS arrival minus gRPC's."""
+    sse_added: list[float] = []
+    ws_added: list[float] = []
     for _ in range(jobs):
         # Submitted to a route no worker serves yet would be simpler, but the job must
-        # run: subscribe both before the events come (QUEUED is replayed to both).
+        # run: subscribe all three before the events come (QUEUED is replayed to each).
         job = await client.submit("chat", laneway.chat(_TEXT, stream=True))
         grpc_t: dict[int, float] = {}
         sse_t: dict[int, float] = {}
+        ws_t = await ws.follow(job.job_id)
         await asyncio.gather(
-            _grpc_arrivals(client, job.job_id, grpc_t), _sse_arrivals(http, job.job_id, sse_t)
+            _grpc_arrivals(client, job.job_id, grpc_t),
+            _sse_arrivals(http, job.job_id, sse_t),
+            ws.final(job.job_id),
         )
-        added += [(sse_t[s] - grpc_t[s]) * 1000 for s in grpc_t if s in sse_t and s > 1]
-    return added
+        sse_added += [(sse_t[s] - grpc_t[s]) * 1000 for s in grpc_t if s in sse_t and s > 1]
+        ws_added += [(ws_t[s] - grpc_t[s]) * 1000 for s in grpc_t if s in ws_t and s > 1]
+    return sse_added, ws_added
+
+
+def _row(name: str, added: list[float]) -> str:
+    q = statistics.quantiles(added, n=10)
+    return f"  {name:<10}{len(added):>8}{statistics.median(added):>10.2f}{q[8]:>10.2f}"
 
 
 async def _memory(client: laneway.AsyncClient, base: str, pid: int, subscribers: int) -> tuple[float, float]:
@@ -121,12 +137,12 @@ async def _run(jobs: int, subscribers: int) -> None:
                     laneway.AsyncClient(broker.address, timeout=30) as client,
                     aiohttp.ClientSession(base_url=base) as http,
                 ):
-                    added = await _latency(client, http, jobs)
-                    q = statistics.quantiles(added, n=10)
-                    print(
-                        f"added latency per event, SSE vs gRPC StreamResults ({len(added)} events, "
-                        f"{jobs} jobs): p50 {statistics.median(added):.2f} ms, p90 {q[8]:.2f} ms"
-                    )
+                    async with WsFollower(http) as ws:
+                        sse_added, ws_added = await _latency(client, http, ws, jobs)
+                    print(f"added latency per event against gRPC StreamResults ({jobs} streaming jobs)")
+                    print(f"  {'over':<10}{'events':>8}{'p50 ms':>10}{'p90 ms':>10}")
+                    print(_row("SSE", sse_added))
+                    print(_row("WebSocket", ws_added))
                     idle, loaded = await _memory(client, base, proc.pid, subscribers)
                     print(
                         f"gateway RSS: {idle:.1f} MiB idle, {loaded:.1f} MiB with {subscribers} SSE "
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subscribers", type=int, default=2000, help="concurrent SSE streams")
     args = parser.parse_args(argv)
     os.environ.setdefault("LANEWAY_LOG_LEVEL", "warning")
+    configure_logging()  # broker and worker run in this process: keep their per-job logs out
     asyncio.run(_run(args.jobs, args.subscribers))
     return 0
 

@@ -1,9 +1,11 @@
 """``laneway webhooks``: run the delivery process (``serve``) and look after the
 webhook dead letters (``list``, ``show``, ``redeliver``).
 
-The dead-letter commands are operator commands like ``laneway keys``: they talk to
-NATS directly, with the connection options of ``laneway broker`` (``--config``,
-``--nats-url``, the ``--nats-*`` credential flags).
+``serve`` is a server process: it talks to NATS, with the connection options of
+``laneway broker`` (``--config``, ``--nats-url``, the ``--nats-*`` credential flags).
+The dead-letter commands are client commands like ``laneway dlq``: they call the
+broker's webhook RPCs (``--addr``, ``--api-key``, ``--tls-*``), so API keys, roles,
+tenants and TLS apply to them as to every other call.
 """
 
 from __future__ import annotations
@@ -12,21 +14,29 @@ import asyncio
 import json
 import os
 import signal
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any
 
 import typer
-from nats.js import JetStreamContext
 
+import laneway
 from laneway.broker.cli import ready
+from laneway.broker.cli.common import (
+    DEFAULT_ADDR,
+    AddrOpt,
+    ApiKeyOpt,
+    TlsCaOpt,
+    TlsCertOpt,
+    TlsKeyOpt,
+    client_call,
+    tls_args,
+)
 from laneway.broker.cli.nats_flags import NatsFlags, nats_credential_options
 from laneway.broker.config.model import LanewayConfig, default_config, load_config
-from laneway.broker.core.nats.connection import connect_nats
 from laneway.broker.observability.logs import configure_logging
-from laneway.broker.webhooks import dead_letters as dl
 from laneway.broker.webhooks.service import WebhookService
 from laneway.errors import LanewayError
+from laneway.v1 import dead_letter_pb2
 
 __all__ = ["webhooks_app"]
 
@@ -36,7 +46,6 @@ webhooks_app = typer.Typer(
 )
 
 _DEFAULT_CONFIG = "laneway.example.yaml"  # as the server commands (laneway.broker.cli.app)
-R = TypeVar("R")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -57,35 +66,6 @@ def _url(flag: str | None, cfg: LanewayConfig) -> str:
     if not url:
         raise typer.BadParameter("no NATS server: pass --nats-url, set NATS_URL or nats.url")
     return url
-
-
-def _with_js(
-    config: Path | None,
-    nats_url: str | None,
-    flags: NatsFlags,
-    act: Callable[[JetStreamContext], Awaitable[R]],
-) -> R:
-    configure_logging()
-    try:
-        cfg = _config(config, flags)
-        url = _url(nats_url, cfg)
-
-        async def run() -> R:
-            nc = await connect_nats(
-                url,
-                name="laneway-webhooks-cli",
-                connect_timeout=cfg.nats.connect_timeout_s,
-                auth=cfg.nats.credentials.auth(),
-            )
-            try:
-                return await act(nc.jetstream())
-            finally:
-                await nc.close()
-
-        return asyncio.run(run())
-    except LanewayError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
 
 
 @webhooks_app.command("serve")
@@ -124,62 +104,122 @@ def webhooks_serve(
         raise typer.Exit(2) from None
 
 
-@webhooks_app.command("list")
-@nats_credential_options
-def webhooks_list(
-    limit: Annotated[int, typer.Option(help="At most this many (oldest first).", min=1)] = 1000,
-    config: ConfigOpt = None,
-    nats_url: NatsOpt = None,
-    nats_flags: NatsFlags | None = None,
-) -> None:
-    """Deliveries that ran out of retries, one JSON object a line."""
-    entries = _with_js(
-        config, nats_url, nats_flags or NatsFlags(), lambda js: dl.list_dead_letters(js, limit)
+def _summary(dl: dead_letter_pb2.WebhookDeadLetter) -> dict[str, Any]:
+    failed = (
+        dl.dead_letter_time.ToDatetime().strftime("%Y-%m-%dT%H:%M:%SZ") if dl.dead_letter_time.seconds else ""
     )
-    for entry in entries:
-        typer.echo(json.dumps(entry.summary()))
+    summary: dict[str, Any] = {
+        "seq": dl.seq,
+        "webhook_id": dl.webhook_id,
+        "job_id": dl.job_id,
+        "event_seq": dl.event_seq,
+        "endpoint": dl.endpoint,
+        "url": dl.url,
+        "reason": dl.reason,
+        "attempts": dl.attempts,
+        "last_status": dl.last_status,
+        "failed_at": failed,
+    }
+    if dl.tenant:
+        summary["tenant"] = dl.tenant
+    return summary
+
+
+EndpointOpt = Annotated[str, typer.Option(help='Only this endpoint: "job" or "<route>#<index>".')]
+JobIdOpt = Annotated[str, typer.Option("--job-id", help="Only this job's.")]
+
+
+@webhooks_app.command("list")
+def webhooks_list(
+    endpoint: EndpointOpt = "",
+    job_id: JobIdOpt = "",
+    limit: Annotated[int, typer.Option(help="At most this many (oldest first).", min=1)] = 1000,
+    addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
+) -> None:
+    """Deliveries that ran out of retries, one JSON object a line (ListWebhookDeadLetters)."""
+
+    async def go() -> bool:
+        shown, token = 0, ""
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
+            while shown < limit:
+                page = await client.list_webhook_dead_letters(
+                    endpoint=endpoint, job_id=job_id, page_size=min(1000, limit - shown), page_token=token
+                )
+                for dl in page.dead_letters:
+                    typer.echo(json.dumps(_summary(dl)))
+                shown += len(page.dead_letters)
+                token = page.next_page_token
+                if not token:
+                    break
+        if not shown:
+            typer.echo("no webhook dead letters", err=True)
+        return True
+
+    client_call(go())
 
 
 @webhooks_app.command("show")
-@nats_credential_options
 def webhooks_show(
-    seq: Annotated[int, typer.Argument(help="The dead letter's seq (from `list`).")],
-    config: ConfigOpt = None,
-    nats_url: NatsOpt = None,
-    nats_flags: NatsFlags | None = None,
+    seq: Annotated[int, typer.Argument(help="The dead letter's seq (from `list`).", min=1)],
+    addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
-    """One dead letter in full: the delivery (its body too) and why it failed."""
-    entry = _with_js(config, nats_url, nats_flags or NatsFlags(), lambda js: dl.get(js, seq))
-    if entry is None:
-        typer.echo(f"error: no webhook dead letter {seq}", err=True)
-        raise typer.Exit(1)
-    detail = {**entry.summary(), "last_status": entry.last_status, "body": json.loads(entry.delivery.body)}
-    typer.echo(json.dumps(detail, indent=2))
+    """One dead letter in full: the delivery (its body too) and why it failed (GetWebhookDeadLetter)."""
+
+    async def go() -> bool:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
+            dl = await client.get_webhook_dead_letter(seq)
+        try:
+            body: Any = json.loads(dl.body)
+        except ValueError:
+            body = dl.body
+        typer.echo(json.dumps({**_summary(dl), "body": body}, indent=2))
+        return True
+
+    client_call(go())
 
 
 @webhooks_app.command("redeliver")
-@nats_credential_options
 def webhooks_redeliver(
     seqs: Annotated[list[int] | None, typer.Argument(help="Dead letters' seqs (from `list`).")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="Every dead letter.")] = False,
-    config: ConfigOpt = None,
-    nats_url: NatsOpt = None,
-    nats_flags: NatsFlags | None = None,
+    endpoint: EndpointOpt = "",
+    job_id: JobIdOpt = "",
+    all_: Annotated[bool, typer.Option("--all", help="Every dead letter (admin keys only).")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many (filter or --all).")] = 1000,
+    addr: AddrOpt = DEFAULT_ADDR,
+    tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
-    """Queue dead letters for delivery again (same webhook-id, a fresh retry horizon)."""
-    if not seqs and not all_:
-        raise typer.BadParameter("name dead letters by seq, or pass --all")
+    """Queue dead letters for delivery again (same webhook-id, a fresh retry horizon):
+    by seq, by --endpoint / --job-id, or --all (RedeliverWebhookDeadLetters)."""
+    if not seqs and not (endpoint or job_id or all_):
+        raise typer.BadParameter("name dead letters by seq, by --endpoint / --job-id, or pass --all")
 
-    async def act(js: JetStreamContext) -> list[int]:
-        entries = await dl.list_dead_letters(js, 1_000_000) if all_ else []
-        for seq in seqs or []:
-            entry = await dl.get(js, seq)
-            if entry is None:
-                raise typer.BadParameter(f"no webhook dead letter {seq}")
-            entries.append(entry)
-        for entry in entries:
-            await dl.redeliver(js, entry)
-        return [entry.seq for entry in entries]
+    async def go() -> bool:
+        async with laneway.AsyncClient(
+            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
+        ) as client:
+            done = await client.redeliver_webhook_dead_letters(
+                seqs or [], endpoint=endpoint, job_id=job_id, all=all_, limit=limit
+            )
+        ok = [r.seq for r in done if not r.HasField("error")]
+        for r in done:
+            if r.HasField("error"):
+                typer.echo(f"{r.seq} error: {r.error.message}", err=True)
+        typer.echo(f"redelivered {len(ok)}: {' '.join(map(str, ok))}".rstrip(": "))
+        return len(ok) == len(done)
 
-    done = _with_js(config, nats_url, nats_flags or NatsFlags(), act)
-    typer.echo(f"redelivered {len(done)}: {' '.join(map(str, done))}".rstrip(": "))
+    client_call(go())

@@ -1,9 +1,9 @@
 """The audit trail: one structured log line per admin action.
 
 Each line is event ``audit`` with the action (``key_created``, ``key_revoked``,
-``redrive``, ``cancel_other_tenant``), who did it (``key_id`` and ``tenant`` of the
-caller's API key; both "" for an operator command that talks to NATS directly or a
-broker without auth) and what it was done to (``target``). Never a key: callers pass
+``redrive``, ``webhook_redeliver``, ``cancel_other_tenant``), who did it (``key_id``
+and ``tenant`` of the caller's API key; both "" for an operator command that talks
+to NATS directly or a broker without auth) and what it was done to (``target``). Never a key: callers pass
 key ids, and the log processors redact secrets besides.
 """
 
@@ -13,7 +13,7 @@ import structlog
 
 __all__ = ["ACTIONS", "audit"]
 
-ACTIONS = frozenset({"key_created", "key_revoked", "redrive", "cancel_other_tenant"})
+ACTIONS = frozenset({"key_created", "key_revoked", "redrive", "webhook_redeliver", "cancel_other_tenant"})
 
 log = structlog.get_logger("laneway.audit")
 

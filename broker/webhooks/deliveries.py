@@ -77,6 +77,8 @@ class Delivery:
     body: str
     disable_key: str
     """The ``laneway_webhooks`` key a 410 Gone writes (and every delivery checks)."""
+    tenant: str = ""
+    """The job's tenant: who may list and redeliver it once dead-lettered."""
 
     @classmethod
     def build(
@@ -92,6 +94,7 @@ class Delivery:
         created: float,
         body: str,
         per_job: bool,
+        tenant: str = "",
     ) -> Delivery:
         return cls(
             id=f"msg_{job_id}_{seq}_{endpoint}",
@@ -106,6 +109,7 @@ class Delivery:
             created=created,
             body=body,
             disable_key=f"off.{endpoint}.{job_id}" if per_job else f"off.{endpoint}",
+            tenant=tenant,
         )
 
     @property

@@ -12,6 +12,9 @@ A job's own webhooks come with its events (the ``Laneway-Notify`` header on even
 built from the queued job, always on the first); for the others (e.g. a CANCELLED
 event the broker writes) they are remembered, in memory and in the
 ``laneway_webhooks`` bucket (``notify.<job_id>``), from the first event.
+
+Each delivery queued is recorded as pending for ``GetJob`` (``webhook_status``), in
+the same step as its publish: one bucket write per job of a batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable
 
 import nats.errors
 import nats.js.errors
@@ -33,6 +37,7 @@ from nats.js.kv import KeyValue
 from laneway.broker.config.webhooks import WebhooksConfig
 from laneway.broker.core import topology as t
 from laneway.broker.core.model import FINAL_STATES, Notify
+from laneway.broker.core.webhook_status import DeliveryStatus, StatusWriter
 from laneway.broker.core.wire.notify import decode_notify, encode_notify
 from laneway.broker.webhooks.deliveries import (
     Delivery,
@@ -63,6 +68,7 @@ class Fanout:
             for i, sub in enumerate(config.subscriptions)
         ]
         self._notify: OrderedDict[str, tuple[Notify, ...]] = OrderedDict()
+        self._status = StatusWriter(kv)
 
     async def run(self) -> None:
         sub = await self._js.pull_subscribe_bind(t.WEBHOOK_FANOUT_CONSUMER, t.EVENTS_STREAM)
@@ -82,7 +88,7 @@ class Fanout:
                     deliveries: list[Delivery] = []
                     for msg in msgs:
                         deliveries += await self._deliveries(msg)
-                    await asyncio.gather(*(self._publish(d) for d in deliveries))
+                    await asyncio.gather(*(self._publish(d) for d in deliveries), *self._pending(deliveries))
                     for msg in msgs:
                         await msg.ack()
                 except (nats.errors.Error, nats.js.errors.Error) as exc:
@@ -92,6 +98,16 @@ class Fanout:
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def _pending(self, deliveries: list[Delivery]) -> list[Awaitable[None]]:
+        """Record the new deliveries as PENDING (GetJob), one write per job."""
+        by_job: dict[str, list[DeliveryStatus]] = {}
+        for d in deliveries:
+            status = DeliveryStatus.new(
+                webhook_id=d.id, url=d.url, source=d.label, event_seq=d.seq, state="pending"
+            )
+            by_job.setdefault(d.job_id, []).append(status)
+        return [self._status.record(job_id, s, only_new=True) for job_id, s in by_job.items()]
 
     async def _publish(self, d: Delivery) -> None:
         await self._js.publish(
@@ -160,6 +176,7 @@ class Fanout:
                 created=now,
                 body=body,
                 per_job=per_job,
+                tenant=event.tenant,
             )
             for endpoint, label, url, secret, events, per_job in wanted
         ]

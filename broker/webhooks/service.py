@@ -72,7 +72,7 @@ class WebhookService:
             ]
             if self._metrics_port:
                 self._metrics_server, self.metrics_port = start_metrics_server(
-                    self._metrics_port, self.metrics.registry
+                    self._metrics_port, self.metrics.registry, host=self._config.metrics.host
                 )
         except BaseException:
             await self._close()
