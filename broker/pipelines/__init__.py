@@ -1,0 +1,1 @@
+"""Pipelines: runs of configured chains of steps, driven durably (``docs/pipelines.md``)."""
