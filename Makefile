@@ -8,14 +8,16 @@ PROTOC := $(BIN)/python -m grpc_tools.protoc -I protos --python_out=clients --gr
 	--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 	--mypy_out=clients --mypy_grpc_out=clients
 
-.PHONY: help venv run test lint format typecheck buf-lint buf-breaking proto-release proto proto-check pytest bench scenarios soak fuzz node-deps clean
+.PHONY: help venv run test lint format typecheck buf-lint buf-breaking proto-release proto proto-check pytest bench bench-gateway scenarios soak soak-cluster fuzz node-deps clean
 
 help:
 	@echo "make run    - create .venv, install, start nats + broker + workers (laneway up)"
 	@echo "make test   - lint, import contracts, type-check, buf lint, generated-code drift check, pytest"
 	@echo "make bench  - throughput and latency against raw nats-py and grpc.aio baselines"
+	@echo "make bench-gateway - webhook delivery lag and 60 s outage recovery, SSE/WebSocket added latency, 2,000-SSE memory (~5 min)"
 	@echo "make scenarios - limiter and routing scenarios against their targets (~26 min)"
-	@echo "make soak   - 20,000 jobs while workers and the broker are killed; prints the chaos counts (~6 min)"
+	@echo "make soak   - 20,000 jobs while workers and the broker are killed, then nodes of a 3-node NATS cluster; prints the chaos counts (~9 min)"
+	@echo "make soak-cluster - the cluster part alone: 3 rounds of a node and the jobs stream's leader killed under load (~3 min)"
 	@echo "make fuzz   - 10,000 generated gRPC requests against a live broker and worker (~3 min)"
 
 $(STAMP): pyproject.toml
@@ -26,8 +28,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# CONFIG=path runs another config (e.g. examples/pipelines/laneway.yaml).
 run: venv
-	$(BIN)/laneway up
+	$(BIN)/laneway up $(if $(CONFIG),--config $(CONFIG))
 
 test: venv lint typecheck buf-lint buf-breaking proto-check node-deps pytest
 
@@ -82,6 +85,12 @@ pytest: venv
 bench: venv
 	$(BIN)/python -m bench
 
+# Not in `make bench` (about 4-6 minutes, a 60 s receiver outage): webhook delivery lag and
+# recovery, then SSE and WebSocket added latency and 2,000-SSE memory (bench/README.md).
+bench-gateway: venv
+	$(BIN)/python -m bench.webhook_bench
+	$(BIN)/python -m bench.gateway_bench
+
 # Each scenario alone: .venv/bin/python -m bench.scenarios goodput [--duration S] [--output F]
 scenarios: venv
 	$(BIN)/python -m bench.scenarios all --output bench/results/scenarios.json
@@ -89,6 +98,11 @@ scenarios: venv
 # Not in CI: the chaos tests' faults (tests/chaos/) for longer, with the same counts.
 soak: venv
 	$(BIN)/python -m tests.chaos.soak
+	$(BIN)/python -m tests.chaos.node_loss
+
+# The cluster part of `make soak` alone: 3-node cluster, nodes and the jobs stream's leader killed under load.
+soak-cluster: venv
+	$(BIN)/python -m tests.chaos.node_loss
 
 # Not in CI (make test runs a short version, tests/test_fuzz.py): the gRPC fuzzer for longer.
 FUZZ_REQUESTS ?= 10000

@@ -27,7 +27,7 @@ from laneway.broker.server.auth import REQUIRED_ROLE
 from laneway.broker.server.process import BrokerServer
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
-from laneway.v1 import dead_letter_pb2, job_pb2, ops_pb2
+from laneway.v1 import dead_letter_pb2, job_pb2, ops_pb2, pipeline_pb2
 from tests.conftest import eventually, make_config
 
 OK = grpc.StatusCode.OK
@@ -154,9 +154,67 @@ CALLS: dict[str, tuple[Callable[[pb_grpc.BrokerServiceStub, Md], Awaitable[Any]]
         lambda s, md: s.GetProviderHealth(ops_pb2.GetProviderHealthRequest(), metadata=md, timeout=10),
         OK,
     ),
+    "ListWebhookDeadLetters": (
+        lambda s, md: s.ListWebhookDeadLetters(pb.ListWebhookDeadLettersRequest(), metadata=md, timeout=10),
+        OK,
+    ),
+    "GetWebhookDeadLetter": (
+        lambda s, md: s.GetWebhookDeadLetter(pb.GetWebhookDeadLetterRequest(seq=1), metadata=md, timeout=10),
+        grpc.StatusCode.NOT_FOUND,
+    ),
+    "RedeliverWebhookDeadLetters": (
+        lambda s, md: s.RedeliverWebhookDeadLetters(
+            pb.RedeliverWebhookDeadLettersRequest(filter=dead_letter_pb2.WebhookDeadLetterFilter(job_id="x")),
+            metadata=md,
+            timeout=10,
+        ),
+        OK,
+    ),
+    "StartPipeline": (
+        lambda s, md: s.StartPipeline(
+            pipeline_pb2.StartPipelineRequest(pipeline="nope"), metadata=md, timeout=10
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "GetPipelineRun": (
+        lambda s, md: s.GetPipelineRun(
+            pipeline_pb2.GetPipelineRunRequest(run_id="norun"), metadata=md, timeout=10
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    ),
+    "ListPipelineRuns": (
+        lambda s, md: s.ListPipelineRuns(pipeline_pb2.ListPipelineRunsRequest(), metadata=md, timeout=10),
+        OK,
+    ),
+    "StreamPipelineRun": (
+        lambda s, md: _drain(
+            s.StreamPipelineRun(
+                pipeline_pb2.StreamPipelineRunRequest(run_id="norun"), metadata=md, timeout=10
+            )
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    ),
+    "ResumePipelineRun": (
+        lambda s, md: s.ResumePipelineRun(
+            pipeline_pb2.ResumePipelineRunRequest(run_id="norun"), metadata=md, timeout=10
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    ),
+    "CancelPipelineRun": (
+        lambda s, md: s.CancelPipelineRun(
+            pipeline_pb2.CancelPipelineRunRequest(run_id="norun"), metadata=md, timeout=10
+        ),
+        grpc.StatusCode.NOT_FOUND,
+    ),
 }
 REDRIVE_ALL = (
     lambda s, md: s.RedriveDeadLetters(pb.RedriveDeadLettersRequest(all=True), metadata=md, timeout=10),
+    OK,
+)
+REDELIVER_ALL = (
+    lambda s, md: s.RedeliverWebhookDeadLetters(
+        pb.RedeliverWebhookDeadLettersRequest(all=True), metadata=md, timeout=10
+    ),
     OK,
 )
 ROLE_OF = {"reader": "reader", "submitter": "submitter", "admin": "admin", "static admin": "admin"}
@@ -204,6 +262,15 @@ def test_the_role_table_names_every_rpc() -> None:
         "GetServerInfo": "reader",
         "GetStats": "admin",
         "GetProviderHealth": "admin",
+        "ListWebhookDeadLetters": "reader",
+        "GetWebhookDeadLetter": "reader",
+        "RedeliverWebhookDeadLetters": "submitter",
+        "StartPipeline": "submitter",
+        "CancelPipelineRun": "submitter",
+        "GetPipelineRun": "reader",
+        "StreamPipelineRun": "reader",
+        "ResumePipelineRun": "submitter",
+        "ListPipelineRuns": "reader",
     }
 
 
@@ -214,6 +281,7 @@ async def test_every_rpc_answers_every_caller_as_the_role_table_says(
     wrong: list[str] = []
     rows = [(name, REQUIRED_ROLE[name], *CALLS[name]) for name in CALLS]
     rows.append(("RedriveDeadLetters(all)", "admin", *REDRIVE_ALL))
+    rows.append(("RedeliverWebhookDeadLetters(all)", "admin", *REDELIVER_ALL))
     for name, required, call, allowed in rows:
         for caller, key in keys.items():
             md: Md = (("authorization", f"Bearer {key}"),) if key else ()
@@ -234,7 +302,7 @@ async def test_every_rpc_answers_every_caller_as_the_role_table_says(
                 wrong.append(f"{name} as {caller}: the message shows the key")
             role = ROLE_OF[caller] if code == DENIED else ""
             # The first check that refuses names its requirement: the RPC's, then the handler's.
-            first = REQUIRED_ROLE["RedriveDeadLetters"] if name.endswith("(all)") else required
+            first = REQUIRED_ROLE[name.removesuffix("(all)")] if name.endswith("(all)") else required
             need = first if RANK[role or "admin"] < RANK[first] else required
             if code == DENIED and dict(info.metadata) != {"role": role, "required": need}:
                 wrong.append(f"{name} as {caller}: metadata {dict(info.metadata)}")

@@ -89,7 +89,9 @@ def test_example_file_shows_every_field() -> None:
         "fake_provider",
     ):
         model: BaseModel = getattr(config, section)
-        assert model.model_fields_set == set(type(model).model_fields), section
+        # queue.replicas is the deprecated name of nats.replicas: the example shows the new one.
+        shown = set(type(model).model_fields) - ({"replicas"} if section == "queue" else set())
+        assert model.model_fields_set == shown, section
     assert config.providers["mock"].model_fields_set == set(MockProviderConfig.model_fields)
     http = config.providers["fake-openai"]
     assert isinstance(http, OpenAIProviderConfig)
@@ -107,7 +109,8 @@ def test_defaults() -> None:
     assert config.broker.max_payload_bytes == 1_048_576
     assert config.broker.max_batch_jobs == 1000
     assert config.queue.events_max_age_s == 86_400
-    assert config.queue.replicas == 1
+    assert config.nats.replicas == 1
+    assert config.queue.replicas is None  # the deprecated name of nats.replicas
     assert config.queue.ack_wait_s == 10.0
     assert config.queue.max_deliver == 50
     assert (config.dlq.max_age_s, config.dlq.redrive_rate_per_s) == (1_209_600, 10.0)
@@ -308,7 +311,7 @@ def test_env_interpolation_set_and_default() -> None:
     assert config.broker.grpc_addr == "0.0.0.0:6000"
     assert config.workers.max_attempts == 5
     assert config.workers.shutdown_grace_s == 2.0  # empty, like unset, takes the default
-    assert config.queue.replicas == 3
+    assert config.nats.replicas == 3  # queue.replicas, its deprecated name
     assert config.lanes.default == "low"
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # What errors.proto documents as ErrorInfo metadata.
 METADATA_KEYS = {
     "field", "limit", "actual", "route", "provider", "job_id", "idempotency_key",
-    "role", "required", "tenant", "quota",
+    "role", "required", "tenant", "quota", "seq", "pipeline", "run_id",
 }  # fmt: skip
 
 

@@ -156,7 +156,9 @@ class WorkerPool:
             requeue=Requeue(self._nc.jetstream(), cfg.queue.max_deliver),
         )
         if self._metrics_port is not None:
-            self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
+            self._metrics_server, port = start_metrics_server(
+                self._metrics_port, self.metrics.registry, host=self.config.metrics.host
+            )
             log.info("worker metrics serving", metrics_addr=f"127.0.0.1:{port}")
         self._cancel_sub = await self._nc.subscribe(t.CANCEL_ALL, cb=self._on_cancel)
         await self._nc.flush()  # the server has our subscription: no cancel from now on is missed

@@ -39,6 +39,7 @@ from laneway.broker.cli.gateway import gateway
 from laneway.broker.cli.keys import keys_app
 from laneway.broker.cli.nats_flags import NatsFlags, nats_credential_options
 from laneway.broker.cli.ops import providers, stats, top
+from laneway.broker.cli.pipeline import pipeline_app
 from laneway.broker.cli.server_tls import (
     InsecureOpt,
     ServerCaOpt,
@@ -69,6 +70,7 @@ config_app = typer.Typer(no_args_is_help=True, help="Check and describe config f
 app.add_typer(config_app, name="config")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(keys_app, name="keys")
+app.add_typer(pipeline_app, name="pipeline")
 app.add_typer(webhooks_app, name="webhooks")
 app.command("fake-provider")(fake_provider)
 app.command()(providers)
@@ -223,12 +225,38 @@ def worker(
 
 @app.command()
 @nats_credential_options
+def autoscale(
+    config: ConfigOpt = None,
+    nats_url: NatsOpt = None,
+    nats_flags: NatsFlags | None = None,
+) -> None:
+    """Run the autoscaler: keep each provider pool's worker processes within its autoscale bounds."""
+    from laneway.broker.cli.autoscale import AutoscaleProcess
+
+    path = config if config is not None or not Path(DEFAULT_CONFIG).exists() else Path(DEFAULT_CONFIG)
+    _serve(
+        config,
+        nats_url,
+        "laneway-autoscale",
+        lambda cfg, url: AutoscaleProcess(cfg, nats_url=url, config_path=path, nats_flags=nats_flags),
+        nats_flags,
+    )
+
+
+@app.command()
+@nats_credential_options
 def up(
     config: ConfigOpt = None,
     grpc_addr: Annotated[str | None, typer.Option(help="Broker listen address.")] = None,
     nats_url: NatsOpt = None,
     data_dir: Annotated[Path, typer.Option(help="Embedded NATS data directory.")] = Path(".laneway"),
-    workers: Annotated[int, typer.Option(help="Worker processes to start.", min=1)] = 1,
+    workers: Annotated[
+        str,
+        typer.Option(
+            help="Worker processes to start, or 'auto': the autoscaler starts and stops them "
+            "within the config's autoscale bounds."
+        ),
+    ] = "1",
     metrics_port: Annotated[
         int,
         typer.Option(
@@ -255,6 +283,9 @@ def up(
     from laneway.broker.cli.stack import run_stack
     from laneway.broker.server.exposure import check_exposure
 
+    if workers != "auto" and not (workers.isdigit() and int(workers) >= 1):
+        raise typer.BadParameter(f"--workers: a count of at least 1, or 'auto'; got {workers!r}")
+
     configure_logging()
     try:
         cfg, path = _load(config)
@@ -274,7 +305,7 @@ def up(
             nats_url=_nats_url(nats_url, cfg),
             grpc_addr=grpc_addr or cfg.broker.grpc_addr,
             data_dir=data_dir,
-            workers=workers,
+            workers="auto" if workers == "auto" else int(workers),
             metrics_port=metrics_port,
             nats_port=nats_port,
             nats_flags=nats_flags,

@@ -152,7 +152,7 @@ def keys_create(
     until = parse_expires(expires) if expires else None
 
     async def act(js: JetStreamContext, cfg: LanewayConfig) -> tuple[ApiKeyRecord, str]:
-        await t.ensure_keys_bucket(js, cfg.queue.replicas)
+        await t.ensure_keys_bucket(js, cfg.nats.replicas)
         return await create_key(js, tenant=tenant, role=role, expires=until)
 
     record, key = _with_js(config, nats_url, nats_flags or NatsFlags(), act)

@@ -14,6 +14,7 @@ import contextlib
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
@@ -68,7 +69,7 @@ async def run_stack(
     nats_url: str,
     grpc_addr: str,
     data_dir: Path,
-    workers: int,
+    workers: int | Literal["auto"],
     metrics_port: int = 0,
     nats_port: int | None = None,
     nats_flags: NatsFlags | None = None,
@@ -80,6 +81,9 @@ async def run_stack(
             f"--nats-port: a NATS URL was given ({redact_url(nats_url)}), so no embedded nats-server "
             "is started; leave out --nats-port, or the URL (--nats-url, NATS_URL, nats.url)"
         )
+    # First of all: a SIGTERM during start-up must stop what was started so far, not
+    # kill `up` alone and leave its children running (SIGINT would raise here, SIGTERM not).
+    stop = stop_on_signals()
     async with contextlib.AsyncExitStack() as stack:
         if not nats_url:
             port = _embedded_port(nats_port, config)
@@ -109,7 +113,9 @@ async def run_stack(
         stack.push_async_callback(stop_children, children, config.workers.shutdown_grace_s + 5)
         if config.fake_provider is not None:
             children.append(await _start_fake_provider(config, env))
-        ports = _metrics_ports(metrics_port, 1 + workers)
+        auto = workers == "auto"
+        count = 0 if workers == "auto" else workers  # autoscaled workers serve no metrics port
+        ports = _metrics_ports(metrics_port, 1 + count)
         metrics = [["--metrics-port", str(p)] if p else [] for p in ports]
         broker_args = [*(tls.broker_args if tls else []), *(["--insecure"] if insecure else [])]
         children.append(
@@ -117,25 +123,27 @@ async def run_stack(
                 "broker", ["broker", *common, "--grpc-addr", grpc_addr, *metrics[0], *broker_args], env=env
             )
         )
-        for i in range(workers):
+        for i in range(count):
             children.append(await spawn(f"worker {i + 1}", ["worker", *common, *metrics[1 + i]], env=env))
+        if auto:  # issue 18: the autoscaler process starts and stops the workers
+            children.append(await spawn("autoscaler", ["autoscale", *common], env=env))
         if config.webhooks.enabled:  # signed webhooks: their delivery process (broker/webhooks/)
             children.append(await spawn("webhooks", ["webhooks", "serve", *common], env=env))
         gateway = plan_gateway(config, grpc_addr, tls, insecure=insecure)
         if gateway is not None:
             config_args = ["--config", str(config_path)] if config_path else []
             children.append(await spawn("gateway", [*gateway.args, *config_args], env=env))
-        for child in children:
-            await child.wait_ready(_START_TIMEOUT_S)
+        if not await _until_ready(children, stop):
+            log.info("stopped during start-up")
+            return  # the exit stack stops every child started so far, then NATS
         route = next(iter(config.routes))
-        stop = stop_on_signals()  # before the banner: whoever reads it may stop us at once
         print(
             f"\nLaneway is up: broker on {grpc_addr}, NATS at {redact_url(nats_url)}, "
-            f"{workers} worker process(es).\n"
+            + ("autoscaled workers.\n" if auto else f"{workers} worker process(es).\n")
             + (
                 f"Metrics: http://127.0.0.1:{ports[0]}/metrics (broker), "
                 + ", ".join(f"http://127.0.0.1:{p}/metrics" for p in ports[1:])
-                + " (workers).\n"
+                + (" (workers).\n" if ports[1:] else "\n")
                 if metrics_port
                 else ""
             )
@@ -148,6 +156,28 @@ async def run_stack(
             flush=True,
         )
         await until_one_exits(children, stop)
+
+
+async def _until_ready(children: list[Child], stop: asyncio.Event) -> bool:
+    """Every child has reported it serves (True), or a signal came first (False); a
+    child that failed to start raises, naming it."""
+
+    async def all_ready() -> None:
+        for child in children:
+            await child.wait_ready(_START_TIMEOUT_S)
+
+    ready = asyncio.ensure_future(all_ready())
+    signalled = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({ready, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (ready, signalled):
+            task.cancel()
+        await asyncio.gather(ready, signalled, return_exceptions=True)
+    if stop.is_set():
+        return False
+    ready.result()  # a start-up failure, by name
+    return True
 
 
 def _metrics_ports(first: int, count: int) -> list[int]:

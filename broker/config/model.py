@@ -32,6 +32,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from laneway.broker.config.autoscale import AutoscaleConfig
 from laneway.broker.config.errors import (
     ConfigProblem,
     ConfigValidationError,
@@ -40,6 +41,8 @@ from laneway.broker.config.errors import (
     suggest,
 )
 from laneway.broker.config.gateway import GatewayConfig
+from laneway.broker.config.nats_replicas import replicas_alias_problems
+from laneway.broker.config.pipelines import PipelineConfig, pipeline_config_problems, pipeline_problems
 from laneway.broker.config.provider_types import AnyProviderConfig
 from laneway.broker.config.providers import CircuitConfig, ConfigModel, ErrorRates, LimitsConfig
 from laneway.broker.config.routes import BatchConfig, RouteConfig, RouteTarget
@@ -98,6 +101,19 @@ class NatsConfig(ConfigModel):
     port (0: any free one), and ``laneway up`` fails if it is taken."""
     credentials: NatsCredentials = Field(default_factory=NatsCredentials)
     """How to authenticate to NATS (user and password, token, nkey, creds file, TLS)."""
+    replicas: Annotated[int, Field(ge=1, le=5)] = 1
+    """Replicas of every JetStream stream and key-value bucket (1-5): 1 on a single
+    server, 3 on a cluster so that losing a node loses no jobs. Processes refuse to
+    start when the cluster has fewer JetStream servers; raising it on an existing
+    deployment updates the streams and buckets at the next start."""
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _join_urls(cls, value: object) -> object:
+        # A YAML list of URLs is the same as the comma-separated string every process takes.
+        if isinstance(value, list) and all(isinstance(u, str) for u in value):
+            return ",".join(u.strip() for u in value)
+        return value
 
 
 class BrokerConfig(ConfigModel):
@@ -135,8 +151,9 @@ class QueueConfig(ConfigModel):
     events_max_age_s: PositiveInt = 86_400
     """Seconds job events and results are kept in JetStream; after that, watching or
     fetching a finished job reports it as not found."""
-    replicas: Annotated[int, Field(ge=1, le=5)] = 1
-    """JetStream stream replicas (1-5); use 3 on a cluster so a node loss loses no jobs."""
+    replicas: Annotated[int, Field(ge=1, le=5)] | None = None
+    """Deprecated: use ``nats.replicas`` (this is read as it, with a warning; setting
+    both is an error)."""
     ack_wait_s: PositiveSeconds = 10.0
     """Lease in seconds: a job whose worker stops heartbeating is redelivered after this.
     Workers renew it every third of it while a call runs (one small publish per running
@@ -229,7 +246,12 @@ ProviderConfig = AnyProviderConfig
 
 
 class MetricsConfig(ConfigModel):
-    """Prometheus ``/metrics`` endpoints, served on loopback (127.0.0.1)."""
+    """Prometheus ``/metrics`` endpoints (broker, workers, webhook delivery, autoscaler)."""
+
+    host: str = "127.0.0.1"
+    """Address the metrics endpoints listen on: loopback by default; ``0.0.0.0`` where
+    a scraper on another host (a Prometheus in Kubernetes) reads them. The endpoints
+    have no authentication: expose them only on a network you trust."""
 
     broker_port: Annotated[int, Field(ge=0, le=65535)] = 0
     """Port of the broker's metrics endpoint (submissions, queue depth, dead letters);
@@ -290,6 +312,8 @@ class LanewayConfig(ConfigModel):
     """The HTTP gateway (JSON, SSE, WebSocket) that ``laneway up`` starts."""
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     """Signed webhooks: secrets, address guard exceptions, retries, route subscriptions."""
+    autoscale: AutoscaleConfig = Field(default_factory=AutoscaleConfig)
+    """Worker-pool autoscaler bounds and signals (``laneway up --workers auto``)."""
     fake_provider: FakeProviderProcessConfig | None = None
     """Development only: ``laneway up`` also starts ``laneway fake-provider`` with these
     settings. Unset: it does not."""
@@ -297,6 +321,25 @@ class LanewayConfig(ConfigModel):
     """Provider instances by name (1-64 of A-Z a-z 0-9 _ -); each runs its own worker pool."""
     routes: Annotated[dict[Name, RouteConfig], Field(min_length=1)]
     """Routes by name (1-64 of A-Z a-z 0-9 _ -); a job names the route it goes to."""
+    pipelines: dict[Name, PipelineConfig] = {}  # noqa: RUF012 (pydantic copies it)
+    """Pipelines by name: chains of steps that ``StartPipeline`` runs (docs/pipelines.md)."""
+
+    @model_validator(mode="after")
+    def _apply_replicas_alias(self) -> Self:
+        # Loading from YAML reports a conflict with lines (replicas_alias_problems) and
+        # logs the deprecation; this applies the old key for configs built in code too.
+        old = self.queue.replicas
+        if old is None:
+            return self
+        if "replicas" in self.nats.model_fields_set:
+            raise PydanticCustomError(
+                "replicas_conflict",
+                "queue.replicas ({old}) and nats.replicas ({new}) are both set: keep nats.replicas only",
+                {"old": old, "new": self.nats.replicas},
+            )
+        # Frozen models: set once here, during validation, before anyone can see it.
+        object.__setattr__(self, "nats", self.nats.model_copy(update={"replicas": old}))
+        return self
 
     @model_validator(mode="after")
     def _check_route_providers(self) -> Self:
@@ -310,6 +353,17 @@ class LanewayConfig(ConfigModel):
                         "routes.{route}.targets[{index}].provider: unknown provider '{provider}'",
                         {"route": name, "index": index, "provider": target.provider},
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _check_pipelines(self) -> Self:
+        # Loading from YAML reports these with lines (parse_config); this guard is for
+        # configs built in code.
+        for problem in pipeline_problems(self.pipelines, list(self.routes)):
+            where = ".".join(str(p) for p in problem.path)
+            raise PydanticCustomError(
+                "pipeline", "{where}: {message}", {"where": where, "message": problem.message}
+            )
         return self
 
     def route_primary(self, route: str) -> RouteTarget:
@@ -365,13 +419,20 @@ def parse_config(
     """Validate YAML ``text``; ``source`` names it in error messages."""
     doc = YamlDocument.parse(text, source)
     data, env_problems = doc.to_data(os.environ if env is None else env)
-    problems = [*env_problems, *_unknown_provider_problems(data, doc)]
+    problems = [
+        *env_problems,
+        *_unknown_provider_problems(data, doc),
+        *replicas_alias_problems(data, doc),
+        *pipeline_config_problems(data, doc),
+    ]
     try:
         config = LanewayConfig.model_validate(data)
     except ValidationError as exc:
         # A value whose variable is unset was replaced by "", so its type error is noise.
         unset = {p.key for p in env_problems}
-        found = problems_from_validation_error(exc, doc, LanewayConfig, skip_types={"unknown_provider"})
+        found = problems_from_validation_error(
+            exc, doc, LanewayConfig, skip_types={"unknown_provider", "replicas_conflict", "pipeline"}
+        )
         problems += [p for p in found if p.key not in unset]
     else:
         if not problems:

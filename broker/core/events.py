@@ -8,12 +8,18 @@ cannot both append, so exactly one final event exists per job.
 
 Reads use direct get (any replica answers, no consumer): the latest event of
 one job, the latest of many jobs in one batched request, or a job's history.
+A replica applies a write a little after the leader acknowledged it, so a direct
+get can miss a job that was just created; a job a read does not find is looked up
+on the stream leader (``leader_last``) before it is called unknown, and a history
+read that misses it waits for the replica to catch up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -38,9 +44,18 @@ from laneway.broker.core.wire.events import decode_event, encode_event
 from laneway.broker.core.wire.notify import encode_notify
 from laneway.errors import LanewayError, Unavailable
 
-__all__ = ["EventConflict", "EventLog", "PendingAppend", "StoredEvent", "first_event", "is_scheduled"]
+__all__ = [
+    "FINAL_NAMES",
+    "EventConflict",
+    "EventLog",
+    "PendingAppend",
+    "StoredEvent",
+    "first_event",
+    "is_scheduled",
+]
 
-_FINAL_NAMES = frozenset(s.name for s in FINAL_STATES)
+FINAL_NAMES = frozenset(s.name for s in FINAL_STATES)
+"""The ``HDR_JOB_STATE`` values of final events."""
 
 
 class EventConflict(LanewayError):
@@ -68,7 +83,7 @@ class StoredEvent:
         return cls(
             job_id=t.job_id_of(subject),
             job_seq=int(headers.get(t.HDR_JOB_SEQ, 0)),
-            final=headers.get(t.HDR_JOB_STATE, "") in _FINAL_NAMES,
+            final=headers.get(t.HDR_JOB_STATE, "") in FINAL_NAMES,
             data=msg.data,
             stream_seq=int(headers.get("Nats-Sequence", 0)),
         )
@@ -250,10 +265,34 @@ class EventLog:
             raise Unavailable("event store did not answer in time", reason="NATS_UNAVAILABLE") from err
         status = status_of(msg)
         if status == "404":
-            return None
+            return await self.leader_last(job_id)  # unknown, or a replica behind: ask the leader
         if status:
             raise Unavailable(f"event store answered {status}", reason="NATS_UNAVAILABLE")
         return StoredEvent.from_msg(msg)
+
+    async def leader_last(self, job_id: str) -> StoredEvent | None:
+        """The job's latest event as the stream leader has it (None: unknown). Slower
+        than a direct get and all on the leader: for what a replica did not find."""
+        request = json.dumps({"last_by_subj": t.event_subject(job_id)}).encode()
+        try:
+            msg = await self._nc.request(t.EVENTS_MSG_GET, request, timeout=self._timeout)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
+            raise Unavailable("event store did not answer in time", reason="NATS_UNAVAILABLE") from err
+        reply = json.loads(msg.data)
+        error = reply.get("error")
+        if error is not None:
+            if error.get("code") == 404:
+                return None
+            raise Unavailable(f"event store answered {error}", reason="NATS_UNAVAILABLE")
+        stored = reply["message"]
+        headers = _parse_headers(base64.b64decode(stored.get("hdrs") or ""))
+        return StoredEvent(
+            job_id=job_id,
+            job_seq=int(headers.get(t.HDR_JOB_SEQ, 0)),
+            final=headers.get(t.HDR_JOB_STATE, "") in FINAL_NAMES,
+            data=base64.b64decode(stored.get("data") or ""),
+            stream_seq=int(stored["seq"]),
+        )
 
     async def latest(self, job_ids: Sequence[str]) -> dict[str, StoredEvent]:
         """The latest event of each job that has one, in one batched read per 256 jobs."""
@@ -262,10 +301,36 @@ class EventLog:
             subjects = [t.event_subject(j) for j in job_ids[i : i + DIRECT_GET_BATCH]]
             for event in await self._get_batch({"multi_last": subjects, "batch": len(subjects)}):
                 out[event.job_id] = event
+        missing = [j for j in dict.fromkeys(job_ids) if j not in out]
+        # Unknown jobs are rare (a mistyped or expired id), a job just created on a
+        # replica that is behind is not: the leader decides.
+        confirmed = await asyncio.gather(*map(self.leader_last, missing))
+        out.update(
+            {job_id: found for job_id, found in zip(missing, confirmed, strict=True) if found is not None}
+        )
         return out
 
     async def history(self, job_id: str, after_job_seq: int = 0) -> list[StoredEvent]:
         """All stored events of a job with a job seq above ``after_job_seq``, in order."""
+        events = await self._history(job_id, after_job_seq)
+        if events or after_job_seq:
+            return events
+        leader = await self.leader_last(job_id)
+        if leader is None:
+            return events  # unknown
+        # The replica that answered is behind the leader: read again once it caught up.
+        backoff = 0.002
+        deadline = asyncio.get_running_loop().time() + self._timeout
+        while True:
+            events = await self._history(job_id, 0)
+            if events and events[-1].job_seq >= leader.job_seq:
+                return events
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(f"job {job_id}: a replica is behind the leader", reason="NATS_UNAVAILABLE")
+            await asyncio.sleep(backoff)  # replica catch-up: poll with a deadline
+            backoff = min(backoff * 2, 0.1)
+
+    async def _history(self, job_id: str, after_job_seq: int) -> list[StoredEvent]:
         events: list[StoredEvent] = []
         start = 1
         while True:
@@ -279,6 +344,16 @@ class EventLog:
     async def _get_batch(self, request: dict[str, object]) -> list[StoredEvent]:
         msgs = await direct_get(self._nc, self._mux, t.EVENTS_DIRECT_GET, request, timeout=self._timeout)
         return [StoredEvent.from_msg(m) for m in msgs]
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    """Headers of a stored message as the JetStream API returns them (``NATS/1.0`` block)."""
+    out: dict[str, str] = {}
+    for line in raw.decode(errors="replace").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep:
+            out[name.strip()] = value.strip()
+    return out
 
 
 def _retrieve(future: asyncio.Future[Msg | None]) -> None:

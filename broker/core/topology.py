@@ -31,6 +31,14 @@ Streams:
 - ``LANEWAY_WEBHOOK_DLQ`` (limits retention, ``max_age`` as dead letters):
   ``laneway.webhook_dlq.<endpoint>.<job_id>``, deliveries that ran out of time.
 
+- ``LANEWAY_PIPELINES`` (limits retention, ``max_age`` as events):
+  ``laneway.pipelines.<run_id>``, a pipeline run's log, appended with compare-and-set
+  like a job's events (``laneway.broker.pipelines``), and
+  ``laneway.pipeline_index.<run_id>``, one message per run, for listing them. Two durable consumers shared by
+  the brokers drive the runs: ``pipeline_driver`` on this stream (every entry) and
+  ``pipeline_children`` on ``LANEWAY_EVENTS`` (new events only: the final events of
+  runs' child jobs). Created only when pipelines are configured.
+
 Key-value:
 
 - ``laneway_idempotency``: idempotency key digest -> job id, kept 24 h.
@@ -48,14 +56,18 @@ Key-value:
 - ``laneway_webhooks`` (entries kept 7 days): ``notify.<job_id>`` (a job's webhooks,
   for events written without them), ``off.<endpoint>[.<job_id>]`` (a webhook that
   answered 410 Gone), ``done.<endpoint>.<job_id>`` (the last seq delivered, for
-  in-order delivery).
+  in-order delivery), ``deliveries.<job_id>`` (where each of the job's deliveries
+  stands, for GetJob: ``laneway.broker.core.webhook_status``).
 
 Nobody else spells a subject, stream, consumer or bucket name.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hashlib
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,6 +85,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from laneway.broker.core.cluster_size import check_cluster_size, placement_error
 from laneway.broker.core.errors import TopologyError
 from laneway.broker.core.model import LANES
 
@@ -88,6 +101,7 @@ __all__ = [
     "DLQ_PREFIX",
     "DLQ_STREAM",
     "EVENTS_DIRECT_GET",
+    "EVENTS_MSG_GET",
     "EVENTS_PREFIX",
     "EVENTS_STREAM",
     "HDR_DLQ_REASON",
@@ -97,6 +111,7 @@ __all__ = [
     "HDR_JOB_STATE",
     "HDR_NOTIFY",
     "HDR_REPLACES",
+    "HDR_RUN_ENTRY",
     "IDEMPOTENCY_BUCKET",
     "JOBS_PREFIX",
     "JOBS_STREAM",
@@ -105,12 +120,20 @@ __all__ = [
     "LIVE_PREFIX",
     "MAX_DELIVERIES_ADVISORY",
     "MIN_SERVER_VERSION",
+    "PIPELINES_DIRECT_GET",
+    "PIPELINES_INDEX_PREFIX",
+    "PIPELINES_PREFIX",
+    "PIPELINES_STREAM",
+    "PIPELINE_CHILDREN_CONSUMER",
+    "PIPELINE_DRIVER_CONSUMER",
     "PROVIDERS_BUCKET",
+    "RUN_METADATA_KEY",
     "SCHED_PREFIX",
     "WEBHOOKS_BUCKET",
     "WEBHOOKS_PREFIX",
     "WEBHOOKS_STREAM",
     "WEBHOOK_DELIVERY_CONSUMER",
+    "WEBHOOK_DLQ_DIRECT_GET",
     "WEBHOOK_DLQ_PREFIX",
     "WEBHOOK_DLQ_STREAM",
     "WEBHOOK_FANOUT_CONSUMER",
@@ -127,14 +150,19 @@ __all__ = [
     "dlq_filter",
     "dlq_subject",
     "ensure_keys_bucket",
+    "ensure_pipeline_topology",
     "ensure_topology",
     "event_subject",
     "idempotency_entry",
     "job_id_of",
     "job_subject",
     "limit_key",
+    "pipeline_index_subject",
+    "pipeline_subject",
     "pull_subject",
     "share_key",
+    "sink_bucket",
+    "sink_key",
     "webhook_dlq_subject",
     "webhook_subject",
 ]
@@ -154,6 +182,16 @@ WEBHOOK_DELIVERY_CONSUMER = "webhook_delivery"
 WEBHOOKS_BUCKET = "laneway_webhooks"
 WEBHOOKS_PREFIX = "laneway.webhooks"
 WEBHOOK_DLQ_PREFIX = "laneway.webhook_dlq"
+
+PIPELINES_STREAM = "LANEWAY_PIPELINES"
+PIPELINES_PREFIX = "laneway.pipelines"
+PIPELINES_INDEX_PREFIX = "laneway.pipeline_index"
+PIPELINE_DRIVER_CONSUMER = "pipeline_driver"
+PIPELINE_CHILDREN_CONSUMER = "pipeline_children"
+# On a run log entry: its kind, so readers can skip bodies they do not need.
+HDR_RUN_ENTRY = "Laneway-Run-Entry"
+# A pipeline child job's metadata entry naming its run (GetJob shows where a job came from).
+RUN_METADATA_KEY = "laneway.pipeline_run"
 
 JOBS_PREFIX = "laneway.jobs"
 SCHED_PREFIX = "laneway.sched"
@@ -194,6 +232,24 @@ def job_subject(route: str, lane: str) -> str:
 
 def event_subject(job_id: str) -> str:
     return f"{EVENTS_PREFIX}.{job_id}"
+
+
+def pipeline_subject(run_id: str) -> str:
+    return f"{PIPELINES_PREFIX}.{run_id}"
+
+
+def pipeline_index_subject(run_id: str) -> str:
+    """A run's one entry in the list of runs (``ListPipelineRuns``)."""
+    return f"{PIPELINES_INDEX_PREFIX}.{run_id}"
+
+
+def sink_bucket(name: str) -> str:
+    """The key-value bucket of a pipeline's sink step named ``bucket: <name>``."""
+    return f"laneway_sink_{name}"
+
+
+def sink_key(run_id: str, index: int) -> str:
+    return f"{run_id}.{index}"
 
 
 def delay_subject(job_id: str) -> str:
@@ -280,7 +336,11 @@ LIVE_ALL = f"{LIVE_PREFIX}.>"
 CANCEL_ALL = f"{CANCEL_PREFIX}.*"
 # JetStream API: batched/last-by-subject reads of the event log, pull requests.
 EVENTS_DIRECT_GET = f"$JS.API.DIRECT.GET.{EVENTS_STREAM}"
+# Answered by the stream leader alone: a read that a lagging replica cannot answer stale.
+EVENTS_MSG_GET = f"$JS.API.STREAM.MSG.GET.{EVENTS_STREAM}"
 DLQ_DIRECT_GET = f"$JS.API.DIRECT.GET.{DLQ_STREAM}"
+WEBHOOK_DLQ_DIRECT_GET = f"$JS.API.DIRECT.GET.{WEBHOOK_DLQ_STREAM}"
+PIPELINES_DIRECT_GET = f"$JS.API.DIRECT.GET.{PIPELINES_STREAM}"
 
 
 def pull_subject(consumer: str) -> str:
@@ -330,6 +390,10 @@ class TopologySettings:
     """How long dead letters are kept."""
     webhooks: bool = False
     """Whether webhooks are configured (their streams, consumers and bucket exist)."""
+    pipelines: bool = False
+    """Whether pipelines are configured (their stream and consumers exist)."""
+    sink_buckets: tuple[str, ...] = ()
+    """``bucket`` names of the pipelines' sink steps (each a key-value bucket)."""
 
     @classmethod
     def from_config(cls, config: LanewayConfig) -> TopologySettings:
@@ -337,12 +401,16 @@ class TopologySettings:
             routes=tuple(config.routes),
             lanes=LANES,
             events_max_age_s=config.queue.events_max_age_s,
-            replicas=config.queue.replicas,
+            replicas=config.nats.replicas,
             ack_wait_s=config.queue.ack_wait_s,
             max_deliver=config.queue.max_deliver,
             max_payload_bytes=config.broker.max_payload_bytes,
             dlq_max_age_s=config.dlq.max_age_s,
             webhooks=config.webhooks.enabled,
+            pipelines=bool(config.pipelines),
+            sink_buckets=tuple(
+                sorted({s.bucket for p in config.pipelines.values() for s in p.steps if s.kind == "sink"})
+            ),
         )
 
     def lane_consumers(self) -> tuple[LaneConsumer, ...]:
@@ -468,39 +536,128 @@ async def _ensure_stream(js: JetStreamContext, cfg: StreamConfig) -> None:
     try:
         info = await js.stream_info(cfg.name)
     except nats.js.errors.NotFoundError:
-        await js.add_stream(cfg)
+        await _placed(js.add_stream(cfg), f"stream {cfg.name}", _replicas_of(cfg))
         return
     current = info.config
+    # A changed num_replicas is applied too: JetStream scales an existing stream up or
+    # down in place, which is how a deployment raises replicas (consumers: below).
     if any(getattr(current, f) != getattr(cfg, f) for f in _STREAM_FIELDS):
-        await js.update_stream(cfg)
+        await _placed(js.update_stream(cfg), f"stream {cfg.name}", _replicas_of(cfg))
 
 
-async def _ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig) -> None:
-    assert cfg.durable_name is not None
+def _replicas_of(cfg: StreamConfig) -> int:
+    return cfg.num_replicas or 1
+
+
+async def _placed(call: Awaitable[object], what: str, replicas: int) -> None:
+    """Await a create or update; JetStream refusing to place replicas names the key."""
     try:
-        info = await js.consumer_info(stream, cfg.durable_name)
+        await call
+    except nats.js.errors.APIError as err:
+        if replicas <= 1 or isinstance(err, nats.js.errors.NotFoundError):
+            raise
+        raise placement_error(what, replicas, err) from err
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig, replicas: int) -> None:
+    name = cfg.durable_name
+    assert name is not None
+    # Explicit, not inherited (0): a consumer created with the stream's count keeps it
+    # when the stream is scaled, so raising nats.replicas must scale consumers too.
+    cfg = dataclasses.replace(cfg, num_replicas=replicas)
+    try:
+        info = await js.consumer_info(stream, name)
     except nats.js.errors.NotFoundError:
-        await js.add_consumer(stream, cfg)
+        await _placed(_add_consumer(js, stream, cfg), f"consumer {name} of {stream}", replicas)
         return
-    if any(getattr(info.config, f) != getattr(cfg, f) for f in _CONSUMER_FIELDS):
-        await js.add_consumer(stream, cfg)
+    # A consumer left to inherit (0) on a single server has one replica: no update.
+    rescale = (info.config.num_replicas or 1) != replicas
+    if rescale or any(getattr(info.config, f) != getattr(cfg, f) for f in _CONSUMER_FIELDS):
+        await _placed(_add_consumer(js, stream, cfg), f"consumer {name} of {stream}", replicas)
+
+
+# "consumer config replica count exceeds parent stream": the stream was just scaled up
+# and the cluster has not applied it yet.
+_STREAM_SCALING = 10126
+_SCALING_WAIT_S = 15.0
+
+
+async def _add_consumer(js: JetStreamContext, stream: str, cfg: ConsumerConfig) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _SCALING_WAIT_S
+    while True:
+        try:
+            await js.add_consumer(stream, cfg)
+            return
+        except nats.js.errors.BadRequestError as err:
+            if err.err_code != _STREAM_SCALING or loop.time() > deadline:
+                raise
+        await asyncio.sleep(0.1)  # retry with a deadline: the scale-up is being applied
 
 
 async def ensure_topology(js: JetStreamContext, settings: TopologySettings) -> None:
     """Create or update streams, consumers and buckets. Idempotent: a second
     call against the same settings sends only reads."""
+    await check_cluster_size(js, settings.replicas, JOBS_STREAM)
     await _ensure_stream(js, _jobs_stream(settings))
     await _ensure_stream(js, _events_stream(settings))
     await _ensure_stream(js, _dlq_stream(settings))
     await _ensure_stream(js, _advisory_stream(settings))
     for consumer in settings.lane_consumers():
-        await _ensure_consumer(js, JOBS_STREAM, _lane_consumer(consumer, settings))
-    await _ensure_consumer(js, ADVISORY_STREAM, _advisory_consumer())
+        await _ensure_consumer(js, JOBS_STREAM, _lane_consumer(consumer, settings), settings.replicas)
+    await _ensure_consumer(js, ADVISORY_STREAM, _advisory_consumer(), settings.replicas)
     await _ensure_bucket(js, IDEMPOTENCY_BUCKET, settings.replicas, ttl=float(_IDEMPOTENCY_TTL_S))
     await _ensure_bucket(js, PROVIDERS_BUCKET, settings.replicas)
     await _ensure_bucket(js, KEYS_BUCKET, settings.replicas)
     if settings.webhooks:
         await ensure_webhook_topology(js, settings)
+    if settings.pipelines:
+        await ensure_pipeline_topology(js, settings)
+
+
+async def ensure_pipeline_topology(js: JetStreamContext, s: TopologySettings) -> None:
+    """The run logs' stream and the driver's two consumers (``laneway.broker.pipelines``)."""
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=PIPELINES_STREAM,
+            subjects=[f"{PIPELINES_PREFIX}.*", f"{PIPELINES_INDEX_PREFIX}.*"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            num_replicas=s.replicas,
+            max_age=float(s.events_max_age_s),
+            # The started entry carries the run's input: room for one job's worth.
+            max_msg_size=s.max_payload_bytes + 65_536,
+            duplicate_window=_DUPLICATE_WINDOW_S,
+            allow_direct=True,
+            discard=DiscardPolicy.OLD,
+        ),
+    )
+    # The job lease: a killed broker's messages go to another broker as soon as a
+    # killed worker's jobs do (the driver renews it while it works on a batch).
+    driver = ConsumerConfig(
+        durable_name=PIPELINE_DRIVER_CONSUMER,
+        filter_subject=f"{PIPELINES_PREFIX}.*",
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=s.ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=-1,
+    )
+    await _ensure_consumer(js, PIPELINES_STREAM, driver, s.replicas)
+    # New events only, as the webhook fan-out: runs exist only after this consumer does.
+    children = ConsumerConfig(
+        durable_name=PIPELINE_CHILDREN_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.NEW,
+        ack_wait=s.ack_wait_s,
+        max_deliver=-1,
+        max_ack_pending=-1,
+    )
+    await _ensure_consumer(js, EVENTS_STREAM, children, s.replicas)
+    for name in s.sink_buckets:
+        # Kept as long as the runs' logs: a caller reads a run's results back while it can see the run.
+        await _ensure_bucket(js, sink_bucket(name), s.replicas, ttl=float(s.events_max_age_s))
 
 
 _WEBHOOK_KV_TTL_S = 7 * 86_400.0
@@ -508,6 +665,7 @@ _WEBHOOK_KV_TTL_S = 7 * 86_400.0
 
 async def ensure_webhook_topology(js: JetStreamContext, s: TopologySettings) -> None:
     """The webhook streams, consumers and bucket (``laneway.broker.webhooks``)."""
+    await check_cluster_size(js, s.replicas, JOBS_STREAM)
     await _ensure_stream(
         js,
         StreamConfig(
@@ -546,7 +704,7 @@ async def ensure_webhook_topology(js: JetStreamContext, s: TopologySettings) -> 
         max_deliver=-1,
         max_ack_pending=-1,
     )
-    await _ensure_consumer(js, EVENTS_STREAM, fanout)
+    await _ensure_consumer(js, EVENTS_STREAM, fanout, s.replicas)
     delivery = ConsumerConfig(
         durable_name=WEBHOOK_DELIVERY_CONSUMER,
         filter_subject=f"{WEBHOOKS_PREFIX}.>",
@@ -557,19 +715,32 @@ async def ensure_webhook_topology(js: JetStreamContext, s: TopologySettings) -> 
         max_ack_pending=-1,
         max_waiting=512,
     )
-    await _ensure_consumer(js, WEBHOOKS_STREAM, delivery)
+    await _ensure_consumer(js, WEBHOOKS_STREAM, delivery, s.replicas)
     await _ensure_bucket(js, WEBHOOKS_BUCKET, s.replicas, ttl=_WEBHOOK_KV_TTL_S)
 
 
 async def ensure_keys_bucket(js: JetStreamContext, replicas: int = 1) -> None:
     """The ``laneway_keys`` bucket alone, for ``laneway keys`` run before any broker."""
+    await check_cluster_size(js, replicas, JOBS_STREAM)
     await _ensure_bucket(js, KEYS_BUCKET, replicas)
 
 
 async def _ensure_bucket(js: JetStreamContext, bucket: str, replicas: int, ttl: float | None = None) -> None:
+    stream = f"KV_{bucket}"  # a bucket is this stream; its replicas are the stream's
     try:
-        await js.key_value(bucket)
-    except nats.js.errors.BucketNotFoundError:
-        await js.create_key_value(
-            KeyValueConfig(bucket=bucket, ttl=ttl, replicas=replicas, storage=StorageType.FILE)
+        info = await js.stream_info(stream)
+    except nats.js.errors.NotFoundError:
+        await _placed(
+            js.create_key_value(
+                KeyValueConfig(bucket=bucket, ttl=ttl, replicas=replicas, storage=StorageType.FILE)
+            ),
+            f"bucket {bucket}",
+            replicas,
+        )
+        return
+    if (info.config.num_replicas or 1) != replicas:
+        await _placed(
+            js.update_stream(dataclasses.replace(info.config, num_replicas=replicas)),
+            f"bucket {bucket}",
+            replicas,
         )

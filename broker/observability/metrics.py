@@ -38,8 +38,10 @@ class MetricsServer:
         await asyncio.to_thread(self._thread.join, 5.0)
 
 
-def start_metrics_server(port: int, registry: CollectorRegistry) -> tuple[MetricsServer, int]:
-    """Serve ``registry`` on ``127.0.0.1:port`` (0: a free port); the server and its port."""
-    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+def start_metrics_server(
+    port: int, registry: CollectorRegistry, *, host: str = "127.0.0.1"
+) -> tuple[MetricsServer, int]:
+    """Serve ``registry`` on ``host:port`` (0: a free port); the server and its port."""
+    server, thread = start_http_server(port, addr=host, registry=registry)
     metrics_server = MetricsServer(server, thread)
     return metrics_server, metrics_server.port

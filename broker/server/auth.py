@@ -51,6 +51,15 @@ REQUIRED_ROLE: dict[str, Role] = {
     "StreamResults": "reader",
     "ListDeadLetters": "reader",
     "GetServerInfo": "reader",
+    "ListWebhookDeadLetters": "reader",  # as ListDeadLetters
+    "GetWebhookDeadLetter": "reader",
+    "RedeliverWebhookDeadLetters": "submitter",  # as RedriveDeadLetters (with ``all``: admin)
+    "StartPipeline": "submitter",  # as Submit
+    "CancelPipelineRun": "submitter",  # as CancelJob
+    "ResumePipelineRun": "submitter",  # as RedriveDeadLetters
+    "GetPipelineRun": "reader",  # as GetJob
+    "StreamPipelineRun": "reader",  # as StreamResults
+    "ListPipelineRuns": "reader",  # as ListDeadLetters
     "GetStats": "admin",
     "GetProviderHealth": "admin",
 }

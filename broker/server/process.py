@@ -19,6 +19,9 @@ from laneway.broker.core.events import EventLog
 from laneway.broker.core.nats.connection import connect_nats
 from laneway.broker.core.redact import redact_url
 from laneway.broker.observability.metrics import MetricsServer, start_metrics_server
+from laneway.broker.pipelines.driver import PipelineDriver
+from laneway.broker.pipelines.metrics import PipelineMetrics
+from laneway.broker.pipelines.runlog import RunLog
 from laneway.broker.server.auth import AuthInterceptor
 from laneway.broker.server.disconnect import DisconnectCancels
 from laneway.broker.server.exposure import check_exposure
@@ -34,6 +37,7 @@ from laneway.broker.server.stats import QueueStats
 from laneway.broker.server.sweeper import MaxDeliverySweeper
 from laneway.broker.server.tls import ReloadingTls
 from laneway.broker.server.watch import EventFeed
+from laneway.broker.server.webhook_dead_letters import webhook_access
 from laneway.v1 import broker_service_pb2
 
 __all__ = ["BrokerServer"]
@@ -125,6 +129,12 @@ class BrokerServer:
         disconnects = self._disconnects = await self._exit.enter_async_context(DisconnectCancels(store))
         await self._exit.enter_async_context(MaxDeliverySweeper(self._nc, events, dead_letters))
         providers = await self._exit.enter_async_context(ProviderHealthView(self._nc, self.config))
+        runs: RunLog | None = None
+        if self.config.pipelines:
+            # Every broker drives runs; the driver stops before the event log closes.
+            metrics = PipelineMetrics(self.metrics.registry)
+            driver = PipelineDriver(self._nc, events, lease_s=self.config.queue.ack_wait_s, metrics=metrics)
+            runs = (await self._exit.enter_async_context(driver)).runs
         stats = QueueStats(js, t.TopologySettings.from_config(self.config).lane_consumers())
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if self.config.auth.enabled:
@@ -148,7 +158,14 @@ class BrokerServer:
         # malformed body before the handler runs (UNKNOWN); ours let it answer INVALID_ARGUMENT.
         add_broker_service(
             BrokerServicer(
-                store, dead_letters, self.config, health=providers, stats=stats, disconnects=disconnects
+                store,
+                dead_letters,
+                self.config,
+                health=providers,
+                stats=stats,
+                disconnects=disconnects,
+                webhooks=await webhook_access(self._nc, events.mux, self.config),
+                runs=runs,
             ),
             self._server,
         )
@@ -169,7 +186,9 @@ class BrokerServer:
             self.metrics.watch_queues(
                 js, settings.lane_consumers(), list(self.config.routes), asyncio.get_running_loop()
             )
-            self._metrics_server, port = start_metrics_server(self._metrics_port, self.metrics.registry)
+            self._metrics_server, port = start_metrics_server(
+                self._metrics_port, self.metrics.registry, host=self.config.metrics.host
+            )
             log.info("broker metrics serving", metrics_addr=f"127.0.0.1:{port}")
         log.info(
             "broker serving",

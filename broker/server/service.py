@@ -38,17 +38,20 @@ from laneway.broker.core.wire.jobs import (
 )
 from laneway.broker.observability.audit import audit
 from laneway.broker.observability.tracing import server_span
+from laneway.broker.pipelines.runlog import RunLog
 from laneway.broker.server.auth import require_role
 from laneway.broker.server.disconnect import DisconnectCancels
 from laneway.broker.server.jobs import JobStore, Submitted
 from laneway.broker.server.ops_wire import provider_health_to_pb, stats_to_pb
 from laneway.broker.server.paging import MAX_PAGE_SIZE, page_size, page_token_seq
+from laneway.broker.server.pipelines import PipelineRpcs
 from laneway.broker.server.principal import Principal, current_principal
 from laneway.broker.server.provider_health import ProviderHealthView
 from laneway.broker.server.redrive import redrive
 from laneway.broker.server.stats import QueueStats
 from laneway.broker.server.status import item_error, stream_errors, unary_errors
 from laneway.broker.server.tenancy import dead_letter_scope, requested_filter, tenant_scope
+from laneway.broker.server.webhook_dead_letters import WebhookAccess, WebhookRpcs, add_deliveries
 from laneway.errors import ApiError, InvalidArgument, Unavailable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
@@ -63,7 +66,7 @@ _VERSION = importlib.metadata.version("laneway")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-class BrokerServicer(pb_grpc.BrokerServiceServicer):
+class BrokerServicer(WebhookRpcs, PipelineRpcs, pb_grpc.BrokerServiceServicer):
     def __init__(
         self,
         store: JobStore,
@@ -73,8 +76,12 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         health: ProviderHealthView,
         stats: QueueStats,
         disconnects: DisconnectCancels | None = None,
+        webhooks: WebhookAccess | None = None,
+        runs: RunLog | None = None,
     ) -> None:
         self._store = store
+        self._runs = runs  # None: no pipelines configured (``PipelineRpcs``)
+        self._webhooks = webhooks
         self._dead_letters = dead_letters
         self._config = config
         self._health = health
@@ -252,7 +259,7 @@ class BrokerServicer(pb_grpc.BrokerServiceServicer):
         _check_job_id(request.job_id, "job_id")
         scope = tenant_scope(current_principal())
         latest, deltas = await self._store.get_with_text(request.job_id, tenant=scope)
-        return pb.GetJobResponse(job=job_from_events(latest, deltas))
+        return pb.GetJobResponse(job=await add_deliveries(self._webhooks, job_from_events(latest, deltas)))
 
     @unary_errors
     async def CancelJob(self, request: pb.CancelJobRequest, context: Ctx) -> pb.CancelJobResponse:

@@ -92,9 +92,12 @@ def status_for(err: ApiError) -> grpc.Status:
             )
         )
     if err.code == grpc.StatusCode.NOT_FOUND:
+        letter = reason_for(err) == "UNKNOWN_WEBHOOK_DEAD_LETTER"
         details.append(
             error_details_pb2.ResourceInfo(
-                resource_type="laneway.v1.Job", resource_name=metadata.get("job_id", ""), description=message
+                resource_type="laneway.v1.WebhookDeadLetter" if letter else "laneway.v1.Job",
+                resource_name=metadata.get("seq" if letter else "job_id", ""),
+                description=message,
             )
         )
     quota = reason_for(err) == "QUOTA_EXCEEDED"

@@ -12,11 +12,19 @@ store is read or republished (after storing) to a registered watcher. Live
 events republished while the broker was cut off from NATS are lost to it; after
 each reconnect (``catch_up``) every watched job's latest stored event is handed to
 its watchers, which read whatever they missed from the log.
+
+On a replicated stream the read may be answered by a replica that has not yet
+applied an event the leader already republished, so an event republished just
+before a watcher registered could be in neither. Only a final event matters (a
+missed earlier one is filled in from the log when the next arrives): the feed
+remembers the last ``RECENT_FINALS`` final events it saw go by, and a watcher
+whose read came back without one of those takes it from the stream leader.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 
@@ -25,7 +33,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from laneway.broker.core import topology as t
-from laneway.broker.core.events import EventLog, StoredEvent
+from laneway.broker.core.events import FINAL_NAMES, EventLog, StoredEvent
 from laneway.broker.core.nats.inbox import unsubscribe_quietly
 from laneway.broker.core.tasks import Background
 from laneway.broker.server.tenancy import event_tenant, unknown_job
@@ -34,6 +42,9 @@ from laneway.errors import NotFound, Unavailable
 __all__ = ["EventFeed"]
 
 _GAP_RETRIES = 50
+RECENT_FINALS = 16_384
+"""Final events remembered (job id and seq, some 200 bytes each): far more than go by
+while a replica catches up (milliseconds; a second or two on an overloaded host)."""
 
 
 class EventFeed:
@@ -43,6 +54,7 @@ class EventFeed:
         self._nc = nc
         self._log = log
         self._watchers: dict[str, set[asyncio.Queue[StoredEvent | None]]] = {}
+        self._recent_finals: OrderedDict[str, int] = OrderedDict()
         self._sub: Subscription | None = None
         self._closing = False
         self._reconnected = asyncio.Event()
@@ -93,7 +105,12 @@ class EventFeed:
                     queue.put_nowait(event)
 
     async def _on_msg(self, msg: Msg) -> None:
-        queues = self._watchers.get(t.job_id_of(msg.subject))
+        job_id = t.job_id_of(msg.subject)
+        if msg.headers and msg.headers.get(t.HDR_JOB_STATE, "") in FINAL_NAMES:
+            self._recent_finals[job_id] = int(msg.headers.get(t.HDR_JOB_SEQ, 0))
+            if len(self._recent_finals) > RECENT_FINALS:
+                self._recent_finals.popitem(last=False)
+        queues = self._watchers.get(job_id)
         if queues:
             event = StoredEvent.from_msg(msg)
             for queue in queues:
@@ -125,6 +142,8 @@ class EventFeed:
         live: asyncio.Queue[StoredEvent | None] = asyncio.Queue()
         for job_id in ids:
             self._watchers.setdefault(job_id, set()).add(live)
+        # Finals that went by before we registered: the read below must show them.
+        gone_by = {j: seq for j in ids if (seq := self._recent_finals.get(j)) is not None}
         pending = set(ids)
         try:
             if create is not None:
@@ -132,6 +151,9 @@ class EventFeed:
                 initial = {}
             else:
                 initial = await self._initial(ids, last, final_only, tenant)
+            for job_id, seq in gone_by.items():
+                if job_id in initial and initial[job_id][1].job_seq < seq:
+                    await self._from_leader(job_id, seq, live)
             for job_id in initial:
                 events, top = initial[job_id]
                 for event in events:
@@ -148,7 +170,12 @@ class EventFeed:
                     )
                 event = got
                 job_id = event.job_id
-                if job_id not in pending or event.job_seq <= last[job_id]:
+                if job_id not in pending:
+                    continue
+                if event.job_seq <= last[job_id]:
+                    if event.final:  # the caller resumed after it: nothing more to send
+                        self._forget(job_id, live)
+                        pending.discard(job_id)
                     continue
                 batch = [event]
                 if final_only:
@@ -195,8 +222,22 @@ class EventFeed:
             elif top.job_seq == last[job_id] + 1 or final_only:
                 out[job_id] = ([top], top)  # one new event: no history read
             else:
-                out[job_id] = (await self._log.history(job_id, last[job_id]), top)
+                events = await self._log.history(job_id, last[job_id])
+                if not events or events[-1].job_seq < top.job_seq:
+                    # The history came from a replica behind the one that answered latest.
+                    events = await self._fill_gap(job_id, last[job_id], top)
+                out[job_id] = (events, top)
         return out
+
+    async def _from_leader(self, job_id: str, seq: int, live: asyncio.Queue[StoredEvent | None]) -> None:
+        """The replica that answered our read is behind: the job's final event (``seq``),
+        which went by live before we registered, comes from the leader and is handled as
+        if it had arrived live (``_fill_gap`` reads what lies between from the log)."""
+        event = await self._log.leader_last(job_id)
+        if event is None or event.job_seq < seq:
+            missing = f"job {job_id}: the stream leader lacks event {seq}, which it republished"
+            raise Unavailable(missing, reason="NATS_UNAVAILABLE", metadata={"job_id": job_id})
+        live.put_nowait(event)
 
     def _forget(self, job_id: str, queue: asyncio.Queue[StoredEvent | None]) -> None:
         queues = self._watchers.get(job_id)

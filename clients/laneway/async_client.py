@@ -40,7 +40,7 @@ from laneway.ops import health_request
 from laneway.streams import DEFAULT_RESUME_TIMEOUT, Cursor, ResumeWindow, resumable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
-from laneway.v1 import job_pb2, ops_pb2
+from laneway.v1 import dead_letter_pb2, job_pb2, ops_pb2
 
 __all__ = ["AsyncClient"]
 
@@ -381,6 +381,49 @@ class AsyncClient:
             tenant=tenant,
         )
         return redriven(await self._unary(self._stub.RedriveDeadLetters, request, timeout, call_metadata))
+
+    async def list_webhook_dead_letters(
+        self,
+        *,
+        endpoint: str = "",
+        job_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
+        call_metadata: Mapping[str, str] | None = None,
+    ) -> pb.ListWebhookDeadLettersResponse:
+        """One page of webhook deliveries that ran out of retries, oldest first:
+        ``endpoint`` ("job" or "<route>#<index>") and ``job_id`` narrow it."""
+        where = dead_letter_pb2.WebhookDeadLetterFilter(endpoint=endpoint, job_id=job_id)
+        request = pb.ListWebhookDeadLettersRequest(filter=where, page_size=page_size, page_token=page_token)
+        return await self._unary(self._stub.ListWebhookDeadLetters, request, timeout, call_metadata)
+
+    async def get_webhook_dead_letter(
+        self, seq: int, *, timeout: float | None = None, call_metadata: Mapping[str, str] | None = None
+    ) -> dead_letter_pb2.WebhookDeadLetter:
+        """One webhook dead letter in full (its body too)."""
+        request = pb.GetWebhookDeadLetterRequest(seq=seq)
+        return (
+            await self._unary(self._stub.GetWebhookDeadLetter, request, timeout, call_metadata)
+        ).dead_letter
+
+    async def redeliver_webhook_dead_letters(
+        self,
+        seqs: Sequence[int] = (),
+        *,
+        endpoint: str = "",
+        job_id: str = "",
+        all: bool = False,
+        limit: int = 0,
+        timeout: float | None = None,
+        call_metadata: Mapping[str, str] | None = None,
+    ) -> list[pb.Redelivered]:
+        """Queue webhook dead letters again (same webhook-id, a fresh retry horizon):
+        ``seqs``, or those ``endpoint`` / ``job_id`` match, or ``all``; one outcome each."""
+        where = dead_letter_pb2.WebhookDeadLetterFilter(endpoint=endpoint, job_id=job_id)
+        request = pb.RedeliverWebhookDeadLettersRequest(seqs=seqs, filter=where, all=all, limit=limit)
+        method = self._stub.RedeliverWebhookDeadLetters
+        return list((await self._unary(method, request, timeout, call_metadata)).redelivered)
 
     async def get_provider_health(
         self,

@@ -119,6 +119,9 @@ def seed_requests(job_ids: Sequence[str]) -> dict[str, list[bytes]]:
         ],
         "GetProviderHealth": [ops_pb2.GetProviderHealthRequest(providers=["mock"])],
         "GetStats": [ops_pb2.GetStatsRequest()],
+        "ListWebhookDeadLetters": [pb.ListWebhookDeadLettersRequest(page_size=10)],
+        "GetWebhookDeadLetter": [pb.GetWebhookDeadLetterRequest(seq=1)],
+        "RedeliverWebhookDeadLetters": [pb.RedeliverWebhookDeadLettersRequest(seqs=[1, 2])],
     }
     return {name: [r.SerializeToString() for r in reqs] for name, reqs in requests.items()}  # type: ignore[attr-defined]
 

@@ -7,6 +7,7 @@ import contextlib
 import re
 from collections.abc import Callable
 
+import nats.errors
 import structlog
 from nats.aio.client import Client as NatsClient
 
@@ -15,7 +16,7 @@ from laneway.broker.core.nats.credentials import NatsAuth, has_userinfo, refusal
 from laneway.broker.core.redact import redact_text, redact_url
 from laneway.broker.core.topology import check_server_version
 
-__all__ = ["FastHeaderClient", "connect_nats"]
+__all__ = ["FastHeaderClient", "connect_nats", "server_list"]
 
 log = structlog.get_logger("laneway.nats")
 
@@ -47,6 +48,31 @@ class FastHeaderClient(NatsClient):
                 continue
             out[key] = value.strip().decode("utf-8", "replace")
         return out
+
+
+async def _jetstream_answers(nc: NatsClient, within: float) -> None:
+    """Until JetStream answers, for ``within`` seconds. A cluster answers no JetStream
+    request while it elects a meta leader (a node just lost); a server without
+    JetStream says so at once (no responders), which is not waited on."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        left = deadline - loop.time()
+        try:
+            await nc.jetstream(timeout=max(0.5, min(left, 2.0))).account_info()
+            return
+        except nats.errors.TimeoutError:
+            if loop.time() >= deadline:
+                raise TimeoutError from None
+        await asyncio.sleep(0.1)  # retry with a deadline: the election takes seconds
+
+
+def server_list(url: str) -> list[str]:
+    """The URLs of a comma-separated ``nats.url`` as the list nats-py takes: nats-py
+    reads a string as one URL, so ``nats://a:4222,nats://b:4222`` must be split for
+    the client to know every node of a cluster (and ride through the loss of one)."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    return urls or [url]
 
 
 async def connect_nats(
@@ -103,7 +129,7 @@ async def connect_nats(
     # nats-py annotates both timeouts as int; it takes (and we pass) seconds as float.
     connecting = asyncio.ensure_future(
         nc.connect(
-            url,
+            server_list(url),
             name=name,
             connect_timeout=connect_timeout,  # type: ignore[arg-type]
             max_reconnect_attempts=-1,
@@ -147,7 +173,13 @@ async def connect_nats(
         v = nc.connected_server_version
         check_server_version(f"{v.major}.{v.minor}.{v.patch}")
         try:
-            await nc.jetstream().account_info()
+            await _jetstream_answers(nc, connect_timeout)
+        except TimeoutError as err:
+            raise TopologyError(
+                f"NATS at {shown} did not answer JetStream requests within {connect_timeout:g}s "
+                "(nats.connect_timeout_s): a cluster without a JetStream meta leader (too few "
+                "nodes up, or an election under way) cannot answer"
+            ) from err
         except Exception as err:
             raise TopologyError(
                 f"NATS at {shown} has no JetStream (start it with --jetstream): {err}"

@@ -602,3 +602,197 @@ class RedriveDeadLettersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RedriveDeadLettersResponse: _TypeAlias = RedriveDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeadLettersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many: 0 for the default (50); larger than 1,000 is taken as
+    1,000; negative is INVALID_ARGUMENT.
+    """
+    page_token: _builtins.str
+    """next_page_token of the previous page; empty for the first page. The other
+    fields must be the same as on the call that returned it.
+    """
+    @_builtins.property
+    def filter(self) -> _dead_letter_pb2.WebhookDeadLetterFilter: ...
+    def __init__(
+        self,
+        *,
+        filter: _dead_letter_pb2.WebhookDeadLetterFilter | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeadLettersRequest: _TypeAlias = ListWebhookDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeadLettersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when there are no more matches (never a token to an empty page)."""
+    @_builtins.property
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[_dead_letter_pb2.WebhookDeadLetter]:
+        """Without their body (GetWebhookDeadLetter has it)."""
+
+    def __init__(
+        self,
+        *,
+        dead_letters: _abc.Iterable[_dead_letter_pb2.WebhookDeadLetter] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeadLettersResponse: _TypeAlias = ListWebhookDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class GetWebhookDeadLetterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """WebhookDeadLetter.seq (from ListWebhookDeadLetters)."""
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookDeadLetterRequest: _TypeAlias = GetWebhookDeadLetterRequest  # noqa: Y015
+
+@_typing.final
+class GetWebhookDeadLetterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dead_letter(self) -> _dead_letter_pb2.WebhookDeadLetter: ...
+    def __init__(
+        self,
+        *,
+        dead_letter: _dead_letter_pb2.WebhookDeadLetter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookDeadLetterResponse: _TypeAlias = GetWebhookDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookDeadLettersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQS_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    """Redeliver every dead letter (an explicit opt-in for an empty filter)."""
+    limit: _builtins.int
+    """At most this many (filter or all): 0 for 1,000; larger than 1,000 is taken
+    as 1,000; negative is INVALID_ARGUMENT. Call again for the rest.
+    """
+    @_builtins.property
+    def seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """These dead letters (at most 1,000); or, when empty, those filter matches."""
+
+    @_builtins.property
+    def filter(self) -> _dead_letter_pb2.WebhookDeadLetterFilter:
+        """Which dead letters, when seqs is empty; at least one of its fields must be
+        set, unless all is true.
+        """
+
+    def __init__(
+        self,
+        *,
+        seqs: _abc.Iterable[_builtins.int] | None = ...,
+        filter: _dead_letter_pb2.WebhookDeadLetterFilter | None = ...,
+        all: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "filter", b"filter", "limit", b"limit", "seqs", b"seqs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookDeadLettersRequest: _TypeAlias = RedeliverWebhookDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class Redelivered(_message.Message):
+    """One webhook dead letter of a redelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """WebhookDeadLetter.seq."""
+    webhook_id: _builtins.str
+    """Its webhook-id ("" when the seq named no dead letter)."""
+    @_builtins.property
+    def error(self) -> Global___BatchItemError:
+        """Set when it was not queued again (e.g. NOT_FOUND, reason
+        UNKNOWN_WEBHOOK_DEAD_LETTER); unset when it was.
+        """
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        webhook_id: _builtins.str = ...,
+        error: Global___BatchItemError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "seq", b"seq", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Redelivered: _TypeAlias = Redelivered  # noqa: Y015
+
+@_typing.final
+class RedeliverWebhookDeadLettersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REDELIVERED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def redelivered(self) -> _containers.RepeatedCompositeFieldContainer[Global___Redelivered]:
+        """One per dead letter, in request order (seqs) or oldest first (filter)."""
+
+    def __init__(
+        self,
+        *,
+        redelivered: _abc.Iterable[Global___Redelivered] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["redelivered", b"redelivered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RedeliverWebhookDeadLettersResponse: _TypeAlias = RedeliverWebhookDeadLettersResponse  # noqa: Y015

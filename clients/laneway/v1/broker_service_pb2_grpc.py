@@ -5,6 +5,7 @@ import warnings
 
 from laneway.v1 import broker_service_pb2 as laneway_dot_v1_dot_broker__service__pb2
 from laneway.v1 import ops_pb2 as laneway_dot_v1_dot_ops__pb2
+from laneway.v1 import pipeline_pb2 as laneway_dot_v1_dot_pipeline__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -93,6 +94,51 @@ class BrokerServiceStub:
                 '/laneway.v1.BrokerService/GetServerInfo',
                 request_serializer=laneway_dot_v1_dot_ops__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=laneway_dot_v1_dot_ops__pb2.GetServerInfoResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeadLetters = channel.unary_unary(
+                '/laneway.v1.BrokerService/ListWebhookDeadLetters',
+                request_serializer=laneway_dot_v1_dot_broker__service__pb2.ListWebhookDeadLettersRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_broker__service__pb2.ListWebhookDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.GetWebhookDeadLetter = channel.unary_unary(
+                '/laneway.v1.BrokerService/GetWebhookDeadLetter',
+                request_serializer=laneway_dot_v1_dot_broker__service__pb2.GetWebhookDeadLetterRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_broker__service__pb2.GetWebhookDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.RedeliverWebhookDeadLetters = channel.unary_unary(
+                '/laneway.v1.BrokerService/RedeliverWebhookDeadLetters',
+                request_serializer=laneway_dot_v1_dot_broker__service__pb2.RedeliverWebhookDeadLettersRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_broker__service__pb2.RedeliverWebhookDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.StartPipeline = channel.unary_unary(
+                '/laneway.v1.BrokerService/StartPipeline',
+                request_serializer=laneway_dot_v1_dot_pipeline__pb2.StartPipelineRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_pipeline__pb2.StartPipelineResponse.FromString,
+                _registered_method=True)
+        self.GetPipelineRun = channel.unary_unary(
+                '/laneway.v1.BrokerService/GetPipelineRun',
+                request_serializer=laneway_dot_v1_dot_pipeline__pb2.GetPipelineRunRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_pipeline__pb2.GetPipelineRunResponse.FromString,
+                _registered_method=True)
+        self.ListPipelineRuns = channel.unary_unary(
+                '/laneway.v1.BrokerService/ListPipelineRuns',
+                request_serializer=laneway_dot_v1_dot_pipeline__pb2.ListPipelineRunsRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_pipeline__pb2.ListPipelineRunsResponse.FromString,
+                _registered_method=True)
+        self.StreamPipelineRun = channel.unary_stream(
+                '/laneway.v1.BrokerService/StreamPipelineRun',
+                request_serializer=laneway_dot_v1_dot_pipeline__pb2.StreamPipelineRunRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_pipeline__pb2.StreamPipelineRunResponse.FromString,
+                _registered_method=True)
+        self.CancelPipelineRun = channel.unary_unary(
+                '/laneway.v1.BrokerService/CancelPipelineRun',
+                request_serializer=laneway_dot_v1_dot_pipeline__pb2.CancelPipelineRunRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_pipeline__pb2.CancelPipelineRunResponse.FromString,
+                _registered_method=True)
+        self.ResumePipelineRun = channel.unary_unary(
+                '/laneway.v1.BrokerService/ResumePipelineRun',
+                request_serializer=laneway_dot_v1_dot_pipeline__pb2.ResumePipelineRunRequest.SerializeToString,
+                response_deserializer=laneway_dot_v1_dot_pipeline__pb2.ResumePipelineRunResponse.FromString,
                 _registered_method=True)
 
 
@@ -186,6 +232,76 @@ class BrokerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWebhookDeadLetters(self, request, context):
+        """Webhook deliveries that ran out of retries, oldest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWebhookDeadLetter(self, request, context):
+        """One webhook dead letter in full (its body too).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RedeliverWebhookDeadLetters(self, request, context):
+        """Queue webhook dead letters for delivery again: the same webhook-id and body,
+        a fresh retry horizon. Each is answered on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartPipeline(self, request, context):
+        """Start a run of a configured pipeline (docs/pipelines.md). Returns once the run
+        is durably stored; its steps then run whatever broker or worker fails.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPipelineRun(self, request, context):
+        """The run as it stands: its state, and each step's state, timings and jobs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPipelineRuns(self, request, context):
+        """Pipeline runs, oldest first, a page at a time (the caller's tenant's only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamPipelineRun(self, request, context):
+        """The run's log from its start (or after resume_after) until it ends: every
+        step's start and end and every job's final state, in order. Late joiners get
+        the whole history first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelPipelineRun(self, request, context):
+        """End a run that has not ended: its jobs still queued or running are cancelled.
+        Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumePipelineRun(self, request, context):
+        """Redrive a failed run: the items of its failed step that did not succeed run
+        again as new jobs (job ids "<run>-<step>-<item>-<n>"), and the run goes on from
+        there; finished steps are not run again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrokerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -243,6 +359,51 @@ def add_BrokerServiceServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=laneway_dot_v1_dot_ops__pb2.GetServerInfoRequest.FromString,
                     response_serializer=laneway_dot_v1_dot_ops__pb2.GetServerInfoResponse.SerializeToString,
+            ),
+            'ListWebhookDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeadLetters,
+                    request_deserializer=laneway_dot_v1_dot_broker__service__pb2.ListWebhookDeadLettersRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_broker__service__pb2.ListWebhookDeadLettersResponse.SerializeToString,
+            ),
+            'GetWebhookDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookDeadLetter,
+                    request_deserializer=laneway_dot_v1_dot_broker__service__pb2.GetWebhookDeadLetterRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_broker__service__pb2.GetWebhookDeadLetterResponse.SerializeToString,
+            ),
+            'RedeliverWebhookDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.RedeliverWebhookDeadLetters,
+                    request_deserializer=laneway_dot_v1_dot_broker__service__pb2.RedeliverWebhookDeadLettersRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_broker__service__pb2.RedeliverWebhookDeadLettersResponse.SerializeToString,
+            ),
+            'StartPipeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartPipeline,
+                    request_deserializer=laneway_dot_v1_dot_pipeline__pb2.StartPipelineRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_pipeline__pb2.StartPipelineResponse.SerializeToString,
+            ),
+            'GetPipelineRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPipelineRun,
+                    request_deserializer=laneway_dot_v1_dot_pipeline__pb2.GetPipelineRunRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_pipeline__pb2.GetPipelineRunResponse.SerializeToString,
+            ),
+            'ListPipelineRuns': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPipelineRuns,
+                    request_deserializer=laneway_dot_v1_dot_pipeline__pb2.ListPipelineRunsRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_pipeline__pb2.ListPipelineRunsResponse.SerializeToString,
+            ),
+            'StreamPipelineRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamPipelineRun,
+                    request_deserializer=laneway_dot_v1_dot_pipeline__pb2.StreamPipelineRunRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_pipeline__pb2.StreamPipelineRunResponse.SerializeToString,
+            ),
+            'CancelPipelineRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelPipelineRun,
+                    request_deserializer=laneway_dot_v1_dot_pipeline__pb2.CancelPipelineRunRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_pipeline__pb2.CancelPipelineRunResponse.SerializeToString,
+            ),
+            'ResumePipelineRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumePipelineRun,
+                    request_deserializer=laneway_dot_v1_dot_pipeline__pb2.ResumePipelineRunRequest.FromString,
+                    response_serializer=laneway_dot_v1_dot_pipeline__pb2.ResumePipelineRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -546,6 +707,249 @@ class BrokerService:
             '/laneway.v1.BrokerService/GetServerInfo',
             laneway_dot_v1_dot_ops__pb2.GetServerInfoRequest.SerializeToString,
             laneway_dot_v1_dot_ops__pb2.GetServerInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/ListWebhookDeadLetters',
+            laneway_dot_v1_dot_broker__service__pb2.ListWebhookDeadLettersRequest.SerializeToString,
+            laneway_dot_v1_dot_broker__service__pb2.ListWebhookDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/GetWebhookDeadLetter',
+            laneway_dot_v1_dot_broker__service__pb2.GetWebhookDeadLetterRequest.SerializeToString,
+            laneway_dot_v1_dot_broker__service__pb2.GetWebhookDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RedeliverWebhookDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/RedeliverWebhookDeadLetters',
+            laneway_dot_v1_dot_broker__service__pb2.RedeliverWebhookDeadLettersRequest.SerializeToString,
+            laneway_dot_v1_dot_broker__service__pb2.RedeliverWebhookDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartPipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/StartPipeline',
+            laneway_dot_v1_dot_pipeline__pb2.StartPipelineRequest.SerializeToString,
+            laneway_dot_v1_dot_pipeline__pb2.StartPipelineResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPipelineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/GetPipelineRun',
+            laneway_dot_v1_dot_pipeline__pb2.GetPipelineRunRequest.SerializeToString,
+            laneway_dot_v1_dot_pipeline__pb2.GetPipelineRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPipelineRuns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/ListPipelineRuns',
+            laneway_dot_v1_dot_pipeline__pb2.ListPipelineRunsRequest.SerializeToString,
+            laneway_dot_v1_dot_pipeline__pb2.ListPipelineRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamPipelineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/laneway.v1.BrokerService/StreamPipelineRun',
+            laneway_dot_v1_dot_pipeline__pb2.StreamPipelineRunRequest.SerializeToString,
+            laneway_dot_v1_dot_pipeline__pb2.StreamPipelineRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelPipelineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/CancelPipelineRun',
+            laneway_dot_v1_dot_pipeline__pb2.CancelPipelineRunRequest.SerializeToString,
+            laneway_dot_v1_dot_pipeline__pb2.CancelPipelineRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumePipelineRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/laneway.v1.BrokerService/ResumePipelineRun',
+            laneway_dot_v1_dot_pipeline__pb2.ResumePipelineRunRequest.SerializeToString,
+            laneway_dot_v1_dot_pipeline__pb2.ResumePipelineRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from laneway.v1 import broker_service_pb2 as _broker_service_pb2
 from laneway.v1 import ops_pb2 as _ops_pb2
+from laneway.v1 import pipeline_pb2 as _pipeline_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -70,6 +71,36 @@ class BrokerServiceStub:
     """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health."""
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_ops_pb2.GetServerInfoRequest, _ops_pb2.GetServerInfoResponse]
     """The broker's version, the limits every request must stay within, and its routes."""
+    ListWebhookDeadLetters: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.ListWebhookDeadLettersRequest, _broker_service_pb2.ListWebhookDeadLettersResponse]
+    """Webhook deliveries that ran out of retries, oldest first, a page at a time."""
+    GetWebhookDeadLetter: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.GetWebhookDeadLetterRequest, _broker_service_pb2.GetWebhookDeadLetterResponse]
+    """One webhook dead letter in full (its body too)."""
+    RedeliverWebhookDeadLetters: _grpc.UnaryUnaryMultiCallable[_broker_service_pb2.RedeliverWebhookDeadLettersRequest, _broker_service_pb2.RedeliverWebhookDeadLettersResponse]
+    """Queue webhook dead letters for delivery again: the same webhook-id and body,
+    a fresh retry horizon. Each is answered on its own.
+    """
+    StartPipeline: _grpc.UnaryUnaryMultiCallable[_pipeline_pb2.StartPipelineRequest, _pipeline_pb2.StartPipelineResponse]
+    """Start a run of a configured pipeline (docs/pipelines.md). Returns once the run
+    is durably stored; its steps then run whatever broker or worker fails.
+    """
+    GetPipelineRun: _grpc.UnaryUnaryMultiCallable[_pipeline_pb2.GetPipelineRunRequest, _pipeline_pb2.GetPipelineRunResponse]
+    """The run as it stands: its state, and each step's state, timings and jobs."""
+    ListPipelineRuns: _grpc.UnaryUnaryMultiCallable[_pipeline_pb2.ListPipelineRunsRequest, _pipeline_pb2.ListPipelineRunsResponse]
+    """Pipeline runs, oldest first, a page at a time (the caller's tenant's only)."""
+    StreamPipelineRun: _grpc.UnaryStreamMultiCallable[_pipeline_pb2.StreamPipelineRunRequest, _pipeline_pb2.StreamPipelineRunResponse]
+    """The run's log from its start (or after resume_after) until it ends: every
+    step's start and end and every job's final state, in order. Late joiners get
+    the whole history first.
+    """
+    CancelPipelineRun: _grpc.UnaryUnaryMultiCallable[_pipeline_pb2.CancelPipelineRunRequest, _pipeline_pb2.CancelPipelineRunResponse]
+    """End a run that has not ended: its jobs still queued or running are cancelled.
+    Idempotent.
+    """
+    ResumePipelineRun: _grpc.UnaryUnaryMultiCallable[_pipeline_pb2.ResumePipelineRunRequest, _pipeline_pb2.ResumePipelineRunResponse]
+    """Redrive a failed run: the items of its failed step that did not succeed run
+    again as new jobs (job ids "<run>-<step>-<item>-<n>"), and the run goes on from
+    there; finished steps are not run again.
+    """
 
 @_typing.type_check_only
 class BrokerServiceAsyncStub(BrokerServiceStub):
@@ -112,6 +143,36 @@ class BrokerServiceAsyncStub(BrokerServiceStub):
     """Live view: per route and lane queue depth, leases, oldest wait and deliveries, plus provider health."""
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_ops_pb2.GetServerInfoRequest, _ops_pb2.GetServerInfoResponse]  # type: ignore[assignment]
     """The broker's version, the limits every request must stay within, and its routes."""
+    ListWebhookDeadLetters: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.ListWebhookDeadLettersRequest, _broker_service_pb2.ListWebhookDeadLettersResponse]  # type: ignore[assignment]
+    """Webhook deliveries that ran out of retries, oldest first, a page at a time."""
+    GetWebhookDeadLetter: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.GetWebhookDeadLetterRequest, _broker_service_pb2.GetWebhookDeadLetterResponse]  # type: ignore[assignment]
+    """One webhook dead letter in full (its body too)."""
+    RedeliverWebhookDeadLetters: _aio.UnaryUnaryMultiCallable[_broker_service_pb2.RedeliverWebhookDeadLettersRequest, _broker_service_pb2.RedeliverWebhookDeadLettersResponse]  # type: ignore[assignment]
+    """Queue webhook dead letters for delivery again: the same webhook-id and body,
+    a fresh retry horizon. Each is answered on its own.
+    """
+    StartPipeline: _aio.UnaryUnaryMultiCallable[_pipeline_pb2.StartPipelineRequest, _pipeline_pb2.StartPipelineResponse]  # type: ignore[assignment]
+    """Start a run of a configured pipeline (docs/pipelines.md). Returns once the run
+    is durably stored; its steps then run whatever broker or worker fails.
+    """
+    GetPipelineRun: _aio.UnaryUnaryMultiCallable[_pipeline_pb2.GetPipelineRunRequest, _pipeline_pb2.GetPipelineRunResponse]  # type: ignore[assignment]
+    """The run as it stands: its state, and each step's state, timings and jobs."""
+    ListPipelineRuns: _aio.UnaryUnaryMultiCallable[_pipeline_pb2.ListPipelineRunsRequest, _pipeline_pb2.ListPipelineRunsResponse]  # type: ignore[assignment]
+    """Pipeline runs, oldest first, a page at a time (the caller's tenant's only)."""
+    StreamPipelineRun: _aio.UnaryStreamMultiCallable[_pipeline_pb2.StreamPipelineRunRequest, _pipeline_pb2.StreamPipelineRunResponse]  # type: ignore[assignment]
+    """The run's log from its start (or after resume_after) until it ends: every
+    step's start and end and every job's final state, in order. Late joiners get
+    the whole history first.
+    """
+    CancelPipelineRun: _aio.UnaryUnaryMultiCallable[_pipeline_pb2.CancelPipelineRunRequest, _pipeline_pb2.CancelPipelineRunResponse]  # type: ignore[assignment]
+    """End a run that has not ended: its jobs still queued or running are cancelled.
+    Idempotent.
+    """
+    ResumePipelineRun: _aio.UnaryUnaryMultiCallable[_pipeline_pb2.ResumePipelineRunRequest, _pipeline_pb2.ResumePipelineRunResponse]  # type: ignore[assignment]
+    """Redrive a failed run: the items of its failed step that did not succeed run
+    again as new jobs (job ids "<run>-<step>-<item>-<n>"), and the run goes on from
+    there; finished steps are not run again.
+    """
 
 class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Laneway's broker: submit AI jobs, follow their events, poll and cancel them.
@@ -217,5 +278,89 @@ class BrokerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ops_pb2.GetServerInfoResponse, _abc.Awaitable[_ops_pb2.GetServerInfoResponse]]:
         """The broker's version, the limits every request must stay within, and its routes."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeadLetters(
+        self,
+        request: _broker_service_pb2.ListWebhookDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_service_pb2.ListWebhookDeadLettersResponse, _abc.Awaitable[_broker_service_pb2.ListWebhookDeadLettersResponse]]:
+        """Webhook deliveries that ran out of retries, oldest first, a page at a time."""
+
+    @_abc_1.abstractmethod
+    def GetWebhookDeadLetter(
+        self,
+        request: _broker_service_pb2.GetWebhookDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_service_pb2.GetWebhookDeadLetterResponse, _abc.Awaitable[_broker_service_pb2.GetWebhookDeadLetterResponse]]:
+        """One webhook dead letter in full (its body too)."""
+
+    @_abc_1.abstractmethod
+    def RedeliverWebhookDeadLetters(
+        self,
+        request: _broker_service_pb2.RedeliverWebhookDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_service_pb2.RedeliverWebhookDeadLettersResponse, _abc.Awaitable[_broker_service_pb2.RedeliverWebhookDeadLettersResponse]]:
+        """Queue webhook dead letters for delivery again: the same webhook-id and body,
+        a fresh retry horizon. Each is answered on its own.
+        """
+
+    @_abc_1.abstractmethod
+    def StartPipeline(
+        self,
+        request: _pipeline_pb2.StartPipelineRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_pb2.StartPipelineResponse, _abc.Awaitable[_pipeline_pb2.StartPipelineResponse]]:
+        """Start a run of a configured pipeline (docs/pipelines.md). Returns once the run
+        is durably stored; its steps then run whatever broker or worker fails.
+        """
+
+    @_abc_1.abstractmethod
+    def GetPipelineRun(
+        self,
+        request: _pipeline_pb2.GetPipelineRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_pb2.GetPipelineRunResponse, _abc.Awaitable[_pipeline_pb2.GetPipelineRunResponse]]:
+        """The run as it stands: its state, and each step's state, timings and jobs."""
+
+    @_abc_1.abstractmethod
+    def ListPipelineRuns(
+        self,
+        request: _pipeline_pb2.ListPipelineRunsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_pb2.ListPipelineRunsResponse, _abc.Awaitable[_pipeline_pb2.ListPipelineRunsResponse]]:
+        """Pipeline runs, oldest first, a page at a time (the caller's tenant's only)."""
+
+    @_abc_1.abstractmethod
+    def StreamPipelineRun(
+        self,
+        request: _pipeline_pb2.StreamPipelineRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_pipeline_pb2.StreamPipelineRunResponse], _abc.AsyncIterator[_pipeline_pb2.StreamPipelineRunResponse]]:
+        """The run's log from its start (or after resume_after) until it ends: every
+        step's start and end and every job's final state, in order. Late joiners get
+        the whole history first.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelPipelineRun(
+        self,
+        request: _pipeline_pb2.CancelPipelineRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_pb2.CancelPipelineRunResponse, _abc.Awaitable[_pipeline_pb2.CancelPipelineRunResponse]]:
+        """End a run that has not ended: its jobs still queued or running are cancelled.
+        Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumePipelineRun(
+        self,
+        request: _pipeline_pb2.ResumePipelineRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_pipeline_pb2.ResumePipelineRunResponse, _abc.Awaitable[_pipeline_pb2.ResumePipelineRunResponse]]:
+        """Redrive a failed run: the items of its failed step that did not succeed run
+        again as new jobs (job ids "<run>-<step>-<item>-<n>"), and the run goes on from
+        there; finished steps are not run again.
+        """
 
 def add_BrokerServiceServicer_to_server(servicer: BrokerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

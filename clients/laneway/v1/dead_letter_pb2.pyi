@@ -207,3 +207,103 @@ class DeadLetterFilter(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeadLetterFilter: _TypeAlias = DeadLetterFilter  # noqa: Y015
+
+@_typing.final
+class WebhookDeadLetter(_message.Message):
+    """A webhook delivery that ran out of retries (or whose address was refused),
+    kept in LANEWAY_WEBHOOK_DLQ until redelivered or aged out (dlq.max_age).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_STATUS_FIELD_NUMBER: _builtins.int
+    DEAD_LETTER_TIME_FIELD_NUMBER: _builtins.int
+    TENANT_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    """Its sequence in the webhook dead-letter stream: what GetWebhookDeadLetter and
+    RedeliverWebhookDeadLetters take.
+    """
+    webhook_id: _builtins.str
+    """The webhook-id header of every attempt (and of a redelivery)."""
+    job_id: _builtins.str
+    event_seq: _builtins.int
+    """seq of the job's event it delivers."""
+    endpoint: _builtins.str
+    """"job" for the job's own webhooks, "<route>#<index>" for a route's
+    subscription (as WebhookDelivery.source).
+    """
+    url: _builtins.str
+    """The webhook's URL with user info and query string masked."""
+    reason: _builtins.str
+    """Why it was dead-lettered ("HTTP 500", "address refused: ...", ...)."""
+    attempts: _builtins.int
+    last_status: _builtins.int
+    """HTTP status of the last answer; 0 when there was none."""
+    tenant: _builtins.str
+    """The tenant of the job; empty without authentication."""
+    body: _builtins.str
+    """The request body as sent (the JobEvent in protobuf's JSON mapping):
+    GetWebhookDeadLetter only, empty in lists.
+    """
+    @_builtins.property
+    def dead_letter_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        webhook_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        event_seq: _builtins.int = ...,
+        endpoint: _builtins.str = ...,
+        url: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        last_status: _builtins.int = ...,
+        dead_letter_time: _timestamp_pb2.Timestamp | None = ...,
+        tenant: _builtins.str = ...,
+        body: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter_time", b"dead_letter_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "body", b"body", "dead_letter_time", b"dead_letter_time", "endpoint", b"endpoint", "event_seq", b"event_seq", "job_id", b"job_id", "last_status", b"last_status", "reason", b"reason", "seq", b"seq", "tenant", b"tenant", "url", b"url", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDeadLetter: _TypeAlias = WebhookDeadLetter  # noqa: Y015
+
+@_typing.final
+class WebhookDeadLetterFilter(_message.Message):
+    """Which webhook dead letters a list or redelivery applies to. Unset fields match
+    all; set fields must all match.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """Only this source: "job" or "<route>#<index>" (WebhookDeadLetter.endpoint)."""
+    job_id: _builtins.str
+    """Only this job's."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDeadLetterFilter: _TypeAlias = WebhookDeadLetterFilter  # noqa: Y015

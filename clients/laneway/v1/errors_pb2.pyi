@@ -104,6 +104,18 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     rate, jobs queued at once). Nothing was enqueued. Metadata: tenant, quota,
     limit. A QuotaFailure detail names the quota; RetryInfo says when to retry.
     """
+    ERROR_REASON_UNKNOWN_WEBHOOK_DEAD_LETTER: _ErrorReason.ValueType  # 18
+    """NOT_FOUND. No webhook dead letter has this seq (never existed, already
+    redelivered, or aged out), or it belongs to another tenant. Metadata: seq.
+    """
+    ERROR_REASON_UNKNOWN_PIPELINE: _ErrorReason.ValueType  # 19
+    """INVALID_ARGUMENT. StartPipelineRequest.pipeline names no configured pipeline.
+    Metadata: field, pipeline.
+    """
+    ERROR_REASON_UNKNOWN_PIPELINE_RUN: _ErrorReason.ValueType  # 20
+    """NOT_FOUND. No pipeline run has this id (never existed, or its log has aged
+    out), or it belongs to another tenant. Metadata: run_id.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why an RPC (or one item of a batch) failed.
@@ -203,5 +215,17 @@ ERROR_REASON_QUOTA_EXCEEDED: ErrorReason.ValueType  # 17
 """RESOURCE_EXHAUSTED. The caller's tenant is over one of its quotas (submit
 rate, jobs queued at once). Nothing was enqueued. Metadata: tenant, quota,
 limit. A QuotaFailure detail names the quota; RetryInfo says when to retry.
+"""
+ERROR_REASON_UNKNOWN_WEBHOOK_DEAD_LETTER: ErrorReason.ValueType  # 18
+"""NOT_FOUND. No webhook dead letter has this seq (never existed, already
+redelivered, or aged out), or it belongs to another tenant. Metadata: seq.
+"""
+ERROR_REASON_UNKNOWN_PIPELINE: ErrorReason.ValueType  # 19
+"""INVALID_ARGUMENT. StartPipelineRequest.pipeline names no configured pipeline.
+Metadata: field, pipeline.
+"""
+ERROR_REASON_UNKNOWN_PIPELINE_RUN: ErrorReason.ValueType  # 20
+"""NOT_FOUND. No pipeline run has this id (never existed, or its log has aged
+out), or it belongs to another tenant. Metadata: run_id.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

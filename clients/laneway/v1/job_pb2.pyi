@@ -367,6 +367,56 @@ kept handing it back (state DEAD_LETTERED).
 """
 Global___JobErrorCode: _TypeAlias = JobErrorCode  # noqa: Y015
 
+class _WebhookDeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookDeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookDeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_DELIVERY_STATE_UNSPECIFIED: _WebhookDeliveryState.ValueType  # 0
+    WEBHOOK_DELIVERY_STATE_PENDING: _WebhookDeliveryState.ValueType  # 1
+    """Queued, not attempted yet (or waiting for an earlier event of the same
+    webhook, or for its endpoint's circuit to close).
+    """
+    WEBHOOK_DELIVERY_STATE_DELIVERED: _WebhookDeliveryState.ValueType  # 2
+    """The receiver answered 2xx. Final."""
+    WEBHOOK_DELIVERY_STATE_RETRYING: _WebhookDeliveryState.ValueType  # 3
+    """The last attempt failed (an error status or no answer); next_attempt_time
+    says when the next one is due.
+    """
+    WEBHOOK_DELIVERY_STATE_DEAD_LETTERED: _WebhookDeliveryState.ValueType  # 4
+    """Out of retries (webhooks.max_age_s) or its address was refused: it is in the
+    webhook dead letters (ListWebhookDeadLetters); a redelivery makes it PENDING.
+    """
+    WEBHOOK_DELIVERY_STATE_DISABLED: _WebhookDeliveryState.ValueType  # 5
+    """Not delivered because the webhook is disabled: this delivery, or an earlier
+    one of the same webhook, was answered 410 Gone (last_status says which).
+    """
+
+class WebhookDeliveryState(_WebhookDeliveryState, metaclass=_WebhookDeliveryStateEnumTypeWrapper):
+    """Where one webhook delivery (one event for one webhook) stands."""
+
+WEBHOOK_DELIVERY_STATE_UNSPECIFIED: WebhookDeliveryState.ValueType  # 0
+WEBHOOK_DELIVERY_STATE_PENDING: WebhookDeliveryState.ValueType  # 1
+"""Queued, not attempted yet (or waiting for an earlier event of the same
+webhook, or for its endpoint's circuit to close).
+"""
+WEBHOOK_DELIVERY_STATE_DELIVERED: WebhookDeliveryState.ValueType  # 2
+"""The receiver answered 2xx. Final."""
+WEBHOOK_DELIVERY_STATE_RETRYING: WebhookDeliveryState.ValueType  # 3
+"""The last attempt failed (an error status or no answer); next_attempt_time
+says when the next one is due.
+"""
+WEBHOOK_DELIVERY_STATE_DEAD_LETTERED: WebhookDeliveryState.ValueType  # 4
+"""Out of retries (webhooks.max_age_s) or its address was refused: it is in the
+webhook dead letters (ListWebhookDeadLetters); a redelivery makes it PENDING.
+"""
+WEBHOOK_DELIVERY_STATE_DISABLED: WebhookDeliveryState.ValueType  # 5
+"""Not delivered because the webhook is disabled: this delivery, or an earlier
+one of the same webhook, was answered 410 Gone (last_status says which).
+"""
+Global___WebhookDeliveryState: _TypeAlias = WebhookDeliveryState  # noqa: Y015
+
 @_typing.final
 class ChatMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1096,6 +1146,7 @@ class Job(_message.Message):
     SUPERSEDED_BY_FIELD_NUMBER: _builtins.int
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     TENANT_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     state: Global___JobState.ValueType
     route: _builtins.str
@@ -1149,6 +1200,13 @@ class Job(_message.Message):
         last failed attempt's error while RETRYING.
         """
 
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """Webhook deliveries of the job's events (its own notify webhooks and its
+        route's subscriptions), as the webhook delivery process last recorded them;
+        empty when webhooks are not configured or none was made. Kept 7 days.
+        """
+
     def __init__(
         self,
         *,
@@ -1171,13 +1229,85 @@ class Job(_message.Message):
         superseded_by: _builtins.str = ...,
         last_seq: _builtins.int = ...,
         tenant: _builtins.str = ...,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "not_before_time", b"not_before_time", "outcome", b"outcome", "result", b"result", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "job_id", b"job_id", "lane", b"lane", "last_seq", b"last_seq", "metadata", b"metadata", "model", b"model", "not_before_time", b"not_before_time", "outcome", b"outcome", "provider", b"provider", "result", b"result", "route", b"route", "start_time", b"start_time", "state", b"state", "superseded_by", b"superseded_by", "tenant", b"tenant", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "deliveries", b"deliveries", "end_time", b"end_time", "enqueue_time", b"enqueue_time", "error", b"error", "job_id", b"job_id", "lane", b"lane", "last_seq", b"last_seq", "metadata", b"metadata", "model", b"model", "not_before_time", b"not_before_time", "outcome", b"outcome", "provider", b"provider", "result", b"result", "route", b"route", "start_time", b"start_time", "state", b"state", "superseded_by", b"superseded_by", "tenant", b"tenant", "text", b"text", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["result", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One event of a job sent to one webhook: its attempts and how the last went."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    EVENT_SEQ_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_STATUS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The webhook-id header the receiver gets (stable across retries and
+    redeliveries: receivers dedupe on it).
+    """
+    endpoint: _builtins.str
+    """The webhook's URL with any user info and query string masked ("***"): never
+    a secret.
+    """
+    source: _builtins.str
+    """"job" for one of the job's own webhooks (JobSpec.notify), "<route>#<index>"
+    for a route's standing subscription (webhooks.subscriptions).
+    """
+    event_seq: _builtins.int
+    """seq of the event delivered."""
+    state: Global___WebhookDeliveryState.ValueType
+    attempts: _builtins.int
+    """HTTP requests made so far (0 while PENDING before the first)."""
+    last_status: _builtins.int
+    """HTTP status of the last answer; 0 when there was none (no attempt yet, a
+    connection error or a timeout: last_error says which).
+    """
+    last_error: _builtins.str
+    """Why the last attempt failed, short, with credentials masked; empty after a
+    success.
+    """
+    @_builtins.property
+    def last_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last attempt was made; unset before the first."""
+
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """RETRYING only: when the next attempt is due."""
+
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+        endpoint: _builtins.str = ...,
+        source: _builtins.str = ...,
+        event_seq: _builtins.int = ...,
+        state: Global___WebhookDeliveryState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_status: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        last_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_attempt_time", b"last_attempt_time", "next_attempt_time", b"next_attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "endpoint", b"endpoint", "event_seq", b"event_seq", "last_attempt_time", b"last_attempt_time", "last_error", b"last_error", "last_status", b"last_status", "next_attempt_time", b"next_attempt_time", "source", b"source", "state", b"state", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015

@@ -4,7 +4,7 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { DeadLetter, DeadLetterFilter } from "./dead_letter_pb.js";
+import type { DeadLetter, DeadLetterFilter, WebhookDeadLetter, WebhookDeadLetterFilter } from "./dead_letter_pb.js";
 import { file_laneway_v1_dead_letter } from "./dead_letter_pb.js";
 import type { ErrorReason } from "./errors_pb.js";
 import { file_laneway_v1_errors } from "./errors_pb.js";
@@ -12,13 +12,15 @@ import type { Job, JobEvent, JobSpec, JobState, Lane } from "./job_pb.js";
 import { file_laneway_v1_job } from "./job_pb.js";
 import type { GetProviderHealthRequestSchema, GetProviderHealthResponseSchema, GetServerInfoRequestSchema, GetServerInfoResponseSchema, GetStatsRequestSchema, GetStatsResponseSchema } from "./ops_pb.js";
 import { file_laneway_v1_ops } from "./ops_pb.js";
+import type { CancelPipelineRunRequestSchema, CancelPipelineRunResponseSchema, GetPipelineRunRequestSchema, GetPipelineRunResponseSchema, ListPipelineRunsRequestSchema, ListPipelineRunsResponseSchema, ResumePipelineRunRequestSchema, ResumePipelineRunResponseSchema, StartPipelineRequestSchema, StartPipelineResponseSchema, StreamPipelineRunRequestSchema, StreamPipelineRunResponseSchema } from "./pipeline_pb.js";
+import { file_laneway_v1_pipeline } from "./pipeline_pb.js";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file laneway/v1/broker_service.proto.
  */
 export const file_laneway_v1_broker_service: GenFile = /*@__PURE__*/
-  fileDesc("Ch9sYW5ld2F5L3YxL2Jyb2tlcl9zZXJ2aWNlLnByb3RvEgpsYW5ld2F5LnYxIjEKDVN1Ym1pdFJlcXVlc3QSIAoDam9iGAEgASgLMhMubGFuZXdheS52MS5Kb2JTcGVjIjMKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRIRCglkdXBsaWNhdGUYAiABKAgiNwoSU3VibWl0QmF0Y2hSZXF1ZXN0EiEKBGpvYnMYASADKAsyEy5sYW5ld2F5LnYxLkpvYlNwZWMi1AEKDkJhdGNoSXRlbUVycm9yEgwKBGNvZGUYASABKAUSDwoHbWVzc2FnZRgCIAEoCRINCgVmaWVsZBgDIAEoCRInCgZyZWFzb24YBCABKA4yFy5sYW5ld2F5LnYxLkVycm9yUmVhc29uEjoKCG1ldGFkYXRhGAUgAygLMigubGFuZXdheS52MS5CYXRjaEl0ZW1FcnJvci5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJsCg1TdWJtaXRPdXRjb21lEhAKBmpvYl9pZBgBIAEoCUgAEisKBWVycm9yGAMgASgLMhoubGFuZXdheS52MS5CYXRjaEl0ZW1FcnJvckgAEhEKCWR1cGxpY2F0ZRgCIAEoCEIJCgdvdXRjb21lIkIKE1N1Ym1pdEJhdGNoUmVzcG9uc2USKwoIb3V0Y29tZXMYASADKAsyGS5sYW5ld2F5LnYxLlN1Ym1pdE91dGNvbWUiuAEKFFN0cmVhbVJlc3VsdHNSZXF1ZXN0Eg8KB2pvYl9pZHMYASADKAkSRwoMcmVzdW1lX2FmdGVyGAIgAygLMjEubGFuZXdheS52MS5TdHJlYW1SZXN1bHRzUmVxdWVzdC5SZXN1bWVBZnRlckVudHJ5EhIKCmZpbmFsX29ubHkYAyABKAgaMgoQUmVzdW1lQWZ0ZXJFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAQ6AjgBIjwKFVN0cmVhbVJlc3VsdHNSZXNwb25zZRIjCgVldmVudBgBIAEoCzIULmxhbmV3YXkudjEuSm9iRXZlbnQicwoKUnVuUmVxdWVzdBIgCgNqb2IYASABKAsyEy5sYW5ld2F5LnYxLkpvYlNwZWMSEgoKZmluYWxfb25seRgCIAEoCBIvCg1vbl9kaXNjb25uZWN0GAMgASgOMhgubGFuZXdheS52MS5PbkRpc2Nvbm5lY3QiRQoLUnVuUmVzcG9uc2USIwoFZXZlbnQYASABKAsyFC5sYW5ld2F5LnYxLkpvYkV2ZW50EhEKCWR1cGxpY2F0ZRgCIAEoCCIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIuCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5sYW5ld2F5LnYxLkpvYiIyChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiSwoRQ2FuY2VsSm9iUmVzcG9uc2USIwoFc3RhdGUYASABKA4yFC5sYW5ld2F5LnYxLkpvYlN0YXRlEhEKCWNhbmNlbGxlZBgCIAEoCCJtChZMaXN0RGVhZExldHRlcnNSZXF1ZXN0EiwKBmZpbHRlchgBIAEoCzIcLmxhbmV3YXkudjEuRGVhZExldHRlckZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJgChdMaXN0RGVhZExldHRlcnNSZXNwb25zZRIsCgxkZWFkX2xldHRlcnMYASADKAsyFi5sYW5ld2F5LnYxLkRlYWRMZXR0ZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIrsBChlSZWRyaXZlRGVhZExldHRlcnNSZXF1ZXN0EiwKBmZpbHRlchgBIAEoCzIcLmxhbmV3YXkudjEuRGVhZExldHRlckZpbHRlchILCgNhbGwYAiABKAgSFAoMdGFyZ2V0X3JvdXRlGAMgASgJEiUKC3RhcmdldF9sYW5lGAQgASgOMhAubGFuZXdheS52MS5MYW5lEhcKD3JhdGVfcGVyX3NlY29uZBgFIAEoARINCgVsaW1pdBgGIAEoBSJoCghSZWRyaXZlbhIOCgZqb2JfaWQYASABKAkSFAoKbmV3X2pvYl9pZBgCIAEoCUgAEisKBWVycm9yGAMgASgLMhoubGFuZXdheS52MS5CYXRjaEl0ZW1FcnJvckgAQgkKB291dGNvbWUiRAoaUmVkcml2ZURlYWRMZXR0ZXJzUmVzcG9uc2USJgoIcmVkcml2ZW4YASADKAsyFC5sYW5ld2F5LnYxLlJlZHJpdmVuKmMKDE9uRGlzY29ubmVjdBIdChlPTl9ESVNDT05ORUNUX1VOU1BFQ0lGSUVEEAASGgoWT05fRElTQ09OTkVDVF9DT05USU5VRRABEhgKFE9OX0RJU0NPTk5FQ1RfQ0FOQ0VMEAIy/QYKDUJyb2tlclNlcnZpY2USPwoGU3VibWl0EhkubGFuZXdheS52MS5TdWJtaXRSZXF1ZXN0GhoubGFuZXdheS52MS5TdWJtaXRSZXNwb25zZRJOCgtTdWJtaXRCYXRjaBIeLmxhbmV3YXkudjEuU3VibWl0QmF0Y2hSZXF1ZXN0Gh8ubGFuZXdheS52MS5TdWJtaXRCYXRjaFJlc3BvbnNlElYKDVN0cmVhbVJlc3VsdHMSIC5sYW5ld2F5LnYxLlN0cmVhbVJlc3VsdHNSZXF1ZXN0GiEubGFuZXdheS52MS5TdHJlYW1SZXN1bHRzUmVzcG9uc2UwARI4CgNSdW4SFi5sYW5ld2F5LnYxLlJ1blJlcXVlc3QaFy5sYW5ld2F5LnYxLlJ1blJlc3BvbnNlMAESPwoGR2V0Sm9iEhkubGFuZXdheS52MS5HZXRKb2JSZXF1ZXN0GhoubGFuZXdheS52MS5HZXRKb2JSZXNwb25zZRJICglDYW5jZWxKb2ISHC5sYW5ld2F5LnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5sYW5ld2F5LnYxLkNhbmNlbEpvYlJlc3BvbnNlEloKD0xpc3REZWFkTGV0dGVycxIiLmxhbmV3YXkudjEuTGlzdERlYWRMZXR0ZXJzUmVxdWVzdBojLmxhbmV3YXkudjEuTGlzdERlYWRMZXR0ZXJzUmVzcG9uc2USYwoSUmVkcml2ZURlYWRMZXR0ZXJzEiUubGFuZXdheS52MS5SZWRyaXZlRGVhZExldHRlcnNSZXF1ZXN0GiYubGFuZXdheS52MS5SZWRyaXZlRGVhZExldHRlcnNSZXNwb25zZRJgChFHZXRQcm92aWRlckhlYWx0aBIkLmxhbmV3YXkudjEuR2V0UHJvdmlkZXJIZWFsdGhSZXF1ZXN0GiUubGFuZXdheS52MS5HZXRQcm92aWRlckhlYWx0aFJlc3BvbnNlEkUKCEdldFN0YXRzEhsubGFuZXdheS52MS5HZXRTdGF0c1JlcXVlc3QaHC5sYW5ld2F5LnYxLkdldFN0YXRzUmVzcG9uc2USVAoNR2V0U2VydmVySW5mbxIgLmxhbmV3YXkudjEuR2V0U2VydmVySW5mb1JlcXVlc3QaIS5sYW5ld2F5LnYxLkdldFNlcnZlckluZm9SZXNwb25zZUKQAQoOZGV2LmxhbmV3YXkudjFCEkJyb2tlclNlcnZpY2VQcm90b1ABWjpnaXRodWIuY29tL2xhbmV3YXktZGV2L2xhbmV3YXkvZ2VuL2dvL2xhbmV3YXkvdjE7bGFuZXdheXYxogIDTFdZqgIKTGFuZXdheS5WMcoCCkxhbmV3YXlcVjHqAgtMYW5ld2F5OjpWMWIGcHJvdG8z", [file_laneway_v1_dead_letter, file_laneway_v1_errors, file_laneway_v1_job, file_laneway_v1_ops]);
+  fileDesc("Ch9sYW5ld2F5L3YxL2Jyb2tlcl9zZXJ2aWNlLnByb3RvEgpsYW5ld2F5LnYxIjEKDVN1Ym1pdFJlcXVlc3QSIAoDam9iGAEgASgLMhMubGFuZXdheS52MS5Kb2JTcGVjIjMKDlN1Ym1pdFJlc3BvbnNlEg4KBmpvYl9pZBgBIAEoCRIRCglkdXBsaWNhdGUYAiABKAgiNwoSU3VibWl0QmF0Y2hSZXF1ZXN0EiEKBGpvYnMYASADKAsyEy5sYW5ld2F5LnYxLkpvYlNwZWMi1AEKDkJhdGNoSXRlbUVycm9yEgwKBGNvZGUYASABKAUSDwoHbWVzc2FnZRgCIAEoCRINCgVmaWVsZBgDIAEoCRInCgZyZWFzb24YBCABKA4yFy5sYW5ld2F5LnYxLkVycm9yUmVhc29uEjoKCG1ldGFkYXRhGAUgAygLMigubGFuZXdheS52MS5CYXRjaEl0ZW1FcnJvci5NZXRhZGF0YUVudHJ5Gi8KDU1ldGFkYXRhRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJsCg1TdWJtaXRPdXRjb21lEhAKBmpvYl9pZBgBIAEoCUgAEisKBWVycm9yGAMgASgLMhoubGFuZXdheS52MS5CYXRjaEl0ZW1FcnJvckgAEhEKCWR1cGxpY2F0ZRgCIAEoCEIJCgdvdXRjb21lIkIKE1N1Ym1pdEJhdGNoUmVzcG9uc2USKwoIb3V0Y29tZXMYASADKAsyGS5sYW5ld2F5LnYxLlN1Ym1pdE91dGNvbWUiuAEKFFN0cmVhbVJlc3VsdHNSZXF1ZXN0Eg8KB2pvYl9pZHMYASADKAkSRwoMcmVzdW1lX2FmdGVyGAIgAygLMjEubGFuZXdheS52MS5TdHJlYW1SZXN1bHRzUmVxdWVzdC5SZXN1bWVBZnRlckVudHJ5EhIKCmZpbmFsX29ubHkYAyABKAgaMgoQUmVzdW1lQWZ0ZXJFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAQ6AjgBIjwKFVN0cmVhbVJlc3VsdHNSZXNwb25zZRIjCgVldmVudBgBIAEoCzIULmxhbmV3YXkudjEuSm9iRXZlbnQicwoKUnVuUmVxdWVzdBIgCgNqb2IYASABKAsyEy5sYW5ld2F5LnYxLkpvYlNwZWMSEgoKZmluYWxfb25seRgCIAEoCBIvCg1vbl9kaXNjb25uZWN0GAMgASgOMhgubGFuZXdheS52MS5PbkRpc2Nvbm5lY3QiRQoLUnVuUmVzcG9uc2USIwoFZXZlbnQYASABKAsyFC5sYW5ld2F5LnYxLkpvYkV2ZW50EhEKCWR1cGxpY2F0ZRgCIAEoCCIfCg1HZXRKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIuCg5HZXRKb2JSZXNwb25zZRIcCgNqb2IYASABKAsyDy5sYW5ld2F5LnYxLkpvYiIyChBDYW5jZWxKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIOCgZyZWFzb24YAiABKAkiSwoRQ2FuY2VsSm9iUmVzcG9uc2USIwoFc3RhdGUYASABKA4yFC5sYW5ld2F5LnYxLkpvYlN0YXRlEhEKCWNhbmNlbGxlZBgCIAEoCCJtChZMaXN0RGVhZExldHRlcnNSZXF1ZXN0EiwKBmZpbHRlchgBIAEoCzIcLmxhbmV3YXkudjEuRGVhZExldHRlckZpbHRlchIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCSJgChdMaXN0RGVhZExldHRlcnNSZXNwb25zZRIsCgxkZWFkX2xldHRlcnMYASADKAsyFi5sYW5ld2F5LnYxLkRlYWRMZXR0ZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIrsBChlSZWRyaXZlRGVhZExldHRlcnNSZXF1ZXN0EiwKBmZpbHRlchgBIAEoCzIcLmxhbmV3YXkudjEuRGVhZExldHRlckZpbHRlchILCgNhbGwYAiABKAgSFAoMdGFyZ2V0X3JvdXRlGAMgASgJEiUKC3RhcmdldF9sYW5lGAQgASgOMhAubGFuZXdheS52MS5MYW5lEhcKD3JhdGVfcGVyX3NlY29uZBgFIAEoARINCgVsaW1pdBgGIAEoBSJoCghSZWRyaXZlbhIOCgZqb2JfaWQYASABKAkSFAoKbmV3X2pvYl9pZBgCIAEoCUgAEisKBWVycm9yGAMgASgLMhoubGFuZXdheS52MS5CYXRjaEl0ZW1FcnJvckgAQgkKB291dGNvbWUiRAoaUmVkcml2ZURlYWRMZXR0ZXJzUmVzcG9uc2USJgoIcmVkcml2ZW4YASADKAsyFC5sYW5ld2F5LnYxLlJlZHJpdmVuInsKHUxpc3RXZWJob29rRGVhZExldHRlcnNSZXF1ZXN0EjMKBmZpbHRlchgBIAEoCzIjLmxhbmV3YXkudjEuV2ViaG9va0RlYWRMZXR0ZXJGaWx0ZXISEQoJcGFnZV9zaXplGAIgASgFEhIKCnBhZ2VfdG9rZW4YAyABKAkibgoeTGlzdFdlYmhvb2tEZWFkTGV0dGVyc1Jlc3BvbnNlEjMKDGRlYWRfbGV0dGVycxgBIAMoCzIdLmxhbmV3YXkudjEuV2ViaG9va0RlYWRMZXR0ZXISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIioKG0dldFdlYmhvb2tEZWFkTGV0dGVyUmVxdWVzdBILCgNzZXEYASABKAQiUgocR2V0V2ViaG9va0RlYWRMZXR0ZXJSZXNwb25zZRIyCgtkZWFkX2xldHRlchgBIAEoCzIdLmxhbmV3YXkudjEuV2ViaG9va0RlYWRMZXR0ZXIigwEKIlJlZGVsaXZlcldlYmhvb2tEZWFkTGV0dGVyc1JlcXVlc3QSDAoEc2VxcxgBIAMoBBIzCgZmaWx0ZXIYAiABKAsyIy5sYW5ld2F5LnYxLldlYmhvb2tEZWFkTGV0dGVyRmlsdGVyEgsKA2FsbBgDIAEoCBINCgVsaW1pdBgEIAEoBSJZCgtSZWRlbGl2ZXJlZBILCgNzZXEYASABKAQSEgoKd2ViaG9va19pZBgCIAEoCRIpCgVlcnJvchgDIAEoCzIaLmxhbmV3YXkudjEuQmF0Y2hJdGVtRXJyb3IiUwojUmVkZWxpdmVyV2ViaG9va0RlYWRMZXR0ZXJzUmVzcG9uc2USLAoLcmVkZWxpdmVyZWQYASADKAsyFy5sYW5ld2F5LnYxLlJlZGVsaXZlcmVkKmMKDE9uRGlzY29ubmVjdBIdChlPTl9ESVNDT05ORUNUX1VOU1BFQ0lGSUVEEAASGgoWT05fRElTQ09OTkVDVF9DT05USU5VRRABEhgKFE9OX0RJU0NPTk5FQ1RfQ0FOQ0VMEAIyjw4KDUJyb2tlclNlcnZpY2USPwoGU3VibWl0EhkubGFuZXdheS52MS5TdWJtaXRSZXF1ZXN0GhoubGFuZXdheS52MS5TdWJtaXRSZXNwb25zZRJOCgtTdWJtaXRCYXRjaBIeLmxhbmV3YXkudjEuU3VibWl0QmF0Y2hSZXF1ZXN0Gh8ubGFuZXdheS52MS5TdWJtaXRCYXRjaFJlc3BvbnNlElYKDVN0cmVhbVJlc3VsdHMSIC5sYW5ld2F5LnYxLlN0cmVhbVJlc3VsdHNSZXF1ZXN0GiEubGFuZXdheS52MS5TdHJlYW1SZXN1bHRzUmVzcG9uc2UwARI4CgNSdW4SFi5sYW5ld2F5LnYxLlJ1blJlcXVlc3QaFy5sYW5ld2F5LnYxLlJ1blJlc3BvbnNlMAESPwoGR2V0Sm9iEhkubGFuZXdheS52MS5HZXRKb2JSZXF1ZXN0GhoubGFuZXdheS52MS5HZXRKb2JSZXNwb25zZRJICglDYW5jZWxKb2ISHC5sYW5ld2F5LnYxLkNhbmNlbEpvYlJlcXVlc3QaHS5sYW5ld2F5LnYxLkNhbmNlbEpvYlJlc3BvbnNlEloKD0xpc3REZWFkTGV0dGVycxIiLmxhbmV3YXkudjEuTGlzdERlYWRMZXR0ZXJzUmVxdWVzdBojLmxhbmV3YXkudjEuTGlzdERlYWRMZXR0ZXJzUmVzcG9uc2USYwoSUmVkcml2ZURlYWRMZXR0ZXJzEiUubGFuZXdheS52MS5SZWRyaXZlRGVhZExldHRlcnNSZXF1ZXN0GiYubGFuZXdheS52MS5SZWRyaXZlRGVhZExldHRlcnNSZXNwb25zZRJgChFHZXRQcm92aWRlckhlYWx0aBIkLmxhbmV3YXkudjEuR2V0UHJvdmlkZXJIZWFsdGhSZXF1ZXN0GiUubGFuZXdheS52MS5HZXRQcm92aWRlckhlYWx0aFJlc3BvbnNlEkUKCEdldFN0YXRzEhsubGFuZXdheS52MS5HZXRTdGF0c1JlcXVlc3QaHC5sYW5ld2F5LnYxLkdldFN0YXRzUmVzcG9uc2USVAoNR2V0U2VydmVySW5mbxIgLmxhbmV3YXkudjEuR2V0U2VydmVySW5mb1JlcXVlc3QaIS5sYW5ld2F5LnYxLkdldFNlcnZlckluZm9SZXNwb25zZRJvChZMaXN0V2ViaG9va0RlYWRMZXR0ZXJzEikubGFuZXdheS52MS5MaXN0V2ViaG9va0RlYWRMZXR0ZXJzUmVxdWVzdBoqLmxhbmV3YXkudjEuTGlzdFdlYmhvb2tEZWFkTGV0dGVyc1Jlc3BvbnNlEmkKFEdldFdlYmhvb2tEZWFkTGV0dGVyEicubGFuZXdheS52MS5HZXRXZWJob29rRGVhZExldHRlclJlcXVlc3QaKC5sYW5ld2F5LnYxLkdldFdlYmhvb2tEZWFkTGV0dGVyUmVzcG9uc2USfgobUmVkZWxpdmVyV2ViaG9va0RlYWRMZXR0ZXJzEi4ubGFuZXdheS52MS5SZWRlbGl2ZXJXZWJob29rRGVhZExldHRlcnNSZXF1ZXN0Gi8ubGFuZXdheS52MS5SZWRlbGl2ZXJXZWJob29rRGVhZExldHRlcnNSZXNwb25zZRJUCg1TdGFydFBpcGVsaW5lEiAubGFuZXdheS52MS5TdGFydFBpcGVsaW5lUmVxdWVzdBohLmxhbmV3YXkudjEuU3RhcnRQaXBlbGluZVJlc3BvbnNlElcKDkdldFBpcGVsaW5lUnVuEiEubGFuZXdheS52MS5HZXRQaXBlbGluZVJ1blJlcXVlc3QaIi5sYW5ld2F5LnYxLkdldFBpcGVsaW5lUnVuUmVzcG9uc2USXQoQTGlzdFBpcGVsaW5lUnVucxIjLmxhbmV3YXkudjEuTGlzdFBpcGVsaW5lUnVuc1JlcXVlc3QaJC5sYW5ld2F5LnYxLkxpc3RQaXBlbGluZVJ1bnNSZXNwb25zZRJiChFTdHJlYW1QaXBlbGluZVJ1bhIkLmxhbmV3YXkudjEuU3RyZWFtUGlwZWxpbmVSdW5SZXF1ZXN0GiUubGFuZXdheS52MS5TdHJlYW1QaXBlbGluZVJ1blJlc3BvbnNlMAESYAoRQ2FuY2VsUGlwZWxpbmVSdW4SJC5sYW5ld2F5LnYxLkNhbmNlbFBpcGVsaW5lUnVuUmVxdWVzdBolLmxhbmV3YXkudjEuQ2FuY2VsUGlwZWxpbmVSdW5SZXNwb25zZRJgChFSZXN1bWVQaXBlbGluZVJ1bhIkLmxhbmV3YXkudjEuUmVzdW1lUGlwZWxpbmVSdW5SZXF1ZXN0GiUubGFuZXdheS52MS5SZXN1bWVQaXBlbGluZVJ1blJlc3BvbnNlQpABCg5kZXYubGFuZXdheS52MUISQnJva2VyU2VydmljZVByb3RvUAFaOmdpdGh1Yi5jb20vbGFuZXdheS1kZXYvbGFuZXdheS9nZW4vZ28vbGFuZXdheS92MTtsYW5ld2F5djGiAgNMV1mqAgpMYW5ld2F5LlYxygIKTGFuZXdheVxWMeoCC0xhbmV3YXk6OlYxYgZwcm90bzM", [file_laneway_v1_dead_letter, file_laneway_v1_errors, file_laneway_v1_job, file_laneway_v1_ops, file_laneway_v1_pipeline]);
 
 /**
  * @generated from message laneway.v1.SubmitRequest
@@ -548,6 +550,198 @@ export const RedriveDeadLettersResponseSchema: GenMessage<RedriveDeadLettersResp
   messageDesc(file_laneway_v1_broker_service, 18);
 
 /**
+ * @generated from message laneway.v1.ListWebhookDeadLettersRequest
+ */
+export type ListWebhookDeadLettersRequest = Message<"laneway.v1.ListWebhookDeadLettersRequest"> & {
+  /**
+   * @generated from field: laneway.v1.WebhookDeadLetterFilter filter = 1;
+   */
+  filter?: WebhookDeadLetterFilter | undefined;
+
+  /**
+   * At most this many: 0 for the default (50); larger than 1,000 is taken as
+   * 1,000; negative is INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 2;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page; empty for the first page. The other
+   * fields must be the same as on the call that returned it.
+   *
+   * @generated from field: string page_token = 3;
+   */
+  pageToken: string;
+};
+
+/**
+ * Describes the message laneway.v1.ListWebhookDeadLettersRequest.
+ * Use `create(ListWebhookDeadLettersRequestSchema)` to create a new message.
+ */
+export const ListWebhookDeadLettersRequestSchema: GenMessage<ListWebhookDeadLettersRequest> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_broker_service, 19);
+
+/**
+ * @generated from message laneway.v1.ListWebhookDeadLettersResponse
+ */
+export type ListWebhookDeadLettersResponse = Message<"laneway.v1.ListWebhookDeadLettersResponse"> & {
+  /**
+   * Without their body (GetWebhookDeadLetter has it).
+   *
+   * @generated from field: repeated laneway.v1.WebhookDeadLetter dead_letters = 1;
+   */
+  deadLetters: WebhookDeadLetter[];
+
+  /**
+   * Empty when there are no more matches (never a token to an empty page).
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message laneway.v1.ListWebhookDeadLettersResponse.
+ * Use `create(ListWebhookDeadLettersResponseSchema)` to create a new message.
+ */
+export const ListWebhookDeadLettersResponseSchema: GenMessage<ListWebhookDeadLettersResponse> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_broker_service, 20);
+
+/**
+ * @generated from message laneway.v1.GetWebhookDeadLetterRequest
+ */
+export type GetWebhookDeadLetterRequest = Message<"laneway.v1.GetWebhookDeadLetterRequest"> & {
+  /**
+   * WebhookDeadLetter.seq (from ListWebhookDeadLetters).
+   *
+   * @generated from field: uint64 seq = 1;
+   */
+  seq: bigint;
+};
+
+/**
+ * Describes the message laneway.v1.GetWebhookDeadLetterRequest.
+ * Use `create(GetWebhookDeadLetterRequestSchema)` to create a new message.
+ */
+export const GetWebhookDeadLetterRequestSchema: GenMessage<GetWebhookDeadLetterRequest> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_broker_service, 21);
+
+/**
+ * @generated from message laneway.v1.GetWebhookDeadLetterResponse
+ */
+export type GetWebhookDeadLetterResponse = Message<"laneway.v1.GetWebhookDeadLetterResponse"> & {
+  /**
+   * @generated from field: laneway.v1.WebhookDeadLetter dead_letter = 1;
+   */
+  deadLetter?: WebhookDeadLetter | undefined;
+};
+
+/**
+ * Describes the message laneway.v1.GetWebhookDeadLetterResponse.
+ * Use `create(GetWebhookDeadLetterResponseSchema)` to create a new message.
+ */
+export const GetWebhookDeadLetterResponseSchema: GenMessage<GetWebhookDeadLetterResponse> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_broker_service, 22);
+
+/**
+ * @generated from message laneway.v1.RedeliverWebhookDeadLettersRequest
+ */
+export type RedeliverWebhookDeadLettersRequest = Message<"laneway.v1.RedeliverWebhookDeadLettersRequest"> & {
+  /**
+   * These dead letters (at most 1,000); or, when empty, those filter matches.
+   *
+   * @generated from field: repeated uint64 seqs = 1;
+   */
+  seqs: bigint[];
+
+  /**
+   * Which dead letters, when seqs is empty; at least one of its fields must be
+   * set, unless all is true.
+   *
+   * @generated from field: laneway.v1.WebhookDeadLetterFilter filter = 2;
+   */
+  filter?: WebhookDeadLetterFilter | undefined;
+
+  /**
+   * Redeliver every dead letter (an explicit opt-in for an empty filter).
+   *
+   * @generated from field: bool all = 3;
+   */
+  all: boolean;
+
+  /**
+   * At most this many (filter or all): 0 for 1,000; larger than 1,000 is taken
+   * as 1,000; negative is INVALID_ARGUMENT. Call again for the rest.
+   *
+   * @generated from field: int32 limit = 4;
+   */
+  limit: number;
+};
+
+/**
+ * Describes the message laneway.v1.RedeliverWebhookDeadLettersRequest.
+ * Use `create(RedeliverWebhookDeadLettersRequestSchema)` to create a new message.
+ */
+export const RedeliverWebhookDeadLettersRequestSchema: GenMessage<RedeliverWebhookDeadLettersRequest> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_broker_service, 23);
+
+/**
+ * One webhook dead letter of a redelivery.
+ *
+ * @generated from message laneway.v1.Redelivered
+ */
+export type Redelivered = Message<"laneway.v1.Redelivered"> & {
+  /**
+   * WebhookDeadLetter.seq.
+   *
+   * @generated from field: uint64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * Its webhook-id ("" when the seq named no dead letter).
+   *
+   * @generated from field: string webhook_id = 2;
+   */
+  webhookId: string;
+
+  /**
+   * Set when it was not queued again (e.g. NOT_FOUND, reason
+   * UNKNOWN_WEBHOOK_DEAD_LETTER); unset when it was.
+   *
+   * @generated from field: laneway.v1.BatchItemError error = 3;
+   */
+  error?: BatchItemError | undefined;
+};
+
+/**
+ * Describes the message laneway.v1.Redelivered.
+ * Use `create(RedeliveredSchema)` to create a new message.
+ */
+export const RedeliveredSchema: GenMessage<Redelivered> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_broker_service, 24);
+
+/**
+ * @generated from message laneway.v1.RedeliverWebhookDeadLettersResponse
+ */
+export type RedeliverWebhookDeadLettersResponse = Message<"laneway.v1.RedeliverWebhookDeadLettersResponse"> & {
+  /**
+   * One per dead letter, in request order (seqs) or oldest first (filter).
+   *
+   * @generated from field: repeated laneway.v1.Redelivered redelivered = 1;
+   */
+  redelivered: Redelivered[];
+};
+
+/**
+ * Describes the message laneway.v1.RedeliverWebhookDeadLettersResponse.
+ * Use `create(RedeliverWebhookDeadLettersResponseSchema)` to create a new message.
+ */
+export const RedeliverWebhookDeadLettersResponseSchema: GenMessage<RedeliverWebhookDeadLettersResponse> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_broker_service, 25);
+
+/**
  * What Run does with its job when the caller goes away before the final event.
  *
  * @generated from enum laneway.v1.OnDisconnect
@@ -707,6 +901,103 @@ export const BrokerService: GenService<{
     methodKind: "unary";
     input: typeof GetServerInfoRequestSchema;
     output: typeof GetServerInfoResponseSchema;
+  },
+  /**
+   * Webhook deliveries that ran out of retries, oldest first, a page at a time.
+   *
+   * @generated from rpc laneway.v1.BrokerService.ListWebhookDeadLetters
+   */
+  listWebhookDeadLetters: {
+    methodKind: "unary";
+    input: typeof ListWebhookDeadLettersRequestSchema;
+    output: typeof ListWebhookDeadLettersResponseSchema;
+  },
+  /**
+   * One webhook dead letter in full (its body too).
+   *
+   * @generated from rpc laneway.v1.BrokerService.GetWebhookDeadLetter
+   */
+  getWebhookDeadLetter: {
+    methodKind: "unary";
+    input: typeof GetWebhookDeadLetterRequestSchema;
+    output: typeof GetWebhookDeadLetterResponseSchema;
+  },
+  /**
+   * Queue webhook dead letters for delivery again: the same webhook-id and body,
+   * a fresh retry horizon. Each is answered on its own.
+   *
+   * @generated from rpc laneway.v1.BrokerService.RedeliverWebhookDeadLetters
+   */
+  redeliverWebhookDeadLetters: {
+    methodKind: "unary";
+    input: typeof RedeliverWebhookDeadLettersRequestSchema;
+    output: typeof RedeliverWebhookDeadLettersResponseSchema;
+  },
+  /**
+   * Start a run of a configured pipeline (docs/pipelines.md). Returns once the run
+   * is durably stored; its steps then run whatever broker or worker fails.
+   *
+   * @generated from rpc laneway.v1.BrokerService.StartPipeline
+   */
+  startPipeline: {
+    methodKind: "unary";
+    input: typeof StartPipelineRequestSchema;
+    output: typeof StartPipelineResponseSchema;
+  },
+  /**
+   * The run as it stands: its state, and each step's state, timings and jobs.
+   *
+   * @generated from rpc laneway.v1.BrokerService.GetPipelineRun
+   */
+  getPipelineRun: {
+    methodKind: "unary";
+    input: typeof GetPipelineRunRequestSchema;
+    output: typeof GetPipelineRunResponseSchema;
+  },
+  /**
+   * Pipeline runs, oldest first, a page at a time (the caller's tenant's only).
+   *
+   * @generated from rpc laneway.v1.BrokerService.ListPipelineRuns
+   */
+  listPipelineRuns: {
+    methodKind: "unary";
+    input: typeof ListPipelineRunsRequestSchema;
+    output: typeof ListPipelineRunsResponseSchema;
+  },
+  /**
+   * The run's log from its start (or after resume_after) until it ends: every
+   * step's start and end and every job's final state, in order. Late joiners get
+   * the whole history first.
+   *
+   * @generated from rpc laneway.v1.BrokerService.StreamPipelineRun
+   */
+  streamPipelineRun: {
+    methodKind: "server_streaming";
+    input: typeof StreamPipelineRunRequestSchema;
+    output: typeof StreamPipelineRunResponseSchema;
+  },
+  /**
+   * End a run that has not ended: its jobs still queued or running are cancelled.
+   * Idempotent.
+   *
+   * @generated from rpc laneway.v1.BrokerService.CancelPipelineRun
+   */
+  cancelPipelineRun: {
+    methodKind: "unary";
+    input: typeof CancelPipelineRunRequestSchema;
+    output: typeof CancelPipelineRunResponseSchema;
+  },
+  /**
+   * Redrive a failed run: the items of its failed step that did not succeed run
+   * again as new jobs (job ids "<run>-<step>-<item>-<n>"), and the run goes on from
+   * there; finished steps are not run again.
+   *
+   * @generated from rpc laneway.v1.BrokerService.ResumePipelineRun
+   */
+  resumePipelineRun: {
+    methodKind: "unary";
+    input: typeof ResumePipelineRunRequestSchema;
+    output: typeof ResumePipelineRunResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_laneway_v1_broker_service, 0);

@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file laneway/v1/dead_letter.proto.
  */
 export const file_laneway_v1_dead_letter: GenFile = /*@__PURE__*/
-  fileDesc("ChxsYW5ld2F5L3YxL2RlYWRfbGV0dGVyLnByb3RvEgpsYW5ld2F5LnYxIsQBCg1BdHRlbXB0UmVjb3JkEg8KB2F0dGVtcHQYASABKA0SEAoIcHJvdmlkZXIYAiABKAkSDQoFbW9kZWwYAyABKAkSLgoKc3RhcnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiMKBWVycm9yGAYgASgLMhQubGFuZXdheS52MS5Kb2JFcnJvciLLAgoKRGVhZExldHRlchIOCgZqb2JfaWQYASABKAkSIQoEc3BlYxgCIAEoCzITLmxhbmV3YXkudjEuSm9iU3BlYxIsCgZyZWFzb24YAyABKA4yHC5sYW5ld2F5LnYxLkRlYWRMZXR0ZXJSZWFzb24SIwoFZXJyb3IYBCABKAsyFC5sYW5ld2F5LnYxLkpvYkVycm9yEisKCGF0dGVtcHRzGAUgAygLMhkubGFuZXdheS52MS5BdHRlbXB0UmVjb3JkEjAKDGVucXVldWVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQZGVhZF9sZXR0ZXJfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKZGVsaXZlcmllcxgIIAEoDRIOCgZ0ZW5hbnQYCSABKAki/AEKEERlYWRMZXR0ZXJGaWx0ZXISDwoHam9iX2lkcxgBIAMoCRINCgVyb3V0ZRgCIAEoCRIsCgZyZWFzb24YAyABKA4yHC5sYW5ld2F5LnYxLkRlYWRMZXR0ZXJSZWFzb24SLAoKZXJyb3JfY29kZRgGIAEoDjIYLmxhbmV3YXkudjEuSm9iRXJyb3JDb2RlEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZ0ZW5hbnQYByABKAkqsAEKEERlYWRMZXR0ZXJSZWFzb24SIgoeREVBRF9MRVRURVJfUkVBU09OX1VOU1BFQ0lGSUVEEAASJgoiREVBRF9MRVRURVJfUkVBU09OX1BFUk1BTkVOVF9FUlJPUhABEikKJURFQURfTEVUVEVSX1JFQVNPTl9BVFRFTVBUU19FWEhBVVNURUQQAhIlCiFERUFEX0xFVFRFUl9SRUFTT05fTUFYX0RFTElWRVJJRVMQA0KNAQoOZGV2LmxhbmV3YXkudjFCD0RlYWRMZXR0ZXJQcm90b1ABWjpnaXRodWIuY29tL2xhbmV3YXktZGV2L2xhbmV3YXkvZ2VuL2dvL2xhbmV3YXkvdjE7bGFuZXdheXYxogIDTFdZqgIKTGFuZXdheS5WMcoCCkxhbmV3YXlcVjHqAgtMYW5ld2F5OjpWMWIGcHJvdG8z", [file_google_protobuf_timestamp, file_laneway_v1_job]);
+  fileDesc("ChxsYW5ld2F5L3YxL2RlYWRfbGV0dGVyLnByb3RvEgpsYW5ld2F5LnYxIsQBCg1BdHRlbXB0UmVjb3JkEg8KB2F0dGVtcHQYASABKA0SEAoIcHJvdmlkZXIYAiABKAkSDQoFbW9kZWwYAyABKAkSLgoKc3RhcnRfdGltZRgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiMKBWVycm9yGAYgASgLMhQubGFuZXdheS52MS5Kb2JFcnJvciLLAgoKRGVhZExldHRlchIOCgZqb2JfaWQYASABKAkSIQoEc3BlYxgCIAEoCzITLmxhbmV3YXkudjEuSm9iU3BlYxIsCgZyZWFzb24YAyABKA4yHC5sYW5ld2F5LnYxLkRlYWRMZXR0ZXJSZWFzb24SIwoFZXJyb3IYBCABKAsyFC5sYW5ld2F5LnYxLkpvYkVycm9yEisKCGF0dGVtcHRzGAUgAygLMhkubGFuZXdheS52MS5BdHRlbXB0UmVjb3JkEjAKDGVucXVldWVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASNAoQZGVhZF9sZXR0ZXJfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKZGVsaXZlcmllcxgIIAEoDRIOCgZ0ZW5hbnQYCSABKAki/AEKEERlYWRMZXR0ZXJGaWx0ZXISDwoHam9iX2lkcxgBIAMoCRINCgVyb3V0ZRgCIAEoCRIsCgZyZWFzb24YAyABKA4yHC5sYW5ld2F5LnYxLkRlYWRMZXR0ZXJSZWFzb24SLAoKZXJyb3JfY29kZRgGIAEoDjIYLmxhbmV3YXkudjEuSm9iRXJyb3JDb2RlEi4KCnN0YXJ0X3RpbWUYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAUgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZ0ZW5hbnQYByABKAkigQIKEVdlYmhvb2tEZWFkTGV0dGVyEgsKA3NlcRgBIAEoBBISCgp3ZWJob29rX2lkGAIgASgJEg4KBmpvYl9pZBgDIAEoCRIRCglldmVudF9zZXEYBCABKAQSEAoIZW5kcG9pbnQYBSABKAkSCwoDdXJsGAYgASgJEg4KBnJlYXNvbhgHIAEoCRIQCghhdHRlbXB0cxgIIAEoDRITCgtsYXN0X3N0YXR1cxgJIAEoBRI0ChBkZWFkX2xldHRlcl90aW1lGAogASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIOCgZ0ZW5hbnQYCyABKAkSDAoEYm9keRgMIAEoCSI7ChdXZWJob29rRGVhZExldHRlckZpbHRlchIQCghlbmRwb2ludBgBIAEoCRIOCgZqb2JfaWQYAiABKAkqsAEKEERlYWRMZXR0ZXJSZWFzb24SIgoeREVBRF9MRVRURVJfUkVBU09OX1VOU1BFQ0lGSUVEEAASJgoiREVBRF9MRVRURVJfUkVBU09OX1BFUk1BTkVOVF9FUlJPUhABEikKJURFQURfTEVUVEVSX1JFQVNPTl9BVFRFTVBUU19FWEhBVVNURUQQAhIlCiFERUFEX0xFVFRFUl9SRUFTT05fTUFYX0RFTElWRVJJRVMQA0KNAQoOZGV2LmxhbmV3YXkudjFCD0RlYWRMZXR0ZXJQcm90b1ABWjpnaXRodWIuY29tL2xhbmV3YXktZGV2L2xhbmV3YXkvZ2VuL2dvL2xhbmV3YXkvdjE7bGFuZXdheXYxogIDTFdZqgIKTGFuZXdheS5WMcoCCkxhbmV3YXlcVjHqAgtMYW5ld2F5OjpWMWIGcHJvdG8z", [file_google_protobuf_timestamp, file_laneway_v1_job]);
 
 /**
  * One provider attempt of a dead-lettered job.
@@ -196,6 +196,131 @@ export type DeadLetterFilter = Message<"laneway.v1.DeadLetterFilter"> & {
  */
 export const DeadLetterFilterSchema: GenMessage<DeadLetterFilter> = /*@__PURE__*/
   messageDesc(file_laneway_v1_dead_letter, 2);
+
+/**
+ * A webhook delivery that ran out of retries (or whose address was refused),
+ * kept in LANEWAY_WEBHOOK_DLQ until redelivered or aged out (dlq.max_age).
+ *
+ * @generated from message laneway.v1.WebhookDeadLetter
+ */
+export type WebhookDeadLetter = Message<"laneway.v1.WebhookDeadLetter"> & {
+  /**
+   * Its sequence in the webhook dead-letter stream: what GetWebhookDeadLetter and
+   * RedeliverWebhookDeadLetters take.
+   *
+   * @generated from field: uint64 seq = 1;
+   */
+  seq: bigint;
+
+  /**
+   * The webhook-id header of every attempt (and of a redelivery).
+   *
+   * @generated from field: string webhook_id = 2;
+   */
+  webhookId: string;
+
+  /**
+   * @generated from field: string job_id = 3;
+   */
+  jobId: string;
+
+  /**
+   * seq of the job's event it delivers.
+   *
+   * @generated from field: uint64 event_seq = 4;
+   */
+  eventSeq: bigint;
+
+  /**
+   * "job" for the job's own webhooks, "<route>#<index>" for a route's
+   * subscription (as WebhookDelivery.source).
+   *
+   * @generated from field: string endpoint = 5;
+   */
+  endpoint: string;
+
+  /**
+   * The webhook's URL with user info and query string masked.
+   *
+   * @generated from field: string url = 6;
+   */
+  url: string;
+
+  /**
+   * Why it was dead-lettered ("HTTP 500", "address refused: ...", ...).
+   *
+   * @generated from field: string reason = 7;
+   */
+  reason: string;
+
+  /**
+   * @generated from field: uint32 attempts = 8;
+   */
+  attempts: number;
+
+  /**
+   * HTTP status of the last answer; 0 when there was none.
+   *
+   * @generated from field: int32 last_status = 9;
+   */
+  lastStatus: number;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp dead_letter_time = 10;
+   */
+  deadLetterTime?: Timestamp | undefined;
+
+  /**
+   * The tenant of the job; empty without authentication.
+   *
+   * @generated from field: string tenant = 11;
+   */
+  tenant: string;
+
+  /**
+   * The request body as sent (the JobEvent in protobuf's JSON mapping):
+   * GetWebhookDeadLetter only, empty in lists.
+   *
+   * @generated from field: string body = 12;
+   */
+  body: string;
+};
+
+/**
+ * Describes the message laneway.v1.WebhookDeadLetter.
+ * Use `create(WebhookDeadLetterSchema)` to create a new message.
+ */
+export const WebhookDeadLetterSchema: GenMessage<WebhookDeadLetter> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_dead_letter, 3);
+
+/**
+ * Which webhook dead letters a list or redelivery applies to. Unset fields match
+ * all; set fields must all match.
+ *
+ * @generated from message laneway.v1.WebhookDeadLetterFilter
+ */
+export type WebhookDeadLetterFilter = Message<"laneway.v1.WebhookDeadLetterFilter"> & {
+  /**
+   * Only this source: "job" or "<route>#<index>" (WebhookDeadLetter.endpoint).
+   *
+   * @generated from field: string endpoint = 1;
+   */
+  endpoint: string;
+
+  /**
+   * Only this job's.
+   *
+   * @generated from field: string job_id = 2;
+   */
+  jobId: string;
+};
+
+/**
+ * Describes the message laneway.v1.WebhookDeadLetterFilter.
+ * Use `create(WebhookDeadLetterFilterSchema)` to create a new message.
+ */
+export const WebhookDeadLetterFilterSchema: GenMessage<WebhookDeadLetterFilter> = /*@__PURE__*/
+  messageDesc(file_laneway_v1_dead_letter, 4);
 
 /**
  * Why a job was dead-lettered.
