@@ -55,6 +55,9 @@ pipelines:
     steps:
       - {name: chunks, kind: split, size: 10}
       - {name: vectors, kind: map, over: chunks, route: bad}
+  bloat:
+    steps:
+      - {name: big, kind: chat, route: chat, template: "{{ input * 20000 }}"}
   slow:
     steps:
       - {name: wait, kind: chat, route: slow, template: "{{ input }}"}
@@ -201,6 +204,15 @@ async def test_a_failed_step_fails_the_run_naming_it(stub, worker) -> None:
     vectors = run.steps[1]
     assert vectors.state == STEP.PIPELINE_STEP_STATE_FAILED and vectors.failed_items
     assert run.end_time.ToNanoseconds() > 0
+
+
+async def test_a_step_whose_job_would_be_over_the_payload_limit_fails_the_run(stub, worker) -> None:
+    # 20,000 copies of a 100-character input: a 2 MB job, over broker.max_payload_bytes
+    # (1 MiB). Refused before any write, the run fails at once instead of retrying for ever.
+    run_id = await start(stub, "bloat", "x" * 100)
+    run = await finished(stub, run_id)
+    assert run.state == RUN.PIPELINE_RUN_STATE_FAILED
+    assert "step 'big'" in run.error and "broker.max_payload_bytes" in run.error, run.error
 
 
 async def test_cancel_ends_the_run_and_cancels_its_running_job(

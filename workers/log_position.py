@@ -77,7 +77,8 @@ async def queued_seq(events: EventLog, job: QueuedJob) -> int:
     give_up = loop.time() + QUEUED_WAIT_S
     delay = 0.001
     while True:
-        latest = await events.last(job.job_id)
+        # Polled: a replica that is behind is simply read again.
+        latest = await events.last(job.job_id, confirm=loop.time() >= give_up)
         if latest is not None:
             if latest.job_seq != 1:
                 raise EventConflict(f"job {job.job_id}: event log moved on")

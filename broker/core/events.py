@@ -255,8 +255,12 @@ class EventLog:
         """The log's shared reply inbox, for other pipelined requests on this connection."""
         return self._mux
 
-    async def last(self, job_id: str) -> StoredEvent | None:
-        """The job's latest event, None when the job is unknown (or expired)."""
+    async def last(self, job_id: str, *, confirm: bool = True) -> StoredEvent | None:
+        """The job's latest event, None when the job is unknown (or expired).
+
+        ``confirm=False``: a miss is not checked with the stream leader; for a caller
+        that polls until the event shows up anyway (the check is a JetStream API request,
+        several times the cost of the direct get, and a poll would make one per miss)."""
         try:
             msg = await self._nc.request(
                 f"{t.EVENTS_DIRECT_GET}.{t.event_subject(job_id)}", b"", timeout=self._timeout
@@ -265,7 +269,8 @@ class EventLog:
             raise Unavailable("event store did not answer in time", reason="NATS_UNAVAILABLE") from err
         status = status_of(msg)
         if status == "404":
-            return await self.leader_last(job_id)  # unknown, or a replica behind: ask the leader
+            # Unknown, or a replica behind: ask the leader.
+            return await self.leader_last(job_id) if confirm else None
         if status:
             raise Unavailable(f"event store answered {status}", reason="NATS_UNAVAILABLE")
         return StoredEvent.from_msg(msg)

@@ -42,7 +42,7 @@ from laneway.broker.pipelines.outputs import Outputs, render
 from laneway.broker.pipelines.state import RunState
 from laneway.errors import Unavailable
 
-__all__ = ["build_children", "cancel_children", "enqueue_children", "step_span"]
+__all__ = ["build_children", "cancel_children", "enqueue_children", "oversized", "step_span"]
 
 _CANCEL_TRIES = 8
 
@@ -125,6 +125,17 @@ def step_span(state: RunState, index: int) -> Iterator[None]:
                 }
             )
         yield
+
+
+def oversized(jobs: Sequence[QueuedJob], limit: int) -> str | None:
+    """Why a step's jobs cannot be enqueued (the first over ``limit`` bytes, as
+    ``broker.max_payload_bytes`` refuses a submitted job), or None. Checked before any
+    write: a child the queue would refuse would otherwise be retried for ever."""
+    for i, job in enumerate(jobs):
+        size = len(encode_queued_job(job))
+        if size > limit:
+            return f"item {i}'s job is {size} bytes, over the {limit}-byte limit (broker.max_payload_bytes)"
+    return None
 
 
 async def enqueue_children(nc: NatsClient, events: EventLog, jobs: Sequence[QueuedJob]) -> int:

@@ -37,7 +37,13 @@ from laneway.broker.core.events import EventLog
 from laneway.broker.core.model import FINAL_STATES
 from laneway.broker.core.tasks import Background
 from laneway.broker.core.wire.events import decode_event
-from laneway.broker.pipelines.children import build_children, cancel_children, enqueue_children, step_span
+from laneway.broker.pipelines.children import (
+    build_children,
+    cancel_children,
+    enqueue_children,
+    oversized,
+    step_span,
+)
 from laneway.broker.pipelines.entries import (
     Entry,
     Finished,
@@ -79,9 +85,11 @@ class PipelineDriver:
         events: EventLog,
         *,
         lease_s: float,
+        max_payload_bytes: int = 1 << 20,
         metrics: PipelineMetrics | None = None,
     ) -> None:
         self._nc = nc
+        self._max_payload = max_payload_bytes
         self._js: JetStreamContext = nc.jetstream()
         self._events = events
         self.runs = RunLog(nc, events.mux)
@@ -244,6 +252,9 @@ class PipelineDriver:
             # run cannot go on, and saying so beats retrying for ever.
             name = state.steps[step].name
             failed = Finished("FAILED", f"step '{name}': template failed: {exc}", time.time())
+            return await self._append_unless(run_id, failed, lambda s: s.finished is not None)
+        if too_large := oversized(jobs, self._max_payload):
+            failed = Finished("FAILED", f"step '{state.steps[step].name}': {too_large}", time.time())
             return await self._append_unless(run_id, failed, lambda s: s.finished is not None)
         with step_span(state, step):
             await enqueue_children(self._nc, self._events, jobs)

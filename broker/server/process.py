@@ -133,7 +133,13 @@ class BrokerServer:
         if self.config.pipelines:
             # Every broker drives runs; the driver stops before the event log closes.
             metrics = PipelineMetrics(self.metrics.registry)
-            driver = PipelineDriver(self._nc, events, lease_s=self.config.queue.ack_wait_s, metrics=metrics)
+            driver = PipelineDriver(
+                self._nc,
+                events,
+                lease_s=self.config.queue.ack_wait_s,
+                max_payload_bytes=self.config.broker.max_payload_bytes,
+                metrics=metrics,
+            )
             runs = (await self._exit.enter_async_context(driver)).runs
         stats = QueueStats(js, t.TopologySettings.from_config(self.config).lane_consumers())
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
