@@ -181,8 +181,9 @@ export function toLanewayError(err: unknown): LanewayError {
   const badRequest = ce.findDetails(BadRequestSchema)[0];
   const retry = ce.findDetails(RetryInfoSchema)[0];
   const resource = ce.findDetails(ResourceInfoSchema)[0];
-  const Cls = errorClassFor(ce.code);
-  return new Cls(ce.code, ce.rawMessage, {
+  const code = info === undefined && lostConnection(ce) ? Code.Unavailable : ce.code;
+  const Cls = errorClassFor(code);
+  return new Cls(code, ce.rawMessage, {
     reason: info?.reason ?? "",
     metadata: info ? { ...info.metadata } : {},
     field: badRequest?.fieldViolations[0]?.field ?? "",
@@ -190,6 +191,22 @@ export function toLanewayError(err: unknown): LanewayError {
     resource: resource ? { type: resource.resourceType, name: resource.resourceName } : undefined,
     cause: ce,
   });
+}
+
+// Socket errors of a connection that went away. Node's HTTP/2 surfaces a broker that
+// stopped mid-stream as "read ECONNRESET", which Connect maps to ABORTED: a status the
+// broker itself sends only with an ErrorInfo (CONTENDED). Without one it is the
+// connection, not the broker, so it is UNAVAILABLE, as gRPC has it, and a stream resumes.
+const LOST_CONNECTION = new Set(["ECONNRESET", "ECONNREFUSED", "EPIPE", "ETIMEDOUT", "EHOSTUNREACH", "ENETUNREACH"]);
+
+function lostConnection(ce: ConnectError): boolean {
+  let cause: unknown = ce.cause;
+  for (let depth = 0; depth < 4 && cause instanceof Error; depth++) {
+    const code = (cause as { code?: unknown }).code;
+    if (typeof code === "string" && LOST_CONNECTION.has(code)) return true;
+    cause = cause.cause;
+  }
+  return /\b(ECONNRESET|ECONNREFUSED|EPIPE)\b/.test(ce.rawMessage);
 }
 
 /** A refused item of SubmitBatch or RedriveDeadLetters, as the error Submit would have thrown. */

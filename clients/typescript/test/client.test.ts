@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { after, before, describe, it } from "node:test";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { BytesValueSchema } from "@bufbuild/protobuf/wkt";
-import type { Interceptor } from "@connectrpc/connect";
+import { Code, ConnectError, type Interceptor } from "@connectrpc/connect";
 import {
   AlreadyExists,
   BrokerService,
@@ -376,6 +376,17 @@ describe("errors", () => {
     assert.equal(err.reason, "MALFORMED_REQUEST");
     // A sanity check that the same bytes inside a real JobSpec are refused the same way.
     assert.ok(toBinary(JobSpecSchema, create(JobSpecSchema, { route: "chat" })).length > 0);
+  });
+
+  it("a connection reset mid-stream is UNAVAILABLE (so streams resume), a bare ABORTED is not", () => {
+    // Node reports a broker that went away mid-stream as "read ECONNRESET", which Connect
+    // maps to ABORTED; the broker's own ABORTED (CONTENDED) always carries an ErrorInfo.
+    const reset = Object.assign(new Error("read ECONNRESET"), { code: "ECONNRESET" });
+    const lost = toLanewayError(new ConnectError("read ECONNRESET", Code.Aborted, undefined, undefined, reset));
+    assert.ok(lost instanceof Unavailable, String(lost));
+    assert.ok(lost.retryable);
+    const aborted = toLanewayError(new ConnectError("contended", Code.Aborted));
+    assert.ok(!(aborted instanceof Unavailable) && aborted.code === Code.Aborted, String(aborted));
   });
 
   it("batch items carry their own error, mapped to the same classes", async () => {
