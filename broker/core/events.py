@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 
 from laneway.broker.core import topology as t
 from laneway.broker.core.model import FINAL_STATES, JobEvent, JobState, QueuedJob
+from laneway.broker.core.nats.connection import parse_header_lines
 from laneway.broker.core.nats.inbox import DIRECT_GET_BATCH, ReplyMux, direct_get, status_of
 from laneway.broker.core.nats.publish import (
     WRONG_LAST_SEQUENCE,
@@ -290,7 +291,7 @@ class EventLog:
                 return None
             raise Unavailable(f"event store answered {error}", reason="NATS_UNAVAILABLE")
         stored = reply["message"]
-        headers = _parse_headers(base64.b64decode(stored.get("hdrs") or ""))
+        headers = parse_header_lines(base64.b64decode(stored.get("hdrs") or ""))
         return StoredEvent(
             job_id=job_id,
             job_seq=int(headers.get(t.HDR_JOB_SEQ, 0)),
@@ -349,16 +350,6 @@ class EventLog:
     async def _get_batch(self, request: dict[str, object]) -> list[StoredEvent]:
         msgs = await direct_get(self._nc, self._mux, t.EVENTS_DIRECT_GET, request, timeout=self._timeout)
         return [StoredEvent.from_msg(m) for m in msgs]
-
-
-def _parse_headers(raw: bytes) -> dict[str, str]:
-    """Headers of a stored message as the JetStream API returns them (``NATS/1.0`` block)."""
-    out: dict[str, str] = {}
-    for line in raw.decode(errors="replace").split("\r\n")[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            out[name.strip()] = value.strip()
-    return out
 
 
 def _retrieve(future: asyncio.Future[Msg | None]) -> None:

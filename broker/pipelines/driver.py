@@ -33,8 +33,7 @@ from nats.js import JetStreamContext
 
 from laneway.broker.config.pipelines import ChatStep, SinkStep, SplitStep
 from laneway.broker.core import topology as t
-from laneway.broker.core.events import EventLog
-from laneway.broker.core.model import FINAL_STATES
+from laneway.broker.core.events import FINAL_NAMES, EventLog
 from laneway.broker.core.tasks import Background
 from laneway.broker.core.wire.events import decode_event
 from laneway.broker.pipelines.children import (
@@ -66,7 +65,6 @@ __all__ = ["PipelineDriver"]
 
 log = structlog.get_logger("laneway.pipelines")
 
-_FINAL_NAMES = frozenset(s.name for s in FINAL_STATES)
 _BATCH = 256
 # Runs whose state a driver keeps, so a log is read from where it was last read.
 _CACHE = 10_000
@@ -155,7 +153,7 @@ class PipelineDriver:
         for msg in msgs:
             job_id = t.job_id_of(msg.subject)
             child = parse_child_id(job_id)
-            if child is None or (msg.headers or {}).get(t.HDR_JOB_STATE) not in _FINAL_NAMES:
+            if child is None or (msg.headers or {}).get(t.HDR_JOB_STATE) not in FINAL_NAMES:
                 await msg.ack()
                 continue
             run_id, step, item, attempt = child

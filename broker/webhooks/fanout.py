@@ -36,7 +36,8 @@ from nats.js.kv import KeyValue
 
 from laneway.broker.config.webhooks import WebhooksConfig
 from laneway.broker.core import topology as t
-from laneway.broker.core.model import FINAL_STATES, Notify
+from laneway.broker.core.events import FINAL_NAMES
+from laneway.broker.core.model import Notify
 from laneway.broker.core.webhook_status import DeliveryStatus, StatusWriter
 from laneway.broker.core.wire.notify import decode_notify, encode_notify
 from laneway.broker.webhooks.deliveries import (
@@ -52,7 +53,6 @@ __all__ = ["Fanout"]
 
 log = structlog.get_logger("laneway.webhooks.fanout")
 
-_FINAL_NAMES = frozenset(s.name for s in FINAL_STATES)
 _CACHE = 100_000
 _BATCH = 256
 
@@ -149,7 +149,7 @@ class Fanout:
             event = job_pb2.JobEvent.FromString(msg.data)
         except Exception:  # a malformed event is not the webhooks' business
             return []
-        final = headers.get(t.HDR_JOB_STATE, "") in _FINAL_NAMES
+        final = headers.get(t.HDR_JOB_STATE, "") in FINAL_NAMES
         delta = event.HasField("delta")
         targets: list[tuple[str, str, str, str, str, bool]] = [
             (job_endpoint(n), "job", n.url, n.secret, n.events, True) for n in notify

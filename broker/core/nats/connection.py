@@ -16,11 +16,28 @@ from laneway.broker.core.nats.credentials import NatsAuth, has_userinfo, refusal
 from laneway.broker.core.redact import redact_text, redact_url
 from laneway.broker.core.topology import check_server_version
 
-__all__ = ["FastHeaderClient", "connect_nats", "server_list"]
+__all__ = ["FastHeaderClient", "connect_nats", "parse_header_lines", "server_list"]
 
 log = structlog.get_logger("laneway.nats")
 
 _WHITESPACE = re.compile(r"\s")
+
+
+def parse_header_lines(raw: bytes) -> dict[str, str]:
+    """NATS message headers (the lines after ``NATS/1.0``), by nats-py's rules."""
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        name = name.strip()
+        if not name.isascii():
+            continue
+        key = name.decode()
+        if _WHITESPACE.search(key):
+            continue
+        out[key] = value.strip().decode("utf-8", "replace")
+    return out
 
 
 class FastHeaderClient(NatsClient):
@@ -33,21 +50,7 @@ class FastHeaderClient(NatsClient):
     names and values are stripped; values are decoded as UTF-8 with replacement.
     """
 
-    @staticmethod
-    def _parse_header_lines(raw: bytes) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for line in raw.split(b"\r\n"):
-            name, sep, value = line.partition(b":")
-            if not sep:
-                continue
-            name = name.strip()
-            if not name.isascii():
-                continue
-            key = name.decode()
-            if _WHITESPACE.search(key):
-                continue
-            out[key] = value.strip().decode("utf-8", "replace")
-        return out
+    _parse_header_lines = staticmethod(parse_header_lines)
 
 
 async def _jetstream_answers(nc: NatsClient, within: float) -> None:
