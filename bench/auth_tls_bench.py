@@ -286,8 +286,10 @@ def _broker_cpu(results: Results, side: str) -> float | None:
     """The broker's CPU per 1,000 unary jobs (median of the rounds): steadier than the
     rate on a machine others load, and where the key check and TLS are paid."""
     figures = [
-        v.cpu["broker"] / 100.0 * (v.active_seconds or v.seconds) * 1e6 / v.jobs
+        1000.0 * per_job
         for v in _rounds(results, side, "unary")
-        if isinstance(v, Throughput) and "broker" in v.cpu and v.jobs
+        if isinstance(v, Throughput)
+        for per_job in [v.cpu_ms_per_job("broker")]
+        if per_job is not None
     ]
     return statistics.median(figures) if figures else None

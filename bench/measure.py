@@ -103,6 +103,15 @@ class Throughput:
     def wall_rate(self) -> float:
         return (self.jobs - self.failures.count) / self.seconds if self.seconds > 0 else 0.0
 
+    def cpu_ms_per_job(self, *processes: str) -> float | None:
+        """CPU milliseconds ``processes`` together spent per job of the phase: steadier
+        than the rate on a machine others load, since waiting for a core costs no CPU.
+        None when one of them was not measured."""
+        if not self.jobs or any(p not in self.cpu for p in processes):
+            return None
+        seconds = self.active_seconds or self.seconds
+        return sum(self.cpu[p] for p in processes) / 100.0 * seconds * 1000.0 / self.jobs
+
     def to_json(self) -> dict[str, object]:
         return {
             "jobs": self.jobs,

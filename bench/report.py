@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import targets as goal
 from bench.measure import Count, Latency, Throughput
 
 __all__ = ["Row", "comparison_rows", "print_report", "progress", "write_json"]
@@ -34,7 +35,9 @@ class Row:
     lost: int = 0
     """Failed or lost jobs in the phase behind Laneway's figure."""
     target_on_difference: bool = False
-    """The target bounds Laneway's difference to the baseline (ms), not its own figure."""
+    """The target bounds Laneway's difference (ms) or ratio to the baseline, not its own figure."""
+    at_most: bool = False
+    """For a throughput-style row (ratio): the target is an upper bound (a cost ratio)."""
 
     @property
     def compared(self) -> float | None:
@@ -51,7 +54,7 @@ class Row:
         value = self.compared if self.target_on_difference else self.laneway
         if value is None:
             return "n/a"
-        ok = value <= self.target if self.latency else value >= self.target
+        ok = value <= self.target if self.latency or self.at_most else value >= self.target
         return "PASS" if ok else "FAIL"
 
     def cells(self) -> list[str]:
@@ -64,7 +67,8 @@ class Row:
         compared = "-" if c is None else (f"{c:+,.2f} ms" if self.latency else f"{c:.2f}x")
         target = "-"
         if self.target is not None and self.target_on_difference:
-            target = f"<= {self.target:+g} ms" if self.latency else f">= {self.target:g}x"
+            bound = "<=" if self.at_most else ">="
+            target = f"<= {self.target:+g} ms" if self.latency else f"{bound} {self.target:g}x"
         elif self.target is not None:
             target = f"<= {self.target:g} ms" if self.latency else f">= {self.target:,.0f}/s"
         mark = f" ({self.lost} lost)" if self.lost else ""
@@ -114,7 +118,14 @@ def _lost(results: Results, key: str) -> int:
     return r.failures.count if r is not None else 0
 
 
+def _cpu(results: Results, key: str, *processes: str, per: int = 1) -> float | None:
+    r = results.get(key)
+    per_job = r.cpu_ms_per_job(*processes) if isinstance(r, Throughput) else None
+    return None if per_job is None else per_job * per
+
+
 def comparison_rows(results: Results) -> list[Row]:
+    """Laneway against the same run's baselines, with issue 19's targets (``bench.targets``)."""
     nats_rate = _rate(results, "raw_nats.throughput")
     grpc_rate = _rate(results, "grpc_echo.throughput")
     batch, unary, lat = "laneway.batch.throughput", "laneway.unary.throughput", "laneway.unary.latency"
@@ -126,25 +137,35 @@ def comparison_rows(results: Results) -> list[Row]:
     lr, lrl = _lost(results, run), _lost(results, run_lat)
     return [
         Row("e2e jobs/s, SubmitBatch x100", _rate(results, batch), "raw NATS loop", nats_rate,
-            latency=False, target=2000, lost=lb),
-        Row("e2e jobs/s, unary Submit", _rate(results, unary), "raw NATS loop", nats_rate,
-            latency=False, target=1200, lost=lu),
-        Row("e2e jobs/s, unary Submit", _rate(results, unary), "gRPC echo rps", grpc_rate,
+            latency=False, target=goal.BATCH_VS_RAW_NATS, lost=lb, target_on_difference=True),
+        Row("e2e jobs/s, unary Submit + stream", _rate(results, unary), "gRPC echo rps", grpc_rate,
+            latency=False, target=goal.UNARY_VS_GRPC_ECHO, lost=lu, target_on_difference=True),
+        Row("e2e jobs/s, unary Submit + stream", _rate(results, unary), "raw NATS loop", nats_rate,
             latency=False, lost=lu),
         Row("e2e jobs/s, unary, bulk follow", _rate(results, grouped), "gRPC echo rps", grpc_rate,
-            latency=False, target=1200, lost=lg),
+            latency=False, lost=lg),
+        Row("e2e jobs/s, Run RPC", _rate(results, run), "gRPC echo rps", grpc_rate,
+            latency=False, target=goal.RUN_VS_GRPC_ECHO, lost=lr, target_on_difference=True),
         Row("latency p50 @100/s (ms)", _pct(results, lat, 50), "raw NATS loop", _pct(results, raw, 50),
-            latency=True, target=3, lost=ll),
+            latency=True, target=goal.UNARY_P50_MS, lost=ll),
         Row("latency p99 @100/s (ms)", _pct(results, lat, 99), "raw NATS loop", _pct(results, raw, 99),
-            latency=True, target=10, lost=ll),
+            latency=True, target=goal.P99_MS, lost=ll),
         Row("latency p50 @100/s (ms)", _pct(results, lat, 50), "gRPC echo seq.",
             _pct(results, "grpc_echo.sequential", 50), latency=True, lost=ll),
-        Row("e2e jobs/s, Run RPC", _rate(results, run), "gRPC echo rps", grpc_rate,
-            latency=False, target=1200, lost=lr),
         Row("Run p50 @100/s (ms)", _pct(results, run_lat, 50), "raw NATS loop", _pct(results, raw, 50),
-            latency=True, target=3, lost=lrl),
+            latency=True, target=goal.RUN_P50_MS, lost=lrl),
         Row("Run p99 @100/s (ms)", _pct(results, run_lat, 99), "raw NATS loop", _pct(results, raw, 99),
-            latency=True, target=10, lost=lrl),
+            latency=True, target=goal.P99_MS, lost=lrl),
+        Row("broker CPU ms/job, unary Submit + stream", _cpu(results, unary, "broker"), "-", None,
+            latency=True, target=goal.UNARY_BROKER_CPU_MS, lost=lu),
+        Row("worker CPU ms/job, unary Submit + stream", _cpu(results, unary, "worker"), "-", None,
+            latency=True, lost=lu),
+        Row("broker CPU ms/job, Run", _cpu(results, run, "broker"), "-", None, latency=True, lost=lr),
+        Row("broker+worker CPU ms/1k jobs, SubmitBatch", _cpu(results, batch, "broker", "worker", per=1000),
+            "-", None, latency=True, target=goal.BATCH_CPU_MS_PER_1000, lost=lb),
+        Row("nats-server CPU ms/1k jobs, SubmitBatch", _cpu(results, batch, "nats-server", per=1000),
+            "raw NATS loop", _cpu(results, "raw_nats.throughput", "nats-server", per=1000),
+            latency=True, lost=lb),
         *_feature_rows(results),
     ]  # fmt: skip
 
@@ -167,7 +188,8 @@ def _feature_rows(results: Results) -> list[Row]:
         Row("embed p99 @100/s, batching on (ms)", _pct(results, f"{on}.latency", 99),
             "batching off", _pct(results, f"{off}.latency", 99), latency=True, lost=ll),
         Row("TTFD p50, Run streamed chat (ms)", _pct(results, ttfd, 50), "direct HTTP stream",
-            _pct(results, direct, 50), latency=True, target=5, lost=lf, target_on_difference=True),
+            _pct(results, direct, 50), latency=True, target=goal.TTFD_ADDED_P50_MS, lost=lf,
+            target_on_difference=True),
         Row("TTFD p99, Run streamed chat (ms)", _pct(results, ttfd, 99), "direct HTTP stream",
             _pct(results, direct, 99), latency=True, lost=lf),
     ]  # fmt: skip

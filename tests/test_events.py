@@ -22,6 +22,7 @@ from laneway.broker.core.model import (
 from laneway.broker.core.wire.events import encode_event
 from laneway.broker.server.process import BrokerServer
 from laneway.broker.server.watch import EventFeed
+from laneway.errors import NotFound
 
 
 @pytest.fixture
@@ -87,6 +88,52 @@ async def test_rejected_appends_never_reach_watchers(log: EventLog, nats_server)
                 (2, JobState.RUNNING),
                 (3, JobState.CANCELLED),
             ]
+    finally:
+        await nc.close()
+
+
+async def test_final_only_watch_of_a_job_born_here_reads_nothing(log: EventLog, nats_server) -> None:
+    """A job this broker enqueues is ``born`` before its first write: a final-only watch
+    of it takes the final live, without a read; once its final went by (or NATS
+    reconnected), a watch reads the store as for any job."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        async with EventFeed(nc, log) as feed:
+            first = first_event(_job())
+            feed.born(first.job_id, first.tenant)
+            # Nothing is stored yet: a read would answer NotFound. The watch waits instead.
+            stream = feed.watch([first.job_id], {}, final_only=True)
+            waiting = asyncio.ensure_future(anext(stream))
+            seq = await log.append(first, expect_last=0)
+            seq = await log.append(first.next(JobState.RUNNING, attempt=1), expect_last=seq)
+            done = first.next(JobState.RUNNING, attempt=1).next(JobState.SUCCEEDED, result=ChatOutput("ok"))
+            await log.append(done, expect_last=seq)
+            async with asyncio.timeout(10):
+                got = await waiting
+            assert (got.job_seq, got.final) == (3, True)
+            # Its final went by: a later watch reads it back from the store.
+            async with asyncio.timeout(10):
+                again = [e async for e in feed.watch([first.job_id], {}, final_only=True)]
+            assert [(e.job_seq, e.final) for e in again] == [(3, True)]
+
+            # Another tenant's watch of a born job reads (and is told the job is unknown).
+            other = first_event(_job())
+            feed.born(other.job_id, "acme")
+            with pytest.raises(NotFound):
+                async with asyncio.timeout(10):
+                    await anext(feed.watch([other.job_id], {}, final_only=True, tenant="globex"))
+            # After a reconnect, born jobs are read like any other: unknown until stored.
+            feed.catch_up()
+            with pytest.raises(NotFound):
+                async with asyncio.timeout(10):
+                    await anext(feed.watch([other.job_id], {}, final_only=True))
+            # A failed enqueue forgets the job too.
+            third = first_event(_job())
+            feed.born(third.job_id, third.tenant)
+            feed.stillborn(third.job_id)
+            with pytest.raises(NotFound):
+                async with asyncio.timeout(10):
+                    await anext(feed.watch([third.job_id], {}, final_only=True))
     finally:
         await nc.close()
 

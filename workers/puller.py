@@ -299,7 +299,7 @@ class LanePuller:
     async def _pull_now(self, consumer: LaneConsumer, batch: int) -> list[Msg]:
         replies: asyncio.Queue[Msg] = asyncio.Queue()
         got: list[Msg] = []
-        async with reply_inbox(self._nc, replies.put) as reply:
+        async with reply_inbox(self._nc, replies.put_nowait) as reply:
             await self._request(consumer, {"batch": batch, "no_wait": True}, reply)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.

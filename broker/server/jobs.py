@@ -120,7 +120,13 @@ class JobStore:
         if original is not None:
             self.quotas.release(job.job_id)
             return Submitted(original, duplicate=True)
-        await self._enqueue(job, payload, deadline)
+        # Before the first write: the feed must hold the job before its final can go by.
+        self._feed.born(job.job_id, job.spec.tenant)
+        try:
+            await self._enqueue(job, payload, deadline)
+        except BaseException:
+            self._feed.stillborn(job.job_id)
+            raise
         return Submitted(job.job_id)
 
     async def run(
@@ -250,6 +256,8 @@ class JobStore:
                 out[i] = Submitted(original, duplicate=True)
             else:
                 fresh.append((i, job, payload))
+        for _, job, _ in fresh:
+            self._feed.born(job.job_id, job.spec.tenant)
         seqs = await self.events.append_many([(first_event(job), 0) for _, job, _ in fresh])
         queued, unanswered = [], []
         for (i, job, payload), seq in zip(fresh, seqs, strict=True):
@@ -288,6 +296,9 @@ class JobStore:
             retry, await asyncio.gather(*(again(j, p, s) for _, j, p, s in retry)), strict=True
         ):
             out[i] = result
+        for i, job, _ in fresh:
+            if not isinstance(out[i], Submitted):
+                self._feed.stillborn(job.job_id)
         return [o if o is not None else InternalError("job not submitted", reason="INTERNAL") for o in out]
 
     async def _claim_key(self, spec: JobSpec, job_id: str) -> str | None:

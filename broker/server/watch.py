@@ -19,6 +19,12 @@ before a watcher registered could be in neither. Only a final event matters (a
 missed earlier one is filled in from the log when the next arrives): the feed
 remembers the last ``RECENT_FINALS`` final events it saw go by, and a watcher
 whose read came back without one of those takes it from the stream leader.
+
+A final-only watch of a job this broker enqueued itself reads nothing (the unary
+Submit-then-StreamResults path): the feed is told of the job before its first write
+(``born``) and forgets it when the job's final event goes by, so a job it still
+holds has no final yet, and the final will arrive live. A reconnect (live events
+may have been lost) forgets them all, and such watches read the store again.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from nats.aio.subscription import Subscription
 from laneway.broker.core import topology as t
 from laneway.broker.core.events import FINAL_NAMES, EventLog, StoredEvent
 from laneway.broker.core.nats.inbox import unsubscribe_quietly
+from laneway.broker.core.nats.inline import raw_header, subscribe_inline
 from laneway.broker.core.tasks import Background
 from laneway.broker.server.tenancy import event_tenant, unknown_job
 from laneway.errors import NotFound, Unavailable
@@ -43,6 +50,10 @@ __all__ = ["EventFeed"]
 
 _GAP_RETRIES = 50
 RECENT_FINALS = 16_384
+BORN_KEPT = 65_536
+"""Jobs enqueued here whose final event has not gone by, kept for a read-free final-only
+watch (job id and tenant, some 150 bytes each); beyond that, the oldest are read as any job."""
+_STATE, _SEQ = t.HDR_JOB_STATE.encode(), t.HDR_JOB_SEQ.encode()
 """Final events remembered (job id and seq, some 200 bytes each): far more than go by
 while a replica catches up (milliseconds; a second or two on an overloaded host)."""
 
@@ -55,13 +66,14 @@ class EventFeed:
         self._log = log
         self._watchers: dict[str, set[asyncio.Queue[StoredEvent | None]]] = {}
         self._recent_finals: OrderedDict[str, int] = OrderedDict()
+        self._born: OrderedDict[str, str] = OrderedDict()
         self._sub: Subscription | None = None
         self._closing = False
         self._reconnected = asyncio.Event()
         self._catching_up = Background("laneway-feed-catch-up")
 
     async def __aenter__(self) -> EventFeed:
-        self._sub = await self._nc.subscribe(t.LIVE_ALL, cb=self._on_msg)
+        self._sub = await subscribe_inline(self._nc, t.LIVE_ALL, self._on_msg, self._screen)
         self._catching_up.start(self._catch_up_loop())
         return self
 
@@ -84,7 +96,19 @@ class EventFeed:
     def catch_up(self) -> None:
         """NATS is back after an outage (call on reconnect): live events of watched
         jobs may have been lost meanwhile, so their latest stored events are read."""
+        self._born.clear()  # their finals may have gone by unseen
         self._reconnected.set()
+
+    def born(self, job_id: str, tenant: str) -> None:
+        """``job_id`` (of ``tenant``) is about to be written for the first time here:
+        until its final event goes by, a final-only watch of it needs no read."""
+        self._born[job_id] = tenant
+        if len(self._born) > BORN_KEPT:
+            self._born.popitem(last=False)
+
+    def stillborn(self, job_id: str) -> None:
+        """The enqueue of a ``born`` job failed: a watch of it reads the store."""
+        self._born.pop(job_id, None)
 
     async def _catch_up_loop(self) -> None:
         while True:
@@ -104,13 +128,20 @@ class EventFeed:
                 for queue in list(self._watchers.get(job_id, ())):
                     queue.put_nowait(event)
 
-    async def _on_msg(self, msg: Msg) -> None:
-        job_id = t.job_id_of(msg.subject)
-        if msg.headers and msg.headers.get(t.HDR_JOB_STATE, "") in FINAL_NAMES:
-            self._recent_finals[job_id] = int(msg.headers.get(t.HDR_JOB_SEQ, 0))
+    def _screen(self, subject: bytes, headers: bytes) -> bool:
+        """Every live event: note a final going by; whether a watcher wants the event
+        (only then is it parsed: most events go by unwatched)."""
+        job_id = t.job_id_of(subject.decode())
+        state = raw_header(headers, _STATE)
+        if state is not None and state.decode() in FINAL_NAMES:
+            self._recent_finals[job_id] = int(raw_header(headers, _SEQ) or 0)
+            self._born.pop(job_id, None)
             if len(self._recent_finals) > RECENT_FINALS:
                 self._recent_finals.popitem(last=False)
-        queues = self._watchers.get(job_id)
+        return job_id in self._watchers
+
+    def _on_msg(self, msg: Msg) -> None:
+        queues = self._watchers.get(t.job_id_of(msg.subject))
         if queues:
             event = StoredEvent.from_msg(msg)
             for queue in queues:
@@ -133,7 +164,8 @@ class EventFeed:
 
         With ``create``, the jobs do not exist yet: ``create`` makes them once the
         watcher is registered, so every event arrives live and the store is not read.
-        With ``final_only``, only final events are yielded, and no history is read.
+        With ``final_only``, only final events are yielded, and no history is read;
+        nothing is read of a job ``born`` here whose final has not gone by yet.
         """
         ids = list(dict.fromkeys(job_ids))
         last = {j: resume_after.get(j, 0) for j in ids}
@@ -150,7 +182,9 @@ class EventFeed:
                 await create()
                 initial = {}
             else:
-                initial = await self._initial(ids, last, final_only, tenant)
+                # Registered above, so a born job's final, not gone by yet, arrives live.
+                unborn = [j for j in ids if not (final_only and self._born_for(j, tenant))]
+                initial = await self._initial(unborn, last, final_only, tenant) if unborn else {}
             for job_id, seq in gone_by.items():
                 if job_id in initial and initial[job_id][1].job_seq < seq:
                     await self._from_leader(job_id, seq, live)
@@ -192,6 +226,10 @@ class EventFeed:
         finally:
             for job_id in pending:
                 self._forget(job_id, live)
+
+    def _born_for(self, job_id: str, tenant: str | None) -> bool:
+        born = self._born.get(job_id)
+        return born is not None and (tenant is None or born == tenant)
 
     async def _initial(
         self, ids: list[str], last: dict[str, int], final_only: bool, tenant: str | None

@@ -13,6 +13,7 @@ from nats.aio.client import Client as NatsClient
 
 from laneway.broker.core.errors import TopologyError
 from laneway.broker.core.nats.credentials import NatsAuth, has_userinfo, refusal_reason, untrusted_reason
+from laneway.broker.core.nats.inline import InlineClient
 from laneway.broker.core.redact import redact_text, redact_url
 from laneway.broker.core.topology import check_server_version
 
@@ -40,8 +41,9 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
     return out
 
 
-class FastHeaderClient(NatsClient):
-    """nats-py's client with a header parser twice as fast and with the same results.
+class FastHeaderClient(InlineClient):
+    """nats-py's client with a header parser twice as fast and with the same results,
+    and inline subscriptions (``inline``).
 
     Every event a broker streams arrives with about seven headers (ours and the
     stream's republish headers); parsing them was a tenth of a broker's CPU. The

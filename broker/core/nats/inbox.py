@@ -16,13 +16,14 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from laneway.broker.core.nats.inline import subscribe_inline
 from laneway.errors import Unavailable
 
 __all__ = ["DIRECT_GET_BATCH", "ReplyMux", "direct_get", "reply_inbox", "status_of", "unsubscribe_quietly"]
@@ -44,9 +45,9 @@ async def unsubscribe_quietly(sub: Subscription) -> None:
 
 
 @contextlib.asynccontextmanager
-async def reply_inbox(nc: NatsClient, callback: Callable[[Msg], Awaitable[None]]) -> AsyncIterator[str]:
-    """An inbox for one request, unsubscribed on exit."""
-    sub = await nc.subscribe(nc.new_inbox(), cb=callback)
+async def reply_inbox(nc: NatsClient, callback: Callable[[Msg], None]) -> AsyncIterator[str]:
+    """An inbox for one request, unsubscribed on exit; ``callback`` runs inline (``inline``)."""
+    sub = await subscribe_inline(nc, nc.new_inbox(), callback)
     try:
         yield sub.subject
     finally:
@@ -64,7 +65,7 @@ class ReplyMux:
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg)
+        self._sub = await subscribe_inline(self._nc, f"{self._prefix}.*", self._on_msg)
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None
@@ -108,7 +109,7 @@ class ReplyMux:
         future.add_done_callback(done)
         return f"{self._prefix}.{token}", future
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
         callback = self._routes.get(msg.subject.rsplit(".", 1)[-1])
         if callback is not None:
             callback(msg)
