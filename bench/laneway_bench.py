@@ -19,7 +19,7 @@ import math
 import time
 
 import laneway
-from bench.measure import Failures, Latency, Throughput, closed_loop, paced
+from bench.measure import Failures, Latency, Throughput, closed_loop, paced, settle
 from bench.report import progress
 from bench.settings import PROMPT, ROUTE, Settings, chat_input
 from bench.stack import Child, Workspace, diagnose, start_stack, wait_stream_empty
@@ -138,6 +138,7 @@ async def run_laneway(s: Settings) -> Results:
     results: Results = {}
     async with Workspace("laneway") as ws:
         addr, nc, pids = await start_stack(ws, CONFIG.format(route=ROUTE), ROUTE)
+        up = time.perf_counter()
         try:
             async with laneway.AsyncClient(addr, timeout=30.0) as client:
                 jobs = Jobs(client, s.batch_size, s.follow_timeout_s)
@@ -147,6 +148,7 @@ async def run_laneway(s: Settings) -> Results:
                 results["laneway.unary.warmup"] = await closed_loop(
                     jobs.unary, ops=s.warmup_jobs, concurrency=c, timeout=t
                 )
+                await settle(jobs.run, since=up, timeout=t)  # a worker in its steady state
                 progress(f"Laneway: paced {s.paced_rate:.0f}/s for {s.paced_seconds:.0f}s, unary")
                 jobs.submit_ms.clear()
                 results["laneway.unary.latency"] = await paced(

@@ -262,3 +262,22 @@ async def sequential(
         if await _guarded(op, 1, timeout, failures):
             samples.append((time.perf_counter() - t0) * 1000.0)
     return Latency(0.0, samples, failures, meter.stop())
+
+
+SETTLE_S = 2.5
+"""How long a new worker runs before it behaves as a long-running one: a fresh job
+starts its provider call while its RUNNING event is written only once the worker has
+listened for cancels for ``workers.eager_start_s`` (1 s by default) plus 1 s for
+clock skew (``workers/attempts.py``). Measured phases start after it."""
+
+
+async def settle(op: Op, *, since: float, timeout: float) -> int:
+    """Keep calling ``op`` until ``SETTLE_S`` seconds after ``since`` (``time.perf_counter()``
+    when the stack was up): warm-up work that ends when the stack is in its steady state.
+    Returns the calls made; their failures count in the measured phases' checks only."""
+    calls = 0
+    while time.perf_counter() - since < SETTLE_S:
+        await _guarded(op, 1, timeout, Failures())
+        calls += 1
+    return calls
+

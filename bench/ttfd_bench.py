@@ -27,7 +27,7 @@ import httpx
 from httpx_sse import aconnect_sse
 
 import laneway
-from bench.measure import Failures, Latency, Op, sequential
+from bench.measure import Failures, Latency, Op, sequential, settle
 from bench.report import progress
 from bench.results import Results
 from bench.settings import Settings
@@ -184,6 +184,7 @@ async def run_ttfd(s: Settings) -> Results:
         base_url, fake = await _start_fake(ws, s)
         body = TTFD_CONFIG.format(base_url=json.dumps(base_url), route=TTFD_ROUTE, model=MODEL)
         addr, nc, pids = await start_stack(ws, body, TTFD_ROUTE)
+        up = time.perf_counter()
         pids["fake-provider"] = fake.pid
         samples: list[float] = []
         try:
@@ -203,6 +204,9 @@ async def run_ttfd(s: Settings) -> Results:
                     results[f"features.ttfd.{side}.warmup"] = await _timed(
                         op, samples, count=s.ttfd_warmup_calls, timeout=t, pids=None
                     )
+                # A long-running worker starts a fresh job's call while its RUNNING event is
+                # written; a new one not yet (``settle``): measure the steady state.
+                await settle(_through_laneway(client, []), since=up, timeout=t)
                 # Rounds of each side in turn: a change of load on the machine weighs on both.
                 rounds = min(_ROUNDS, s.ttfd_calls)
                 progress(
