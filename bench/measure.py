@@ -280,4 +280,3 @@ async def settle(op: Op, *, since: float, timeout: float) -> int:
         await _guarded(op, 1, timeout, Failures())
         calls += 1
     return calls
-

@@ -27,6 +27,7 @@ VALUES = {
     "JobInput": "laneway.inputs",
     "JobState": "laneway.v1.job_pb2",
     "OnDisconnect": "laneway.calls",
+    "PipelineRunState": "laneway.v1.pipeline_pb2",
 }
 
 
@@ -68,19 +69,26 @@ def test_each_client_module_declares_its_surface(module: str) -> None:
 
 
 def _methods(cls: type) -> dict[str, typing.Any]:
-    return {n: f for n, f in vars(cls).items() if inspect.isfunction(f) and (n == "__init__" or n[0] != "_")}
+    """Public methods, those mixed in too (the pipeline ones come from ``laneway.pipelines``)."""
+    return {
+        n: f
+        for klass in reversed(cls.__mro__[:-1])
+        for n, f in vars(klass).items()
+        if inspect.isfunction(f) and (n == "__init__" or n[0] != "_")
+    }
 
 
 def test_client_and_async_client_are_twins() -> None:
     sync, aio = _methods(laneway.Client), _methods(laneway.AsyncClient)
     assert sync.keys() == aio.keys()
-    assert {"run", "run_stream", "get_server_info", "submit", "wait"} <= sync.keys()
+    assert {"run", "run_stream", "get_server_info", "submit", "wait", "stream_pipeline_run"} <= sync.keys()
     for name in sync:
         s, a = inspect.signature(sync[name]), inspect.signature(aio[name])
         assert list(s.parameters) == list(a.parameters), name
         for p, q in zip(s.parameters.values(), a.parameters.values(), strict=True):
             assert (p.kind, p.default) == (q.kind, q.default), (name, p.name)
-            if p.name != "channel":
+            # The mixed-in pipeline methods annotate self with what they use of each client.
+            if p.name not in ("channel", "self"):
                 assert p.annotation == q.annotation, (name, p.name)
         if name != "__init__":
             assert sync[name].__doc__ and aio[name].__doc__, f"{name} lacks a docstring"

@@ -40,8 +40,9 @@ __all__ = ["TS_CONFIG"]
 
 # chat: instant mock; stream: 80 ms per streamed word (a 40-word message takes ~3 s);
 # doomed: every call fails with a 503 and one failure opens its circuit for 10
-# minutes, so with when_all_down: fail the route then refuses jobs (NO_HEALTHY_TARGET).
-# No braces: Stack formats the config with call_log.
+# minutes, so with when_all_down: fail the route then refuses jobs (NO_HEALTHY_TARGET);
+# slow: 1.5 s a call, so a run of the pipeline "slow" is under way long enough to
+# restart the broker in it. Braces doubled: Stack formats the config with call_log.
 TS_CONFIG = """\
 broker:
   grpc_addr: "127.0.0.1:0"
@@ -68,6 +69,10 @@ providers:
       consecutive_failures: 1
       open_s: 600
       max_open_s: 600
+  slow:
+    type: mock
+    concurrency: 4
+    latency_ms: 1500
 routes:
   chat:
     targets:
@@ -82,6 +87,31 @@ routes:
     targets:
       - provider: doomed
         model: mock-chat
+  slow:
+    targets:
+      - provider: slow
+        model: mock-chat
+pipelines:
+  analysis:
+    steps:
+      - name: extract
+        kind: chat
+        route: chat
+        template: "facts of: {{{{ input }}}}"
+      - name: summarize
+        kind: chat
+        route: chat
+        template: "summary of {{{{ steps.extract.text }}}}"
+  slow:
+    steps:
+      - name: wait
+        kind: chat
+        route: slow
+        template: "{{{{ input }}}}"
+      - name: after
+        kind: chat
+        route: chat
+        template: "after {{{{ steps.wait.text }}}}"
 """
 
 

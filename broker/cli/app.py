@@ -23,15 +23,11 @@ import typer
 import laneway
 from laneway.broker.cli import ready
 from laneway.broker.cli.common import (
-    DEFAULT_ADDR,
-    AddrOpt,
-    ApiKeyOpt,
-    TlsCaOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
+    LOCAL_BROKER,
+    Broker,
+    broker_options,
     client_call,
     echo_json,
-    tls_args,
 )
 from laneway.broker.cli.dlq import dlq_app
 from laneway.broker.cli.fake import fake_provider
@@ -359,6 +355,7 @@ async def _watch(client: laneway.AsyncClient, job_ids: list[str], as_json: bool)
 
 
 @app.command()
+@broker_options
 def submit(
     route: Annotated[str, typer.Option(help="Route name from the config.")],
     text: Annotated[list[str], typer.Option(help="Input text (repeat for several embedding texts).")],
@@ -377,11 +374,7 @@ def submit(
     stream: Annotated[bool, typer.Option("--stream", help="Chat: send text deltas as they come.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Stream events until the final one.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Submit a job; prints its id (with --wait, its events until the final one)."""
     if priority not in _LANES:
@@ -407,9 +400,7 @@ def submit(
         options["debounce_key"], options["debounce"] = debounce_key, debounce
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             done = await client.submit(route, job_input, **options)
             typer.echo(done.job_id + (" (duplicate)" if done.duplicate else ""))
             return await _watch(client, [done.job_id], as_json) if wait else True
@@ -418,42 +409,32 @@ def submit(
 
 
 @app.command()
+@broker_options
 def watch(
     job_ids: Annotated[list[str], typer.Argument(help="Job ids.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Stream the events of jobs until each is final (from their first event)."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             return await _watch(client, job_ids, as_json)
 
     client_call(go())
 
 
 @app.command()
+@broker_options
 def get(
     job_id: str,
     as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Show a job's current state."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             found = await client.get_job(job_id)
             if as_json:
                 echo_json(found)
@@ -473,21 +454,16 @@ def get(
 
 
 @app.command()
+@broker_options
 def cancel(
     job_id: str,
     reason: str = "",
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Cancel a job that has not finished."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             outcome = await client.cancel_job(job_id, reason)
         state = job_pb2.JobState.Name(outcome.state).removeprefix("JOB_STATE_")
         typer.echo(f"{job_id} {state}" + ("" if outcome.cancelled else " (already final)"))

@@ -1,32 +1,39 @@
-"""What the client commands of the ``laneway`` CLI share: the broker address
-option, error handling and output."""
+"""What the client commands of the ``laneway`` CLI share: the broker connection
+options (``broker_options``), error handling and output."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import os
 import re
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, TypedDict
+from typing import Annotated, Any, TypedDict, TypeVar
 
 import typer
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+import laneway
 from laneway.errors import ApiError, Unauthenticated
 
 __all__ = [
     "DEFAULT_ADDR",
+    "LOCAL_BROKER",
     "AddrOpt",
     "ApiKeyOpt",
+    "Broker",
     "JsonOpt",
     "TlsArgs",
     "TlsCaOpt",
     "TlsCertOpt",
     "TlsKeyOpt",
+    "broker_options",
     "client_call",
     "echo_json",
     "parse_when",
@@ -88,6 +95,59 @@ def tls_args(ca: Path | None, cert: Path | None, key: Path | None) -> TlsArgs:
         args["certificate_chain"] = _read(cert, "--tls-cert")
         args["private_key"] = _read(key, "--tls-key")
     return args
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The broker a client command talks to, as its options name it."""
+
+    addr: str
+    """``--addr`` (default ``$LANEWAY_ADDR``)."""
+    tls: TlsArgs
+    """From ``--tls-ca``, ``--tls-cert`` and ``--tls-key`` (empty: plaintext)."""
+    api_key: str | None
+    """``--api-key`` or ``$LANEWAY_API_KEY``."""
+
+    def client(self, **options: Any) -> laneway.AsyncClient:
+        """A client for it (``options``: more ``AsyncClient`` arguments, e.g. ``timeout``)."""
+        return laneway.AsyncClient(self.addr, **self.tls, api_key=self.api_key, **options)
+
+
+LOCAL_BROKER = Broker(DEFAULT_ADDR, TlsArgs(), None)
+"""A command's ``broker`` parameter's default (``broker_options`` always passes one)."""
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_BROKER_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "addr": (AddrOpt, DEFAULT_ADDR),
+    "tls_ca": (TlsCaOpt, None),
+    "tls_cert": (TlsCertOpt, None),
+    "tls_key": (TlsKeyOpt, None),
+    "api_key": (ApiKeyOpt, None),
+}
+
+
+def broker_options(command: _F) -> _F:
+    """Give a typer command ``--addr``, ``--tls-ca``, ``--tls-cert``, ``--tls-key`` and
+    ``--api-key``; it receives them as one ``broker: Broker`` keyword argument (TLS
+    files read and checked before the command runs)."""
+    signature = inspect.signature(command, eval_str=True)  # typer reads the result as is
+    kept = [p for p in signature.parameters.values() if p.name != "broker"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in _BROKER_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        addr, ca, cert, key, api_key = (kwargs.pop(name, None) for name in _BROKER_OPTIONS)
+        broker = Broker(str(addr or DEFAULT_ADDR), tls_args(ca, cert, key), api_key)
+        return command(*args, broker=broker, **kwargs)
+
+    params = [*kept, *added]
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    del wrapper.__wrapped__  # typer must see the new signature, not the command's
+    return wrapper  # type: ignore[return-value]
 
 
 def _read(path: Path, option: str) -> bytes:

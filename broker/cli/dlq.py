@@ -9,17 +9,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 import laneway
 from laneway.broker.cli.common import (
-    DEFAULT_ADDR,
-    AddrOpt,
-    ApiKeyOpt,
+    LOCAL_BROKER,
+    Broker,
     JsonOpt,
-    TlsCaOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
+    broker_options,
     client_call,
     echo_json,
     parse_when,
-    tls_args,
 )
 from laneway.dead_letters import dlq_filter
 from laneway.v1 import dead_letter_pb2, job_pb2
@@ -71,6 +67,7 @@ def _summary(dl: laneway.DeadLetter) -> str:
 
 
 @dlq_app.command("list")
+@broker_options
 def dlq_list(
     route: RouteOpt = "",
     reason: ReasonOpt = "",
@@ -80,11 +77,7 @@ def dlq_list(
     tenant: TenantOpt = "",
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
     as_json: JsonOpt = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Dead letters, oldest first."""
     _check_filter(reason, error_code)
@@ -93,9 +86,7 @@ def dlq_list(
 
     async def go() -> bool:
         shown, token = 0, ""
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             while shown < limit:
                 page = await client.list_dead_letters(
                     route=route,
@@ -121,21 +112,16 @@ def dlq_list(
 
 
 @dlq_app.command("show")
+@broker_options
 def dlq_show(
     job_id: str,
     as_json: JsonOpt = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """One dead letter in full: the job, every attempt and its error."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             found = (await client.list_dead_letters(job_ids=[job_id])).dead_letters
         if not found:
             typer.echo(f"error: no dead letter for job {job_id}", err=True)
@@ -157,6 +143,7 @@ def dlq_show(
 
 
 @dlq_app.command("redrive")
+@broker_options
 def dlq_redrive(
     job_ids: Annotated[list[str] | None, typer.Argument(help="Dead-lettered job ids.")] = None,
     route: RouteOpt = "",
@@ -170,11 +157,7 @@ def dlq_redrive(
     to_lane: Annotated[str, typer.Option(help="Submit onto this lane instead: high, normal, low.")] = "",
     rate: Annotated[float, typer.Option(help="Jobs per second (default: dlq.redrive_rate_per_s).")] = 0.0,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many.")] = 1000,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Submit dead letters again as new jobs, paced; prints `old -> new` per job."""
     _check_filter(reason, error_code)
@@ -182,9 +165,7 @@ def dlq_redrive(
         raise typer.BadParameter(f"--to-lane must be high, normal or low, not {to_lane!r}")
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             done = await client.redrive_dead_letters(
                 job_ids=job_ids or [],
                 route=route,
@@ -200,7 +181,11 @@ def dlq_redrive(
                 tenant=tenant,
             )
         for r in done:
-            typer.echo(f"{r.job_id} -> {r.new_job_id}" if r.error is None else f"{r.job_id} error: {r.error}")
+            if r.error is not None:
+                typer.echo(f"{r.job_id} error: {r.error}")
+            else:
+                run = f" (pipeline run {r.pipeline_run_id} resumed)" if r.pipeline_run_id else ""
+                typer.echo(f"{r.job_id} -> {r.new_job_id}{run}")
         if not done:
             typer.echo("nothing to redrive", err=True)
         return all(r.error is None for r in done)

@@ -25,15 +25,12 @@ from rich.text import Text
 
 import laneway
 from laneway.broker.cli.common import (
-    DEFAULT_ADDR,
-    AddrOpt,
-    ApiKeyOpt,
-    TlsCaOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
+    LOCAL_BROKER,
+    Broker,
+    broker_options,
     client_call,
-    tls_args,
 )
+from laneway.broker.cli.top_runs import RunsView, RunWatch, render_runs, watch_quietly
 from laneway.errors import ApiError
 from laneway.ops import circuit_name, delivery_rates, lane_name, oldest_age_s
 from laneway.v1 import ops_pb2
@@ -151,9 +148,13 @@ def render_providers(found: Sequence[ops_pb2.ProviderHealth], now: float) -> Tab
 
 
 def render_top(
-    current: ops_pb2.GetStatsResponse, rates: dict[tuple[str, str], float], note: str = ""
+    current: ops_pb2.GetStatsResponse,
+    rates: dict[tuple[str, str], float],
+    note: str = "",
+    runs: RunsView | None = None,
 ) -> RenderableType:
-    """One frame of ``laneway top``: lanes per route, then providers."""
+    """One frame of ``laneway top``: lanes per route, then providers, then pipeline
+    runs (``top_runs``) when there are any."""
     now = current.read_time.ToNanoseconds() / 1e9
     lanes = Table(title="lanes", title_justify="left")
     for column in ("route", "lane", "waiting", "leased", "oldest", "jobs/s", "dead letters"):
@@ -178,6 +179,8 @@ def render_top(
     if any(route.tiers for route in current.routes):
         parts.append(render_tiers(current.routes))
     parts.append(render_providers(current.providers, now))
+    if runs is not None:
+        parts.extend(render_runs(runs, now))
     return Group(*parts)
 
 
@@ -208,21 +211,16 @@ def render_tiers(routes: Sequence[ops_pb2.RouteStats]) -> Table:
 # --- commands --------------------------------------------------------------------------
 
 
+@broker_options
 def providers(
     names: Annotated[list[str] | None, typer.Argument(help="Only these providers.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the response as one JSON object.")] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Providers' circuit state, rate now against the configured one, budget, last error."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             found = await client.get_provider_health(names or [])
         if as_json:
             typer.echo(_json(ops_pb2.GetProviderHealthResponse(providers=found)))
@@ -233,20 +231,15 @@ def providers(
     client_call(go())
 
 
+@broker_options
 def stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print the response as one JSON object.")] = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Queue figures per route and lane, dead letters and provider health (GetStats)."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             current = await client.get_stats()
         if as_json:
             typer.echo(_json(current))
@@ -257,38 +250,41 @@ def stats(
     client_call(go())
 
 
+@broker_options
 def top(
     once: Annotated[
         bool, typer.Option("--once", help="Print one frame and exit (no terminal needed).")
     ] = False,
     interval: Annotated[float, typer.Option(min=0.2, help="Seconds between refreshes.")] = 1.0,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
-    """Live view of lanes (waiting, leased, oldest, jobs/s, dead letters) and providers."""
+    """Live view of lanes (waiting, leased, oldest, jobs/s, dead letters), providers and pipeline runs."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key, timeout=max(2.0, interval * 2)
-        ) as client:
+        async with broker.client(timeout=max(2.0, interval * 2)) as client:
             current = await client.get_stats()
+            watch = RunWatch()
+            runs = await watch_quietly(watch, client)
             if once:
-                _console().print(render_top(current, {}))
+                _console().print(render_top(current, {}, runs=runs))
                 return True
-            await _live(client, current, interval)
+            await _live(client, current, interval, watch, runs)
         return True
 
     client_call(go())
 
 
-async def _live(client: laneway.AsyncClient, current: ops_pb2.GetStatsResponse, interval: float) -> None:
+async def _live(
+    client: laneway.AsyncClient,
+    current: ops_pb2.GetStatsResponse,
+    interval: float,
+    watch: RunWatch,
+    runs: RunsView | None,
+) -> None:
     """Refresh until Ctrl-C; a broker that stops answering is shown, not fatal."""
     previous: ops_pb2.GetStatsResponse | None = None
     note = ""
-    with Live(render_top(current, {}), auto_refresh=False, console=Console()) as live:
+    with Live(render_top(current, {}, runs=runs), auto_refresh=False, console=Console()) as live:
         while True:
             await asyncio.sleep(interval)  # the refresh period, not synchronisation
             try:
@@ -297,4 +293,5 @@ async def _live(client: laneway.AsyncClient, current: ops_pb2.GetStatsResponse, 
                 note = f"[stale: {err}]"
             else:
                 previous, current, note = current, fresh, ""
-            live.update(render_top(current, delivery_rates(previous, current), note), refresh=True)
+                runs = await watch_quietly(watch, client) or runs
+            live.update(render_top(current, delivery_rates(previous, current), note, runs), refresh=True)

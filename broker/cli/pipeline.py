@@ -3,80 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 
 import laneway
 from laneway.broker.cli.common import (
-    DEFAULT_ADDR,
-    AddrOpt,
-    ApiKeyOpt,
+    LOCAL_BROKER,
+    Broker,
     JsonOpt,
-    TlsCaOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
+    broker_options,
     client_call,
     echo_json,
-    tls_args,
 )
-from laneway.error_details import from_rpc_error
 from laneway.v1 import pipeline_pb2
 
 __all__ = ["pipeline_app"]
 
 pipeline_app = typer.Typer(no_args_is_help=True, help="Pipeline runs: chains of steps from the config.")
 
-# How often --wait looks at the run (a run has no event stream yet).
+# How often --wait looks at the run: it prints steps, which the run's state has and
+# the log's entries only imply.
 _POLL_S = 0.2
-
-
-class _Runs:
-    """The pipeline RPCs through the client's connection (its TLS, API key, deadlines, errors).
-    The Python client has no pipeline methods yet; this borrows its unary call path."""
-
-    def __init__(self, client: laneway.AsyncClient) -> None:
-        self._client = client
-
-    async def start(self, name: str, text: str, key: str) -> pipeline_pb2.StartPipelineResponse:
-        request = pipeline_pb2.StartPipelineRequest(pipeline=name, input=text, idempotency_key=key)
-        c = self._client
-        return await c._unary(c._stub.StartPipeline, request, None, None)
-
-    async def get(self, run_id: str) -> pipeline_pb2.PipelineRun:
-        request = pipeline_pb2.GetPipelineRunRequest(run_id=run_id)
-        c = self._client
-        return (await c._unary(c._stub.GetPipelineRun, request, None, None)).run
-
-    async def events(self, run_id: str) -> AsyncIterator[pipeline_pb2.PipelineRunEvent]:
-        """The run's log from its start until it ends (StreamPipelineRun)."""
-        c = self._client
-        request = pipeline_pb2.StreamPipelineRunRequest(run_id=run_id)
-        try:
-            async for response in c._stub.StreamPipelineRun(
-                request, metadata=c._conn.call_metadata(None), credentials=c._conn.call_credentials
-            ):
-                yield response.event
-        except grpc.RpcError as err:
-            raise from_rpc_error(err, tls=c._conn.tls) from None
-
-    async def list(self, pipeline: str, size: int, token: str) -> pipeline_pb2.ListPipelineRunsResponse:
-        request = pipeline_pb2.ListPipelineRunsRequest(pipeline=pipeline, page_size=size, page_token=token)
-        c = self._client
-        return await c._unary(c._stub.ListPipelineRuns, request, None, None)
-
-    async def resume(self, run_id: str, reason: str) -> pipeline_pb2.ResumePipelineRunResponse:
-        request = pipeline_pb2.ResumePipelineRunRequest(run_id=run_id, reason=reason)
-        c = self._client
-        return await c._unary(c._stub.ResumePipelineRun, request, None, None)
-
-    async def cancel(self, run_id: str, reason: str) -> pipeline_pb2.CancelPipelineRunResponse:
-        request = pipeline_pb2.CancelPipelineRunRequest(run_id=run_id, reason=reason)
-        c = self._client
-        return await c._unary(c._stub.CancelPipelineRun, request, None, None)
 
 
 def _name(enum: type[pipeline_pb2.PipelineRunState | pipeline_pb2.PipelineStepState], value: int) -> str:
@@ -124,11 +73,11 @@ def event_line(event: pipeline_pb2.PipelineRunEvent) -> str:
     return " ".join(p for p in parts if p)
 
 
-async def _follow(runs: _Runs, run_id: str, as_json: bool) -> pipeline_pb2.PipelineRun:
+async def _follow(client: laneway.AsyncClient, run_id: str, as_json: bool) -> pipeline_pb2.PipelineRun:
     """Print each step as it changes, until the run ends; the run at its end."""
     shown: dict[str, str] = {}
     while True:
-        run = await runs.get(run_id)
+        run = await client.get_pipeline_run(run_id)
         for step in run.steps:
             line = step_line(step)
             if shown.get(step.name) != line and step.state != pipeline_pb2.PIPELINE_STEP_STATE_PENDING:
@@ -137,10 +86,11 @@ async def _follow(runs: _Runs, run_id: str, as_json: bool) -> pipeline_pb2.Pipel
                     typer.echo(line)
         if run.state != pipeline_pb2.PIPELINE_RUN_STATE_RUNNING:
             return run
-        await asyncio.sleep(_POLL_S)  # polling the run: it has no event stream yet
+        await asyncio.sleep(_POLL_S)  # polling the run's state (above)
 
 
 @pipeline_app.command("run")
+@broker_options
 def pipeline_run(
     name: str,
     input_file: Annotated[Path, typer.Option("--input", help="File with the run's input text ('-': stdin).")],
@@ -150,11 +100,7 @@ def pipeline_run(
         bool, typer.Option("--stream", help="Print every entry of the run's log as it comes, until it ends.")
     ] = False,
     as_json: JsonOpt = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Start a run of pipeline NAME; prints its run id (and, with --wait, its steps as
     they go, or with --stream every entry of its log; then exit 1 unless it succeeds)."""
@@ -164,23 +110,22 @@ def pipeline_run(
         raise typer.BadParameter(f"--input: cannot read {input_file}: {err.strerror or err}") from None
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
-            runs = _Runs(client)
-            started = await runs.start(name, text, key)
+        async with broker.client() as client:
+            started = await client.start_pipeline(name, text, idempotency_key=key)
             if as_json:
-                echo_json(started)
+                echo_json(
+                    pipeline_pb2.StartPipelineResponse(run_id=started.run_id, duplicate=started.duplicate)
+                )
             else:
                 typer.echo(started.run_id + (" (duplicate)" if started.duplicate else ""))
             if stream:
                 last = pipeline_pb2.PipelineRunEvent()
-                async for last in runs.events(started.run_id):
+                async for last in client.stream_pipeline_run(started.run_id):
                     echo_json(last) if as_json else typer.echo(event_line(last))
                 return bool(last.run_state == pipeline_pb2.PIPELINE_RUN_STATE_SUCCEEDED)
             if not wait:
                 return True
-            run = await _follow(runs, started.run_id, as_json)
+            run = await _follow(client, started.run_id, as_json)
         if as_json:
             echo_json(run)
         else:
@@ -191,22 +136,17 @@ def pipeline_run(
 
 
 @pipeline_app.command("get")
+@broker_options
 def pipeline_get(
     run_id: str,
     as_json: JsonOpt = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """A run as it stands: its state and each step's state, jobs and time taken."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
-            run = await _Runs(client).get(run_id)
+        async with broker.client() as client:
+            run = await client.get_pipeline_run(run_id)
         if as_json:
             echo_json(run)
         else:
@@ -218,22 +158,17 @@ def pipeline_get(
 
 
 @pipeline_app.command("cancel")
+@broker_options
 def pipeline_cancel(
     run_id: str,
     reason: Annotated[str, typer.Option(help="Why (recorded as the run's error).")] = "",
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Cancel a run that has not ended; its jobs still queued or running are cancelled."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
-            answer = await _Runs(client).cancel(run_id, reason)
+        async with broker.client() as client:
+            answer = await client.cancel_pipeline_run(run_id, reason)
         state = _name(pipeline_pb2.PipelineRunState, answer.state)
         typer.echo(f"{run_id} {state}" + ("" if answer.cancelled else " (had ended already)"))
         return True
@@ -242,24 +177,19 @@ def pipeline_cancel(
 
 
 @pipeline_app.command("resume")
+@broker_options
 def pipeline_resume(
     run_id: str,
     reason: Annotated[str, typer.Option(help="Why (recorded in the run's log).")] = "",
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Redrive a run that failed at a step: that step's failed items run again and the
     run goes on from there (finished steps are not run again). Exit 1 if it did not
     fail at a step."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
-            answer = await _Runs(client).resume(run_id, reason)
+        async with broker.client() as client:
+            answer = await client.resume_pipeline_run(run_id, reason)
         state = _name(pipeline_pb2.PipelineRunState, answer.state)
         typer.echo(
             f"{run_id} {state}" + ("" if answer.resumed else " (not resumed: it did not fail at a step)")
@@ -270,26 +200,22 @@ def pipeline_resume(
 
 
 @pipeline_app.command("list")
+@broker_options
 def pipeline_list(
     pipeline: Annotated[str, typer.Option(help="Only runs of this pipeline.")] = "",
     limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 100,
     as_json: JsonOpt = False,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Pipeline runs, oldest first: one line each (as the first line of `get`)."""
 
     async def go() -> bool:
         shown, token = 0, ""
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
-            runs = _Runs(client)
+        async with broker.client() as client:
             while shown < limit:
-                page = await runs.list(pipeline, min(1000, limit - shown), token)
+                page = await client.list_pipeline_runs(
+                    pipeline=pipeline, page_size=min(1000, limit - shown), page_token=token
+                )
                 for run in page.runs:
                     echo_json(run) if as_json else typer.echo(run_lines(run)[0])
                 shown += len(page.runs)

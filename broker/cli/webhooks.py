@@ -19,17 +19,12 @@ from typing import Annotated, Any
 
 import typer
 
-import laneway
 from laneway.broker.cli import ready
 from laneway.broker.cli.common import (
-    DEFAULT_ADDR,
-    AddrOpt,
-    ApiKeyOpt,
-    TlsCaOpt,
-    TlsCertOpt,
-    TlsKeyOpt,
+    LOCAL_BROKER,
+    Broker,
+    broker_options,
     client_call,
-    tls_args,
 )
 from laneway.broker.cli.nats_flags import NatsFlags, nats_credential_options
 from laneway.broker.config.model import LanewayConfig, default_config, load_config
@@ -130,23 +125,18 @@ JobIdOpt = Annotated[str, typer.Option("--job-id", help="Only this job's.")]
 
 
 @webhooks_app.command("list")
+@broker_options
 def webhooks_list(
     endpoint: EndpointOpt = "",
     job_id: JobIdOpt = "",
     limit: Annotated[int, typer.Option(help="At most this many (oldest first).", min=1)] = 1000,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Deliveries that ran out of retries, one JSON object a line (ListWebhookDeadLetters)."""
 
     async def go() -> bool:
         shown, token = 0, ""
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             while shown < limit:
                 page = await client.list_webhook_dead_letters(
                     endpoint=endpoint, job_id=job_id, page_size=min(1000, limit - shown), page_token=token
@@ -165,20 +155,15 @@ def webhooks_list(
 
 
 @webhooks_app.command("show")
+@broker_options
 def webhooks_show(
     seq: Annotated[int, typer.Argument(help="The dead letter's seq (from `list`).", min=1)],
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """One dead letter in full: the delivery (its body too) and why it failed (GetWebhookDeadLetter)."""
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             dl = await client.get_webhook_dead_letter(seq)
         try:
             body: Any = json.loads(dl.body)
@@ -191,17 +176,14 @@ def webhooks_show(
 
 
 @webhooks_app.command("redeliver")
+@broker_options
 def webhooks_redeliver(
     seqs: Annotated[list[int] | None, typer.Argument(help="Dead letters' seqs (from `list`).")] = None,
     endpoint: EndpointOpt = "",
     job_id: JobIdOpt = "",
     all_: Annotated[bool, typer.Option("--all", help="Every dead letter (admin keys only).")] = False,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many (filter or --all).")] = 1000,
-    addr: AddrOpt = DEFAULT_ADDR,
-    tls_ca: TlsCaOpt = None,
-    tls_cert: TlsCertOpt = None,
-    tls_key: TlsKeyOpt = None,
-    api_key: ApiKeyOpt = None,
+    broker: Broker = LOCAL_BROKER,
 ) -> None:
     """Queue dead letters for delivery again (same webhook-id, a fresh retry horizon):
     by seq, by --endpoint / --job-id, or --all (RedeliverWebhookDeadLetters)."""
@@ -209,9 +191,7 @@ def webhooks_redeliver(
         raise typer.BadParameter("name dead letters by seq, by --endpoint / --job-id, or pass --all")
 
     async def go() -> bool:
-        async with laneway.AsyncClient(
-            addr, **tls_args(tls_ca, tls_cert, tls_key), api_key=api_key
-        ) as client:
+        async with broker.client() as client:
             done = await client.redeliver_webhook_dead_letters(
                 seqs or [], endpoint=endpoint, job_id=job_id, all=all_, limit=limit
             )

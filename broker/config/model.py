@@ -170,7 +170,7 @@ class LanewayConfig(ConfigModel):
     def _check_pipelines(self) -> Self:
         # Loading from YAML reports these with lines (parse_config); this guard is for
         # configs built in code.
-        for problem in pipeline_problems(self.pipelines, list(self.routes)):
+        for problem in pipeline_problems(self.pipelines, list(self.routes), list(self.webhooks.secrets)):
             where = ".".join(str(p) for p in problem.path)
             raise PydanticCustomError(
                 "pipeline", "{where}: {message}", {"where": where, "message": problem.message}

@@ -19,7 +19,7 @@ import jinja2
 import jinja2.meta
 import jinja2.nodes
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator, model_validator
 
 from laneway.broker.config.errors import ConfigProblem, YamlDocument, suggest
 from laneway.broker.config.providers import ConfigModel
@@ -33,6 +33,7 @@ __all__ = [
     "PipelineConfig",
     "PipelineProblem",
     "SinkStep",
+    "SinkWebhook",
     "SplitStep",
     "Step",
     "pipeline_config_problems",
@@ -143,18 +144,39 @@ class GatherStep(_StepBase):
     """The earlier ``map`` step whose outputs are gathered."""
 
 
+class SinkWebhook(ConfigModel):
+    """Where a sink step POSTs its result: a URL, signed with a named secret, delivered
+    by the webhook machinery (retries, dead letters, the address guard)."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^\s]+$", max_length=2048)]
+    """``http://`` or ``https://`` URL the result is POSTed to."""
+    secret: _Name
+    """Name of the signing secret (a key of ``webhooks.secrets``)."""
+
+
 class SinkStep(_StepBase):
     """Delivery: every item of an earlier map step, with its input and output, put
-    into a JetStream key-value bucket the caller reads back (no job)."""
+    into a JetStream key-value bucket the caller reads back, or POSTed to a webhook
+    (no job). Exactly one of ``bucket`` and ``webhook``."""
 
     kind: Literal["sink"]
     """``sink``."""
     from_: Annotated[_Name, Field(alias="from")]
     """The earlier ``map`` step whose items are delivered."""
-    bucket: _Name
+    bucket: _Name | None = None
     """The bucket's name; it is ``laneway_sink_<bucket>``, created when the broker
     starts. Item ``i`` of run ``r`` is the key ``<r>.<i>``: JSON with ``run_id``,
     ``index``, ``item`` (the map step's input) and ``output`` (text or vector)."""
+    webhook: SinkWebhook | None = None
+    """A webhook that receives the items as signed JSON POSTs (``docs/pipelines.md``):
+    ``run_id``, ``pipeline``, ``step``, ``part``, ``parts`` and ``items`` (each with
+    ``index``, ``item`` and ``output``); a big result comes in several parts."""
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> SinkStep:
+        if (self.bucket is None) == (self.webhook is None):
+            raise ValueError("a sink step needs exactly one of bucket and webhook")
+        return self
 
 
 Step = Annotated[
@@ -170,6 +192,11 @@ class PipelineConfig(ConfigModel):
     deadline_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """Seconds a run may take from its start; every job of the run gets this
     deadline. Unset: jobs keep their routes' own behaviour."""
+    max_attempts: Annotated[int, Field(ge=1, le=10_000_000)] | None = None
+    """Budget of provider attempts for the whole run: the attempts of all its jobs
+    together, counted as a route's ``max_attempts`` counts a job's (a rate-limited try
+    is not one). A run whose jobs would need more fails, naming the budget; each job
+    keeps its route's own ``max_attempts`` too. Unset: no budget."""
 
 
 _PIPELINES: TypeAdapter[dict[str, PipelineConfig]] = TypeAdapter(dict[_Name, PipelineConfig])
@@ -192,12 +219,13 @@ def template_environment() -> SandboxedEnvironment:
 
 
 def pipeline_problems(
-    pipelines: Mapping[str, PipelineConfig], routes: Sequence[str]
+    pipelines: Mapping[str, PipelineConfig], routes: Sequence[str], secrets: Sequence[str] = ()
 ) -> list[PipelineProblem]:
-    """Every cross-key problem of the ``pipelines`` section, in file order."""
+    """Every cross-key problem of the ``pipelines`` section, in file order (``secrets``:
+    the names in ``webhooks.secrets``)."""
     problems: list[PipelineProblem] = []
     for name, pipeline in pipelines.items():
-        problems.extend(_pipeline(name, pipeline, routes))
+        problems.extend(_pipeline(name, pipeline, routes, secrets))
     return problems
 
 
@@ -212,11 +240,16 @@ def pipeline_config_problems(data: Mapping[str, object], doc: YamlDocument) -> l
         checked = _PIPELINES.validate_python(pipelines)
     except ValidationError:
         return []
-    found = pipeline_problems(checked, [r for r in routes if isinstance(r, str)])
+    webhooks = data.get("webhooks")
+    secrets = webhooks.get("secrets") if isinstance(webhooks, dict) else None
+    names = [k for k in secrets if isinstance(k, str)] if isinstance(secrets, dict) else []
+    found = pipeline_problems(checked, [r for r in routes if isinstance(r, str)], names)
     return [doc.problem(p.path, p.message, p.suggestion) for p in found]
 
 
-def _pipeline(name: str, pipeline: PipelineConfig, routes: Sequence[str]) -> Iterator[PipelineProblem]:
+def _pipeline(
+    name: str, pipeline: PipelineConfig, routes: Sequence[str], secrets: Sequence[str]
+) -> Iterator[PipelineProblem]:
     earlier: dict[str, str] = {}  # step name -> kind, of the steps before the one checked
     names = [s.name for s in pipeline.steps]
     for index, step in enumerate(pipeline.steps):
@@ -230,6 +263,8 @@ def _pipeline(name: str, pipeline: PipelineConfig, routes: Sequence[str]) -> Ite
             yield PipelineProblem(
                 (*at, "route"), f"unknown route '{route}'; known: {listed}", suggest(route, routes)
             )
+        if isinstance(step, SinkStep) and step.webhook is not None:
+            yield from _secret((*at, "webhook", "secret"), step.webhook.secret, secrets)
         for key, ref, kinds in _references(step):
             yield from _reference((*at, key), ref, kinds, earlier, names, index)
         template = getattr(step, "template", None)
@@ -237,6 +272,15 @@ def _pipeline(name: str, pipeline: PipelineConfig, routes: Sequence[str]) -> Ite
             extra = {"item", "index"} if isinstance(step, MapStep) else set()
             yield from _template((*at, "template"), template, earlier, names, index, extra)
         earlier[step.name] = step.kind
+
+
+def _secret(path: tuple[str | int, ...], secret: str, secrets: Sequence[str]) -> Iterator[PipelineProblem]:
+    if secret in secrets:
+        return
+    listed = ", ".join(f"'{n}'" for n in secrets) or "none (webhooks.secrets is empty)"
+    yield PipelineProblem(
+        path, f"no secret named '{secret}' in webhooks.secrets; known: {listed}", suggest(secret, secrets)
+    )
 
 
 def _references(step: Step) -> Iterator[tuple[str, str, tuple[str, ...]]]:

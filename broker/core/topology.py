@@ -409,12 +409,18 @@ class TopologySettings:
             webhooks=config.webhooks.enabled,
             pipelines=bool(config.pipelines),
             sink_buckets=tuple(
-                sorted({s.bucket for p in config.pipelines.values() for s in p.steps if s.kind == "sink"})
+                sorted({b for p in config.pipelines.values() for s in p.steps if (b := _bucket(s))})
             ),
         )
 
     def lane_consumers(self) -> tuple[LaneConsumer, ...]:
         return tuple(LaneConsumer(r, lane) for r in self.routes for lane in self.lanes)
+
+
+def _bucket(step: object) -> str | None:
+    """A sink step's bucket (None for one delivering to a webhook, or another step)."""
+    bucket = getattr(step, "bucket", None)
+    return bucket if isinstance(bucket, str) else None
 
 
 def _version_tuple(version: str) -> tuple[int, int, int]:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -22,7 +23,7 @@ from opentelemetry import context as otel_context
 
 from laneway.broker.config.pipelines import ChatStep, EmbeddingStep, MapStep, referenced_steps
 from laneway.broker.core import topology as t
-from laneway.broker.core.events import EventConflict, EventLog, first_event
+from laneway.broker.core.events import EventConflict, EventLog, first_event, is_scheduled
 from laneway.broker.core.model import (
     ChatInput,
     ChatMessage,
@@ -42,7 +43,7 @@ from laneway.broker.pipelines.outputs import Outputs, render
 from laneway.broker.pipelines.state import RunState
 from laneway.errors import Unavailable
 
-__all__ = ["build_children", "cancel_children", "enqueue_children", "oversized", "step_span"]
+__all__ = ["build_children", "cancel_children", "delayed", "enqueue_children", "oversized", "step_span"]
 
 _CANCEL_TRIES = 8
 
@@ -127,15 +128,24 @@ def step_span(state: RunState, index: int) -> Iterator[None]:
         yield
 
 
-def oversized(jobs: Sequence[QueuedJob], limit: int) -> str | None:
-    """Why a step's jobs cannot be enqueued (the first over ``limit`` bytes, as
-    ``broker.max_payload_bytes`` refuses a submitted job), or None. Checked before any
-    write: a child the queue would refuse would otherwise be retried for ever."""
+def oversized(jobs: Sequence[QueuedJob], limit: int, key: str = "broker.max_payload_bytes") -> str | None:
+    """Why a step's jobs cannot be enqueued (the first over ``limit`` bytes, as ``key``,
+    ``broker.max_payload_bytes`` or a tenant's, refuses a submitted job), or None.
+    Checked before any write: a child the queue would refuse would otherwise be
+    retried for ever."""
     for i, job in enumerate(jobs):
         size = len(encode_queued_job(job))
         if size > limit:
-            return f"item {i}'s job is {size} bytes, over the {limit}-byte limit (broker.max_payload_bytes)"
+            return f"item {i}'s job is {size} bytes, over the {limit}-byte limit ({key})"
     return None
+
+
+def delayed(job: QueuedJob, wait_s: float) -> QueuedJob:
+    """``job`` made visible ``wait_s`` seconds from its enqueue (a tenant's rate,
+    ``quota``): a delayed job, through a message schedule, as a submitted one."""
+    if wait_s <= 0:
+        return job
+    return replace(job, spec=replace(job.spec, not_before=job.enqueued_at + timedelta(seconds=wait_s)))
 
 
 async def enqueue_children(nc: NatsClient, events: EventLog, jobs: Sequence[QueuedJob]) -> int:
@@ -158,19 +168,29 @@ async def enqueue_children(nc: NatsClient, events: EventLog, jobs: Sequence[Queu
             # Still at QUEUED: its publish may have been lost. Past it: a worker has it.
             if stored is not None and stored.job_seq == 1:
                 ready.append((job, stored.stream_seq))
-    items = [
-        (t.job_subject(job.spec.route, job.spec.lane), encode_queued_job(job), _headers(job, seq))
-        for job, seq in ready
-    ]
+    items = [(_subject(job), encode_queued_job(job), _headers(job, seq)) for job, seq in ready]
     for ack in await publish_many(nc, events.mux, items, timeout=5.0):
         if not isinstance(ack, int):
             raise Unavailable(f"the job queue did not take a child job: {ack}", reason="NATS_UNAVAILABLE")
     return len(ready)
 
 
+def _subject(job: QueuedJob) -> str:
+    return t.delay_subject(job.job_id) if is_scheduled(job) else t.job_subject(job.spec.route, job.spec.lane)
+
+
 def _headers(job: QueuedJob, event_seq: int) -> dict[str, str]:
     headers = {"Nats-Msg-Id": job.job_id, t.HDR_EVENT_SEQ: str(event_seq)}
     inject_headers(headers)  # the child's spans join the run's trace
+    if is_scheduled(job):
+        # As a submitted delayed job's (``laneway.broker.server.publish.job_headers``):
+        # the server moves it onto its lane at not_before.
+        assert job.spec.not_before is not None
+        at = job.spec.not_before.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        target = t.job_subject(job.spec.route, job.spec.lane)
+        headers.update(
+            {"Nats-Schedule": f"@at {at}", "Nats-Schedule-Target": target, t.HDR_JOB_ID: job.job_id}
+        )
     return headers
 
 

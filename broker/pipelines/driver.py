@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 
 import jinja2
@@ -34,15 +34,12 @@ from nats.js import JetStreamContext
 from laneway.broker.config.pipelines import ChatStep, SinkStep, SplitStep
 from laneway.broker.core import topology as t
 from laneway.broker.core.events import FINAL_NAMES, EventLog
+from laneway.broker.core.model import JobState
 from laneway.broker.core.tasks import Background
 from laneway.broker.core.wire.events import decode_event
-from laneway.broker.pipelines.children import (
-    build_children,
-    cancel_children,
-    enqueue_children,
-    oversized,
-    step_span,
-)
+from laneway.broker.pipelines.admission import Admission
+from laneway.broker.pipelines.budget import running_over_budget
+from laneway.broker.pipelines.children import build_children, cancel_children, oversized
 from laneway.broker.pipelines.entries import (
     Entry,
     Finished,
@@ -56,8 +53,10 @@ from laneway.broker.pipelines.metrics import PipelineMetrics
 from laneway.broker.pipelines.outputs import Outputs
 from laneway.broker.pipelines.plan import plan, record_child
 from laneway.broker.pipelines.pull import BatchPuller
+from laneway.broker.pipelines.quota import ChildQuotas, QuotaWait
 from laneway.broker.pipelines.runlog import LogConflict, RunLog, StoredRun
 from laneway.broker.pipelines.sink import deliver
+from laneway.broker.pipelines.sink_webhook import ResultTooLarge, WebhookSink
 from laneway.broker.pipelines.state import RunState, parse_child_id
 from laneway.errors import LanewayError
 
@@ -72,6 +71,7 @@ _CACHE = 10_000
 # is writing the same run: it will be planned again at the redelivery).
 _CONFLICTS = 16
 _RETRY_S = 1.0
+_RETRYING = JobState.RETRYING.name
 
 
 class PipelineDriver:
@@ -85,11 +85,13 @@ class PipelineDriver:
         lease_s: float,
         max_payload_bytes: int = 1 << 20,
         metrics: PipelineMetrics | None = None,
+        quotas: ChildQuotas | None = None,
     ) -> None:
         self._nc = nc
-        self._max_payload = max_payload_bytes
         self._js: JetStreamContext = nc.jetstream()
         self._events = events
+        self._webhook_sink = WebhookSink(self._js, max_payload_bytes)
+        self._admission = Admission(nc, events, quotas, max_payload_bytes)
         self.runs = RunLog(nc, events.mux)
         self._cache: OrderedDict[str, StoredRun] = OrderedDict()
         self._sizes: OrderedDict[tuple[str, int], int] = OrderedDict()
@@ -148,26 +150,55 @@ class PipelineDriver:
                     await msg.in_progress()
 
     async def _on_events(self, msgs: list[Msg]) -> None:
-        """Final events of child jobs, grouped by run: one read and one chain of appends per run."""
+        """Final events of child jobs, grouped by run: one read and one chain of appends
+        per run. Then RETRYING ones: a run with an attempt budget is checked against it
+        before its job is tried again (``budget``)."""
         by_run: dict[str, list[tuple[Msg, int, int, int]]] = {}
+        retrying: dict[str, list[Msg]] = {}
         for msg in msgs:
             job_id = t.job_id_of(msg.subject)
             child = parse_child_id(job_id)
-            if child is None or (msg.headers or {}).get(t.HDR_JOB_STATE) not in FINAL_NAMES:
+            state = (msg.headers or {}).get(t.HDR_JOB_STATE)
+            if child is not None and state == _RETRYING and self._may_have_budget(child[0]):
+                retrying.setdefault(child[0], []).append(msg)
+                continue
+            if child is None or state not in FINAL_NAMES:
                 await msg.ack()
                 continue
             run_id, step, item, attempt = child
             by_run.setdefault(run_id, []).append((msg, step, item, attempt))
         for run_id, children in by_run.items():
-            try:
-                await self._record(run_id, children)
-            except (LanewayError, nats.errors.Error, ValueError) as exc:
-                log.warning("pipeline child not recorded; it will be again", run_id=run_id, error=str(exc))
-                for msg, *_ in children:
-                    await msg.nak(delay=_RETRY_S)
-                continue
-            for msg, *_ in children:
-                await msg.ack()
+            await self._settle([m for m, *_ in children], run_id, self._record(run_id, children))
+        for run_id, retries in retrying.items():
+            await self._settle(retries, run_id, self._check_budget(run_id))
+
+    async def _settle(self, msgs: list[Msg], run_id: str, work: Awaitable[None]) -> None:
+        """Ack ``msgs`` once ``work`` is stored; hand them back when it failed."""
+        try:
+            await work
+        except (LanewayError, nats.errors.Error, ValueError) as exc:
+            log.warning("pipeline job event not handled; it will be again", run_id=run_id, error=str(exc))
+            for msg in msgs:
+                await msg.nak(delay=_RETRY_S)
+            return
+        for msg in msgs:
+            await msg.ack()
+
+    def _may_have_budget(self, run_id: str) -> bool:
+        # A run's definition never changes: one known to have no budget is not read again.
+        known = self._cache.get(run_id)
+        return known is None or known.state.max_attempts is not None
+
+    async def _check_budget(self, run_id: str) -> None:
+        """Fail the run's current step if its jobs would need more attempts than the
+        run's budget (``budget.running_over_budget``); a refusal names the budget."""
+        stored = await self._read(run_id)
+        if stored is None:
+            return
+        entry = await running_over_budget(self._events, stored.state, time.time())
+        if entry is not None:
+            step = entry.step
+            await self._append_unless(run_id, entry, lambda s: s.views[step].ok is not None)
 
     async def _record(self, run_id: str, children: list[tuple[Msg, int, int, int]]) -> None:
         for _ in range(_CONFLICTS):
@@ -177,8 +208,8 @@ class PipelineDriver:
             state, entries = stored.state, []
             now = time.time()
             for msg, step, item, attempt in children:
-                event = _decode_final(msg)
-                entry = record_child(state, step, item, event[0], event[1], now, attempt)
+                job_state, error, attempts = _decode_final(msg)
+                entry = record_child(state, step, item, job_state, error, now, attempt, attempts)
                 if entry is not None:
                     entries.append(entry)
                     state = state.apply(entry)
@@ -199,6 +230,11 @@ class PipelineDriver:
                 seen = []
             try:
                 await self._advance(run_id, seen)
+            except QuotaWait as wait:
+                log.debug("pipeline step waits for its tenant's quota", run_id=run_id, why=str(wait))
+                for msg in entries:
+                    await msg.nak(delay=_RETRY_S)
+                continue
             except (LanewayError, nats.errors.Error) as exc:
                 log.warning("pipeline run not advanced; it will be again", run_id=run_id, error=str(exc))
                 for msg in entries:
@@ -211,15 +247,26 @@ class PipelineDriver:
         stored = await self._plan(run_id)
         if stored is None:
             return
+        enqueued = False
         for entry in seen:
             if isinstance(entry, Started):
                 await self.runs.index(run_id, entry)  # in case its start's broker died first
             elif isinstance(entry, StepStarted) and stored.state.finished is None:
-                stored = await self._start_step(run_id, stored, entry.step)
+                stored, enqueued = await self._start_step(run_id, stored, entry.step), True
             elif isinstance(entry, Resumed) and stored.state.finished is None:
-                stored = await self._rerun(stored)
+                stored, enqueued = await self._rerun(stored), True
             elif isinstance(entry, Finished):
                 await self._cancel_outstanding(stored.state, entry.reason)
+        state = stored.state
+        current = state.current
+        if (
+            not enqueued
+            and state.finished is None
+            and current is not None
+            and state.views[current].started_at is not None
+        ):
+            # Jobs its tenant had no room for yet (``admission``): some may fit now.
+            await self._admission.top_up(state, current)
         if self._metrics is not None:
             for entry in seen:
                 self._metrics.saw(stored.state, entry)
@@ -239,8 +286,16 @@ class PipelineDriver:
     async def _start_step(self, run_id: str, stored: StoredRun, step: int) -> StoredRun:
         state = stored.state
         outputs = Outputs(self._events, state)
-        if isinstance(state.steps[step], SinkStep):
-            delivered = await deliver(self._js, state, step, outputs)
+        sink = state.steps[step]
+        if isinstance(sink, SinkStep):
+            try:
+                if sink.webhook is not None:
+                    delivered = await self._webhook_sink.deliver(state, step, outputs)
+                else:
+                    delivered = await deliver(self._js, state, step, outputs)
+            except ResultTooLarge as exc:
+                failed = Finished("FAILED", str(exc), time.time())
+                return await self._append_unless(run_id, failed, lambda s: s.finished is not None)
             done = StepFinished(step, True, (), time.time(), items=delivered)
             return await self._append_unless(run_id, done, lambda s: s.views[step].ok is not None)
         try:
@@ -251,11 +306,10 @@ class PipelineDriver:
             name = state.steps[step].name
             failed = Finished("FAILED", f"step '{name}': template failed: {exc}", time.time())
             return await self._append_unless(run_id, failed, lambda s: s.finished is not None)
-        if too_large := oversized(jobs, self._max_payload):
+        if too_large := oversized(jobs, *self._admission.payload_limit(state)):
             failed = Finished("FAILED", f"step '{state.steps[step].name}': {too_large}", time.time())
             return await self._append_unless(run_id, failed, lambda s: s.finished is not None)
-        with step_span(state, step):
-            await enqueue_children(self._nc, self._events, jobs)
+        await self._admission.enqueue(state, step, jobs)
         return stored
 
     async def _rerun(self, stored: StoredRun) -> StoredRun:
@@ -266,10 +320,7 @@ class PipelineDriver:
             return stored  # nothing of a job step to run again (the plan goes on)
         view = state.views[step]
         jobs = await build_children(state, step, Outputs(self._events, state))
-        with step_span(state, step):
-            await enqueue_children(
-                self._nc, self._events, [j for i, j in enumerate(jobs) if i not in view.done]
-            )
+        await self._admission.enqueue(state, step, [j for i, j in enumerate(jobs) if i not in view.done])
         return stored
 
     async def _append_unless(self, run_id: str, entry: Entry, done: Callable[[RunState], bool]) -> StoredRun:
@@ -335,12 +386,11 @@ class PipelineDriver:
         return True
 
 
-def _decode_final(msg: Msg) -> tuple[str, str]:
-    """(state name, error text) of a job's final event."""
+def _decode_final(msg: Msg) -> tuple[str, str, int]:
+    """(state name, error text, attempts made) of a job's final event."""
     state = (msg.headers or {}).get(t.HDR_JOB_STATE, "")
+    event = decode_event(msg.data)
     error = ""
-    if state != "SUCCEEDED":
-        event = decode_event(msg.data)
-        if event.error is not None:
-            error = f"{event.error.code}: {event.error.message}"
-    return state, error
+    if state != "SUCCEEDED" and event.error is not None:
+        error = f"{event.error.code}: {event.error.message}"
+    return state, error, event.attempt

@@ -69,6 +69,9 @@ class ChildFinished:
     at: float
     attempt: int = 0
     """Which of the item's jobs: 0 the first, n the one ``n`` resumes later made."""
+    attempts: int = 0
+    """Provider attempts the job made (its final event's ``attempt``), for the run's
+    budget (``max_attempts``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,9 @@ class StepFinished:
     at: float
     items: int = 0
     """A split step: how many chunks it made (the next map step's child count)."""
+    reason: str = ""
+    """Why a step failed other than by its items' jobs (the run's attempt budget);
+    the run's error then."""
 
 
 @dataclass(frozen=True, slots=True)

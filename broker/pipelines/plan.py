@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from laneway.broker.config.pipelines import GatherStep, MapStep, SinkStep, SplitStep
+from laneway.broker.pipelines.budget import step_over_budget
 from laneway.broker.pipelines.entries import (
     ChildFinished,
     Entry,
@@ -45,7 +46,14 @@ def plan(state: RunState, now: float, split_size: Callable[[int], int | None]) -
 
 
 def record_child(
-    state: RunState, step: int, item: int, job_state: str, error: str, now: float, attempt: int = 0
+    state: RunState,
+    step: int,
+    item: int,
+    job_state: str,
+    error: str,
+    now: float,
+    attempt: int = 0,
+    attempts: int = 0,
 ) -> ChildFinished | None:
     """The entry recording a child's final state, or None when there is nothing to
     record: the log has it already, no such child exists, or a resume replaced it."""
@@ -56,7 +64,7 @@ def record_child(
         return None
     if attempt != view.attempts.get(item, 0):
         return None
-    return ChildFinished(step, item, job_state, error, now, attempt)
+    return ChildFinished(step, item, job_state, error, now, attempt, attempts)
 
 
 def resume(state: RunState, reason: str, now: float) -> Resumed | None:
@@ -79,7 +87,7 @@ def _next(state: RunState, now: float, split_size: Callable[[int], int | None]) 
         if view.ok is False:
             name = state.steps[view.index].name
             items = ", ".join(str(i) for i in view.failed)
-            return Finished("FAILED", f"step '{name}' failed (items: {items})", now)
+            return Finished("FAILED", view.reason or f"step '{name}' failed (items: {items})", now)
     index = state.current
     if index is None:
         return Finished("SUCCEEDED", "", now)
@@ -96,6 +104,8 @@ def _next(state: RunState, now: float, split_size: Callable[[int], int | None]) 
     if view.started_at is None:
         children = state.views[state.index_of(step.over)].items if isinstance(step, MapStep) else 1
         return StepStarted(index, children, now)
+    if (spent := step_over_budget(state, index, now)) is not None:
+        return spent  # before any job of it is enqueued, when it is the step's start
     failed = tuple(sorted(i for i, c in view.done.items() if c.state != "SUCCEEDED"))
     all_in = len(view.done) >= view.children
     if state.continues_on_failure(index):

@@ -56,6 +56,15 @@ class RunLog:
         self._nc = nc
         self._mux = mux
         self._timeout = timeout
+        self._followers: set[asyncio.Event] = set()
+        self._closing = False
+
+    def end_follows(self) -> None:
+        """End every ``follow`` with Unavailable SHUTTING_DOWN (the broker is stopping):
+        callers resume on another broker after the last position they saw."""
+        self._closing = True
+        for woken in self._followers:
+            woken.set()
 
     async def append(self, run_id: str, entry: Entry, *, expect_last: int) -> int:
         """Append ``entry`` if the run's last entry is at stream sequence ``expect_last``
@@ -171,10 +180,15 @@ class RunLog:
             woken.set()
 
         sub = await self._nc.subscribe(t.pipeline_subject(run_id), cb=wake)
+        self._followers.add(woken)
         try:
             state: RunState | None = None
             position, last = 0, 0
             while True:
+                if self._closing:
+                    raise Unavailable(
+                        "broker is shutting down; resume after the last position seen", reason="SHUTTING_DOWN"
+                    )
                 woken.clear()
                 for seq, entry in await self.entries(run_id, last):
                     state = RunState.fold(run_id, [entry]) if state is None else state.apply(entry)
@@ -189,4 +203,5 @@ class RunLog:
                 except TimeoutError:
                     pass  # read again: a wake-up may have been lost
         finally:
+            self._followers.discard(woken)
             await unsubscribe_quietly(sub)

@@ -16,9 +16,10 @@ from laneway.broker.core.model import new_job_id
 from laneway.broker.pipelines.entries import Started
 from laneway.broker.pipelines.plan import cancel, resume
 from laneway.broker.pipelines.runlog import LogConflict, RunLog, StoredRun
-from laneway.errors import Aborted, AlreadyExists, NotFound
+from laneway.broker.pipelines.state import RunState, parse_child_id
+from laneway.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 
-__all__ = ["cancel_run", "read_run", "resume_run", "run_id_for", "start_run"]
+__all__ = ["cancel_run", "read_run", "resume_child", "resume_run", "run_id_for", "start_run"]
 
 _TRIES = 8
 
@@ -113,3 +114,63 @@ async def read_run(runs: RunLog, run_id: str, *, tenant: str | None) -> StoredRu
     if stored is None or (tenant is not None and stored.state.started.tenant != tenant):
         raise NotFound(f"run {run_id} not found", reason="UNKNOWN_PIPELINE_RUN", metadata={"run_id": run_id})
     return stored
+
+
+async def resume_child(runs: RunLog, job_id: str, reason: str) -> tuple[str, str]:
+    """A dead-lettered child job redriven (``RedriveDeadLetters``): its run resumed at
+    the job's step, as ``resume_run`` does, rather than a new job the run would not
+    know. Returns (run id, the item's job now). Also answers, without writing, for a
+    dead letter whose item already runs again (an earlier resume or redrive made it a
+    newer job). FailedPrecondition ``PIPELINE_RUN_NOT_RESUMABLE`` when the run cannot
+    go on from this job (it succeeded, was cancelled, runs, or failed at another
+    step); NotFound when its run is gone. The caller checked the dead letter's tenant."""
+    child = parse_child_id(job_id)
+    if child is None:
+        raise ValueError(f"{job_id} is not a pipeline child job id")
+    run_id, step, item, _ = child
+    for _ in range(_TRIES):
+        stored = await read_run(runs, run_id, tenant=None)
+        state = stored.state
+        if not 0 <= step < len(state.views) or not 0 <= item < state.views[step].children:
+            raise _not_resumable(job_id, run_id, f"run {run_id} has no item {item} at step {step}")
+        if not _failed_at(state, step, item):
+            current = state.job_id(step, item)
+            if current != job_id:
+                return run_id, current  # an earlier resume runs the item again already
+            raise _not_resumable(job_id, run_id, _why_not(state, step))
+        entry = resume(state, reason, time.time())
+        assert entry is not None  # failed at a step: resumable
+        try:
+            await runs.append(run_id, entry, expect_last=stored.last_seq)
+        except LogConflict:
+            continue  # the log moved on (a late job, another resume): look again
+        return run_id, state.apply(entry).job_id(step, item)
+    raise Aborted(f"run {run_id} kept changing; try again", reason="CONTENDED", metadata={"run_id": run_id})
+
+
+def _failed_at(state: RunState, step: int, item: int) -> bool:
+    """Whether a resume now would run item ``item`` of step ``step`` again."""
+    if not state.resumable() or state.views[step].ok is not False:
+        return False
+    done = state.views[step].done.get(item)
+    return done is None or done.state != "SUCCEEDED"
+
+
+def _why_not(state: RunState, step: int) -> str:
+    name = state.steps[step].name
+    if state.finished is None:
+        return f"it is still running; step '{name}' goes on without this job"
+    if state.finished.state != "FAILED":
+        return f"it ended {state.finished.state}; a finished run is not run again"
+    failed = next((v for v in state.views if v.ok is False), None)
+    where = f"at step '{state.steps[failed.index].name}'" if failed is not None else "before any step"
+    return f"it failed {where}, not at this job's step '{name}'"
+
+
+def _not_resumable(job_id: str, run_id: str, why: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"job {job_id} belongs to pipeline run {run_id}, which cannot be resumed from it: {why}; "
+        "the dead letter is kept",
+        reason="PIPELINE_RUN_NOT_RESUMABLE",
+        metadata={"job_id": job_id, "run_id": run_id},
+    )

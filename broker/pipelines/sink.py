@@ -29,7 +29,7 @@ _WINDOW = 256
 async def deliver(js: JetStreamContext, state: RunState, index: int, outputs: Outputs) -> int:
     """Put every item of sink step ``index``'s map step into its bucket; how many."""
     step = state.steps[index]
-    assert isinstance(step, SinkStep)
+    assert isinstance(step, SinkStep) and step.bucket is not None
     source = state.index_of(step.from_)
     mapped = state.steps[source]
     assert isinstance(mapped, MapStep)

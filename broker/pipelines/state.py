@@ -65,6 +65,8 @@ class StepView:
     items: int = 0
     attempts: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
     """Items run again by resumes: item -> how many times (their job ids end ``-<n>``)."""
+    reason: str = ""
+    """Why the step failed, when not by its items' jobs (``StepFinished.reason``)."""
 
     @property
     def state(self) -> StepState:
@@ -88,11 +90,18 @@ class RunState:
     finished: Finished | None = None
     entries: int = 1
     """How many entries the log holds (the folded ones)."""
+    max_attempts: int | None = None
+    """The pipeline's attempt budget when the run started (None: none)."""
+    attempts_used: int = 0
+    """Provider attempts of the jobs recorded finished since the run started or was
+    last resumed (a resume is a decision to spend more: it starts the count again)."""
 
     @classmethod
     def begin(cls, run_id: str, started: Started) -> RunState:
-        steps = _DEFINITION.validate_python(started.definition).steps
-        return cls(run_id, started, steps, tuple(StepView(i) for i in range(len(steps))))
+        definition = _DEFINITION.validate_python(started.definition)
+        steps = definition.steps
+        views = tuple(StepView(i) for i in range(len(steps)))
+        return cls(run_id, started, steps, views, max_attempts=definition.max_attempts)
 
     @classmethod
     def fold(cls, run_id: str, entries: Iterable[Entry]) -> RunState:
@@ -125,6 +134,9 @@ class RunState:
             # Only the item's current job counts: a late end of one a resume replaced does not.
             if entry.item not in view.done and entry.attempt == view.attempts.get(entry.item, 0):
                 view = replace(view, done=MappingProxyType({**view.done, entry.item: entry}))
+                views = (*self.views[: entry.step], view, *self.views[entry.step + 1 :])
+                used = self.attempts_used + entry.attempts
+                return replace(self, views=views, entries=count, attempts_used=used)
         elif isinstance(entry, StepFinished) and view.ok is None:
             view = replace(
                 view,
@@ -133,6 +145,7 @@ class RunState:
                 ok=entry.ok,
                 failed=entry.failed,
                 items=entry.items,
+                reason=entry.reason,
             )
         views = (*self.views[: entry.step], view, *self.views[entry.step + 1 :])
         return replace(self, views=views, entries=count)
@@ -149,13 +162,14 @@ class RunState:
             ok=None,
             finished_at=None,
             failed=(),
+            reason="",
             done=MappingProxyType({i: c for i, c in failed.done.items() if i not in again}),
             attempts=MappingProxyType(
                 {**failed.attempts, **{i: failed.attempts.get(i, 0) + 1 for i in again}}
             ),
         )
         views = (*self.views[: failed.index], view, *self.views[failed.index + 1 :])
-        return replace(self, views=views, finished=None, entries=count)
+        return replace(self, views=views, finished=None, entries=count, attempts_used=0)
 
     def job_id(self, step: int, item: int) -> str:
         """The id of the current job of item ``item`` of step ``step``."""

@@ -20,6 +20,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from laneway.broker.config.model import LanewayConfig
+from laneway.broker.config.pipelines import PipelineConfig, SinkStep
+from laneway.broker.core.webhook_status import read_statuses
 from laneway.broker.core.wire.jobs import MAX_IDEMPOTENCY_KEY, NAME_RE, clip, over_limit
 from laneway.broker.observability.tracing import inject_headers, server_span
 from laneway.broker.pipelines.entries import (
@@ -33,11 +35,14 @@ from laneway.broker.pipelines.entries import (
 )
 from laneway.broker.pipelines.runlog import RunLog
 from laneway.broker.pipelines.runs import cancel_run, read_run, resume_run, start_run
+from laneway.broker.pipelines.sink_webhook import sink_prefix
 from laneway.broker.pipelines.state import RunState, StepView, child_id
+from laneway.broker.server.jobs import JobStore
 from laneway.broker.server.paging import page_size, page_token_seq
 from laneway.broker.server.principal import current_principal
 from laneway.broker.server.status import stream_errors, unary_errors
 from laneway.broker.server.tenancy import tenant_scope
+from laneway.broker.server.webhook_dead_letters import WebhookAccess, delivery_to_pb
 from laneway.errors import InvalidArgument, NotFound
 from laneway.v1 import pipeline_pb2
 
@@ -60,17 +65,26 @@ _STEP_STATES = {
 
 
 class PipelineRpcs:
-    """Mixed into ``BrokerServicer``, which sets ``_config`` and ``_runs``."""
+    """Mixed into ``BrokerServicer``, which sets ``_config``, ``_runs`` and ``_webhooks``."""
 
     _config: LanewayConfig
     _runs: RunLog | None
+    _webhooks: WebhookAccess | None
+    _store: JobStore
 
     @unary_errors
     async def StartPipeline(
         self, request: pipeline_pb2.StartPipelineRequest, context: Ctx
     ) -> pipeline_pb2.StartPipelineResponse:
         name = request.pipeline
-        pipelines = self._config.pipelines if self._runs is not None else {}
+        tenant = current_principal().tenant
+        # A pipeline with a step on a route the tenant may not use is as unknown to the
+        # tenant as that route is (``quotas``).
+        pipelines = {
+            n: p
+            for n, p in (self._config.pipelines if self._runs is not None else {}).items()
+            if all(self._store.quotas.allows_route(tenant, r) for r in step_routes(p))
+        }
         if name not in pipelines:
             known = sorted(pipelines)
             close = difflib.get_close_matches(name, known, n=1) if NAME_RE.match(name) else []
@@ -104,7 +118,7 @@ class PipelineRpcs:
                 pipelines[name],
                 request.input,
                 idempotency_key=key,
-                tenant=current_principal().tenant,
+                tenant=tenant,
                 lane=self._config.lanes.default,
                 trace=carrier,
             )
@@ -118,7 +132,20 @@ class PipelineRpcs:
     ) -> pipeline_pb2.GetPipelineRunResponse:
         runs = self._checked_run(request.run_id)
         stored = await read_run(runs, request.run_id, tenant=tenant_scope(current_principal()))
-        return pipeline_pb2.GetPipelineRunResponse(run=run_to_pb(stored.state))
+        run = run_to_pb(stored.state)
+        await self._add_sink_deliveries(stored.state, run)
+        return pipeline_pb2.GetPipelineRunResponse(run=run)
+
+    async def _add_sink_deliveries(self, state: RunState, run: pipeline_pb2.PipelineRun) -> None:
+        """Each webhook sink step's deliveries: one get of the run's delivery record."""
+        hooks = [i for i, s in enumerate(state.steps) if isinstance(s, SinkStep) and s.webhook is not None]
+        if not hooks or self._webhooks is None or state.views[hooks[0]].started_at is None:
+            return
+        statuses = await read_statuses(self._webhooks.kv, state.run_id)
+        for index in hooks:
+            prefix = sink_prefix(state.run_id, index)
+            found = [delivery_to_pb(s) for s in statuses if s.webhook_id.startswith(prefix)]
+            run.steps[index].deliveries.extend(found)
 
     @unary_errors
     async def ListPipelineRuns(
@@ -187,6 +214,11 @@ class PipelineRpcs:
         return self._runs
 
 
+def step_routes(pipeline: PipelineConfig) -> set[str]:
+    """The routes a pipeline's jobs go to."""
+    return {r for s in pipeline.steps if (r := getattr(s, "route", None))}
+
+
 def event_to_pb(position: int, entry: Entry, state: RunState) -> pipeline_pb2.PipelineRunEvent:
     """``entry``, the run's ``position``-th, with the run's state after it."""
     finished = state.finished
@@ -206,6 +238,7 @@ def event_to_pb(position: int, entry: Entry, state: RunState) -> pipeline_pb2.Pi
     elif isinstance(entry, StepFinished):
         out.count = entry.items
         out.state = "SUCCEEDED" if entry.ok else "FAILED"
+        out.error = entry.reason  # why, when not its jobs (the attempt budget)
     elif isinstance(entry, Finished):
         out.state, out.error = entry.state, entry.reason
     elif isinstance(entry, Resumed):
@@ -221,6 +254,8 @@ def run_to_pb(state: RunState) -> pipeline_pb2.PipelineRun:
         state=_RUN_STATES[finished.state if finished is not None else None],
         error=finished.reason if finished is not None else "",
         create_time=_timestamp(state.started.at),
+        attempts=state.attempts_used,
+        max_attempts=state.max_attempts or 0,
     )
     if finished is not None:
         out.end_time.CopyFrom(_timestamp(finished.at))

@@ -70,6 +70,7 @@ class BrokerServer:
         self._server: grpc.aio.Server | None = None
         self._exit = contextlib.AsyncExitStack()
         self._feed: EventFeed | None = None
+        self._runs: RunLog | None = None
         self._disconnects: DisconnectCancels | None = None
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.port = 0
@@ -114,6 +115,7 @@ class BrokerServer:
         await t.ensure_topology(js, t.TopologySettings.from_config(self.config))
         events = await self._exit.enter_async_context(EventLog(self._nc))
         feed = self._feed = await self._exit.enter_async_context(EventFeed(self._nc, events))
+        quotas = Quotas(self.config.tenants, events)
         store = JobStore(
             self._nc,
             events,
@@ -122,7 +124,7 @@ class BrokerServer:
             max_payload_bytes=self.config.broker.max_payload_bytes,
             max_schedule_ahead_s=self.config.queue.events_max_age_s,
             metrics=self.metrics,
-            quotas=Quotas(self.config.tenants, events),
+            quotas=quotas,
         )
         dead_letters = DeadLetterStore(self._nc, events)
         # Its cancels (Run's on_disconnect) end before the event log and NATS close.
@@ -139,8 +141,9 @@ class BrokerServer:
                 lease_s=self.config.queue.ack_wait_s,
                 max_payload_bytes=self.config.broker.max_payload_bytes,
                 metrics=metrics,
+                quotas=quotas,  # a run's jobs count against its tenant's (``pipelines.quota``)
             )
-            runs = (await self._exit.enter_async_context(driver)).runs
+            runs = self._runs = (await self._exit.enter_async_context(driver)).runs
         stats = QueueStats(js, t.TopologySettings.from_config(self.config).lane_consumers())
         interceptors: list[grpc.aio.ServerInterceptor[Any, Any]] = []
         if self.config.auth.enabled:
@@ -232,6 +235,8 @@ class BrokerServer:
                 # Streams end now with UNAVAILABLE (clients resume elsewhere by sequence);
                 # unary calls get the grace period to finish.
                 self._feed.end_watches()
+            if self._runs is not None:
+                self._runs.end_follows()  # StreamPipelineRun likewise
             await server.stop(self._grace)
         metrics_server, self._metrics_server = self._metrics_server, None
         if metrics_server is not None:

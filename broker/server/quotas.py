@@ -16,6 +16,9 @@ leaves nothing behind:
 - ``max_queued_jobs``: jobs of the tenant waiting or running at once (scheduled and
   debounced ones included). Over it: RESOURCE_EXHAUSTED ``QUOTA_EXCEEDED``.
 
+A pipeline run's jobs count against its tenant's quotas too, but wait rather than
+fail (``admit_children``; ``laneway.broker.pipelines.quota`` says how).
+
 Both counted quotas are kept **per broker process**, in memory, not fleet-wide. A
 fleet-wide rate would need a shared counter: one JetStream KV compare-and-set per
 submission (a round trip on every job's latency, and a hot key all brokers contend
@@ -39,7 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from laneway.broker.config.security import TenantConfig
@@ -184,6 +187,45 @@ class Quotas:
                 )
             state.open[job_id] = time.monotonic()
             self._owner[job_id] = tenant
+
+    # --- a pipeline run's jobs (``laneway.broker.pipelines.quota.ChildQuotas``) ---------
+
+    def payload_limit(self, tenant: str) -> int | None:
+        state = self._tenants.get(tenant)
+        return state.config.max_payload_bytes if state is not None else None
+
+    def caps_children(self, tenant: str) -> bool:
+        state = self._tenants.get(tenant)
+        return state is not None and state.config.max_queued_jobs is not None
+
+    async def admit_children(self, tenant: str, job_ids: Sequence[str]) -> list[float]:
+        """Count a run's jobs like submissions, but never refuse one: as many as
+        ``max_queued_jobs`` has room for (a job this broker counts already keeps its
+        place), each with its wait for ``submit_rate_per_s`` (tokens taken ahead: the
+        bucket runs into debt, which the tenant's own submissions then wait out)."""
+        state = self._tenants.get(tenant)
+        if state is None:
+            return [0.0] * len(job_ids)
+        limit = state.config.max_queued_jobs
+        if limit is not None and len(state.open) + len(job_ids) > limit:
+            await self._refresh(state)
+        delays: list[float] = []
+        now = time.monotonic()
+        for job_id in job_ids:
+            if job_id in state.open:
+                delays.append(0.0)  # a replayed enqueue: counted when first admitted
+                continue
+            if limit is not None and len(state.open) >= limit:
+                break
+            wait = 0.0
+            if state.bucket is not None:
+                wait = state.bucket.wait(now)
+                state.bucket.take()
+            delays.append(wait)
+            if limit is not None:
+                state.open[job_id] = now
+                self._owner[job_id] = tenant
+        return delays
 
     def release(self, job_id: str) -> None:
         """``job_id`` was admitted but not enqueued (e.g. a duplicate of an idempotency key)."""

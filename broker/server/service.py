@@ -47,7 +47,7 @@ from laneway.broker.server.paging import MAX_PAGE_SIZE, page_size, page_token_se
 from laneway.broker.server.pipelines import PipelineRpcs
 from laneway.broker.server.principal import Principal, current_principal
 from laneway.broker.server.provider_health import ProviderHealthView
-from laneway.broker.server.redrive import redrive
+from laneway.broker.server.redrive import RunResumed, redrive
 from laneway.broker.server.stats import QueueStats
 from laneway.broker.server.status import item_error, stream_errors, unary_errors
 from laneway.broker.server.tenancy import dead_letter_scope, requested_filter, tenant_scope
@@ -333,6 +333,7 @@ class BrokerServicer(WebhookRpcs, PipelineRpcs, pb_grpc.BrokerServiceServicer):
             rate_per_s=rate,
             route=request.target_route,
             lane=lane,
+            runs=self._runs,
         )
         audit(
             "redrive",
@@ -341,13 +342,15 @@ class BrokerServicer(WebhookRpcs, PipelineRpcs, pb_grpc.BrokerServiceServicer):
             target="all"
             if request.all
             else clip(text_format.MessageToString(request.filter, as_one_line=True)),
-            redriven=sum(isinstance(outcome, Submitted) for _, outcome in done),
+            redriven=sum(not isinstance(outcome, ApiError) for _, outcome in done),
         )
         response = pb.RedriveDeadLettersResponse()
         for job_id, outcome in done:
             item = response.redriven.add(job_id=job_id)
             if isinstance(outcome, Submitted):
                 item.new_job_id = outcome.job_id
+            elif isinstance(outcome, RunResumed):
+                item.new_job_id, item.pipeline_run_id = outcome.job_id, outcome.run_id
             else:
                 item_error(outcome, item.error)
         return response

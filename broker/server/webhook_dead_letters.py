@@ -39,12 +39,13 @@ from laneway.errors import ApiError, InvalidArgument, NotFound
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import dead_letter_pb2, job_pb2
 
-__all__ = ["WebhookAccess", "WebhookRpcs", "add_deliveries", "webhook_access"]
+__all__ = ["WebhookAccess", "WebhookRpcs", "add_deliveries", "delivery_to_pb", "webhook_access"]
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
-# "job", or a subscription's "<route>#<index>" (``laneway.broker.webhooks.deliveries``).
-_ENDPOINT_RE = re.compile(r"^(job|[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}#\d{1,6})$")
+# "job", "pipeline" (a sink step's), or a subscription's "<route>#<index>"
+# (``laneway.broker.webhooks.deliveries``).
+_ENDPOINT_RE = re.compile(r"^(job|pipeline|[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}#\d{1,6})$")
 _STATES = {
     "pending": job_pb2.WEBHOOK_DELIVERY_STATE_PENDING,
     "delivered": job_pb2.WEBHOOK_DELIVERY_STATE_DELIVERED,
@@ -79,7 +80,7 @@ def _timestamp(unix: float) -> Timestamp:
     return ts
 
 
-def _delivery_to_pb(s: DeliveryStatus) -> job_pb2.WebhookDelivery:
+def delivery_to_pb(s: DeliveryStatus) -> job_pb2.WebhookDelivery:
     out = job_pb2.WebhookDelivery(
         webhook_id=s.webhook_id,
         endpoint=s.endpoint,
@@ -101,7 +102,7 @@ async def add_deliveries(access: WebhookAccess | None, job: job_pb2.Job) -> job_
     """``job`` with its webhook deliveries: one bucket get when webhooks are configured
     (a miss for a job without any), nothing otherwise."""
     if access is not None:
-        job.deliveries.extend(_delivery_to_pb(s) for s in await read_statuses(access.kv, job.job_id))
+        job.deliveries.extend(delivery_to_pb(s) for s in await read_statuses(access.kv, job.job_id))
     return job
 
 
@@ -138,7 +139,8 @@ def _filter(f: dead_letter_pb2.WebhookDeadLetterFilter, field: str) -> LetterFil
     if f.endpoint and not _ENDPOINT_RE.match(f.endpoint):
         where = f"{field}.endpoint"
         raise InvalidArgument(
-            f'{where}: {clip(f.endpoint)!r} is not an endpoint ("job" or "<route>#<index>")', field=where
+            f'{where}: {clip(f.endpoint)!r} is not an endpoint ("job", "pipeline" or "<route>#<index>")',
+            field=where,
         )
     if f.job_id and not NAME_RE.match(f.job_id):
         where = f"{field}.job_id"

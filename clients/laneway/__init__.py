@@ -31,10 +31,17 @@ from laneway.errors import (
     Unavailable,
 )
 from laneway.inputs import JobInput, JobOptions, chat, classification, embedding, job
+from laneway.pipelines import (
+    PipelineCancelOutcome,
+    PipelineResumeOutcome,
+    PipelineRunPage,
+    PipelineStarted,
+)
 from laneway.streams import FINAL_STATES
 from laneway.sync_client import Client
 from laneway.v1.dead_letter_pb2 import DeadLetter
 from laneway.v1.job_pb2 import Job, JobEvent, JobState
+from laneway.v1.pipeline_pb2 import PipelineRun, PipelineRunEvent, PipelineRunState
 
 __all__ = [
     "FINAL_STATES",
@@ -60,6 +67,13 @@ __all__ = [
     "NotFound",
     "OnDisconnect",
     "PermissionDenied",
+    "PipelineCancelOutcome",
+    "PipelineResumeOutcome",
+    "PipelineRun",
+    "PipelineRunEvent",
+    "PipelineRunPage",
+    "PipelineRunState",
+    "PipelineStarted",
     "Redriven",
     "ResourceExhausted",
     "Submitted",

@@ -37,6 +37,7 @@ from laneway.error_details import from_rpc_error
 from laneway.errors import ApiError, Unavailable
 from laneway.inputs import JobInput, JobOptions, job
 from laneway.ops import health_request
+from laneway.pipelines import AsyncPipelineMethods
 from laneway.streams import DEFAULT_RESUME_TIMEOUT, Cursor, ResumeWindow, resumable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
@@ -48,8 +49,9 @@ _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 
 
-class AsyncClient:
-    """Asyncio client of a Laneway broker: ``async with AsyncClient(target) as client``.
+class AsyncClient(AsyncPipelineMethods):
+    """Asyncio client of a Laneway broker: ``async with AsyncClient(target) as client``;
+    the pipeline methods (``start_pipeline``...) come from ``laneway.pipelines``.
 
     Every method takes ``timeout`` (seconds for the call; a unary call defaults to the
     client's ``timeout``, a stream to none, its resumes included) and

@@ -10,9 +10,10 @@
 Connecting (TLS, credentials, metadata, the caller's own channel) is described in
 ``laneway.channel``. Errors are ``laneway.errors`` exceptions decoded from the gRPC
 status (``laneway.error_details``: reason, field, metadata, retry delay).
-``stream_results``, ``wait``, ``run`` and ``run_stream`` resume by sequence number
-when the broker goes away mid-stream, for up to ``resume_timeout`` seconds (default
-300), so callers see every event exactly once.
+``stream_results``, ``wait``, ``run``, ``run_stream`` and ``stream_pipeline_run``
+resume by sequence number when the broker goes away mid-stream, for up to
+``resume_timeout`` seconds (default 300), so callers see every event exactly once.
+Pipeline runs (``start_pipeline``...) are in ``laneway.pipelines``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from laneway.async_client import AsyncClient
 from laneway.calls import CancelOutcome, OnDisconnect, Submitted
 from laneway.dead_letters import DeadLetterPage, Redriven
+from laneway.pipelines import PipelineCancelOutcome, PipelineResumeOutcome, PipelineRunPage, PipelineStarted
 from laneway.streams import FINAL_STATES
 from laneway.sync_client import Client
 
@@ -30,6 +32,10 @@ __all__ = [
     "Client",
     "DeadLetterPage",
     "OnDisconnect",
+    "PipelineCancelOutcome",
+    "PipelineResumeOutcome",
+    "PipelineRunPage",
+    "PipelineStarted",
     "Redriven",
     "Submitted",
 ]

@@ -30,6 +30,9 @@ class Redriven:
     #: The new job that runs it again ("" when ``error`` is set).
     new_job_id: str
     error: ApiError | None = None
+    #: The pipeline run the job belongs to, resumed at its step by this redrive ("" for a
+    #: job of no run).
+    pipeline_run_id: str = ""
 
 
 def dlq_filter(
@@ -95,5 +98,5 @@ def redriven(response: pb.RedriveDeadLettersResponse) -> list[Redriven]:
     out = []
     for r in response.redriven:
         error = from_batch_item(r.error) if r.HasField("error") else None
-        out.append(Redriven(r.job_id, r.new_job_id, error))
+        out.append(Redriven(r.job_id, r.new_job_id, error, r.pipeline_run_id))
     return out

@@ -7,8 +7,9 @@ Hierarchy::
     └── ApiError                an RPC failed; carries the gRPC status code and the reason
         ├── InvalidArgument     INVALID_ARGUMENT: the request can never succeed as is
         │                       (``field`` names the request field; reasons INVALID_FIELD,
-        │                       MALFORMED_REQUEST, LIMIT_EXCEEDED, UNKNOWN_ROUTE, UNKNOWN_PROVIDER)
-        ├── NotFound            NOT_FOUND (UNKNOWN_JOB)
+        │                       MALFORMED_REQUEST, LIMIT_EXCEEDED, UNKNOWN_ROUTE, UNKNOWN_PROVIDER,
+        │                       UNKNOWN_PIPELINE)
+        ├── NotFound            NOT_FOUND (UNKNOWN_JOB, UNKNOWN_PIPELINE_RUN, UNKNOWN_WEBHOOK_DEAD_LETTER)
         ├── AlreadyExists       ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED)
         ├── FailedPrecondition  FAILED_PRECONDITION
         ├── Aborted             ABORTED (CONTENDED: retry)

@@ -11,7 +11,8 @@ broker takes to be replaced.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import grpc
 
@@ -19,7 +20,7 @@ from laneway.errors import ApiError, Unavailable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import job_pb2
 
-__all__ = ["DEFAULT_RESUME_TIMEOUT", "FINAL_STATES", "Cursor", "ResumeWindow", "resumable"]
+__all__ = ["DEFAULT_RESUME_TIMEOUT", "FINAL_STATES", "Cursor", "ResumeWindow", "end_call", "resumable"]
 
 DEFAULT_RESUME_TIMEOUT = 300.0
 """Seconds a broken stream keeps being resumed (from when it broke) before the caller
@@ -45,6 +46,13 @@ def resumable(err: grpc.RpcError, mapped: ApiError) -> bool:
     (UNAVAILABLE), or stopped before it dispatched our call (CANCELLED: we never cancel
     a stream through gRPC ourselves; our own cancellation arrives as CancelledError)."""
     return isinstance(mapped, Unavailable) or err.code() == grpc.StatusCode.CANCELLED
+
+
+def end_call(call: grpc.CallIterator[Any]) -> None:
+    """Cancel a blocking stream's call: a no-op once it ended (the stubs leave
+    ``cancel`` untyped)."""
+    cancel: Callable[[], object] = call.cancel
+    cancel()
 
 
 class ResumeWindow:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -38,7 +38,8 @@ from laneway.error_details import from_rpc_error
 from laneway.errors import ApiError, Unavailable
 from laneway.inputs import JobInput, JobOptions, job
 from laneway.ops import health_request
-from laneway.streams import DEFAULT_RESUME_TIMEOUT, Cursor, ResumeWindow, resumable
+from laneway.pipelines import PipelineMethods
+from laneway.streams import DEFAULT_RESUME_TIMEOUT, Cursor, ResumeWindow, end_call, resumable
 from laneway.v1 import broker_service_pb2 as pb
 from laneway.v1 import broker_service_pb2_grpc as pb_grpc
 from laneway.v1 import dead_letter_pb2, job_pb2, ops_pb2
@@ -49,15 +50,9 @@ _Req = TypeVar("_Req")
 _Resp = TypeVar("_Resp")
 
 
-def _end(call: grpc.CallIterator[Any]) -> None:
-    """Cancel a stream's call: a no-op once it ended (the stubs leave ``cancel`` untyped)."""
-    cancel: Callable[[], object] = call.cancel
-    cancel()
-
-
-class Client:
+class Client(PipelineMethods):
     """Blocking client of a Laneway broker: ``with Client(target) as client``; the
-    same methods as ``AsyncClient``.
+    same methods as ``AsyncClient``, the pipeline ones from ``laneway.pipelines``.
 
     Every method takes ``timeout`` (seconds for the call; a unary call defaults to the
     client's ``timeout``, a stream to none, its resumes included) and
@@ -215,7 +210,7 @@ class Client:
                 if delay is None:
                     raise mapped from None
             finally:
-                _end(call)
+                end_call(call)
             time.sleep(delay)  # backoff before resuming
 
     def wait(
@@ -282,7 +277,7 @@ class Client:
             if seen is None or not isinstance(mapped, Unavailable):
                 raise mapped from None
         finally:
-            _end(call)
+            end_call(call)
         if is_final(seen):
             return
         last = seen

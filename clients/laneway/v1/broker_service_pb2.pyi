@@ -558,10 +558,17 @@ class Redriven(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     NEW_JOB_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    PIPELINE_RUN_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     """The dead-lettered job."""
     new_job_id: _builtins.str
     """The new job that runs it again."""
+    pipeline_run_id: _builtins.str
+    """Set when the dead letter was a job of a pipeline run: the redrive resumed
+    that run (as ResumePipelineRun does: the failed step's items that did not
+    succeed run again, finished steps are not redone) instead of making a job
+    the run would not know; new_job_id is then the item's new job.
+    """
     @_builtins.property
     def error(self) -> Global___BatchItemError:
         """Why it could not be redriven."""
@@ -572,10 +579,11 @@ class Redriven(_message.Message):
         job_id: _builtins.str = ...,
         new_job_id: _builtins.str = ...,
         error: Global___BatchItemError | None = ...,
+        pipeline_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "new_job_id", b"new_job_id", "outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "new_job_id", b"new_job_id", "outcome", b"outcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "job_id", b"job_id", "new_job_id", b"new_job_id", "outcome", b"outcome", "pipeline_run_id", b"pipeline_run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["new_job_id", "error"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015

@@ -239,7 +239,8 @@ class WebhookDeadLetter(_message.Message):
     """seq of the job's event it delivers."""
     endpoint: _builtins.str
     """"job" for the job's own webhooks, "<route>#<index>" for a route's
-    subscription (as WebhookDelivery.source).
+    subscription, "pipeline" for a pipeline's webhook sink (job_id is then the
+    run, event_seq the part) (as WebhookDelivery.source).
     """
     url: _builtins.str
     """The webhook's URL with user info and query string masked."""
@@ -291,7 +292,7 @@ class WebhookDeadLetterFilter(_message.Message):
     ENDPOINT_FIELD_NUMBER: _builtins.int
     JOB_ID_FIELD_NUMBER: _builtins.int
     endpoint: _builtins.str
-    """Only this source: "job" or "<route>#<index>" (WebhookDeadLetter.endpoint)."""
+    """Only this source: "job", "pipeline" or "<route>#<index>" (WebhookDeadLetter.endpoint)."""
     job_id: _builtins.str
     """Only this job's."""
     def __init__(

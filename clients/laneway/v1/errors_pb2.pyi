@@ -116,6 +116,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """NOT_FOUND. No pipeline run has this id (never existed, or its log has aged
     out), or it belongs to another tenant. Metadata: run_id.
     """
+    ERROR_REASON_PIPELINE_RUN_NOT_RESUMABLE: _ErrorReason.ValueType  # 21
+    """FAILED_PRECONDITION. A redriven dead letter is a job of a pipeline run that
+    cannot be resumed at that job's step (the run succeeded, was cancelled, runs,
+    or failed at another step): the dead letter is kept. Metadata: job_id, run_id.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Why an RPC (or one item of a batch) failed.
@@ -227,5 +232,10 @@ Metadata: field, pipeline.
 ERROR_REASON_UNKNOWN_PIPELINE_RUN: ErrorReason.ValueType  # 20
 """NOT_FOUND. No pipeline run has this id (never existed, or its log has aged
 out), or it belongs to another tenant. Metadata: run_id.
+"""
+ERROR_REASON_PIPELINE_RUN_NOT_RESUMABLE: ErrorReason.ValueType  # 21
+"""FAILED_PRECONDITION. A redriven dead letter is a job of a pipeline run that
+cannot be resumed at that job's step (the run succeeded, was cancelled, runs,
+or failed at another step): the dead letter is kept. Metadata: job_id, run_id.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

@@ -1267,7 +1267,8 @@ class WebhookDelivery(_message.Message):
     """
     source: _builtins.str
     """"job" for one of the job's own webhooks (JobSpec.notify), "<route>#<index>"
-    for a route's standing subscription (webhooks.subscriptions).
+    for a route's standing subscription (webhooks.subscriptions), "pipeline" for a
+    pipeline's webhook sink (PipelineStep.deliveries).
     """
     event_seq: _builtins.int
     """seq of the event delivered."""

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from laneway.v1 import job_pb2 as laneway_dot_v1_dot_job__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19laneway/v1/pipeline.proto\x12\nlaneway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x02\n\x0cPipelineStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.laneway.v1.PipelineStepState\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63hildren\x18\x06 \x01(\r\x12\x11\n\tsucceeded\x18\x07 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x08 \x01(\r\x12\x14\n\x0c\x66\x61iled_items\x18\t \x03(\r\x12\r\n\x05items\x18\n \x01(\r\"\xf3\x01\n\x0bPipelineRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.laneway.v1.PipelineRunState\x12\'\n\x05steps\x18\x04 \x03(\x0b\x32\x18.laneway.v1.PipelineStep\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"P\n\x14StartPipelineRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\":\n\x15StartPipelineResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\'\n\x15GetPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\">\n\x16GetPipelineRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.laneway.v1.PipelineRun\"@\n\x18StreamPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_after\x18\x02 \x01(\x04\"H\n\x19StreamPipelineRunResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.PipelineRunEvent\"\xd3\x01\n\x10PipelineRunEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\trun_state\x18\x08 \x01(\x0e\x32\x1c.laneway.v1.PipelineRunState\x12\r\n\x05\x63ount\x18\t \x01(\r\":\n\x18\x43\x61ncelPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x19\x43\x61ncelPipelineRunResponse\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.laneway.v1.PipelineRunState\x12\x11\n\tcancelled\x18\x02 \x01(\x08\":\n\x18ResumePipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Y\n\x19ResumePipelineRunResponse\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.laneway.v1.PipelineRunState\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"R\n\x17ListPipelineRunsRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x18ListPipelineRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.laneway.v1.PipelineRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb9\x01\n\x10PipelineRunState\x12\"\n\x1ePIPELINE_RUN_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPIPELINE_RUN_STATE_RUNNING\x10\x01\x12 \n\x1cPIPELINE_RUN_STATE_SUCCEEDED\x10\x02\x12\x1d\n\x19PIPELINE_RUN_STATE_FAILED\x10\x03\x12 \n\x1cPIPELINE_RUN_STATE_CANCELLED\x10\x04*\xbd\x01\n\x11PipelineStepState\x12#\n\x1fPIPELINE_STEP_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPIPELINE_STEP_STATE_PENDING\x10\x01\x12\x1f\n\x1bPIPELINE_STEP_STATE_RUNNING\x10\x02\x12!\n\x1dPIPELINE_STEP_STATE_SUCCEEDED\x10\x03\x12\x1e\n\x1aPIPELINE_STEP_STATE_FAILED\x10\x04\x42\x8b\x01\n\x0e\x64\x65v.laneway.v1B\rPipelineProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19laneway/v1/pipeline.proto\x12\nlaneway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14laneway/v1/job.proto\"\xc1\x02\n\x0cPipelineStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.laneway.v1.PipelineStepState\x12.\n\nstart_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x63hildren\x18\x06 \x01(\r\x12\x11\n\tsucceeded\x18\x07 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x08 \x01(\r\x12\x14\n\x0c\x66\x61iled_items\x18\t \x03(\r\x12\r\n\x05items\x18\n \x01(\r\x12/\n\ndeliveries\x18\x0b \x03(\x0b\x32\x1b.laneway.v1.WebhookDelivery\"\x9b\x02\n\x0bPipelineRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08pipeline\x18\x02 \x01(\t\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.laneway.v1.PipelineRunState\x12\'\n\x05steps\x18\x04 \x03(\x0b\x32\x18.laneway.v1.PipelineStep\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x08 \x01(\r\x12\x14\n\x0cmax_attempts\x18\t \x01(\r\"P\n\x14StartPipelineRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\r\n\x05input\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\":\n\x15StartPipelineResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\'\n\x15GetPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\">\n\x16GetPipelineRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.laneway.v1.PipelineRun\"@\n\x18StreamPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x14\n\x0cresume_after\x18\x02 \x01(\x04\"H\n\x19StreamPipelineRunResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.laneway.v1.PipelineRunEvent\"\xd3\x01\n\x10PipelineRunEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04step\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\trun_state\x18\x08 \x01(\x0e\x32\x1c.laneway.v1.PipelineRunState\x12\r\n\x05\x63ount\x18\t \x01(\r\":\n\x18\x43\x61ncelPipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x19\x43\x61ncelPipelineRunResponse\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.laneway.v1.PipelineRunState\x12\x11\n\tcancelled\x18\x02 \x01(\x08\":\n\x18ResumePipelineRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Y\n\x19ResumePipelineRunResponse\x12+\n\x05state\x18\x01 \x01(\x0e\x32\x1c.laneway.v1.PipelineRunState\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"R\n\x17ListPipelineRunsRequest\x12\x10\n\x08pipeline\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x18ListPipelineRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.laneway.v1.PipelineRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb9\x01\n\x10PipelineRunState\x12\"\n\x1ePIPELINE_RUN_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aPIPELINE_RUN_STATE_RUNNING\x10\x01\x12 \n\x1cPIPELINE_RUN_STATE_SUCCEEDED\x10\x02\x12\x1d\n\x19PIPELINE_RUN_STATE_FAILED\x10\x03\x12 \n\x1cPIPELINE_RUN_STATE_CANCELLED\x10\x04*\xbd\x01\n\x11PipelineStepState\x12#\n\x1fPIPELINE_STEP_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPIPELINE_STEP_STATE_PENDING\x10\x01\x12\x1f\n\x1bPIPELINE_STEP_STATE_RUNNING\x10\x02\x12!\n\x1dPIPELINE_STEP_STATE_SUCCEEDED\x10\x03\x12\x1e\n\x1aPIPELINE_STEP_STATE_FAILED\x10\x04\x42\x8b\x01\n\x0e\x64\x65v.laneway.v1B\rPipelineProtoP\x01Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\xa2\x02\x03LWY\xaa\x02\nLaneway.V1\xca\x02\nLaneway\\V1\xea\x02\x0bLaneway::V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,38 +34,38 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'laneway.v1.pipeline_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\016dev.laneway.v1B\rPipelineProtoP\001Z:github.com/laneway-dev/laneway/gen/go/laneway/v1;lanewayv1\242\002\003LWY\252\002\nLaneway.V1\312\002\nLaneway\\V1\352\002\013Laneway::V1'
-  _globals['_PIPELINERUNSTATE']._serialized_start=1677
-  _globals['_PIPELINERUNSTATE']._serialized_end=1862
-  _globals['_PIPELINESTEPSTATE']._serialized_start=1865
-  _globals['_PIPELINESTEPSTATE']._serialized_end=2054
-  _globals['_PIPELINESTEP']._serialized_start=75
-  _globals['_PIPELINESTEP']._serialized_end=347
-  _globals['_PIPELINERUN']._serialized_start=350
-  _globals['_PIPELINERUN']._serialized_end=593
-  _globals['_STARTPIPELINEREQUEST']._serialized_start=595
-  _globals['_STARTPIPELINEREQUEST']._serialized_end=675
-  _globals['_STARTPIPELINERESPONSE']._serialized_start=677
-  _globals['_STARTPIPELINERESPONSE']._serialized_end=735
-  _globals['_GETPIPELINERUNREQUEST']._serialized_start=737
-  _globals['_GETPIPELINERUNREQUEST']._serialized_end=776
-  _globals['_GETPIPELINERUNRESPONSE']._serialized_start=778
-  _globals['_GETPIPELINERUNRESPONSE']._serialized_end=840
-  _globals['_STREAMPIPELINERUNREQUEST']._serialized_start=842
-  _globals['_STREAMPIPELINERUNREQUEST']._serialized_end=906
-  _globals['_STREAMPIPELINERUNRESPONSE']._serialized_start=908
-  _globals['_STREAMPIPELINERUNRESPONSE']._serialized_end=980
-  _globals['_PIPELINERUNEVENT']._serialized_start=983
-  _globals['_PIPELINERUNEVENT']._serialized_end=1194
-  _globals['_CANCELPIPELINERUNREQUEST']._serialized_start=1196
-  _globals['_CANCELPIPELINERUNREQUEST']._serialized_end=1254
-  _globals['_CANCELPIPELINERUNRESPONSE']._serialized_start=1256
-  _globals['_CANCELPIPELINERUNRESPONSE']._serialized_end=1347
-  _globals['_RESUMEPIPELINERUNREQUEST']._serialized_start=1349
-  _globals['_RESUMEPIPELINERUNREQUEST']._serialized_end=1407
-  _globals['_RESUMEPIPELINERUNRESPONSE']._serialized_start=1409
-  _globals['_RESUMEPIPELINERUNRESPONSE']._serialized_end=1498
-  _globals['_LISTPIPELINERUNSREQUEST']._serialized_start=1500
-  _globals['_LISTPIPELINERUNSREQUEST']._serialized_end=1582
-  _globals['_LISTPIPELINERUNSRESPONSE']._serialized_start=1584
-  _globals['_LISTPIPELINERUNSRESPONSE']._serialized_end=1674
+  _globals['_PIPELINERUNSTATE']._serialized_start=1788
+  _globals['_PIPELINERUNSTATE']._serialized_end=1973
+  _globals['_PIPELINESTEPSTATE']._serialized_start=1976
+  _globals['_PIPELINESTEPSTATE']._serialized_end=2165
+  _globals['_PIPELINESTEP']._serialized_start=97
+  _globals['_PIPELINESTEP']._serialized_end=418
+  _globals['_PIPELINERUN']._serialized_start=421
+  _globals['_PIPELINERUN']._serialized_end=704
+  _globals['_STARTPIPELINEREQUEST']._serialized_start=706
+  _globals['_STARTPIPELINEREQUEST']._serialized_end=786
+  _globals['_STARTPIPELINERESPONSE']._serialized_start=788
+  _globals['_STARTPIPELINERESPONSE']._serialized_end=846
+  _globals['_GETPIPELINERUNREQUEST']._serialized_start=848
+  _globals['_GETPIPELINERUNREQUEST']._serialized_end=887
+  _globals['_GETPIPELINERUNRESPONSE']._serialized_start=889
+  _globals['_GETPIPELINERUNRESPONSE']._serialized_end=951
+  _globals['_STREAMPIPELINERUNREQUEST']._serialized_start=953
+  _globals['_STREAMPIPELINERUNREQUEST']._serialized_end=1017
+  _globals['_STREAMPIPELINERUNRESPONSE']._serialized_start=1019
+  _globals['_STREAMPIPELINERUNRESPONSE']._serialized_end=1091
+  _globals['_PIPELINERUNEVENT']._serialized_start=1094
+  _globals['_PIPELINERUNEVENT']._serialized_end=1305
+  _globals['_CANCELPIPELINERUNREQUEST']._serialized_start=1307
+  _globals['_CANCELPIPELINERUNREQUEST']._serialized_end=1365
+  _globals['_CANCELPIPELINERUNRESPONSE']._serialized_start=1367
+  _globals['_CANCELPIPELINERUNRESPONSE']._serialized_end=1458
+  _globals['_RESUMEPIPELINERUNREQUEST']._serialized_start=1460
+  _globals['_RESUMEPIPELINERUNREQUEST']._serialized_end=1518
+  _globals['_RESUMEPIPELINERUNRESPONSE']._serialized_start=1520
+  _globals['_RESUMEPIPELINERUNRESPONSE']._serialized_end=1609
+  _globals['_LISTPIPELINERUNSREQUEST']._serialized_start=1611
+  _globals['_LISTPIPELINERUNSREQUEST']._serialized_end=1693
+  _globals['_LISTPIPELINERUNSRESPONSE']._serialized_start=1695
+  _globals['_LISTPIPELINERUNSRESPONSE']._serialized_end=1785
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from laneway.v1 import job_pb2 as _job_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -92,6 +93,7 @@ class PipelineStep(_message.Message):
     FAILED_FIELD_NUMBER: _builtins.int
     FAILED_ITEMS_FIELD_NUMBER: _builtins.int
     ITEMS_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The step's name in the pipeline's config."""
     kind: _builtins.str
@@ -117,6 +119,14 @@ class PipelineStep(_message.Message):
     def failed_items(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """The items whose jobs failed (a map step with on_failure: continue goes on without them)."""
 
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[_job_pb2.WebhookDelivery]:
+        """A sink step with a webhook: its deliveries (one per part of the result; a
+        big result is cut into parts that each fit a message), as GetJob shows a
+        job's. The webhook-id of part p (1, 2, ...) of step s of run r is
+        "msg_<r>_<s>_<p>_<endpoint>"; source is "pipeline", event_seq the part.
+        """
+
     def __init__(
         self,
         *,
@@ -130,10 +140,11 @@ class PipelineStep(_message.Message):
         failed: _builtins.int = ...,
         failed_items: _abc.Iterable[_builtins.int] | None = ...,
         items: _builtins.int = ...,
+        deliveries: _abc.Iterable[_job_pb2.WebhookDelivery] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "end_time", b"end_time", "failed", b"failed", "failed_items", b"failed_items", "items", b"items", "kind", b"kind", "name", b"name", "start_time", b"start_time", "state", b"state", "succeeded", b"succeeded"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "deliveries", b"deliveries", "end_time", b"end_time", "failed", b"failed", "failed_items", b"failed_items", "items", b"items", "kind", b"kind", "name", b"name", "start_time", b"start_time", "state", b"state", "succeeded", b"succeeded"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -152,11 +163,21 @@ class PipelineRun(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     pipeline: _builtins.str
     state: Global___PipelineRunState.ValueType
     error: _builtins.str
     """Why the run failed or was cancelled."""
+    attempts: _builtins.int
+    """Attempts its finished jobs made (each job's attempt count, as a route's
+    max_attempts counts them), since the run started or was last resumed.
+    """
+    max_attempts: _builtins.int
+    """The pipeline's max_attempts: the run fails when its jobs would need more
+    attempts than this (0: no budget).
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[Global___PipelineStep]: ...
     @_builtins.property
@@ -175,10 +196,12 @@ class PipelineRun(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         error: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        max_attempts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "pipeline", b"pipeline", "run_id", b"run_id", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "max_attempts", b"max_attempts", "pipeline", b"pipeline", "run_id", b"run_id", "state", b"state", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -344,7 +367,9 @@ class PipelineRunEvent(_message.Message):
     """child_finished: the job (job_id) and its final state (a JobState name)."""
     state: _builtins.str
     error: _builtins.str
-    """child_finished, finished: why a job or the run did not succeed."""
+    """child_finished, finished: why a job or the run did not succeed; step_finished:
+    why a step failed other than by its jobs (the run's attempt budget).
+    """
     run_state: Global___PipelineRunState.ValueType
     """The run's state after this entry."""
     count: _builtins.int

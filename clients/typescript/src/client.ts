@@ -15,8 +15,18 @@ import {
 import type { DeadLetter, DeadLetterFilterSchema } from "./gen/laneway/v1/dead_letter_pb.js";
 import { JobSchema, type Job, type JobEvent } from "./gen/laneway/v1/job_pb.js";
 import type { GetStatsResponse, GetServerInfoResponse, ProviderHealth } from "./gen/laneway/v1/ops_pb.js";
-import { Cancelled, DeadlineExceeded, LanewayError, Unavailable, fromBatchItemError, toLanewayError } from "./errors.js";
+import {
+  type CancelPipelineRunResponse,
+  type ListPipelineRunsResponse,
+  type PipelineRun,
+  PipelineRunSchema,
+  type PipelineRunEvent,
+  type ResumePipelineRunResponse,
+} from "./gen/laneway/v1/pipeline_pb.js";
+import { LanewayError, Unavailable, fromBatchItemError, toLanewayError } from "./errors.js";
 import type { JobSpecInit } from "./inputs.js";
+import type { ListPipelineRunsOptions, PipelineStarted, StartPipelineOptions, StreamPipelineRunOptions } from "./pipelines.js";
+import { resumable, resuming } from "./resume.js";
 import { isFinal } from "./states.js";
 import { explainTransportErrors } from "./transport_errors.js";
 
@@ -108,7 +118,7 @@ export type BatchOutcome =
 
 /** One dead letter's outcome in `redriveDeadLetters`. */
 export type RedriveOutcome =
-  | { ok: true; jobId: string; newJobId: string; error?: undefined }
+  | { ok: true; jobId: string; newJobId: string; pipelineRunId: string; error?: undefined }
   | { ok: false; jobId: string; newJobId?: undefined; error: LanewayError };
 
 export type DeadLetterFilterInit = MessageInitShape<typeof DeadLetterFilterSchema>;
@@ -123,8 +133,6 @@ export interface ListDeadLettersOptions extends CallOptions {
 
 const DEFAULT_TIMEOUT_MS = 30_000;
 const DEFAULT_RESUME_FOR_MS = 300_000;
-const RESUME_FIRST_DELAY_MS = 100;
-const RESUME_MAX_DELAY_MS = 2_000;
 
 /** `"host:port"`, `"http://host:port"` or `"https://host:port"` as a base URL. */
 /** Whether a base URL names this machine only (a loopback address or localhost). */
@@ -143,24 +151,6 @@ function baseUrl(address: string, tls: boolean): string {
 /** A timeoutMs as a deadline length: undefined (none) for undefined, 0 and Infinity. */
 function finite(timeoutMs: number | undefined): number | undefined {
   return timeoutMs === undefined || timeoutMs === 0 || !Number.isFinite(timeoutMs) ? undefined : timeoutMs;
-}
-
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve, reject) => {
-    if (signal?.aborted) {
-      reject(signal.reason);
-      return;
-    }
-    const onAbort = (): void => {
-      clearTimeout(timer);
-      reject(signal?.reason);
-    };
-    const timer = setTimeout(() => {
-      signal?.removeEventListener("abort", onAbort);
-      resolve();
-    }, ms);
-    signal?.addEventListener("abort", onAbort, { once: true });
-  });
 }
 
 /**
@@ -296,68 +286,48 @@ export class LanewayClient {
     const last = new Map<string, bigint>();
     for (const [id, seq] of Object.entries(opts.resumeAfter ?? {})) last.set(id, BigInt(seq));
     const open = new Set(ids);
-    const resumeForMs = opts.resumeForMs ?? this.resumeForMs;
-    const timeoutMs = finite(opts.timeoutMs);
-    const deadline = timeoutMs !== undefined ? Date.now() + timeoutMs : undefined;
-    let brokenAt: number | undefined;
-    let failures = 0;
-    while (open.size > 0) {
-      const pending = ids.filter((id) => open.has(id));
-      const resumeAfter: Record<string, bigint> = {};
-      for (const id of pending) {
-        const seq = last.get(id);
-        if (seq !== undefined) resumeAfter[id] = seq;
-      }
-      const left = deadline !== undefined ? deadline - Date.now() : undefined;
-      if (left !== undefined && left <= 0) {
-        throw new DeadlineExceeded(Code.DeadlineExceeded, "the stream's timeoutMs passed");
-      }
-      let failure: LanewayError;
-      try {
-        const call = this.raw.streamResults(
-          { jobIds: pending, resumeAfter, finalOnly: opts.finalOnly ?? false },
-          this.streamOptions(opts, left),
-        );
-        for await (const res of call) {
-          const event = res.event;
-          if (!event) continue;
-          brokenAt = undefined;
-          failures = 0;
-          if (event.seq <= (last.get(event.jobId) ?? 0n)) continue; // seen before a resume
-          last.set(event.jobId, event.seq);
-          if (isFinal(event.state)) open.delete(event.jobId);
-          yield event;
+    if (open.size === 0) return;
+    const responses = resuming(
+      (timeoutMs) => {
+        const pending = ids.filter((id) => open.has(id));
+        const resumeAfter: Record<string, bigint> = {};
+        for (const id of pending) {
+          const seq = last.get(id);
+          if (seq !== undefined) resumeAfter[id] = seq;
         }
-        if (open.size === 0) return;
-        // The broker ended the stream early (it should not): resume like after a break.
-        failure = new Unavailable(Code.Unavailable, "the stream ended before every job was final");
-      } catch (err) {
-        failure = toLanewayError(err);
-        if (!this.resumable(failure, opts.signal)) throw failure;
-      }
-      const now = Date.now();
-      brokenAt ??= now;
-      failures += 1;
-      let wait = Math.min(RESUME_MAX_DELAY_MS, RESUME_FIRST_DELAY_MS * 2 ** (failures - 1));
-      const windowLeft = brokenAt + resumeForMs - now;
-      if (windowLeft <= 0) throw failure;
-      wait = Math.min(wait, windowLeft);
-      if (deadline !== undefined) wait = Math.min(wait, Math.max(0, deadline - now));
-      opts.onResume?.(failure, failures);
-      try {
-        await sleep(wait, opts.signal);
-      } catch (err) {
-        throw new Cancelled(Code.Canceled, "the call was aborted", { cause: err });
-      }
+        return this.raw.streamResults(
+          { jobIds: pending, resumeAfter, finalOnly: opts.finalOnly ?? false },
+          this.streamOptions(opts, timeoutMs),
+        );
+      },
+      {
+        ...this.resumeSettings(opts),
+        ended: () => open.size === 0,
+        endedEarly: "the stream ended before every job was final",
+      },
+    );
+    for await (const res of responses) {
+      const event = res.event;
+      if (!event) continue;
+      if (event.seq <= (last.get(event.jobId) ?? 0n)) continue; // seen before a resume
+      last.set(event.jobId, event.seq);
+      if (isFinal(event.state)) open.delete(event.jobId);
+      yield event;
     }
   }
 
-  /** Whether a broken stream is worth opening again: the broker went away (UNAVAILABLE,
-   * e.g. a restart or SHUTTING_DOWN) or dropped the call before taking it (CANCELLED
-   * that we did not ask for). */
-  private resumable(err: LanewayError, signal?: AbortSignal): boolean {
-    if (signal?.aborted) return false;
-    return err instanceof Unavailable || err instanceof Cancelled;
+  private resumeSettings(opts: StreamOptions | StreamPipelineRunOptions): {
+    resumeForMs: number;
+    timeoutMs: number | undefined;
+    signal: AbortSignal | undefined;
+    onResume: ((error: LanewayError, attempt: number) => void) | undefined;
+  } {
+    return {
+      resumeForMs: opts.resumeForMs ?? this.resumeForMs,
+      timeoutMs: finite(opts.timeoutMs),
+      signal: opts.signal,
+      onResume: opts.onResume,
+    };
   }
 
   /** Wait for a job to finish: its final event (streamed with finalOnly, resumed across restarts). */
@@ -398,7 +368,7 @@ export class LanewayClient {
       if (jobId === undefined) throw new Unavailable(Code.Unavailable, "Run ended without any event");
     } catch (err) {
       const failure = toLanewayError(err);
-      if (jobId === undefined || !this.resumable(failure, opts.signal)) throw failure;
+      if (jobId === undefined || !resumable(failure, opts.signal)) throw failure;
       opts.onResume?.(failure, 0);
     }
     const rest: StreamOptions = { ...opts, finalOnly, resumeAfter: { [jobId]: lastSeq } };
@@ -446,9 +416,79 @@ export class LanewayClient {
       const res = await this.raw.redriveDeadLetters(request, this.unaryOptions(opts));
       return res.redriven.map((r): RedriveOutcome => {
         if (r.outcome.case === "error") return { ok: false, jobId: r.jobId, error: fromBatchItemError(r.outcome.value) };
-        return { ok: true, jobId: r.jobId, newJobId: r.outcome.value ?? "" };
+        return { ok: true, jobId: r.jobId, newJobId: r.outcome.value ?? "", pipelineRunId: r.pipelineRunId };
       });
     });
+  }
+
+  /** Start a run of a pipeline of the broker's config with `input` as its text;
+   * resolves once the run is stored. An unknown pipeline throws InvalidArgument
+   * (UNKNOWN_PIPELINE, field "pipeline"). */
+  startPipeline(pipeline: string, input: string, opts: StartPipelineOptions = {}): Promise<PipelineStarted> {
+    return this.call(async () => {
+      const req = { pipeline, input, idempotencyKey: opts.idempotencyKey ?? "" };
+      const res = await this.raw.startPipeline(req, this.unaryOptions(opts));
+      return { runId: res.runId, duplicate: res.duplicate };
+    });
+  }
+
+  /** The run as it stands: its state and error, each step's state, times and jobs.
+   * An unknown run throws NotFound (UNKNOWN_PIPELINE_RUN). */
+  getPipelineRun(runId: string, opts?: CallOptions): Promise<PipelineRun> {
+    return this.call(async () => {
+      const res = await this.raw.getPipelineRun({ runId }, this.unaryOptions(opts));
+      return res.run ?? create(PipelineRunSchema);
+    });
+  }
+
+  /**
+   * The run's log from its start (or after `resumeAfter`) until the run ends: every
+   * step's start and end and every job's final state, each entry once in `seq` order.
+   * A stream broken by a broker restart or a lost connection is opened again after the
+   * last `seq` seen, as `stream` does, for up to `resumeForMs` from the break.
+   */
+  async *streamPipelineRun(runId: string, opts: StreamPipelineRunOptions = {}): AsyncGenerator<PipelineRunEvent, void, undefined> {
+    let last = BigInt(opts.resumeAfter ?? 0);
+    const responses = resuming(
+      (timeoutMs) => this.raw.streamPipelineRun({ runId, resumeAfter: last }, this.streamOptions(opts, timeoutMs)),
+      // The broker ends the stream only once the stored log ends with the run's end.
+      { ...this.resumeSettings(opts), ended: () => true, endedEarly: "" },
+    );
+    for await (const res of responses) {
+      const event = res.event;
+      if (!event || event.seq <= last) continue; // seen before a resume
+      last = event.seq;
+      yield event;
+    }
+  }
+
+  /** End a run CANCELLED (idempotent; `reason` becomes its error): the state after the
+   * call, and whether this call cancelled it. Its jobs still going are cancelled. */
+  cancelPipelineRun(runId: string, reason = "", opts?: CallOptions): Promise<CancelPipelineRunResponse> {
+    return this.call(() => this.raw.cancelPipelineRun({ runId, reason }, this.unaryOptions(opts)));
+  }
+
+  /** Redrive a run that failed at a step: its failed items run again as new jobs and the
+   * run goes on (finished steps are not redone). The state after the call, and whether
+   * this call resumed it. */
+  resumePipelineRun(runId: string, reason = "", opts?: CallOptions): Promise<ResumePipelineRunResponse> {
+    return this.call(() => this.raw.resumePipelineRun({ runId, reason }, this.unaryOptions(opts)));
+  }
+
+  /** One page of pipeline runs, oldest first (of `pipeline` only, when given). */
+  listPipelineRuns(opts: ListPipelineRunsOptions = {}): Promise<ListPipelineRunsResponse> {
+    const req = { pipeline: opts.pipeline ?? "", pageSize: opts.pageSize ?? 0, pageToken: opts.pageToken ?? "" };
+    return this.call(() => this.raw.listPipelineRuns(req, this.unaryOptions(opts)));
+  }
+
+  /** Every pipeline run (of `pipeline` only, when given), page after page. */
+  async *pipelineRuns(opts: Omit<ListPipelineRunsOptions, "pageToken"> = {}): AsyncGenerator<PipelineRun, void, undefined> {
+    let pageToken = "";
+    do {
+      const page = await this.listPipelineRuns({ ...opts, pageToken });
+      yield* page.runs;
+      pageToken = page.nextPageToken;
+    } while (pageToken);
   }
 
   /** Health of these providers (every configured one when empty), in config order. */

@@ -114,9 +114,9 @@ export class LanewayError extends Error {
 }
 
 /** INVALID_ARGUMENT: the request can never succeed as is (INVALID_FIELD, MALFORMED_REQUEST,
- * LIMIT_EXCEEDED, UNKNOWN_ROUTE, UNKNOWN_PROVIDER). `field` names the field at fault. */
+ * LIMIT_EXCEEDED, UNKNOWN_ROUTE, UNKNOWN_PROVIDER, UNKNOWN_PIPELINE). `field` names the field at fault. */
 export class InvalidArgument extends LanewayError {}
-/** NOT_FOUND (UNKNOWN_JOB). */
+/** NOT_FOUND (UNKNOWN_JOB, UNKNOWN_PIPELINE_RUN, UNKNOWN_WEBHOOK_DEAD_LETTER). */
 export class NotFound extends LanewayError {}
 /** ALREADY_EXISTS (IDEMPOTENCY_KEY_REUSED: metadata.job_id owns the key). */
 export class AlreadyExists extends LanewayError {}

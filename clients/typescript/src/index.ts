@@ -37,6 +37,7 @@ export {
   reasonValue,
   toLanewayError,
 } from "./errors.js";
+export type { ListPipelineRunsOptions, PipelineStarted, StartPipelineOptions, StreamPipelineRunOptions } from "./pipelines.js";
 export { chat, classification, embedding, type ChatMessageInit, type ChatOptions, type GenerationParamsInit, type JobInput, type JobSpecInit } from "./inputs.js";
 export { FINAL_STATES, isFinal, stateName } from "./states.js";
 // The generated messages and enums (JobEvent, JobState, Lane, ErrorReason, ...).
@@ -45,3 +46,4 @@ export * from "./gen/laneway/v1/dead_letter_pb.js";
 export * from "./gen/laneway/v1/errors_pb.js";
 export * from "./gen/laneway/v1/job_pb.js";
 export * from "./gen/laneway/v1/ops_pb.js";
+export * from "./gen/laneway/v1/pipeline_pb.js";

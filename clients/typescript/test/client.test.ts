@@ -457,13 +457,13 @@ describe("ops and options", () => {
   it("GetServerInfo, GetStats and GetProviderHealth", async () => {
     const info = await client.getServerInfo({ timeoutMs: Infinity });
     assert.match(info.version, /\d/);
-    assert.deepEqual(info.routes, ["chat", "stream", "doomed"]);
+    assert.deepEqual(info.routes, ["chat", "stream", "doomed", "slow"]);
     assert.ok(info.limits!.maxStreamJobIds >= 1000);
     const stats = await client.getStats();
-    assert.deepEqual(stats.routes.map((r) => r.route), ["chat", "stream", "doomed"]);
+    assert.deepEqual(stats.routes.map((r) => r.route), ["chat", "stream", "doomed", "slow"]);
     assert.equal(typeof stats.routes[0]!.lanes[0]!.depth, "bigint");
     const health = await client.getProviderHealth();
-    assert.deepEqual(health.map((p) => p.provider), ["mock", "streamer", "doomed"]);
+    assert.deepEqual(health.map((p) => p.provider), ["mock", "streamer", "doomed", "slow"]);
     // proto3 optional fields are plain optional properties (no `_field` oneofs).
     assert.ok(!("_currentRpm" in health[0]!));
   });
@@ -498,7 +498,7 @@ describe("tls", () => {
     const noToken = new LanewayClient(proxy.address, { tls: { ca: cert!.cert } });
     const untrusted = new LanewayClient(proxy.address, { tls: true, timeoutMs: 5_000 });
     try {
-      assert.deepEqual((await tls.getServerInfo()).routes, ["chat", "stream", "doomed"]);
+      assert.deepEqual((await tls.getServerInfo()).routes, ["chat", "stream", "doomed", "slow"]);
       const { jobId } = await tls.submit({ route: "chat", input: chat("over tls") });
       const events = await collect(tls.stream([jobId]));
       assertSeqs(events);

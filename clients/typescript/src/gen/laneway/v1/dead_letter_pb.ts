@@ -233,7 +233,8 @@ export type WebhookDeadLetter = Message<"laneway.v1.WebhookDeadLetter"> & {
 
   /**
    * "job" for the job's own webhooks, "<route>#<index>" for a route's
-   * subscription (as WebhookDelivery.source).
+   * subscription, "pipeline" for a pipeline's webhook sink (job_id is then the
+   * run, event_seq the part) (as WebhookDelivery.source).
    *
    * @generated from field: string endpoint = 5;
    */
@@ -301,7 +302,7 @@ export const WebhookDeadLetterSchema: GenMessage<WebhookDeadLetter> = /*@__PURE_
  */
 export type WebhookDeadLetterFilter = Message<"laneway.v1.WebhookDeadLetterFilter"> & {
   /**
-   * Only this source: "job" or "<route>#<index>" (WebhookDeadLetter.endpoint).
+   * Only this source: "job", "pipeline" or "<route>#<index>" (WebhookDeadLetter.endpoint).
    *
    * @generated from field: string endpoint = 1;
    */

@@ -889,7 +889,8 @@ export type WebhookDelivery = Message<"laneway.v1.WebhookDelivery"> & {
 
   /**
    * "job" for one of the job's own webhooks (JobSpec.notify), "<route>#<index>"
-   * for a route's standing subscription (webhooks.subscriptions).
+   * for a route's standing subscription (webhooks.subscriptions), "pipeline" for a
+   * pipeline's webhook sink (PipelineStep.deliveries).
    *
    * @generated from field: string source = 3;
    */
