@@ -30,15 +30,15 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _span(values: list[float], fmt: str) -> str:
+def _span(values: list[float], fmt: str, unit: str = "") -> str:
     if not values:
         return "-"
     lo, mid, hi = min(values), statistics.median(values), max(values)
-    return f"{fmt.format(mid)} ({fmt.format(lo)}-{fmt.format(hi)})"
+    return f"{fmt.format(mid)}{unit} [{fmt.format(lo)} .. {fmt.format(hi)}]"
 
 
 def spread_table(runs: list[list[dict[str, Any]]]) -> list[list[str]]:
-    """Rows of [metric, baseline, Laneway median (min-max), compared median (min-max), target, passed]."""
+    """Rows: metric, baseline, Laneway median [min .. max], compared likewise, target, runs met."""
     order: list[tuple[str, str]] = []
     seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for rows in runs:
@@ -62,7 +62,7 @@ def spread_table(runs: list[list[dict[str, Any]]]) -> list[list[str]]:
                 key[0],
                 key[1],
                 _span(own, "{:,.2f}" if latency else "{:,.0f}"),
-                _span(compared, "{:+,.2f} ms" if latency else "{:.2f}x"),
+                _span(compared, "{:+,.2f}" if latency else "{:.2f}", " ms" if latency else "x"),
                 "-" if target is None else f"{target:g}",
                 passed,
             ]
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+", type=Path, help="result files written by python -m bench --output")
     args = p.parse_args(argv)
     table = spread_table([_load(f) for f in args.files])
-    header = ["metric", "baseline", "Laneway median (min-max)", "vs baseline", "target", "met"]
+    header = ["metric", "baseline", "Laneway median [min .. max]", "vs baseline", "target", "met"]
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     print(f"{len(args.files)} runs")
     for row in [header, ["-" * w for w in widths], *table]:

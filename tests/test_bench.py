@@ -146,3 +146,44 @@ async def test_gateway_bench_smoke() -> None:
     """SSE and WebSocket rows are printed next to each other, and the memory line."""
     out = await _run_module("bench.gateway_bench", "--jobs", "3", "--subscribers", "20", timeout=100)
     assert "  SSE " in out and "  WebSocket " in out and "gateway RSS:" in out, out
+
+
+def test_report_targets_and_spread_over_runs(tmp_path: Path) -> None:
+    """The table's CPU rows come from each phase's CPU and jobs; ``bench.spread``
+    summarises several result files row by row (median, range, targets met)."""
+    from bench.measure import Failures, Throughput
+    from bench.report import comparison_rows
+    from bench.spread import main, spread_table
+
+    # 2,000 batched jobs in 1 s with the broker at 50 % and the worker at 30 % of a core.
+    batch = Throughput(2000, 1.0, 6, Failures(), {"broker": 50.0, "worker": 30.0, "nats-server": 10.0})
+    unary = Throughput(500, 1.0, 64, Failures(), {"broker": 40.0, "worker": 30.0})
+    rows = {
+        r.metric: r
+        for r in comparison_rows({"laneway.batch.throughput": batch, "laneway.unary.throughput": unary})
+    }
+    cpu = rows["broker+worker CPU ms/1k jobs, SubmitBatch"]
+    assert cpu.laneway == pytest.approx(400.0) and cpu.verdict == "PASS"  # the target is <= 400
+    assert rows["broker CPU ms/job, unary Submit + stream"].laneway == pytest.approx(0.8)
+
+    def run(value: float, verdict: str) -> list[dict[str, object]]:
+        return [
+            {
+                "metric": "m",
+                "baseline_name": "b",
+                "laneway": value,
+                "compared": value / 100,
+                "compared_as": "laneway / baseline",
+                "target": 0.3,
+                "verdict": verdict,
+            }
+        ]
+
+    table = spread_table([run(20, "FAIL"), run(40, "PASS"), run(35, "PASS")])
+    assert table == [["m", "b", "35 [20 .. 40]", "0.35x [0.20 .. 0.40]", "0.3", "2/3"]]
+    files = []
+    for i, value in enumerate((20, 40)):
+        path = tmp_path / f"run{i}.json"
+        path.write_text(json.dumps({"comparison": run(value, "PASS")}))
+        files.append(str(path))
+    assert main(files) == 0

@@ -174,3 +174,28 @@ def test_the_schema_documents_the_section() -> None:
     step = schema["$defs"]["MapStep"]["properties"]
     assert "succeeded" in step["on_failure"]["description"]
     assert schema["$defs"]["GatherStep"]["properties"]["from"]["description"]
+
+
+def test_classification_steps_need_labels_and_offer_their_label() -> None:
+    (few,) = problems(
+        """\
+pipelines:
+  p:
+    steps:
+      - {name: kind, kind: classification, route: chat, labels: [bug]}
+"""
+    )
+    assert few.startswith("p.yaml:11: pipelines.p.steps[0].labels:") and "at least 2" in few
+    found = problems(
+        """\
+pipelines:
+  p:
+    steps:
+      - {name: sort, kind: classification, route: chat, labels: [bug, question]}
+      - {name: reply, kind: chat, route: chat, template: "{{ steps.sort.text }}"}
+"""
+    )
+    assert found == [
+        "p.yaml:12: pipelines.p.steps[1].template: template reads steps.sort.text; "
+        "a classification step's output is steps.sort.label"
+    ]

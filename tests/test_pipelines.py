@@ -62,6 +62,10 @@ pipelines:
     steps:
       - {name: wait, kind: chat, route: slow, template: "{{ input }}"}
       - {name: after, kind: chat, route: chat, template: "{{ steps.wait.text }}"}
+  triage:
+    steps:
+      - {name: kind, kind: classification, route: chat, labels: [bug, question, praise]}
+      - {name: reply, kind: chat, route: chat, template: "answer the {{ steps.kind.label }}: {{ input }}"}
 """
 
 RUN = pipeline_pb2.PipelineRunState
@@ -110,6 +114,20 @@ async def queued_events(client: laneway.AsyncClient, job_id: str) -> int:
 def calls(tmp_path: Path) -> list[dict[str, Any]]:
     log = tmp_path / "calls.jsonl"
     return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+async def test_a_classification_step_feeds_its_label_to_the_next(
+    stub, worker, client: laneway.AsyncClient
+) -> None:
+    run_id = await start(stub, "triage", "is this a question or a bug? the app crashes")
+    run = await finished(stub, run_id)
+    assert run.state == RUN.PIPELINE_RUN_STATE_SUCCEEDED, run.error
+    assert [(s.name, s.kind) for s in run.steps] == [("kind", "classification"), ("reply", "chat")]
+    # The mock picks the first label the text names, in the labels' order.
+    classified = await client.get_job(f"{run_id}-0-0")
+    assert classified.result.classification.label == "bug"
+    reply = await client.get_job(f"{run_id}-1-0")
+    assert reply.result.chat.text == "answer the bug: is this a question or a bug? the app crashes"
 
 
 async def test_a_chain_of_chat_steps_feeds_each_output_into_the_next(

@@ -27,6 +27,7 @@ from laneway.broker.core.model import NAME_PATTERN
 
 __all__ = [
     "ChatStep",
+    "ClassificationStep",
     "EmbeddingStep",
     "GatherStep",
     "MapStep",
@@ -48,6 +49,7 @@ _StepLane = Literal["high", "normal", "low"] | None
 OUTPUT_FIELDS = {
     "chat": "text",
     "embedding": "vectors",
+    "classification": "label",
     "split": "items",
     "map": "items",
     "gather": "items",
@@ -86,6 +88,22 @@ class EmbeddingStep(_StepBase):
     """The route the job goes to."""
     template: Annotated[str, Field(min_length=1)] = "{{ input }}"
     """Jinja2 template of the text to embed (default: the run's input)."""
+    lane: _StepLane = None
+    """Lane of the job; unset: the config's default lane."""
+
+
+class ClassificationStep(_StepBase):
+    """One classification job on a route: the rendered template, given one of ``labels``."""
+
+    kind: Literal["classification"]
+    """``classification``."""
+    route: _Name
+    """The route the job goes to."""
+    labels: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2)]
+    """The labels to choose from (at least two); later templates read the chosen one
+    as ``steps.<name>.label``."""
+    template: Annotated[str, Field(min_length=1)] = "{{ input }}"
+    """Jinja2 template of the text to classify (default: the run's input)."""
     lane: _StepLane = None
     """Lane of the job; unset: the config's default lane."""
 
@@ -180,7 +198,8 @@ class SinkStep(_StepBase):
 
 
 Step = Annotated[
-    ChatStep | EmbeddingStep | SplitStep | MapStep | GatherStep | SinkStep, Field(discriminator="kind")
+    ChatStep | EmbeddingStep | ClassificationStep | SplitStep | MapStep | GatherStep | SinkStep,
+    Field(discriminator="kind"),
 ]
 
 

@@ -21,12 +21,19 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from opentelemetry import context as otel_context
 
-from laneway.broker.config.pipelines import ChatStep, EmbeddingStep, MapStep, referenced_steps
+from laneway.broker.config.pipelines import (
+    ChatStep,
+    ClassificationStep,
+    EmbeddingStep,
+    MapStep,
+    referenced_steps,
+)
 from laneway.broker.core import topology as t
 from laneway.broker.core.events import EventConflict, EventLog, first_event, is_scheduled
 from laneway.broker.core.model import (
     ChatInput,
     ChatMessage,
+    ClassificationInput,
     EmbeddingInput,
     ErrorClass,
     JobError,
@@ -53,12 +60,16 @@ async def build_children(state: RunState, index: int, outputs: Outputs) -> list[
     for a map step), their inputs rendered from the run's input and earlier outputs."""
     step = state.steps[index]
     spec_of = _spec_factory(state, index)
-    if isinstance(step, ChatStep | EmbeddingStep):
+    if isinstance(step, ChatStep | EmbeddingStep | ClassificationStep):
         context = await outputs.context(referenced_steps(step.template))
         text = render(step.template, context)
-        job_input: JobInput = (
-            _chat(step.system, text) if isinstance(step, ChatStep) else EmbeddingInput((text,))
-        )
+        job_input: JobInput
+        if isinstance(step, ChatStep):
+            job_input = _chat(step.system, text)
+        elif isinstance(step, ClassificationStep):
+            job_input = ClassificationInput(text, tuple(step.labels))
+        else:
+            job_input = EmbeddingInput((text,))
         return [spec_of(0, job_input)]
     assert isinstance(step, MapStep)
     items = await outputs.chunks(state.index_of(step.over))
@@ -76,7 +87,7 @@ async def build_children(state: RunState, index: int, outputs: Outputs) -> list[
 
 def _spec_factory(state: RunState, index: int) -> Callable[[int, JobInput], QueuedJob]:
     step = state.steps[index]
-    assert isinstance(step, ChatStep | EmbeddingStep | MapStep)
+    assert isinstance(step, ChatStep | EmbeddingStep | ClassificationStep | MapStep)
     started = state.started
     route = step.route
     lane = getattr(step, "lane", None) or started.lane

@@ -13,6 +13,7 @@ from typing import Any
 
 from laneway.broker.config.pipelines import (
     ChatStep,
+    ClassificationStep,
     EmbeddingStep,
     GatherStep,
     MapStep,
@@ -21,7 +22,7 @@ from laneway.broker.config.pipelines import (
     template_environment,
 )
 from laneway.broker.core.events import EventLog
-from laneway.broker.core.model import ChatOutput, EmbeddingOutput, JobState
+from laneway.broker.core.model import ChatOutput, ClassificationOutput, EmbeddingOutput, JobState
 from laneway.broker.pipelines.split import split_text
 from laneway.broker.pipelines.state import RunState
 from laneway.errors import Unavailable
@@ -70,6 +71,9 @@ class Outputs:
             return {"text": _text(results[0])}
         if isinstance(step, EmbeddingStep):
             return {"vectors": _vectors(results[0])}
+        if isinstance(step, ClassificationStep):
+            result = results[0]
+            return {"label": result.label if isinstance(result, ClassificationOutput) else ""}
         assert isinstance(step, MapStep)
         one = _text if step.job == "chat" else _first_vector
         return {"items": [None if r is None else one(r) for r in results]}
