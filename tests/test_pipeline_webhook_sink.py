@@ -29,7 +29,7 @@ from laneway.workers.fakes.simulation import unit_vector
 
 from .conftest import eventually, make_config
 from .test_pipelines import finished, start
-from .test_webhooks import MAIN, Receiver, receiver  # noqa: F401 (the receiver fixture)
+from .test_webhooks import MAIN, Receiver, receiver, watched  # noqa: F401 (the receiver fixture)
 
 RUN = pipeline_pb2.PipelineRunState
 
@@ -53,9 +53,10 @@ pipelines:
 async def webhooks(
     nats_server: EmbeddedNats, config: LanewayConfig, broker: BrokerServer
 ) -> AsyncIterator[WebhookService]:
-    async with WebhookService(
-        config, nats_url=nats_server.url, tuning=Tuning(backoff_base_s=0.05)
-    ) as service:
+    async with (
+        WebhookService(config, nats_url=nats_server.url, tuning=Tuning(backoff_base_s=0.05)) as service,
+        watched(service),
+    ):
         yield service
 
 

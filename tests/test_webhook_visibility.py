@@ -25,7 +25,7 @@ from laneway.broker.webhooks.service import WebhookService
 from laneway.v1 import errors_pb2, job_pb2
 from tests.cli_process import run_laneway
 from tests.conftest import eventually, make_config
-from tests.test_webhooks import MAIN, Receiver
+from tests.test_webhooks import MAIN, Receiver, watched
 
 FINAL = job_pb2.NOTIFY_EVENTS_FINAL
 S = job_pb2.WebhookDeliveryState
@@ -86,7 +86,7 @@ async def webhooks(
     nats_server: EmbeddedNats, config: LanewayConfig, broker: BrokerServer
 ) -> AsyncIterator[WebhookService]:
     tuning = Tuning(backoff_base_s=0.05, backoff_max_s=0.3, circuit_failures=1000)
-    async with WebhookService(config, nats_url=nats_server.url, tuning=tuning) as service:
+    async with WebhookService(config, nats_url=nats_server.url, tuning=tuning) as service, watched(service):
         yield service
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import ipaddress
 import json
 import os
@@ -127,8 +128,22 @@ async def webhooks(
     nats_server: EmbeddedNats, config: LanewayConfig, broker: BrokerServer
 ) -> AsyncIterator[WebhookService]:
     tuning = Tuning(backoff_base_s=0.05, backoff_max_s=0.3, circuit_failures=1000)
-    async with WebhookService(config, nats_url=nats_server.url, tuning=tuning) as service:
+    async with WebhookService(config, nats_url=nats_server.url, tuning=tuning) as service, watched(service):
         yield service
+
+
+@contextlib.asynccontextmanager
+async def watched(service: WebhookService) -> AsyncIterator[None]:
+    """Fails the test at teardown with the error of a service loop that died during it.
+    Nothing else would tell: its deliveries would just stop, and the test would fail
+    on a timeout that says nothing of why."""
+    watcher = asyncio.create_task(service.wait())
+    try:
+        yield
+    finally:
+        if watcher.done():
+            watcher.result()
+        watcher.cancel()
 
 
 def _job(route: str, *notify: tuple[str, int, str], stream: bool = False) -> job_pb2.JobSpec:

@@ -27,6 +27,7 @@ from laneway.broker.core import topology as t
 from laneway.broker.core.dead_letters import DeadLetterStore
 from laneway.broker.core.events import EventConflict, EventLog, first_event
 from laneway.broker.core.model import ErrorClass, JobError, JobState
+from laneway.broker.core.nats.pull import fetch_batch
 from laneway.broker.core.tasks import Background
 from laneway.broker.core.wire.dead_letters import MAX_DELIVERIES_CODE
 from laneway.broker.core.wire.jobs import decode_queued_job
@@ -70,9 +71,7 @@ class MaxDeliverySweeper:
         assert self._sub is not None
         while not self._stopping:
             try:
-                msgs = await self._sub.fetch(16, timeout=5.0)
-            except (nats.errors.TimeoutError, TimeoutError):
-                continue
+                msgs = await fetch_batch(self._sub, 16, timeout=5.0)
             except nats.errors.Error as err:
                 log.warning("advisory pull failed; retrying", error=str(err))
                 await asyncio.sleep(1.0)  # back off from a failing server

@@ -46,6 +46,7 @@ from nats.js.kv import KeyValue
 
 from laneway.broker.config.webhooks import WebhooksConfig
 from laneway.broker.core import topology as t
+from laneway.broker.core.nats.pull import fetch_batch
 from laneway.broker.core.webhook_status import DeliveryStatus, StatusWriter, read_statuses
 from laneway.broker.webhooks.deliveries import Delivery
 from laneway.broker.webhooks.guard import AddressRefused, check_url
@@ -125,9 +126,7 @@ class DeliveryLoop:
                 slots.release()
                 free = max(1, self._tuning.concurrency - len(self._tasks))
                 try:
-                    msgs = await sub.fetch(free, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    continue
+                    msgs = await fetch_batch(sub, free, timeout=1.0)
                 except nats.errors.ConnectionClosedError:
                     return
                 except nats.errors.Error as exc:  # reconnecting: try again shortly

@@ -38,6 +38,7 @@ from laneway.broker.config.webhooks import WebhooksConfig
 from laneway.broker.core import topology as t
 from laneway.broker.core.events import FINAL_NAMES
 from laneway.broker.core.model import Notify
+from laneway.broker.core.nats.pull import fetch_batch
 from laneway.broker.core.webhook_status import DeliveryStatus, StatusWriter
 from laneway.broker.core.wire.notify import decode_notify, encode_notify
 from laneway.broker.webhooks.deliveries import (
@@ -75,9 +76,7 @@ class Fanout:
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(_BATCH, timeout=1.0)
-                except nats.errors.TimeoutError:
-                    continue
+                    msgs = await fetch_batch(sub, _BATCH, timeout=1.0)
                 except nats.errors.ConnectionClosedError:
                     return
                 except nats.errors.Error as exc:  # reconnecting: try again shortly
