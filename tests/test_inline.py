@@ -1,10 +1,12 @@
 """Inline subscriptions (``laneway.broker.core.nats.inline``) against a real nats-server:
 the message a handler gets is the one nats-py builds, a failing handler or a screen
-that says no drops only that message, and an unsubscribed handler gets nothing."""
+that says no drops only that message, and an unsubscribed handler gets nothing;
+and one-reply requests on a shared inbox resolve, time out and close as they should."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
 import pytest
@@ -12,6 +14,7 @@ from nats.aio.msg import Msg
 
 from laneway.broker.cli.natsd import EmbeddedNats
 from laneway.broker.core.nats.connection import FastHeaderClient
+from laneway.broker.core.nats.inbox import ReplyMux
 from laneway.broker.core.nats.inline import raw_header, subscribe_inline
 
 from .conftest import eventually
@@ -101,3 +104,56 @@ def test_raw_header_reads_one_value() -> None:
     assert raw_header(raw, b"Laneway-State") == b"RUNNING"
     assert raw_header(raw, b"Laneway-Job-Id") is None
     assert raw_header(b"", b"Laneway-Seq") is None
+
+
+# --- one-reply requests on a shared inbox (ReplyMux.one_reply) -------------------------
+
+
+async def test_one_reply_resolves_times_out_and_survives_a_caller_that_gave_up(
+    inline_nc: FastHeaderClient,
+) -> None:
+    mux = ReplyMux(inline_nc)
+    await mux.start()
+    try:
+        # Answered: the future gets the reply, whichever order the answers come in.
+        echo = await inline_nc.subscribe("echo", cb=_echo(inline_nc))
+        subjects = []
+        futures = []
+        for i in range(3):
+            reply, future = mux.one_reply(5.0)
+            subjects.append(reply)
+            futures.append(future)
+            await inline_nc.publish("echo", str(i).encode(), reply=reply)
+        assert [(await f).data for f in futures] == [b"0", b"1", b"2"]
+
+        # Unanswered: each times out after its own timeout (a short one is not held
+        # up by a longer one asked for first), at most the slack late.
+        loop = asyncio.get_running_loop()
+        _, slow = mux.one_reply(30.0)
+        started = loop.time()
+        _, fast = mux.one_reply(0.2)
+        with pytest.raises(TimeoutError):
+            await fast
+        assert 0.2 <= loop.time() - started < 0.2 + 0.05 + 0.1
+        assert not slow.done()
+
+        # A caller that gives up (cancels) leaves nothing to break: its late answer is
+        # dropped, and later requests are answered as before.
+        reply, abandoned = mux.one_reply(5.0)
+        abandoned.cancel()
+        await inline_nc.publish("echo", b"late", reply=reply)
+        reply, future = mux.one_reply(5.0)
+        await inline_nc.publish("echo", b"after", reply=reply)
+        assert (await future).data == b"after"
+        await echo.unsubscribe()
+    finally:
+        await mux.close()
+    # Closing fails what still waits at once, rather than at its deadline.
+    assert slow.done() and isinstance(slow.exception(), TimeoutError)
+
+
+def _echo(nc: FastHeaderClient) -> Callable[[Msg], Awaitable[None]]:
+    async def answer(msg: Msg) -> None:
+        await nc.publish(msg.reply, msg.data)
+
+    return answer

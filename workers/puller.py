@@ -14,7 +14,8 @@ Two modes:
 - park: when every lane was empty, leave one ``batch: 1`` long-poll on each
   lane. Whichever lane gets work first wakes the loop, which sweeps again.
 
-Parked pulls ask for idle heartbeats, so a pull the server lost (nats.py does
+Every pull's answers come on one inbox subscription (``laneway.workers.pull_inbox``),
+not a subscription per pull. Parked pulls ask for idle heartbeats, so a pull the server lost (nats.py does
 not re-send pulls after a reconnect, #504) is replaced within two missed beats.
 Parked pulls do not hold slots (a provider with 2 slots still watches all its
 lanes); a parked delivery that finds every slot taken is handed back at once
@@ -49,46 +50,24 @@ import json
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import TypeVar
 
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
-from laneway.broker.core.nats.inbox import reply_inbox, status_of, unsubscribe_quietly
+from laneway.broker.core.nats.inbox import status_of
 from laneway.broker.core.topology import LaneConsumer, pull_subject
-from laneway.workers.fleet.routing import Admission, Grant
+from laneway.workers.fleet.routing import Grant
 from laneway.workers.lane_shares import LaneShares
+from laneway.workers.pull_gate import Gate, OpenGate
+from laneway.workers.pull_inbox import PullInbox
 
-__all__ = ["Gate", "JobHandler", "LanePuller"]
+__all__ = ["JobHandler", "LanePuller"]
 
 log = structlog.get_logger("laneway.worker")
 
 JobHandler = Callable[[Msg, LaneConsumer, Grant], Awaitable[None]]
-
-
-class Gate(Protocol):
-    """Decides how many jobs of a lane may be pulled now (``laneway.workers.fleet.routing.RouteGate``)."""
-
-    async def admit(self, consumer: LaneConsumer, want: int) -> Admission: ...
-
-    async def release(self, consumer: LaneConsumer, unused: int, probe: str = "") -> None: ...
-
-    def may_park(self, consumer: LaneConsumer) -> bool: ...
-
-
-class _Open:
-    """No gate: every lane may always be pulled."""
-
-    async def admit(self, consumer: LaneConsumer, want: int) -> Admission:
-        return Admission(want)
-
-    async def release(self, consumer: LaneConsumer, unused: int, probe: str = "") -> None:
-        return None
-
-    def may_park(self, consumer: LaneConsumer) -> bool:
-        return True
 
 
 # Lane names; a TypeVar because Mapping keys are invariant and the config's are a Literal.
@@ -114,7 +93,6 @@ class _Granted:
 class _Park:
     consumer: str
     deadline: float
-    sub: Subscription
 
 
 class LanePuller:
@@ -133,7 +111,7 @@ class LanePuller:
         gate: Gate | None = None,
     ) -> None:
         self._nc = nc
-        self._gate: Gate = gate or _Open()
+        self._gate: Gate = gate or OpenGate()
         # Seconds until a gated lane should be asked again (inf: none is gated).
         self._gated_for = math.inf
         self._consumers = tuple(consumers)
@@ -144,7 +122,9 @@ class LanePuller:
         # Refill in chunks under load so a busy pool does not send a pull per finished job.
         self._refill = max(1, min(capacity // 4, 16))
         self._busy = 0
+        self._inbox = PullInbox(nc, self._on_orphan)
         self._parks: dict[str, _Park] = {}
+        """Parked pulls by reply subject."""
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -152,6 +132,7 @@ class LanePuller:
         self._shares = LaneShares(shares or {})
         # Lanes in the consumers' priority order, each with its routes' consumers.
         self._by_lane: dict[str, list[LaneConsumer]] = {}
+        self._by_name = {consumer.name: consumer for consumer in self._consumers}
         for consumer in self._consumers:
             self._by_lane.setdefault(consumer.lane, []).append(consumer)
 
@@ -178,9 +159,8 @@ class LanePuller:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        for park in self._parks.values():
-            await unsubscribe_quietly(park.sub)
         self._parks.clear()
+        await self._inbox.close()
 
     def wake(self) -> None:
         """A provider's shared state changed: a gated lane may be open now."""
@@ -209,7 +189,8 @@ class LanePuller:
     async def _step(self) -> None:
         loop = asyncio.get_running_loop()
         self._wake.clear()
-        await self._expire_parks(loop.time())
+        await self._inbox.open()
+        self._expire_parks(loop.time())
         free = self._free()
         self._gated_for = math.inf
         if free >= self._refill or (free > 0 and self._busy == 0):
@@ -299,7 +280,8 @@ class LanePuller:
     async def _pull_now(self, consumer: LaneConsumer, batch: int) -> list[Msg]:
         replies: asyncio.Queue[Msg] = asyncio.Queue()
         got: list[Msg] = []
-        async with reply_inbox(self._nc, replies.put_nowait) as reply:
+        reply = self._inbox.request(consumer.name, lambda msg, _reply: replies.put_nowait(msg))
+        try:
             await self._request(consumer, {"batch": batch, "no_wait": True}, reply)
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation.
@@ -319,11 +301,18 @@ class LanePuller:
                             break
             except TimeoutError:
                 log.warning("pull request unanswered", consumer=consumer.name)
-        # A delivery that raced our unsubscribe is still ours: run it.
+        finally:
+            self._inbox.end(reply)
+        # Deliveries routed here before the end are ours: run them. Beyond the batch
+        # (an earlier pull the server still held delivered too) they hold no budget.
         while not replies.empty():
             late = replies.get_nowait()
-            if not status_of(late):
+            if status_of(late):
+                continue
+            if len(got) < batch:
                 got.append(late)
+            else:
+                self._dispatch(late, consumer, Grant())
         return got
 
     async def _park_idle_lanes(self, now: float) -> None:
@@ -338,40 +327,54 @@ class LanePuller:
                 # targets ahead have room): look again soon, or when any provider's state changes.
                 self._gated_for = min(self._gated_for, _UNPARKED_RECHECK_S)
                 continue
-            inbox = self._nc.new_inbox()
-            callback = functools.partial(self._on_park_reply, consumer=consumer, inbox=inbox)
-            sub = await self._nc.subscribe(inbox, cb=callback)
-            self._parks[inbox] = _Park(consumer.name, now + 2 * _HEARTBEAT_S, sub)
+            on_reply = functools.partial(self._on_park_reply, consumer=consumer)
+            reply = self._inbox.request(consumer.name, on_reply)
+            self._parks[reply] = _Park(consumer.name, now + 2 * _HEARTBEAT_S)
             body = {"batch": 1, "expires": int(self._park_s * 1e9), "idle_heartbeat": int(_HEARTBEAT_S * 1e9)}
-            await self._request(consumer, body, inbox)
+            await self._request(consumer, body, reply)
 
-    async def _on_park_reply(self, msg: Msg, *, consumer: LaneConsumer, inbox: str) -> None:
+    def _on_park_reply(self, msg: Msg, reply: str, *, consumer: LaneConsumer) -> None:
         status = status_of(msg)
         if status == "100":
             # The server still holds our pull; without these, it is presumed lost.
-            if (alive := self._parks.get(inbox)) is not None:
+            if (alive := self._parks.get(reply)) is not None:
                 alive.deadline = asyncio.get_running_loop().time() + 2 * _HEARTBEAT_S
             return
-        park = self._parks.pop(inbox, None)
+        self._parks.pop(reply, None)
+        self._inbox.end(reply)
         if not status:
             # Even while stopping: the handler sees the pool is closing and hands the job back.
             # A parked pull holds no budget: the handler takes it before calling.
             self._dispatch(msg, consumer, Grant())
         self._wake.set()
-        if park is not None:
-            await unsubscribe_quietly(park.sub)
+
+    def _on_orphan(self, msg: Msg, consumer_name: str) -> None:
+        """A delivery of a pull no longer open here (given up on, the server still held
+        it): leased to this process all the same, so run it (or hand it back) now
+        rather than leave it to its ack wait."""
+        if status_of(msg):
+            return
+        consumer = self._by_name.get(consumer_name)
+        if consumer is None:
+            log.warning("delivery from an unknown consumer handed back", consumer=consumer_name)
+            task = asyncio.create_task(msg.nak())
+            self._jobs.add(task)
+            task.add_done_callback(self._jobs.discard)
+            return
+        self._dispatch(msg, consumer, Grant())
+        self._wake.set()
 
     def _next_park_deadline(self, now: float) -> float | None:
         if not self._parks:
             return None
         return max(0.0, min(p.deadline for p in self._parks.values()) - now)
 
-    async def _expire_parks(self, now: float) -> None:
+    def _expire_parks(self, now: float) -> None:
         # A park whose heartbeats stopped (lost across a reconnect) is dropped and re-parked.
         for reply, park in list(self._parks.items()):
             if park.deadline <= now:
                 del self._parks[reply]
-                await unsubscribe_quietly(park.sub)
+                self._inbox.end(reply)
 
     async def _request(self, consumer: LaneConsumer, body: Mapping[str, object], reply: str) -> None:
         await self._nc.publish(pull_subject(consumer.name), json.dumps(body).encode(), reply=reply)
