@@ -145,7 +145,15 @@ async def test_one_reply_resolves_times_out_and_survives_a_caller_that_gave_up(
         reply, future = mux.one_reply(5.0)
         await inline_nc.publish("echo", b"after", reply=reply)
         assert (await future).data == b"after"
+        # A whole request: answered; nobody listening (503, as nats-py reports it); silent.
+        assert (await mux.request("echo", b"ping", timeout=5.0)).data == b"ping"
         await echo.unsubscribe()
+        nobody = await mux.request("nobody.listens", b"", timeout=5.0)
+        assert nobody.headers is not None and nobody.headers.get("Status") == "503"
+        silent = await inline_nc.subscribe("silent")
+        with pytest.raises(TimeoutError):
+            await mux.request("silent", b"", timeout=0.1)
+        await silent.unsubscribe()
     finally:
         await mux.close()
     # Closing fails what still waits at once, rather than at its deadline.

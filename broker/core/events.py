@@ -263,10 +263,10 @@ class EventLog:
         that polls until the event shows up anyway (the check is a JetStream API request,
         several times the cost of the direct get, and a poll would make one per miss)."""
         try:
-            msg = await self._nc.request(
+            msg = await self._mux.request(
                 f"{t.EVENTS_DIRECT_GET}.{t.event_subject(job_id)}", b"", timeout=self._timeout
             )
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as err:
+        except TimeoutError as err:
             raise Unavailable("event store did not answer in time", reason="NATS_UNAVAILABLE") from err
         status = status_of(msg)
         if status == "404":

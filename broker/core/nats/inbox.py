@@ -109,6 +109,18 @@ class ReplyMux:
             self._arm(loop, due + _EXPIRY_SLACK_S)
         return f"{self._prefix}.{token}", future
 
+    async def request(self, subject: str, payload: bytes, *, timeout: float) -> Msg:
+        """One request, its first answer; TimeoutError when none comes in time. Like
+        ``nc.request``, without its per-request timer and its answer's trip through a
+        subscription task (a worker reads a job's log once per unary job). A "no
+        responders" answer is returned as it came (status 503)."""
+        reply, future = self.one_reply(timeout)
+        try:
+            await self._nc.publish(subject, payload, reply=reply)
+            return await future
+        finally:
+            future.cancel()  # no-op once answered; drops nothing else
+
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
