@@ -14,6 +14,10 @@ subscription (``<inbox>.*``) takes every answer, routed in the read loop:
 A delivery for a consumer with no open request (a pull the puller had given up on
 that the server still held) is a job leased to this process all the same: it goes
 to ``orphan``, to run or hand back, not left to wait out its ack wait.
+
+A delivery also says how many messages its consumer holds after it
+(``pending_after``): none, and the puller parks on the lane again without first
+asking it with a no-wait pull that could only come back empty.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from collections.abc import Callable
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NotJSMessageError
 
 from laneway.broker.core.nats.inbox import unsubscribe_quietly
 from laneway.broker.core.nats.inline import subscribe_inline
 
-__all__ = ["PullInbox", "consumer_of"]
+__all__ = ["PullInbox", "consumer_of", "pending_after"]
 
 OnReply = Callable[[Msg, str], None]
 """Called with each answer to a request and the request's reply subject."""
@@ -45,6 +50,15 @@ def consumer_of(ack_subject: str) -> str:
     if len(tokens) == 9:
         return tokens[3]
     return tokens[5] if len(tokens) >= 11 else ""
+
+
+def pending_after(msg: Msg) -> int:
+    """Messages left on the consumer after this delivery (the last token of its ack
+    subject); -1 when unknown. nats-py keeps the parse: the runner reads it again."""
+    try:
+        return msg.metadata.num_pending
+    except (NotJSMessageError, ValueError, IndexError):
+        return -1
 
 
 class PullInbox:
