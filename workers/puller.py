@@ -124,7 +124,7 @@ class LanePuller:
         self._known_empty: set[str] = set()
         """Consumers whose parked pull just delivered a job that said none followed it:
         the next sweep skips them (they are parked again after it) rather than asking
-        with a no-wait pull first, a round trip and two socket writes per unary job.
+        with a no-wait pull first: a round trip (a socket write and a read) per unary job.
         For that one sweep only, so a busy lower lane cannot keep one of them unasked."""
         self._wake = asyncio.Event()
         self._stopping = False
