@@ -23,24 +23,25 @@ from .conftest import eventually
 LANES = [t.LaneConsumer("chat", "high"), t.LaneConsumer("chat", "normal")]
 
 
+def _delivery(ack_subject: str) -> Msg:
+    return Msg(None, subject="laneway.jobs.chat.normal", reply=ack_subject)  # type: ignore[arg-type]
+
+
 def test_ack_subjects_name_the_consumer_and_what_is_pending() -> None:
     ts = "1796309092494127791"
-    assert (
-        consumer_of("$JS.ACK.LANEWAY_JOBS.jobs_chat_normal.1.7.3.1796309092494127791.0") == "jobs_chat_normal"
-    )
+    assert consumer_of(_delivery(f"$JS.ACK.LANEWAY_JOBS.jobs_chat_normal.1.7.3.{ts}.0")) == "jobs_chat_normal"
     # With a domain and an account hash (and, on newer servers, a trailing token).
-    assert consumer_of("$JS.ACK._.ACCHASH.LANEWAY_JOBS.jobs_chat_high.1.7.3.1796309092494127791.0") == (
+    assert consumer_of(_delivery(f"$JS.ACK._.ACCHASH.LANEWAY_JOBS.jobs_chat_high.1.7.3.{ts}.0")) == (
         "jobs_chat_high"
     )
     assert (
-        consumer_of("$JS.ACK.hub.ACCHASH.LANEWAY_JOBS.jobs_x_low.1.7.3.179630909249412779.0.r")
-        == "jobs_x_low"
+        consumer_of(_delivery(f"$JS.ACK.hub.ACCHASH.LANEWAY_JOBS.jobs_x_low.1.7.3.{ts}.0.r")) == "jobs_x_low"
     )
-    assert consumer_of("_INBOX.abc.1") == ""
-    assert consumer_of("") == ""
+    assert consumer_of(_delivery("_INBOX.abc.1")) == ""
+    assert consumer_of(_delivery("")) == ""
     # What the delivery says is left behind it on the consumer.
-    assert pending_after(Msg(None, subject="x", reply=f"$JS.ACK.S.c.1.7.3.{ts}.2")) == 2  # type: ignore[arg-type]
-    assert pending_after(Msg(None, subject="x", reply="_INBOX.abc.1")) == -1  # type: ignore[arg-type]
+    assert pending_after(_delivery(f"$JS.ACK.S.c.1.7.3.{ts}.2")) == 2
+    assert pending_after(_delivery("_INBOX.abc.1")) == -1
 
 
 @pytest.fixture

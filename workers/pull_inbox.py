@@ -39,22 +39,18 @@ OnReply = Callable[[Msg, str], None]
 """Called with each answer to a request and the request's reply subject."""
 
 
-def consumer_of(ack_subject: str) -> str:
-    """The consumer a JetStream delivery came from, read from its ack subject:
-    ``$JS.ACK.<stream>.<consumer>.<...>`` (9 tokens), or with a domain and an account
-    hash, ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<...>`` (11 or more); "" for
-    anything else."""
-    tokens = ack_subject.split(".")
-    if tokens[:2] != ["$JS", "ACK"]:
+def consumer_of(msg: Msg) -> str:
+    """The consumer a JetStream delivery came from (named in its ack subject); "" for
+    a message that is not one. nats-py keeps the parse: the runner reads it again."""
+    try:
+        return msg.metadata.consumer
+    except (NotJSMessageError, ValueError, IndexError):
         return ""
-    if len(tokens) == 9:
-        return tokens[3]
-    return tokens[5] if len(tokens) >= 11 else ""
 
 
 def pending_after(msg: Msg) -> int:
     """Messages left on the consumer after this delivery (the last token of its ack
-    subject); -1 when unknown. nats-py keeps the parse: the runner reads it again."""
+    subject); -1 when unknown."""
     try:
         return msg.metadata.num_pending
     except (NotJSMessageError, ValueError, IndexError):
@@ -109,7 +105,7 @@ class PullInbox:
             if route is not None:
                 route[2](msg, route[1])
             return
-        consumer = consumer_of(msg.reply)
+        consumer = consumer_of(msg)
         token = self._by_consumer.get(consumer)
         if token is None:
             self._orphan(msg, consumer)

@@ -356,9 +356,8 @@ class LanePuller:
     def _on_orphan(self, msg: Msg, consumer_name: str) -> None:
         """A delivery of a pull no longer open here (given up on, the server still held
         it): leased to this process all the same, so run it (or hand it back) now
-        rather than leave it to its ack wait."""
-        if status_of(msg):
-            return
+        rather than leave it to its ack wait. (Status replies never come here: they
+        are routed by their reply subject.)"""
         consumer = self._by_name.get(consumer_name)
         if consumer is None:
             log.warning("delivery from an unknown consumer handed back", consumer=consumer_name)
