@@ -4,7 +4,6 @@ gave up on (the server still held it) runs at once instead of after its ack wait
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,7 +14,7 @@ from laneway.broker.cli.natsd import EmbeddedNats
 from laneway.broker.core import topology as t
 from laneway.broker.core.nats.connection import FastHeaderClient
 from laneway.workers.fleet.routing import Grant
-from laneway.workers.pull_inbox import consumer_of, pending_after
+from laneway.workers.pull_inbox import consumer_of
 from laneway.workers.puller import LanePuller
 
 from .conftest import eventually
@@ -27,7 +26,7 @@ def _delivery(ack_subject: str) -> Msg:
     return Msg(None, subject="laneway.jobs.chat.normal", reply=ack_subject)  # type: ignore[arg-type]
 
 
-def test_ack_subjects_name_the_consumer_and_what_is_pending() -> None:
+def test_ack_subjects_name_the_consumer() -> None:
     ts = "1796309092494127791"
     assert consumer_of(_delivery(f"$JS.ACK.LANEWAY_JOBS.jobs_chat_normal.1.7.3.{ts}.0")) == "jobs_chat_normal"
     # With a domain and an account hash (and, on newer servers, a trailing token).
@@ -39,9 +38,6 @@ def test_ack_subjects_name_the_consumer_and_what_is_pending() -> None:
     )
     assert consumer_of(_delivery("_INBOX.abc.1")) == ""
     assert consumer_of(_delivery("")) == ""
-    # What the delivery says is left behind it on the consumer.
-    assert pending_after(_delivery(f"$JS.ACK.S.c.1.7.3.{ts}.2")) == 2
-    assert pending_after(_delivery("_INBOX.abc.1")) == -1
 
 
 @pytest.fixture
@@ -107,53 +103,3 @@ async def test_jobs_of_a_pull_given_up_on_run_at_once(nc: FastHeaderClient) -> N
     finally:
         await puller.stop_pulling()
         await puller.drain(1.0)
-
-
-async def test_a_parked_lane_that_says_it_is_empty_is_parked_again_without_a_sweep(
-    nc: FastHeaderClient,
-) -> None:
-    """The unary path: a parked pull delivers one job, whose ack subject says no more
-    are pending; the puller parks again at once, without a no-wait pull that would only
-    be told 404."""
-    ran: list[bytes] = []
-    requests: list[dict[str, object]] = []
-    lane = LANES[1]
-
-    async def handler(msg: Msg, consumer: t.LaneConsumer, grant: Grant) -> None:
-        ran.append(msg.data)
-        await msg.ack()
-
-    async def seen(msg: Msg) -> None:
-        requests.append(json.loads(msg.data))
-
-    watch = await nc.subscribe(t.pull_subject(lane.name), cb=seen)
-    puller = LanePuller(nc, [lane], capacity=8, handler=handler, park_s=30.0)
-    puller.start()
-    try:
-        await _waiting(nc, lane.name, 1)
-        await nc.flush()
-        before = len(requests)
-        await nc.jetstream().publish(lane.subject, b"alone")
-        await _until_count(ran, 1)
-        await _waiting(nc, lane.name, 1)  # parked again
-        await nc.flush()
-        assert [r.get("no_wait", False) for r in requests[before:]] == [False]
-
-        # A burst while parked: however its jobs come (by parks, or by a sweep when a
-        # delivery says more are pending), each runs once.
-        for i in range(3):
-            await nc.jetstream().publish(lane.subject, f"burst-{i}".encode())
-        await _until_count(ran, 4)
-        await _waiting(nc, lane.name, 1)
-        assert sorted(ran) == [b"alone", b"burst-0", b"burst-1", b"burst-2"]
-    finally:
-        await watch.unsubscribe()
-        await puller.stop_pulling()
-        await puller.drain(1.0)
-
-
-async def _until_count(items: list[bytes], count: int) -> None:
-    async def check() -> bool:
-        return len(items) >= count
-
-    await eventually(check, timeout=5)

@@ -14,10 +14,6 @@ subscription (``<inbox>.*``) takes every answer, routed in the read loop:
 A delivery for a consumer with no open request (a pull the puller had given up on
 that the server still held) is a job leased to this process all the same: it goes
 to ``orphan``, to run or hand back, not left to wait out its ack wait.
-
-A delivery also says how many messages its consumer holds after it
-(``pending_after``): none, and the puller parks on the lane again without first
-asking it with a no-wait pull that could only come back empty.
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ from nats.errors import NotJSMessageError
 from laneway.broker.core.nats.inbox import unsubscribe_quietly
 from laneway.broker.core.nats.inline import subscribe_inline
 
-__all__ = ["PullInbox", "consumer_of", "pending_after"]
+__all__ = ["PullInbox", "consumer_of"]
 
 OnReply = Callable[[Msg, str], None]
 """Called with each answer to a request and the request's reply subject."""
@@ -46,15 +42,6 @@ def consumer_of(msg: Msg) -> str:
         return msg.metadata.consumer
     except (NotJSMessageError, ValueError, IndexError):
         return ""
-
-
-def pending_after(msg: Msg) -> int:
-    """Messages left on the consumer after this delivery (the last token of its ack
-    subject); -1 when unknown."""
-    try:
-        return msg.metadata.num_pending
-    except (NotJSMessageError, ValueError, IndexError):
-        return -1
 
 
 class PullInbox:

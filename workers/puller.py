@@ -57,7 +57,7 @@ from laneway.broker.core.topology import LaneConsumer, pull_subject
 from laneway.workers.fleet.routing import Grant
 from laneway.workers.lane_shares import LaneShares
 from laneway.workers.pull_gate import Gate, OpenGate
-from laneway.workers.pull_inbox import PullInbox, pending_after
+from laneway.workers.pull_inbox import PullInbox
 
 __all__ = ["JobHandler", "LanePuller"]
 
@@ -121,11 +121,6 @@ class LanePuller:
         self._inbox = PullInbox(nc, self._on_orphan)
         self._parks: dict[str, _Park] = {}
         """Parked pulls by reply subject."""
-        self._known_empty: set[str] = set()
-        """Consumers whose parked pull just delivered a job that said none followed it:
-        the next sweep skips them (they are parked again after it) rather than asking
-        with a no-wait pull first: a round trip (a socket write and a read) per unary job.
-        For that one sweep only, so a busy lower lane cannot keep one of them unasked."""
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
@@ -194,9 +189,8 @@ class LanePuller:
         self._expire_parks(loop.time())
         free = self._free()
         self._gated_for = math.inf
-        empty, self._known_empty = self._known_empty, set()  # news for this step only
         if free >= self._refill or (free > 0 and self._busy == 0):
-            if await self._sweep(empty):
+            if await self._sweep():
                 return
             await self._park_idle_lanes(loop.time())
         timeout = self._next_park_deadline(loop.time())
@@ -206,21 +200,20 @@ class LanePuller:
             async with asyncio.timeout(timeout):
                 await self._wake.wait()
 
-    async def _sweep(self, empty: set[str]) -> int:
+    async def _sweep(self) -> int:
         # Budget is asked for once per route per sweep and what is left refunded at the
         # end: asking per lane would grant and refund for every empty lane, and that
         # churn makes the provider look free to the targets behind it.
         budget: dict[str, _Granted] = {}
         try:
-            return await self._sweep_lanes(budget, empty)
+            return await self._sweep_lanes(budget)
         finally:
             for granted in budget.values():
                 if granted.left > 0 or granted.probe:
                     await self._gate.release(granted.consumer, granted.left, granted.probe)
 
-    async def _sweep_lanes(self, budget: dict[str, _Granted], empty: set[str]) -> int:
-        # Lanes with nothing to pull now: parked (their pull delivers any new job) or known empty.
-        parked = {p.consumer for p in self._parks.values()} | empty
+    async def _sweep_lanes(self, budget: dict[str, _Granted]) -> int:
+        parked = {p.consumer for p in self._parks.values()}
         total = await self._serve_owed_lanes(parked, budget) if self._shares.enabled else 0
         for consumer in self._consumers:
             free = self._free()
@@ -349,8 +342,6 @@ class LanePuller:
             # Even while stopping: the handler sees the pool is closing and hands the job back.
             # A parked pull holds no budget: the handler takes it before calling.
             self._dispatch(msg, consumer, Grant())
-            if pending_after(msg) == 0:
-                self._known_empty.add(consumer.name)
         self._wake.set()
 
     def _on_orphan(self, msg: Msg, consumer_name: str) -> None:
