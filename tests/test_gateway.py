@@ -201,14 +201,21 @@ async def test_sse_errors_before_the_stream_are_problems(broker, http) -> None:
 # --- WebSocket --------------------------------------------------------------------------
 
 
-async def _until_final(ws: aiohttp.ClientWebSocketResponse, jobs: set[str]) -> list[dict[str, Any]]:
-    """Messages until every job in ``jobs`` had its final event."""
-    seen: list[dict[str, Any]] = []
-    open_jobs = set(jobs)
+def _is_final(msg: dict[str, Any]) -> bool:
+    return msg["op"] == "event" and msg["event"]["state"] in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED")
+
+
+async def _until_final(
+    ws: aiohttp.ClientWebSocketResponse, jobs: set[str], seen: list[dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Messages until every job in ``jobs`` had its final event (``seen``: messages
+    already received, which count and are returned first)."""
+    seen = list(seen or [])
+    open_jobs = set(jobs) - {m["event"]["jobId"] for m in seen if _is_final(m)}
     while open_jobs:
         msg = await ws.receive_json(timeout=20)
         seen.append(msg)
-        if msg["op"] == "event" and msg["event"]["state"] in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"):
+        if _is_final(msg):
             open_jobs.discard(msg["event"]["jobId"])
         assert msg["op"] != "error", msg
     return seen
@@ -219,14 +226,18 @@ async def test_websocket_subscribes_submits_and_resumes(worker, http) -> None:
     b = (await _submit(http, _spec(text="second job here", stream=True)))["jobId"]
     async with http.ws_connect("/v1/ws") as ws:
         await ws.send_json({"op": "subscribe", "jobIds": [a, b]})
+        # An event of a or b before the submit's answer, every run: it must count too.
+        early = [await ws.receive_json(timeout=20)]
+        assert early[0]["op"] == "event" and early[0]["event"]["jobId"] in (a, b)
         await ws.send_json({"op": "submit", "job": _spec(text="over the socket", stream=True), "ref": "r1"})
         submitted = await ws.receive_json(timeout=20)
-        while submitted["op"] != "submitted":  # events of a and b may come first
-            assert submitted["op"] == "event"
+        while submitted["op"] != "submitted":
+            assert submitted["op"] == "event", submitted
+            early.append(submitted)
             submitted = await ws.receive_json(timeout=20)
         assert submitted["ref"] == "r1" and submitted["duplicate"] is False
         c = submitted["jobId"]
-        messages = await _until_final(ws, {a, b, c})
+        messages = await _until_final(ws, {a, b, c}, early)
     by_job: dict[str, list[int]] = {}
     for m in messages:
         if m["op"] == "event":
