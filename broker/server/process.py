@@ -40,11 +40,15 @@ from laneway.broker.server.watch import EventFeed
 from laneway.broker.server.webhook_dead_letters import webhook_access
 from laneway.v1 import broker_service_pb2
 
-__all__ = ["BrokerServer"]
+__all__ = ["MIN_CLIENT_PING_INTERVAL_MS", "BrokerServer"]
 
 log = structlog.get_logger("laneway.broker")
 
 _SERVICE_NAME = broker_service_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
+MIN_PING_INTERVAL_OPTION = "grpc.http2.min_ping_interval_without_data_ms"
+"""The server-side option, despite its name: the shortest interval between a client's
+pings, while no data flows, that the server accepts without a strike."""
+MIN_CLIENT_PING_INTERVAL_MS = 10_000
 
 
 class BrokerServer:
@@ -161,6 +165,12 @@ class BrokerServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # Clients' keepalive pings (ours every 30 s) are welcome down to one per
+                # 10 s. gRPC's default allows one per 5 minutes while no data flows, and
+                # answers the third early ping with GOAWAY "too_many_pings": a Run or
+                # StreamResults silent for about 4 minutes was cut (and with
+                # on_disconnect CANCEL, its job cancelled).
+                (MIN_PING_INTERVAL_OPTION, MIN_CLIENT_PING_INTERVAL_MS),
             ],
         )
         # Not the generated add_BrokerServiceServicer_to_server: its deserializers raise on a

@@ -79,7 +79,7 @@ class AsyncClient(AsyncPipelineMethods):
         """``target``: the broker's ``host:port``. TLS, credentials, metadata and
         ``channel`` (the caller's own ``grpc.aio.Channel``, used as is and never
         closed by the client) are described in ``laneway.channel``.
-        ``channel_options``: gRPC channel options added to the client's.
+        ``channel_options``: gRPC channel options, in place of the client's own for the same keys.
         ``timeout``: seconds for a unary call. ``resume_timeout``: seconds a broken
         stream keeps being resumed, from when it broke, before ``Unavailable`` is raised
         (0: never resumed). ``resume_attempts`` is deprecated (an extra cap on tries)."""

@@ -34,7 +34,15 @@ from typing import Any
 
 import grpc
 
-__all__ = ["CHANNEL_OPTIONS", "DEFAULT_TARGET", "Connection", "Deadline", "connection", "is_loopback"]
+__all__ = [
+    "CHANNEL_OPTIONS",
+    "DEFAULT_TARGET",
+    "Connection",
+    "Deadline",
+    "channel_options_with",
+    "connection",
+    "is_loopback",
+]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -50,7 +58,7 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
-"""The options of a channel the client makes; ``channel_options`` are added after them."""
+"""The options of a channel the client makes; ``channel_options`` replace those of the same keys."""
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -146,10 +154,17 @@ def connection(
         credentials=credentials,
         call_credentials=combined,
         metadata=metadata,
-        options=(*CHANNEL_OPTIONS, *channel_options),
+        options=channel_options_with(channel_options),
         timeout=timeout,
         tls=None if callers_channel else credentials is not None,
     )
+
+
+def channel_options_with(overrides: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """``CHANNEL_OPTIONS`` with ``overrides`` in place of the same keys. gRPC reads the
+    first of two options with one key, so appending an override would be ignored."""
+    keys = {key for key, _ in overrides}
+    return (*overrides, *(option for option in CHANNEL_OPTIONS if option[0] not in keys))
 
 
 def is_loopback(target: str) -> bool:
