@@ -60,7 +60,9 @@ export interface ClientOptions {
   resumeForMs?: number;
   /** Connect interceptors, e.g. for logging or tracing headers. */
   interceptors?: Interceptor[];
-  /** HTTP/2 keepalive ping interval in milliseconds (default: Connect's, no pings while idle). */
+  /** HTTP/2 keepalive ping interval in milliseconds (default: Connect's, no pings while idle).
+   * The broker accepts pings down to one per 10,000 ms; more often, it closes the
+   * connection (GOAWAY "too_many_pings"). */
   pingIntervalMs?: number;
 }
 
