@@ -45,7 +45,7 @@ __all__ = ["MIN_CLIENT_PING_INTERVAL_MS", "BrokerServer"]
 log = structlog.get_logger("laneway.broker")
 
 _SERVICE_NAME = broker_service_pb2.DESCRIPTOR.services_by_name["BrokerService"].full_name
-MIN_PING_INTERVAL_OPTION = "grpc.http2.min_ping_interval_without_data_ms"
+_MIN_PING_INTERVAL_OPTION = "grpc.http2.min_ping_interval_without_data_ms"
 """The server-side option, despite its name: the shortest interval between a client's
 pings, while no data flows, that the server accepts without a strike."""
 MIN_CLIENT_PING_INTERVAL_MS = 10_000
@@ -170,7 +170,7 @@ class BrokerServer:
                 # answers the third early ping with GOAWAY "too_many_pings": a Run or
                 # StreamResults silent for about 4 minutes was cut (and with
                 # on_disconnect CANCEL, its job cancelled).
-                (MIN_PING_INTERVAL_OPTION, MIN_CLIENT_PING_INTERVAL_MS),
+                (_MIN_PING_INTERVAL_OPTION, MIN_CLIENT_PING_INTERVAL_MS),
             ],
         )
         # Not the generated add_BrokerServiceServicer_to_server: its deserializers raise on a
