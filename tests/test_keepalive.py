@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 import laneway
 from laneway.broker.server.process import MIN_CLIENT_PING_INTERVAL_MS, BrokerServer
 from laneway.channel import CHANNEL_OPTIONS, channel_options_with
@@ -40,12 +38,19 @@ async def test_a_silent_run_outlives_the_clients_keepalive_pings(broker: BrokerS
         events = client.run_stream(spec, on_disconnect="cancel")
         first = await anext(events)
         assert first.state == job_pb2.JOB_STATE_QUEUED
+
+        async def next_event() -> job_pb2.JobEvent:
+            return await anext(events)
+
+        # Waited on, never cancelled: cancelling it would end the call, and the job with it.
+        waiting = asyncio.create_task(next_event())
         try:
             # Four pings go by; an event (a CANCELLED after a cut) or an error fails the test.
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(4 * _PING_MS / 1000 + 4):
-                    await anext(events)
-            job = await client.get_job(first.job_id)
+            done, _ = await asyncio.wait({waiting}, timeout=4 * _PING_MS / 1000 + 4)
+            assert not done, f"the call ended: {waiting!r}"
+            job = await client.get_job(first.job_id)  # the call still open
             assert job.state == job_pb2.JOB_STATE_QUEUED
         finally:
+            waiting.cancel()
+            await asyncio.gather(waiting, return_exceptions=True)
             await events.aclose()  # leaves the call: on_disconnect CANCEL ends the job
